@@ -1,0 +1,1 @@
+"""The ClientApp: each client preprocesses its own partition and trains with DP-SGD."""

@@ -1,0 +1,127 @@
+"""Flower ClientApp: unpack the message, train or evaluate locally, reply.
+
+Only weights and a few metrics leave the client: never rows. The privacy ledger
+lives in `context.state`, which Flower keeps for the node across rounds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.train import sample_rate, steps_per_epoch, train_local
+from common import records as R
+from common.config import ExperimentConfig, from_run_config
+from common.evaluation import evaluate as evaluate_model
+from common.data.datasets import ClientData, client_data, num_classes
+from common.models import build_model
+from common.privacy.accountants import calibrate_noise
+from common.privacy.ledger import PrivacyLedger
+
+LEDGER_KEY = "privacy-ledger"
+log = logging.getLogger("flwr")
+
+# One torch thread per actor: Ray gives each ClientApp one CPU (actors × threads ≤ cores).
+torch.set_num_threads(max(1, int(os.environ.get("PRIVET_TORCH_THREADS", "1"))))
+
+app = ClientApp()
+
+
+def _client_id(context: Context) -> int:
+    return int(context.node_config["partition-id"])
+
+
+def _load_ledger(context: Context) -> PrivacyLedger:
+    if LEDGER_KEY in context.state:
+        return PrivacyLedger.from_json(str(context.state[LEDGER_KEY]["json"]))
+    return PrivacyLedger()
+
+
+def _save_ledger(context: Context, ledger: PrivacyLedger) -> None:
+    context.state[LEDGER_KEY] = ConfigRecord({"json": ledger.to_json()})
+
+
+def planned_noise(cfg: ExperimentConfig, num_rows: int) -> tuple[float, float, int]:
+    """(σ, q, steps per round) calibrated once for the whole run's horizon.
+
+    The horizon assumes the client trains in every round, the worst case under
+    client sampling, so its ε can never pass the target.
+    """
+    q = sample_rate(num_rows, cfg.train.batch_size)
+    steps = cfg.train.local_epochs * steps_per_epoch(num_rows, cfg.train.batch_size)
+    sigma = calibrate_noise(cfg.privacy.epsilon, cfg.privacy.delta, q, steps * cfg.rounds,
+                            cfg.privacy.accountant)
+    return sigma, q, steps
+
+
+def _ledger_metrics(ledger: PrivacyLedger) -> dict:
+    return {R.LEDGER_SIGMA: [float(s) for s, _, _ in ledger.history],
+            R.LEDGER_RATE: [float(q) for _, q, _ in ledger.history],
+            R.LEDGER_STEPS: [int(n) for _, _, n in ledger.history]}
+
+
+def _model(cfg: ExperimentConfig, data: ClientData, arrays: ArrayRecord) -> torch.nn.Module:
+    model = build_model(cfg.train, data.features.shape[1], num_classes(cfg.data.dataset))
+    R.load_arrays(model, arrays)
+    return model
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = from_run_config(context.run_config)
+    client_id = _client_id(context)
+    data = client_data(cfg, client_id)
+    server_round = int(msg.content["config"]["server-round"])
+    model = _model(cfg, data, msg.content["arrays"])
+    ledger = _load_ledger(context)
+    seed = cfg.seed * 1_000_003 + server_round * 1009 + client_id
+    base = {R.CLIENT_ID: client_id}
+
+    sigma = q = None
+    if cfg.private:
+        sigma, q, steps = planned_noise(cfg, len(data))
+        if cfg.privacy.delta >= 1 / len(data):
+            log.warning("client %d: δ = %g ≥ 1/n = 1/%d; the guarantee is weak",
+                        client_id, cfg.privacy.delta, len(data))
+        next_epsilon = ledger.epsilon_after(sigma, q, steps, cfg.privacy.delta,
+                                            cfg.privacy.accountant)
+        if next_epsilon > cfg.privacy.epsilon:
+            log.warning("client %d declines round %d: ε would reach %.4f > target %.4f",
+                        client_id, server_round, next_epsilon, cfg.privacy.epsilon)
+            metrics = {**base, R.DECLINED: 1, R.NUM_EXAMPLES: 0,
+                       R.EPSILON: ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant),
+                       **_ledger_metrics(ledger)}
+            return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    result = train_local(model, data.features, data.labels, epochs=cfg.train.local_epochs,
+                         batch_size=cfg.train.batch_size, lr=cfg.train.lr,
+                         momentum=cfg.train.momentum, seed=seed, noise_multiplier=sigma,
+                         max_grad_norm=cfg.privacy.max_grad_norm)
+    epsilon = 0.0
+    if sigma is not None:
+        ledger.record(sigma, q, result.steps)
+        _save_ledger(context, ledger)
+        epsilon = ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
+    metrics = {**base, R.DECLINED: 0, R.NUM_EXAMPLES: result.examples,
+               R.TRAIN_LOSS: result.loss, R.TRAIN_ACCURACY: result.accuracy,
+               R.EPSILON: epsilon if cfg.private else float("inf"), R.STEPS: result.steps,
+               R.NOISE_MULTIPLIER: sigma or 0.0, R.SAMPLE_RATE: q or 0.0,
+               R.TRAIN_SECONDS: result.seconds, **_ledger_metrics(ledger)}
+    content = RecordDict({"arrays": R.to_arrays(model), "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on the client's own rows (federated evaluation)."""
+    cfg = from_run_config(context.run_config)
+    data = client_data(cfg, _client_id(context))
+    model = _model(cfg, data, msg.content["arrays"])
+    loss, accuracy = evaluate_model(model, data.features, data.labels)
+    metrics = MetricRecord({R.CLIENT_ID: _client_id(context), R.NUM_EXAMPLES: len(data),
+                            "eval-loss": loss, "eval-accuracy": accuracy})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,1 @@
+"""Privacy accounting: pure maths (accountants, calibration) and the ledger that holds state."""

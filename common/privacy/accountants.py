@@ -1,0 +1,140 @@
+"""ε of composed subsampled Gaussian steps, and the noise that reaches a target ε.
+
+Pure functions over a history `[(noise_multiplier, sample_rate, steps), ...]`, the
+same shape Opacus' accountants keep. Three accountants, selectable by name:
+
+- `pld`: dp-accounting's privacy-loss-distribution accountant (pessimistic
+  discretisation, so the value is an upper bound); tight, the default.
+- `prv`: Opacus' PRV accountant (upper estimate).
+- `rdp`: Rényi DP via Opacus' analysis; looser but classic.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+ACCOUNTANTS = ("pld", "prv", "rdp")
+# PLD grid step. 1e-3 is ~10x faster than dp-accounting's 1e-4 default and, being
+# pessimistic, still an upper bound (measured: 3.8995 vs 3.8991 at q=0.02, σ=1, 1000 steps).
+PLD_DISCRETISATION = 1e-3
+
+History = tuple[tuple[float, float, int], ...]
+
+
+def _pld_epsilon(history: History, delta: float) -> float:
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
+    accountant = pld_privacy_accountant.PLDAccountant(
+        value_discretization_interval=PLD_DISCRETISATION)
+    for sigma, q, steps in history:
+        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+        accountant.compose(event, int(steps))
+    return float(accountant.get_epsilon(delta))
+
+
+def _prv_epsilon(history: History, delta: float) -> float:
+    from opacus.accountants import PRVAccountant
+
+    accountant = PRVAccountant()
+    accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(accountant.get_epsilon(delta))
+
+
+def _rdp_epsilon(history: History, delta: float) -> float:
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+    from opacus.accountants.rdp import RDPAccountant
+
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = sum(compute_rdp(q=q, noise_multiplier=s, steps=int(n), orders=orders)
+              for s, q, n in history)
+    eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+_EPSILON = {"pld": _pld_epsilon, "prv": _prv_epsilon, "rdp": _rdp_epsilon}
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon_cached(history: History, delta: float, accountant: str) -> float:
+    return _EPSILON[accountant](history, delta)
+
+
+def epsilon(history, delta: float, accountant: str = "pld") -> float:
+    """ε at `delta` after composing every entry of `history`; 0 for an empty history."""
+    if accountant not in _EPSILON:
+        raise ValueError(f"accountant {accountant!r}: expected one of {ACCOUNTANTS}")
+    steps = tuple((float(s), float(q), int(n)) for s, q, n in history if int(n) > 0)
+    if not steps:
+        return 0.0
+    if any(s <= 0 for s, _, _ in steps):
+        return math.inf
+    return _epsilon_cached(steps, float(delta), accountant)
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("PRIVET_CACHE_DIR") or Path.home() / ".cache" / "privet"
+    return Path(root) / "noise-calibration.json"
+
+
+def _read_cache() -> dict[str, float]:
+    try:
+        return json.loads(_cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(key: str, value: float) -> None:
+    path = _cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entries = _read_cache()
+        entries[key] = value
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries, indent=0, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a cache that cannot be written only costs time
+
+
+@functools.lru_cache(maxsize=1024)
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                    accountant: str = "pld", rtol: float = 1e-3) -> float:
+    """Smallest noise multiplier (within `rtol`) whose ε after `steps` is ≤ the target.
+
+    Bisection on σ, always returning the side that satisfies the target, so the
+    planned run never overspends. Results are cached in memory and on disk.
+    """
+    if not target_epsilon > 0 or math.isinf(target_epsilon):
+        raise ValueError(f"target ε {target_epsilon}: expected a finite value > 0")
+    key = f"{accountant}|{target_epsilon!r}|{delta!r}|{sample_rate!r}|{int(steps)}|{rtol!r}"
+    cached = _read_cache().get(key)
+    if cached is not None:
+        return float(cached)
+
+    def spent(sigma: float) -> float:
+        return _EPSILON[accountant](((sigma, sample_rate, int(steps)),), delta)
+
+    low, high = 0.1, 1.0
+    while spent(high) > target_epsilon:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise ValueError(f"no noise multiplier ≤ 1e4 reaches ε = {target_epsilon} "
+                             f"at δ = {delta}")
+    while low > 1e-3 and spent(low) <= target_epsilon:
+        high, low = low, low / 2
+    while high - low > rtol * high:
+        mid = (low + high) / 2
+        if spent(mid) <= target_epsilon:
+            high = mid
+        else:
+            low = mid
+    _write_cache(key, high)
+    return high

@@ -1,0 +1,38 @@
+"""What crosses the wire: weights as ArrayRecord, metrics under fixed names."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from flwr.app import ArrayRecord
+from torch import nn
+
+# Reply metrics of a training round (MetricRecord keys).
+NUM_EXAMPLES = "num-examples"   # FedAvg's weighting key
+CLIENT_ID = "client-id"
+DECLINED = "declined"           # 1 when the client refused to train (budget spent)
+TRAIN_LOSS = "train-loss"
+TRAIN_ACCURACY = "train-accuracy"
+EPSILON = "epsilon"             # ε spent over all rounds so far (sample-level)
+STEPS = "steps"
+NOISE_MULTIPLIER = "noise-multiplier"
+SAMPLE_RATE = "sample-rate"
+TRAIN_SECONDS = "train-seconds"
+LEDGER_SIGMA = "ledger-noise-multiplier"  # the ledger history, column by column
+LEDGER_RATE = "ledger-sample-rate"
+LEDGER_STEPS = "ledger-steps"
+# Averaged by the strategy; the rest are per-client facts, recorded not averaged.
+AVERAGED = (TRAIN_LOSS, TRAIN_ACCURACY)
+
+
+def to_arrays(model: nn.Module) -> ArrayRecord:
+    return ArrayRecord(OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items()))
+
+
+def load_arrays(model: nn.Module, arrays: ArrayRecord) -> None:
+    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+
+
+def state_dict(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    return arrays.to_torch_state_dict()

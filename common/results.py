@@ -1,0 +1,88 @@
+"""The run directory: what a run leaves behind, written atomically as it goes.
+
+    config.toml    the resolved experiment config
+    metrics.csv    one row per round and client (status, examples, loss, accuracy, ε so far)
+    rounds.csv     one row per round (global test accuracy and loss, max ε, clients, time)
+    summary.json   final (or latest) accuracy, ε per client with its history, wall time,
+                   versions, seed, and `status`: running | complete | interrupted | failed
+    model.pt       the latest global weights
+    *.png          plots
+
+Every file is rewritten whole through a temp file and a rename, so a run stopped at
+any moment leaves the rounds it finished readable.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+CONFIG = "config.toml"
+METRICS = "metrics.csv"
+ROUNDS = "rounds.csv"
+SUMMARY = "summary.json"
+MODEL = "model.pt"
+PLOT = "accuracy_epsilon.png"
+RUN_FILES = (CONFIG, METRICS, ROUNDS, SUMMARY, MODEL, PLOT)
+
+METRIC_COLUMNS = ["round", "client", "status", "examples", "loss", "accuracy", "epsilon",
+                  "steps", "noise_multiplier", "sample_rate", "train_seconds"]
+ROUND_COLUMNS = ["round", "test_accuracy", "test_loss", "max_epsilon", "clients_trained",
+                 "clients_declined", "elapsed_seconds"]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_safe(value: Any) -> Any:
+    """JSON has no infinity: write non-finite floats as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
+
+
+def write_csv(path: Path, columns: list[str], rows: Iterable[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / SUMMARY).read_text(encoding="utf-8"))

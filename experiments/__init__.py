@@ -1,0 +1,1 @@
+"""The `privet` command line and experiment configs."""

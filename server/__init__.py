@@ -1,0 +1,1 @@
+"""The ServerApp: samples clients, aggregates their weights, evaluates and records results."""

@@ -1,0 +1,101 @@
+"""Flower ServerApp: config -> strategy -> rounds -> results.
+
+The global model is evaluated on the server's held-out test set after every round;
+the run directory is updated as each round finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from common import records as R
+from common.config import ExperimentConfig, from_run_config
+from common.evaluation import evaluate as evaluate_model
+from common.data.datasets import num_classes, num_features, test_data
+from common.models import build_model
+from server.recorder import RunRecorder
+from server.strategy import PrivetFedAvg
+
+log = logging.getLogger("flwr")
+log.propagate = False  # Flower has its own handler; see experiments/simulation.py
+NODE_WAIT_SECONDS = 60
+
+app = ServerApp()
+
+
+def run_directory(cfg: ExperimentConfig) -> Path:
+    if cfg.out_dir:
+        return Path(cfg.out_dir).expanduser().resolve()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return (Path("runs") / f"{cfg.name}-{stamp}").resolve()
+
+
+def _wait_for_nodes(grid: Grid, expected: int) -> None:
+    deadline = time.time() + NODE_WAIT_SECONDS
+    while True:
+        found = len(list(grid.get_node_ids()))
+        if found >= expected:
+            if found > expected:
+                raise RuntimeError(f"{found} nodes are connected but num-clients = {expected}: "
+                                   "each client must map to one partition")
+            return
+        if time.time() > deadline:
+            raise RuntimeError(
+                f"only {found} of num-clients = {expected} nodes connected after "
+                f"{NODE_WAIT_SECONDS}s; in simulation run with "
+                f"--federation-config \"num-supernodes={expected}\"")
+        time.sleep(0.5)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = from_run_config(context.run_config)
+    run_dir = run_directory(cfg)
+    random.seed(cfg.seed)  # Flower samples clients with the `random` module
+    torch.manual_seed(cfg.seed)
+    _wait_for_nodes(grid, cfg.num_clients)
+
+    test = test_data(cfg.data.dataset)
+    model = build_model(cfg.train, num_features(cfg.data.dataset),
+                        num_classes(cfg.data.dataset))
+    recorder = RunRecorder(run_dir, cfg)
+    log.info("privet: run directory %s", run_dir)
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        R.load_arrays(model, arrays)
+        loss, accuracy = evaluate_model(model, test.features, test.labels)
+        if server_round > 0:
+            recorder.end_round(server_round, loss, accuracy, arrays.to_torch_state_dict())
+            log.info("privet: round %d/%d  test accuracy %.4f  max ε %s", server_round,
+                     cfg.rounds, accuracy, _eps(recorder.max_epsilon()))
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    strategy = PrivetFedAvg(
+        on_train_replies=recorder.record_replies,
+        fraction_train=cfg.clients_per_round / cfg.num_clients,
+        min_train_nodes=cfg.clients_per_round, min_available_nodes=cfg.num_clients,
+        fraction_evaluate=0.0)
+    status = "failed"
+    try:
+        strategy.start(grid=grid, initial_arrays=R.to_arrays(model), num_rounds=cfg.rounds,
+                       train_config=ConfigRecord({}), evaluate_fn=evaluate)
+        status = "complete"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        recorder.finish(status)
+        log.info("privet: %s after %d round(s); results in %s", status,
+                 len(recorder.round_rows), run_dir)
+
+
+def _eps(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

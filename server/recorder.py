@@ -1,0 +1,148 @@
+"""Writes the run directory as rounds finish: a callback, not part of the training loop."""
+
+from __future__ import annotations
+
+import math
+import platform
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from flwr.app import Message
+
+from common import records as R
+from common import results
+from common.config import ExperimentConfig
+from common.plots import plot_run
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in ("flwr", "torch", "opacus", "dp-accounting", "numpy", "scikit-learn"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+class RunRecorder:
+    def __init__(self, run_dir: Path, cfg: ExperimentConfig) -> None:
+        self.run_dir = Path(run_dir)
+        self.cfg = cfg
+        self.started = time.time()
+        self.client_rows: list[dict] = []
+        self.round_rows: list[dict] = []
+        self.clients: dict[str, dict] = {}  # client id -> latest ε, history, status
+        self._pending: list[dict] = []
+        self._lock = threading.Lock()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        results.atomic_write_text(self.run_dir / results.CONFIG, cfg.to_toml())
+
+    def record_replies(self, server_round: int, replies: list[Message]) -> None:
+        """Per-client facts of one training round (called before aggregation)."""
+        rows = []
+        for msg in replies:
+            if msg.has_error():
+                rows.append({"round": server_round, "client": f"node-{msg.metadata.src_node_id}",
+                             "status": f"error: {msg.error.reason}"})
+                continue
+            m = msg.content["metrics"]
+            client = str(int(m[R.CLIENT_ID]))
+            declined = bool(int(m.get(R.DECLINED, 0)))
+            history = [[float(s), float(q), int(n)] for s, q, n in
+                       zip(m.get(R.LEDGER_SIGMA, []), m.get(R.LEDGER_RATE, []),
+                           m.get(R.LEDGER_STEPS, []))]
+            entry = self.clients.setdefault(client, {"rounds_trained": 0, "stopped_round": None})
+            entry.update(epsilon=float(m[R.EPSILON]), history=history)
+            if declined:
+                entry["stopped_round"] = entry["stopped_round"] or server_round
+            else:
+                entry["rounds_trained"] += 1
+            rows.append({
+                "round": server_round, "client": client,
+                "status": "declined" if declined else "trained",
+                "examples": int(m[R.NUM_EXAMPLES]),
+                "loss": _fmt(m.get(R.TRAIN_LOSS)), "accuracy": _fmt(m.get(R.TRAIN_ACCURACY)),
+                "epsilon": _fmt(m.get(R.EPSILON)), "steps": m.get(R.STEPS, 0),
+                "noise_multiplier": _fmt(m.get(R.NOISE_MULTIPLIER)),
+                "sample_rate": _fmt(m.get(R.SAMPLE_RATE)),
+                "train_seconds": _fmt(m.get(R.TRAIN_SECONDS))})
+        with self._lock:
+            self._pending = sorted(rows, key=lambda r: str(r["client"]).zfill(8))
+
+    def end_round(self, server_round: int, loss: float, accuracy: float,
+                  state_dict: dict[str, torch.Tensor]) -> None:
+        """After the global evaluation of a round: persist everything finished so far."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        self.client_rows.extend(pending)
+        trained = sum(r["status"] == "trained" for r in pending)
+        declined = sum(r["status"] == "declined" for r in pending)
+        self.round_rows.append({
+            "round": server_round, "test_accuracy": f"{accuracy:.6f}",
+            "test_loss": f"{loss:.6f}", "max_epsilon": _fmt(self.max_epsilon()),
+            "clients_trained": trained, "clients_declined": declined,
+            "elapsed_seconds": f"{time.time() - self.started:.3f}"})
+        results.write_csv(self.run_dir / results.METRICS, results.METRIC_COLUMNS,
+                          self.client_rows)
+        results.write_csv(self.run_dir / results.ROUNDS, results.ROUND_COLUMNS, self.round_rows)
+        buffer = _torch_bytes({"round": server_round, "state_dict": state_dict})
+        results.atomic_write_bytes(self.run_dir / results.MODEL, buffer)
+        self.write_summary("running", server_round, accuracy, loss)
+
+    def max_epsilon(self) -> float | None:
+        if not self.cfg.private:
+            return math.inf
+        return max((c["epsilon"] for c in self.clients.values()), default=0.0)
+
+    def write_summary(self, status: str, completed: int | None = None,
+                      accuracy: float | None = None, loss: float | None = None) -> None:
+        last = self.round_rows[-1] if self.round_rows else {}
+        if completed is None:
+            completed = int(last.get("round", 0))
+            accuracy = float(last["test_accuracy"]) if last else None
+            loss = float(last["test_loss"]) if last else None
+        privacy = self.cfg.privacy
+        summary = {
+            "name": self.cfg.name, "status": status, "accuracy": accuracy, "loss": loss,
+            "rounds": completed, "planned_rounds": self.cfg.rounds,
+            "wall_seconds": round(time.time() - self.started, 3), "seed": self.cfg.seed,
+            "num_clients": self.cfg.num_clients,
+            "clients_per_round": self.cfg.clients_per_round,
+            "privacy": {
+                "level": privacy.level if self.cfg.private else "none",
+                "target_epsilon": privacy.epsilon if self.cfg.private else None,
+                "delta": privacy.delta, "accountant": privacy.accountant,
+                "max_grad_norm": privacy.max_grad_norm,
+                "max_epsilon": self.max_epsilon(),
+                "clients": {cid: {"epsilon": c["epsilon"] if self.cfg.private else None,
+                                  "history": c["history"],
+                                  "rounds_trained": c["rounds_trained"],
+                                  "stopped_round": c["stopped_round"]}
+                            for cid, c in sorted(self.clients.items(), key=lambda kv:
+                                                 int(kv[0]) if kv[0].isdigit() else 1 << 30)},
+            },
+            "versions": versions(),
+        }
+        results.write_json(self.run_dir / results.SUMMARY, summary)
+
+    def finish(self, status: str) -> None:
+        self.write_summary(status)
+        plot_run(self.run_dir)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    value = float(value)
+    return "inf" if math.isinf(value) else f"{value:.6g}"
+
+
+def _torch_bytes(obj) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()

@@ -1,0 +1,15 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_DIR))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_calibration_cache(tmp_path_factory):
+    """Keep tests from reading or filling the user's calibration cache."""
+    os.environ["PRIVET_CACHE_DIR"] = str(tmp_path_factory.mktemp("privet-cache"))
+    yield

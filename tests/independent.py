@@ -1,0 +1,26 @@
+"""ε computed with dp-accounting directly: the independent reference for privacy tests."""
+
+import dp_accounting
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+
+
+def _event(history):
+    return dp_accounting.ComposedDpEvent([
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)),
+            int(steps))
+        for sigma, q, steps in history])
+
+
+def pld_epsilon(history, delta):
+    """dp-accounting's PLD at its default (finer) discretisation, pessimistic."""
+    accountant = pld_privacy_accountant.PLDAccountant()
+    accountant.compose(_event(history))
+    return accountant.get_epsilon(delta)
+
+
+def rdp_epsilon(history, delta):
+    accountant = rdp_privacy_accountant.RdpAccountant()
+    accountant.compose(_event(history))
+    return accountant.get_epsilon(delta)

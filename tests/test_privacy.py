@@ -1,0 +1,82 @@
+import pytest
+
+from common.privacy import accountants
+from common.privacy.ledger import PrivacyLedger
+from independent import pld_epsilon, rdp_epsilon
+
+DELTA = 1e-5
+HISTORIES = [
+    [(1.0, 0.02, 1000)],
+    [(0.8, 0.01, 300), (1.2, 0.05, 200)],
+    [(0.7279, 1 / 149, 2980)],  # a default-experiment client
+]
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+def test_pld_is_an_upper_bound_within_one_percent_of_dp_accounting(history):
+    reference = pld_epsilon(history, DELTA)
+    ours = accountants.epsilon(history, DELTA, "pld")
+    assert reference * (1 - 1e-9) <= ours <= reference * 1.01
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+def test_rdp_matches_dp_accounting_rdp(history):
+    assert accountants.epsilon(history, DELTA, "rdp") == pytest.approx(
+        rdp_epsilon(history, DELTA), rel=0.01)
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+def test_prv_agrees_with_pld_reference(history):
+    assert accountants.epsilon(history, DELTA, "prv") == pytest.approx(
+        pld_epsilon(history, DELTA), rel=0.02)
+
+
+@pytest.mark.parametrize("accountant", accountants.ACCOUNTANTS)
+def test_calibrated_noise_meets_the_target_tightly(accountant):
+    q, steps, target = 1 / 50, 1000, 3.0
+    sigma = accountants.calibrate_noise(target, DELTA, q, steps, accountant)
+    assert accountants.epsilon([(sigma, q, steps)], DELTA, accountant) <= target
+    # not wastefully noisy: 0.3% less noise already overspends
+    assert accountants.epsilon([(sigma * 0.997, q, steps)], DELTA, accountant) > target
+    # and the reference agrees the target holds (PLD within its discretisation)
+    assert pld_epsilon([(sigma, q, steps)], DELTA) <= target * 1.01
+
+
+def test_calibration_is_cached_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRIVET_CACHE_DIR", str(tmp_path))
+    accountants.calibrate_noise.cache_clear()
+    first = accountants.calibrate_noise(2.0, DELTA, 0.03, 333, "rdp")
+    assert "rdp|2.0|" in (tmp_path / "noise-calibration.json").read_text()
+    accountants.calibrate_noise.cache_clear()
+    monkeypatch.setattr(accountants, "_EPSILON", {})  # a cache hit must not compute
+    assert accountants.calibrate_noise(2.0, DELTA, 0.03, 333, "rdp") == first
+
+
+def test_ledger_is_cumulative_and_equals_the_composed_history():
+    ledger = PrivacyLedger()
+    spent = []
+    for _ in range(5):
+        ledger.record(1.1, 0.02, 50)
+        spent.append(ledger.epsilon(DELTA, "pld"))
+    assert all(a < b for a, b in zip(spent, spent[1:]))
+    assert ledger.history == [(1.1, 0.02, 250)]
+    assert spent[-1] == pytest.approx(pld_epsilon([(1.1, 0.02, 250)], DELTA), rel=0.01)
+    # the ε after round 5 is not the ε of one round
+    assert spent[-1] > 1.5 * spent[0]
+
+
+def test_ledger_round_trips_and_predicts_the_next_round():
+    ledger = PrivacyLedger()
+    ledger.record(1.0, 0.02, 100)
+    ledger.record(2.0, 0.02, 10)
+    restored = PrivacyLedger.from_json(ledger.to_json())
+    assert restored.history == ledger.history and restored.steps == 110
+    predicted = ledger.epsilon_after(2.0, 0.02, 10, DELTA, "rdp")
+    ledger.record(2.0, 0.02, 10)
+    assert predicted == ledger.epsilon(DELTA, "rdp")
+
+
+def test_no_steps_no_spend():
+    assert accountants.epsilon([], DELTA) == 0.0
+    with pytest.raises(ValueError, match="accountant"):
+        accountants.epsilon([(1, 0.1, 1)], DELTA, "moments")

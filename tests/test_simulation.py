@@ -1,0 +1,150 @@
+"""End to end through Flower's simulation runtime (Ray), as a user runs it."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import CONFIGS_DIR, load_config
+from conftest import PROJECT_DIR
+from independent import pld_epsilon
+
+TINY = CONFIGS_DIR / "tiny.toml"
+
+
+def ray_pids() -> set[int]:
+    done = subprocess.run(["pgrep", "-f", "raylet|gcs_server|ray::"], capture_output=True,
+                          text=True)
+    return {int(p) for p in done.stdout.split()}
+
+
+def privet(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.cli", *args], cwd=PROJECT_DIR, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        # a shell's background job ignores SIGINT; a user's terminal does not
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def assert_no_new_ray_processes(before: set[int]) -> None:
+    deadline = time.time() + 15
+    while ray_pids() - before and time.time() < deadline:
+        time.sleep(0.5)
+    assert not ray_pids() - before, "Ray processes outlived the run"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    before = ray_pids()
+    proc = privet("simulate", "--config", str(TINY), "--out", str(out))
+    stdout, _ = proc.communicate(timeout=300)
+    return out, proc.returncode, stdout, before
+
+
+def test_tiny_run_completes_and_writes_results(tiny_run):
+    out, code, stdout, before = tiny_run
+    assert code == 0, stdout
+    cfg = load_config(TINY)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["rounds"] == cfg.rounds
+    assert 0.6 < summary["accuracy"] <= 1 and summary["wall_seconds"] > 0
+    assert summary["privacy"]["level"] == "sample"
+    assert summary["privacy"]["delta"] == cfg.privacy.delta
+    assert summary["privacy"]["accountant"] == cfg.privacy.accountant
+    assert set(summary["privacy"]["clients"]) == {str(i) for i in range(cfg.num_clients)}
+    assert len(rows(out / "metrics.csv")) == cfg.rounds * cfg.num_clients
+    assert [int(r["round"]) for r in rows(out / "rounds.csv")] == list(range(1, cfg.rounds + 1))
+    assert load_config(out / "config.toml", [f"out-dir={cfg.out_dir}"]) == cfg
+    model = torch.load(out / "model.pt")
+    assert model["round"] == cfg.rounds and "0.weight" in model["state_dict"]
+    assert (out / "accuracy_epsilon.png").stat().st_size > 1000
+    assert f"round   1/{cfg.rounds}" in stdout and "test accuracy" in stdout
+    assert_no_new_ray_processes(before)
+
+
+def test_reported_epsilon_is_cumulative_and_matches_an_independent_accountant(tiny_run):
+    out, _, _, _ = tiny_run
+    cfg = load_config(TINY)
+    summary = json.loads((out / "summary.json").read_text())
+    per_round = {}
+    for row in rows(out / "metrics.csv"):
+        per_round.setdefault(row["client"], []).append(row)
+    for client, entry in summary["privacy"]["clients"].items():
+        history = entry["history"]
+        assert entry["epsilon"] <= cfg.privacy.epsilon
+        reference = pld_epsilon(history, cfg.privacy.delta)
+        assert reference * (1 - 1e-9) <= entry["epsilon"] <= reference * 1.01
+        epsilons = [float(r["epsilon"]) for r in per_round[client]]
+        assert all(a < b for a, b in zip(epsilons, epsilons[1:])), epsilons
+        # the ε after round 1 covers exactly round 1's steps: no reset, no double count
+        sigma, q, _ = history[0]
+        steps = int(per_round[client][0]["steps"])
+        assert epsilons[0] == pytest.approx(pld_epsilon([(sigma, q, steps)], cfg.privacy.delta),
+                                            rel=0.01)
+        assert sum(int(r["steps"]) for r in per_round[client]) == history[0][2]
+
+
+def test_non_private_run(tmp_path):
+    proc = privet("simulate", "--config", str(TINY), "--set", "privacy.level=none",
+                  "--set", "rounds=1", "--out", str(tmp_path / "run"))
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["privacy"]["level"] == "none" and summary["privacy"]["max_epsilon"] is None
+    assert all(c["epsilon"] is None for c in summary["privacy"]["clients"].values())
+    assert summary["accuracy"] > 0.7
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_finished_rounds(tmp_path):
+    out = tmp_path / "run"
+    before = ray_pids()
+    proc = privet("simulate", "--config", str(TINY), "--set", "rounds=200", "--out", str(out))
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if (out / "rounds.csv").exists() and len(rows(out / "rounds.csv")) >= 1:
+            break
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    stdout, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 130, stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    finished = rows(out / "rounds.csv")
+    assert 1 <= len(finished) < 200 and summary["rounds"] == len(finished)
+    assert "Traceback" not in stdout
+    assert_no_new_ray_processes(before)
+
+
+def test_flwr_run_runs_the_app_on_a_local_simulation_federation(tmp_path):
+    """The repository is a Flower App: `flwr run .` works, as the README says."""
+    home = tmp_path / "flwr-home"
+    env = {**os.environ, "FLWR_HOME": str(home),
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    out = tmp_path / "run"
+    try:
+        done = subprocess.run(
+            ["flwr", "run", ".", "--stream",
+             "--run-config", f'rounds=1 num-clients=3 clients-per-round=3 out-dir="{out}"',
+             "--federation-config", "num-supernodes=3 client-resources-num-cpus=1"],
+            cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["status"] == "complete" and summary["rounds"] == 1
+        assert len(summary["privacy"]["clients"]) == 3
+    finally:  # `flwr run` leaves its local SuperLink running: stop ours
+        subprocess.run(["pkill", "-f", f"flower-superlink.*{home}"], check=False)
