@@ -79,7 +79,8 @@ def train(msg: Message, context: Context) -> Message:
     model = _model(cfg, data, msg.content["arrays"])
     ledger = _load_ledger(context)
     seed = cfg.seed * 1_000_003 + server_round * 1009 + client_id
-    base = {R.CLIENT_ID: client_id}
+    base = {R.CLIENT_ID: client_id,
+            **{R.DATA_PREFIX + k: v for k, v in data.cleaning.as_dict().items()}}
 
     sigma = q = None
     if cfg.private:

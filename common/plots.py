@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from common import results  # noqa: E402
 
@@ -35,9 +36,15 @@ def plot_run(run_dir: Path) -> Path | None:
         right.set_axis_off()
     else:
         right.plot(rounds, epsilon, marker="o", color="tab:red")
+        target = _target_epsilon(run_dir)
+        if target is not None:
+            right.axhline(target, color="grey", linestyle="--", label=f"target ε = {target:g}")
+            right.legend(loc="lower right")
         right.set(xlabel="round", ylabel="ε (largest over clients)",
                   title="Privacy spent so far (cumulative)")
         right.grid(alpha=0.3)
+    for axis in (left, right):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     path = run_dir / results.PLOT
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -45,3 +52,10 @@ def plot_run(run_dir: Path) -> Path | None:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def _target_epsilon(run_dir: Path) -> float | None:
+    try:
+        return results.read_summary(run_dir)["privacy"]["target_epsilon"]
+    except (OSError, ValueError, KeyError):
+        return None

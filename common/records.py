@@ -19,6 +19,7 @@ STEPS = "steps"
 NOISE_MULTIPLIER = "noise-multiplier"
 SAMPLE_RATE = "sample-rate"
 TRAIN_SECONDS = "train-seconds"
+DATA_PREFIX = "data-"            # + a CleaningReport field: what cleaning did to the rows
 LEDGER_SIGMA = "ledger-noise-multiplier"  # the ledger history, column by column
 LEDGER_RATE = "ledger-sample-rate"
 LEDGER_STEPS = "ledger-steps"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import threading
 import time
@@ -92,8 +93,9 @@ def print_summary(run_dir: Path) -> None:
 
 @app.command()
 def simulate(
-    config: Annotated[Path, typer.Option("--config", "-c", help="experiment TOML file")
-                      ] = DEFAULT_CONFIG,
+    config: Annotated[Path, typer.Option(
+        "--config", "-c", help="experiment TOML file",
+        show_default="the shipped experiments/configs/adult.toml")] = DEFAULT_CONFIG,
     overrides: Annotated[Optional[list[str]], typer.Option(
         "--set", "-s", help="override a key, e.g. --set privacy.epsilon=1 (repeatable)")] = None,
     out: Annotated[Optional[Path], typer.Option(
@@ -103,12 +105,27 @@ def simulate(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Flower's logs")
                        ] = False,
 ) -> None:
-    """Run an experiment on Flower's simulation runtime and write its results."""
+    """Run an experiment on Flower's simulation runtime and write its results.
+
+    Examples:
+
+      privet simulate                                  # the default experiment
+
+      privet simulate --set rounds=5 --set privacy.epsilon=1 --out runs/a
+
+      privet simulate --config experiments/configs/tiny.toml --set privacy.level=none
+    """
     try:
         cfg = load_config(config, overrides or [])
     except ConfigError as error:
         fail(str(error))
     run_dir = (out or default_run_dir(cfg)).resolve()
+    from experiments import simulation  # heavy imports (torch, flwr, ray) only now
+
+    try:
+        simulation.preflight(cfg)
+    except (ValueError, FileNotFoundError) as error:
+        fail(f"{config}: {error}")
     if (run_dir / results.SUMMARY).exists() and not overwrite:
         fail(f"{run_dir} already holds a run; pass another --out or --overwrite")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -119,8 +136,6 @@ def simulate(
                if cfg.private else "no differential privacy")
     console.print(f"privet: {cfg.name}: {cfg.num_clients} clients, {cfg.clients_per_round} "
                   f"per round, {cfg.rounds} rounds, {privacy} → {run_dir}")
-
-    from experiments import simulation  # heavy imports (torch, flwr, ray) only now
 
     watcher = RoundWatcher(run_dir, cfg)
     watcher.start()
@@ -144,6 +159,74 @@ def simulate(
         print_summary(run_dir)
     if code:
         _exit_now(code)
+
+
+@app.command()
+def budget(
+    rounds: Annotated[int, typer.Option(min=1, help="federated rounds")] = 20,
+    steps_per_round: Annotated[Optional[int], typer.Option(
+        min=1, help="DP-SGD steps per round (or give --rows)")] = None,
+    sample_rate: Annotated[Optional[float], typer.Option(
+        min=0.0, max=1.0, help="Poisson sampling rate q (or give --rows)")] = None,
+    rows: Annotated[Optional[int], typer.Option(
+        min=1, help="rows on the client: q = 1/⌈rows/B⌉, ⌈rows/B⌉ steps per epoch")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="expected batch size B")] = 64,
+    local_epochs: Annotated[int, typer.Option(min=1)] = 1,
+    sigma: Annotated[Optional[float], typer.Option(
+        min=0.0, help="noise multiplier: print ε over rounds")] = None,
+    epsilon: Annotated[Optional[str], typer.Option(
+        help="target ε values, comma-separated: print the σ each needs")] = None,
+    delta: Annotated[float, typer.Option(min=0.0, max=0.1)] = 1e-5,
+    out: Annotated[Path, typer.Option(help="PNG to write")] = Path("budget.png"),
+) -> None:
+    """Plan a privacy budget without training, with every accountant side by side.
+
+    Examples:
+
+      privet budget --rows 3256 --rounds 20 --sigma 0.8
+
+      privet budget --rows 3256 --rounds 20 --epsilon 0.5,1,2,4,8
+
+      privet budget --steps-per-round 50 --sample-rate 0.02 --rounds 30 --sigma 1
+    """
+    from experiments import budget as planning
+
+    if rows is not None:
+        plan = planning.Plan.from_rows(rows, batch_size, local_epochs, rounds, delta)
+    elif steps_per_round is not None and sample_rate:
+        plan = planning.Plan(rounds, steps_per_round, sample_rate, delta)
+    else:
+        fail("give --rows (with --batch-size), or both --steps-per-round and --sample-rate")
+    if (sigma is None) == (epsilon is None):
+        fail("give exactly one of --sigma (to get ε) or --epsilon (to get σ)")
+    console.print(f"plan: {plan.rounds} rounds × {plan.steps_per_round} steps at q = "
+                  f"{plan.sample_rate:.5g}, δ = {plan.delta:g}")
+    if sigma is not None:
+        curves = planning.epsilon_over_rounds(plan, sigma)
+        table = Table(title=f"ε after each round (σ = {sigma:g})")
+        table.add_column("round", justify="right")
+        for name in curves:
+            table.add_column(f"ε {name}", justify="right")
+        for i, (r, _) in enumerate(next(iter(curves.values()))):
+            table.add_row(str(r), *(f"{curves[name][i][1]:.4f}" for name in curves))
+        console.print(table)
+        console.print(f"plot: {planning.plot_epsilon(curves, sigma, out)}")
+        return
+    try:
+        targets = [float(t) for t in epsilon.split(",") if t.strip()]
+    except ValueError:
+        fail(f"--epsilon {epsilon!r}: expected numbers separated by commas, e.g. 1,2,4")
+    if not targets or any(not 0 < t < math.inf for t in targets):
+        fail(f"--epsilon {epsilon!r}: every target must be a finite number > 0")
+    needed = planning.sigma_for_targets(plan, targets)
+    table = Table(title=f"σ needed for the whole run ({plan.steps} steps)")
+    table.add_column("target ε", justify="right")
+    for name in needed:
+        table.add_column(f"σ {name}", justify="right")
+    for i, t in enumerate(targets):
+        table.add_row(f"{t:g}", *(f"{needed[name][i][1]:.4f}" for name in needed))
+    console.print(table)
+    console.print(f"plot: {planning.plot_sigma(needed, out)}")
 
 
 def _mark(run_dir: Path, status: str) -> None:

@@ -50,6 +50,13 @@ def _ray_stopped_on_exit():
             pass
 
 
+def preflight(cfg: ExperimentConfig) -> None:
+    """Fail before Ray starts if the data cannot be split as configured."""
+    from common.data.datasets import client_sizes
+
+    client_sizes(cfg)
+
+
 def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False) -> None:
     """Run `cfg` through Flower's simulation runtime; results land in `run_dir`."""
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")

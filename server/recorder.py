@@ -56,7 +56,9 @@ class RunRecorder:
                        zip(m.get(R.LEDGER_SIGMA, []), m.get(R.LEDGER_RATE, []),
                            m.get(R.LEDGER_STEPS, []))]
             entry = self.clients.setdefault(client, {"rounds_trained": 0, "stopped_round": None})
-            entry.update(epsilon=float(m[R.EPSILON]), history=history)
+            entry.update(epsilon=float(m[R.EPSILON]), history=history,
+                         data={k[len(R.DATA_PREFIX):]: int(v) for k, v in m.items()
+                               if k.startswith(R.DATA_PREFIX)})
             if declined:
                 entry["stopped_round"] = entry["stopped_round"] or server_round
             else:
@@ -72,6 +74,10 @@ class RunRecorder:
                 "train_seconds": _fmt(m.get(R.TRAIN_SECONDS))})
         with self._lock:
             self._pending = sorted(rows, key=lambda r: str(r["client"]).zfill(8))
+        errors = [msg.error.reason for msg in replies if msg.has_error()]
+        if replies and len(errors) == len(replies):
+            raise RuntimeError(f"round {server_round}: every sampled client failed; first "
+                               f"error: {errors[0]}")
 
     def end_round(self, server_round: int, loss: float, accuracy: float,
                   state_dict: dict[str, torch.Tensor]) -> None:
@@ -122,12 +128,16 @@ class RunRecorder:
                                   "history": c["history"],
                                   "rounds_trained": c["rounds_trained"],
                                   "stopped_round": c["stopped_round"]}
-                            for cid, c in sorted(self.clients.items(), key=lambda kv:
-                                                 int(kv[0]) if kv[0].isdigit() else 1 << 30)},
+                            for cid, c in self._sorted_clients()},
             },
+            "data": {cid: c.get("data", {}) for cid, c in self._sorted_clients()},
             "versions": versions(),
         }
         results.write_json(self.run_dir / results.SUMMARY, summary)
+
+    def _sorted_clients(self) -> list[tuple[str, dict]]:
+        return sorted(self.clients.items(),
+                      key=lambda kv: int(kv[0]) if kv[0].isdigit() else 1 << 30)
 
     def finish(self, status: str) -> None:
         self.write_summary(status)

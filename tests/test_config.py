@@ -99,3 +99,12 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "privacy.delta = 2" in lines[0] and "≤ 0.1" in lines[0]
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_cli_rejects_an_impossible_partition_before_starting(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.cli", "simulate", "--config",
+         str(CONFIGS_DIR / "tiny.toml"), "--set", "data.min-rows=20000", "--out", str(tmp_path)],
+        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "tiny.toml" in done.stderr and "20000 rows each" in done.stderr

@@ -66,6 +66,11 @@ def test_tiny_run_completes_and_writes_results(tiny_run):
     assert summary["privacy"]["accountant"] == cfg.privacy.accountant
     assert set(summary["privacy"]["clients"]) == {str(i) for i in range(cfg.num_clients)}
     assert len(rows(out / "metrics.csv")) == cfg.rounds * cfg.num_clients
+    # each client cleaned its own rows and says what cleaning did; together they hold the file
+    data = summary["data"]
+    assert sum(d["rows_in"] for d in data.values()) == 32561
+    assert sum(d["duplicates_dropped"] for d in data.values()) >= 0
+    assert all(d["rows_out"] == d["rows_in"] - d["duplicates_dropped"] for d in data.values())
     assert [int(r["round"]) for r in rows(out / "rounds.csv")] == list(range(1, cfg.rounds + 1))
     assert load_config(out / "config.toml", [f"out-dir={cfg.out_dir}"]) == cfg
     model = torch.load(out / "model.pt")

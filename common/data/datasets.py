@@ -78,6 +78,13 @@ def client_data(cfg: ExperimentConfig, client_id: int) -> ClientData:
                         d.min_rows, client_id)
 
 
+def client_sizes(cfg: ExperimentConfig) -> list[int]:
+    """Raw rows per client (before cleaning); raises ValueError if the split is impossible."""
+    d = cfg.data
+    return [len(p) for p in _partitions(d.dataset, d.partition, cfg.num_clients, d.alpha,
+                                        cfg.seed, d.min_rows)]
+
+
 @functools.lru_cache(maxsize=2)
 def test_data(dataset: str) -> ClientData:
     """The held-out test file, prepared like a client prepares its rows: fitted on itself.

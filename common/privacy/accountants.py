@@ -104,6 +104,23 @@ def _write_cache(key: str, value: float) -> None:
         pass  # a cache that cannot be written only costs time
 
 
+def _bracket_with_rdp(target: float, delta: float, q: float, steps: int) -> float:
+    """A σ whose RDP ε is ≤ target, within a factor 2 of the smallest such σ."""
+    def spent(sigma: float) -> float:
+        return _rdp_epsilon(((sigma, q, steps),), delta)
+
+    sigma = 1.0
+    if spent(sigma) > target:
+        while spent(sigma) > target:
+            sigma *= 2
+            if sigma > 1e4:
+                raise ValueError(f"no noise multiplier ≤ 1e4 reaches ε = {target} at δ = {delta}")
+        return sigma
+    while sigma > 1e-3 and spent(sigma / 2) <= target:
+        sigma /= 2
+    return sigma
+
+
 @functools.lru_cache(maxsize=1024)
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str = "pld", rtol: float = 1e-3) -> float:
@@ -122,14 +139,17 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     def spent(sigma: float) -> float:
         return _EPSILON[accountant](((sigma, sample_rate, int(steps)),), delta)
 
-    low, high = 0.1, 1.0
-    while spent(high) > target_epsilon:
-        low, high = high, high * 2
-        if high > 1e4:
-            raise ValueError(f"no noise multiplier ≤ 1e4 reaches ε = {target_epsilon} "
-                             f"at δ = {delta}")
-    while low > 1e-3 and spent(low) <= target_epsilon:
-        high, low = low, low / 2
+    high = _bracket_with_rdp(target_epsilon, delta, sample_rate, int(steps))
+    if accountant == "rdp":
+        low = high / 2
+    else:
+        # RDP is a valid but looser bound: its σ meets the target under any accountant.
+        # Step down from it; never probe far below, where PLD/PRV grids explode in size.
+        low = high
+        while spent(low) <= target_epsilon:
+            high, low = low, low * 0.9
+            if low < 1e-3:
+                raise ValueError(f"noise below 1e-3 would do for ε = {target_epsilon}")
     while high - low > rtol * high:
         mid = (low + high) / 2
         if spent(mid) <= target_epsilon:

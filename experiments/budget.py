@@ -1,0 +1,87 @@
+"""Privacy planning without training: ε over rounds for a given σ, or σ for a target ε."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.privacy.accountants import ACCOUNTANTS, calibrate_noise, epsilon
+
+
+@dataclass(frozen=True)
+class Plan:
+    rounds: int
+    steps_per_round: int
+    sample_rate: float
+    delta: float
+
+    @classmethod
+    def from_rows(cls, rows: int, batch_size: int, local_epochs: int, rounds: int,
+                  delta: float) -> "Plan":
+        """The rate and steps Opacus' Poisson loader really uses: q = 1/⌈n/B⌉."""
+        per_epoch = math.ceil(rows / batch_size)
+        return cls(rounds, local_epochs * per_epoch, 1 / per_epoch, delta)
+
+    @property
+    def steps(self) -> int:
+        return self.rounds * self.steps_per_round
+
+
+def report_rounds(rounds: int, most: int = 20) -> list[int]:
+    """At most `most` rounds to tabulate, always including the last."""
+    if rounds <= most:
+        return list(range(1, rounds + 1))
+    step = math.ceil(rounds / most)
+    picked = list(range(step, rounds + 1, step))
+    return picked if picked[-1] == rounds else picked + [rounds]
+
+
+def epsilon_over_rounds(plan: Plan, sigma: float, accountants=ACCOUNTANTS
+                        ) -> dict[str, list[tuple[int, float]]]:
+    return {name: [(r, epsilon([(sigma, plan.sample_rate, r * plan.steps_per_round)],
+                               plan.delta, name)) for r in report_rounds(plan.rounds)]
+            for name in accountants}
+
+
+def sigma_for_targets(plan: Plan, targets: list[float], accountants=ACCOUNTANTS
+                      ) -> dict[str, list[tuple[float, float]]]:
+    return {name: [(t, calibrate_noise(t, plan.delta, plan.sample_rate, plan.steps, name))
+                   for t in targets] for name in accountants}
+
+
+def plot_epsilon(curves: dict[str, list[tuple[int, float]]], sigma: float, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in curves.items():
+        ax.plot([r for r, _ in points], [e for _, e in points], marker="o", label=name)
+    ax.set(xlabel="round", ylabel="ε", title=f"ε spent over rounds (σ = {sigma:g})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_sigma(table: dict[str, list[tuple[float, float]]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in table.items():
+        ax.plot([t for t, _ in points], [s for _, s in points], marker="o", label=name)
+    ax.set(xscale="log", xlabel="target ε", ylabel="noise multiplier σ",
+           title="Noise needed for the whole run")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,53 @@
+import subprocess
+import sys
+
+import pytest
+
+from common.privacy import accountants
+from conftest import PROJECT_DIR
+from experiments.budget import Plan, epsilon_over_rounds, report_rounds, sigma_for_targets
+from independent import pld_epsilon
+
+
+def test_plan_uses_opacus_poisson_rate_and_steps():
+    plan = Plan.from_rows(rows=3256, batch_size=64, local_epochs=2, rounds=10, delta=1e-5)
+    assert plan.sample_rate == 1 / 51 and plan.steps_per_round == 102 and plan.steps == 1020
+
+
+def test_report_rounds_always_ends_at_the_last_round():
+    assert report_rounds(5) == [1, 2, 3, 4, 5]
+    picked = report_rounds(101)
+    assert len(picked) <= 21 and picked[-1] == 101
+
+
+@pytest.mark.parametrize("target", [0.5, 8.0])
+def test_sigma_for_extreme_targets_is_fast_and_meets_them(target):
+    """Large targets need small σ, where PLD grids explode if probed carelessly."""
+    plan = Plan(rounds=20, steps_per_round=51, sample_rate=1 / 51, delta=1e-5)
+    (_, sigma), = sigma_for_targets(plan, [target], accountants=("pld",))["pld"]
+    assert pld_epsilon([(sigma, plan.sample_rate, plan.steps)], plan.delta) <= target * 1.01
+    assert accountants.epsilon([(sigma * 0.995, plan.sample_rate, plan.steps)], plan.delta,
+                               "pld") > target
+
+
+def test_epsilon_curve_grows_and_orders_accountants():
+    plan = Plan(rounds=5, steps_per_round=50, sample_rate=0.02, delta=1e-5)
+    curves = epsilon_over_rounds(plan, sigma=1.0)
+    for points in curves.values():
+        assert [r for r, _ in points] == [1, 2, 3, 4, 5]
+        assert all(a[1] < b[1] for a, b in zip(points, points[1:]))
+    assert curves["pld"][-1][1] < curves["rdp"][-1][1]  # RDP is the looser bound
+
+
+def test_budget_command(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.cli", "budget", "--rows", "1000",
+         "--rounds", "3", "--epsilon", "1,4", "--out", str(tmp_path / "plan.png")],
+        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "σ pld" in done.stdout and "σ rdp" in done.stdout and "σ prv" in done.stdout
+    assert (tmp_path / "plan.png").stat().st_size > 1000
+    bad = subprocess.run([sys.executable, "-m", "experiments.cli", "budget", "--rows", "10",
+                          "--epsilon", "1", "--sigma", "1"], cwd=PROJECT_DIR,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "exactly one of --sigma" in bad.stderr
