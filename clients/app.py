@@ -18,7 +18,7 @@ from common import records as R
 from common.config import ExperimentConfig, from_run_config
 from common.evaluation import evaluate as evaluate_model
 from common.data.datasets import ClientData, client_data, num_classes
-from common.models import build_model
+from common.models import GRAD_SAMPLE_MODE, build_model
 from common.privacy.accountants import calibrate_noise
 from common.privacy.ledger import PrivacyLedger
 
@@ -101,7 +101,8 @@ def train(msg: Message, context: Context) -> Message:
     result = train_local(model, data.features, data.labels, epochs=cfg.train.local_epochs,
                          batch_size=cfg.train.batch_size, lr=cfg.train.lr,
                          momentum=cfg.train.momentum, seed=seed, noise_multiplier=sigma,
-                         max_grad_norm=cfg.privacy.max_grad_norm)
+                         max_grad_norm=cfg.privacy.max_grad_norm,
+                         grad_sample_mode=GRAD_SAMPLE_MODE[cfg.train.model])
     epsilon = 0.0
     if sigma is not None:
         ledger.record(sigma, q, result.steps)

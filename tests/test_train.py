@@ -1,0 +1,84 @@
+"""DP-SGD as trained: clipping and noise checked against independent computations."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from clients.train import sample_rate, steps_per_epoch, train_local
+from common.config import TrainConfig
+from common.models import GRAD_SAMPLE_MODE, build_model
+
+ROWS, FEATURES = 256, 12
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(ROWS, FEATURES)).astype(np.float32) * 3
+    y = (x[:, 0] + rng.normal(size=ROWS) > 0).astype(np.int64)
+    return x, y
+
+
+def _model(name):
+    torch.manual_seed(0)
+    return build_model(TrainConfig(model=name, hidden=8), FEATURES, 2)
+
+
+def _clipped_mean_gradient(model, x, y, clip):
+    """Per-sample gradients with torch.func, each clipped to `clip`, averaged."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xi, yi):
+        out = torch.func.functional_call(model, p, (xi.unsqueeze(0),))
+        return nn.functional.cross_entropy(out, yi.unsqueeze(0))
+
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(
+        params, torch.from_numpy(x), torch.from_numpy(y))
+    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))
+    assert (norms > clip).any(), "the test needs gradients that clipping changes"
+    scale = torch.clamp(clip / (norms + 1e-6), max=1.0)
+    return {k: (g * scale.view(-1, *[1] * (g.dim() - 1))).mean(0) for k, g in grads.items()}
+
+
+def test_every_model_has_a_grad_sample_mode():
+    assert set(GRAD_SAMPLE_MODE) == set(TrainConfig.__dataclass_fields__["model"].metadata[
+        "choices"])
+
+
+@pytest.mark.parametrize("name", ["mlp", "logreg"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_update_is_the_mean_of_clipped_per_sample_gradients(name, mode):
+    x, y = _data()
+    model, clip, lr = _model(name), 0.5, 1.0
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    expected = _clipped_mean_gradient(model, x, y, clip)
+    # batch = all rows: q = 1, one step, so Poisson sampling takes every row
+    train_local(model, x, y, epochs=1, batch_size=ROWS, lr=lr, momentum=0.0, seed=1,
+                noise_multiplier=1e-9, max_grad_norm=clip, grad_sample_mode=mode)
+    for key, value in model.named_parameters():
+        step = (before[key] - value.detach()) / lr
+        assert torch.allclose(step, expected[key], atol=1e-5), key
+
+
+def test_noise_has_the_calibrated_standard_deviation():
+    """Inputs of zero give zero first-layer gradients: its update is the noise alone."""
+    x = np.zeros((ROWS, FEATURES), dtype=np.float32)
+    y = np.zeros(ROWS, dtype=np.int64)
+    model, sigma, clip, lr = build_model(TrainConfig(hidden=512), FEATURES, 2), 1.3, 0.7, 1.0
+    before = model[0].weight.detach().clone()
+    train_local(model, x, y, epochs=1, batch_size=ROWS, lr=lr, momentum=0.0, seed=3,
+                noise_multiplier=sigma, max_grad_norm=clip, grad_sample_mode="hooks")
+    change = (model[0].weight.detach() - before).flatten().numpy()
+    expected = lr * sigma * clip / ROWS  # noise σC on the sum, divided by the expected batch
+    assert change.size == 512 * FEATURES
+    # std of 6,144 normal draws: relative standard error ≈ 0.9%; allow 5%
+    assert change.std() == pytest.approx(expected, rel=0.05)
+    assert abs(change.mean()) < 4 * expected / np.sqrt(change.size)
+
+
+def test_steps_and_rate_follow_opacus_poisson_loader():
+    x, y = _data()
+    result = train_local(_model("logreg"), x, y, epochs=2, batch_size=100, lr=0.1,
+                         momentum=0.0, seed=0, noise_multiplier=1.0, max_grad_norm=1.0)
+    assert steps_per_epoch(ROWS, 100) == 3 and sample_rate(ROWS, 100) == 1 / 3
+    assert result.steps == 2 * 3 and result.examples == ROWS
