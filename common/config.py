@@ -55,13 +55,18 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    level: str = _spec("sample", choices=("sample", "none"),
-                       help="sample = DP-SGD on each client; none = no privacy")
+    level: str = _spec("sample", choices=("sample", "user", "both", "none"),
+                       help="sample = DP-SGD on each client; user = clipped, noised client "
+                            "updates on the server; both; none = no privacy")
     epsilon: float = _spec(3.0, low=0.0, low_open=True, allow_inf=True,
                            help="target ε per client for the whole run; inf = no noise")
     delta: float = _spec(1e-5, low=0.0, high=0.1, low_open=True, help="target δ")
     max_grad_norm: float = _spec(1.0, low=0.0, low_open=True,
                                  help="per-sample clipping bound C")
+    user_epsilon: float = _spec(3.0, low=0.0, low_open=True,
+                                help="user-level target ε for the whole run (level user/both)")
+    user_clip: float = _spec(1.0, low=0.0, low_open=True,
+                             help="L2 bound S on each client's model update (user level)")
     accountant: str = _spec("pld", choices=("pld", "prv", "rdp"),
                             help="privacy accountant used for calibration and reports")
 
@@ -86,7 +91,17 @@ class ExperimentConfig:
 
     @property
     def private(self) -> bool:
-        return self.privacy.level != "none" and not math.isinf(self.privacy.epsilon)
+        """Sample-level DP: clients run DP-SGD."""
+        return self.privacy.level in ("sample", "both") and not math.isinf(self.privacy.epsilon)
+
+    @property
+    def user_level(self) -> bool:
+        """User-level DP: the server clips and noises client updates."""
+        return self.privacy.level in ("user", "both")
+
+    @property
+    def client_sample_rate(self) -> float:
+        return self.clients_per_round / self.num_clients
 
     def to_run_config(self) -> dict[str, Any]:
         """Flat `{"section.key": value}` mapping, as Flower's run_config holds it."""

@@ -25,23 +25,30 @@ def plot_run(run_dir: Path) -> Path | None:
         return None
     rounds = [int(r["round"]) for r in rows]
     accuracy = [float(r["test_accuracy"]) for r in rows]
-    epsilon = [float(r["max_epsilon"]) if r["max_epsilon"] not in ("", "inf") else math.nan
-               for r in rows]
+    epsilon = [_number(r.get("max_epsilon")) for r in rows]
+    user = [_number(r.get("user_epsilon")) for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot(rounds, accuracy, marker="o")
     left.set(xlabel="round", ylabel="test accuracy", title="Global model on the test set")
     left.grid(alpha=0.3)
-    if all(math.isnan(e) for e in epsilon):
+    if all(math.isnan(e) for e in epsilon + user):
         right.text(0.5, 0.5, "no differential privacy", ha="center", va="center")
         right.set_axis_off()
     else:
-        right.plot(rounds, epsilon, marker="o", color="tab:red")
-        target = _target_epsilon(run_dir)
-        if target is not None:
-            right.axhline(target, color="grey", linestyle="--", label=f"target ε = {target:g}")
-            right.legend(loc="lower right")
-        right.set(xlabel="round", ylabel="ε (largest over clients)",
-                  title="Privacy spent so far (cumulative)")
+        sample_target, user_target = _targets(run_dir)
+        if not all(math.isnan(e) for e in epsilon):
+            right.plot(rounds, epsilon, marker="o", color="tab:red",
+                       label="sample level (largest client ε)")
+            if sample_target is not None:
+                right.axhline(sample_target, color="tab:red", linestyle="--", alpha=0.5,
+                              label=f"sample-level target {sample_target:g}")
+        if not all(math.isnan(e) for e in user):
+            right.plot(rounds, user, marker="s", color="tab:purple", label="user level")
+            if user_target is not None:
+                right.axhline(user_target, color="tab:purple", linestyle="--", alpha=0.5,
+                              label=f"user-level target {user_target:g}")
+        right.legend(loc="lower right", fontsize="small")
+        right.set(xlabel="round", ylabel="ε", title="Privacy spent so far (cumulative)")
         right.grid(alpha=0.3)
     for axis in (left, right):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -54,8 +61,14 @@ def plot_run(run_dir: Path) -> Path | None:
     return path
 
 
-def _target_epsilon(run_dir: Path) -> float | None:
+def _number(text: str | None) -> float:
+    return float(text) if text not in (None, "", "inf") else math.nan
+
+
+def _targets(run_dir: Path) -> tuple[float | None, float | None]:
     try:
-        return results.read_summary(run_dir)["privacy"]["target_epsilon"]
+        privacy = results.read_summary(run_dir)["privacy"]
     except (OSError, ValueError, KeyError):
-        return None
+        return None, None
+    user = privacy.get("user_level") or {}
+    return privacy.get("target_epsilon"), user.get("target_epsilon")

@@ -33,7 +33,8 @@ RUN_FILES = (CONFIG, METRICS, ROUNDS, SUMMARY, MODEL, PLOT)
 
 METRIC_COLUMNS = ["round", "client", "status", "examples", "loss", "accuracy", "epsilon",
                   "steps", "noise_multiplier", "sample_rate", "train_seconds"]
-ROUND_COLUMNS = ["round", "test_accuracy", "test_loss", "max_epsilon", "clients_trained",
+ROUND_COLUMNS = ["round", "test_accuracy", "test_loss", "max_epsilon", "user_epsilon",
+                 "clients_trained",
                  "clients_declined", "elapsed_seconds"]
 
 

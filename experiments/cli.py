@@ -54,10 +54,14 @@ class RoundWatcher(threading.Thread):
         except (FileNotFoundError, OSError):
             return
         for row in rows[self.reported:]:
-            eps = row["max_epsilon"] or "-"
+            privacy = ""
+            if row.get("max_epsilon"):
+                privacy += f"max ε {row['max_epsilon']:>8}  "
+            if row.get("user_epsilon"):
+                privacy += f"user ε {row['user_epsilon']:>8}  "
             console.print(f"round {int(row['round']):>3}/{self.cfg.rounds}  "
-                          f"test accuracy {float(row['test_accuracy']):.4f}  "
-                          f"max ε {eps:>8}  clients {row['clients_trained']:>3}  "
+                          f"test accuracy {float(row['test_accuracy']):.4f}  {privacy}"
+                          f"clients {row['clients_trained']:>3}  "
                           f"{time.time() - self.started:6.1f}s")
         self.reported = len(rows)
 
@@ -76,14 +80,18 @@ def print_summary(run_dir: Path) -> None:
     table.add_column("rounds trained", justify="right")
     table.add_column("stopped", justify="right")
     for cid, c in privacy["clients"].items():
-        eps = "∞ (no DP)" if c["epsilon"] is None else f"{c['epsilon']:.4f}"
+        eps = "- (no DP-SGD)" if c["epsilon"] is None else f"{c['epsilon']:.4f}"
         table.add_row(cid, eps, str(c["rounds_trained"]), str(c["stopped_round"] or "-"))
     console.print(table)
-    target = privacy["target_epsilon"]
-    level = privacy["level"]
-    eps_line = ("no differential privacy" if level == "none" else
-                f"max ε {privacy['max_epsilon']:.4f} of target {target} at δ = "
-                f"{privacy['delta']:g} ({privacy['accountant']}, {level}-level)")
+    parts = []
+    if privacy["max_epsilon"] is not None:
+        parts.append(f"sample-level max ε {privacy['max_epsilon']:.4f} of target "
+                     f"{privacy['target_epsilon']:g}")
+    user = privacy.get("user_level")
+    if user and user["epsilon"] is not None:
+        parts.append(f"user-level ε {user['epsilon']:.4f} of target {user['target_epsilon']:g}")
+    eps_line = (" and ".join(parts) + f" at δ = {privacy['delta']:g} ({privacy['accountant']})"
+                if parts else "no differential privacy")
     accuracy = summary["accuracy"]
     console.print(f"test accuracy [bold]{accuracy:.4f}[/] after {summary['rounds']} round(s); "
                   f"{eps_line}; {summary['wall_seconds']:.1f}s" if accuracy is not None else
@@ -132,8 +140,13 @@ def simulate(
     for stale in results.RUN_FILES:
         (run_dir / stale).unlink(missing_ok=True)
     results.atomic_write_text(run_dir / results.CONFIG, cfg.to_toml())
-    privacy = (f"ε = {cfg.privacy.epsilon} per client, δ = {cfg.privacy.delta:g}"
-               if cfg.private else "no differential privacy")
+    levels = []
+    if cfg.private:
+        levels.append(f"sample-level ε = {cfg.privacy.epsilon:g} per client")
+    if cfg.user_level:
+        levels.append(f"user-level ε = {cfg.privacy.user_epsilon:g}")
+    privacy = (", ".join(levels) + f", δ = {cfg.privacy.delta:g}" if levels
+               else "no differential privacy")
     console.print(f"privet: {cfg.name}: {cfg.num_clients} clients, {cfg.clients_per_round} "
                   f"per round, {cfg.rounds} rounds, {privacy} → {run_dir}")
 

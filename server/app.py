@@ -22,7 +22,9 @@ from common.evaluation import evaluate as evaluate_model
 from common.data.datasets import num_classes, num_features, test_data
 from common.models import build_model
 from server.recorder import RunRecorder
+from common.privacy.accountants import calibrate_noise
 from server.strategy import PrivetFedAvg
+from server.user_dp import UserLevelDPFedAvg
 
 log = logging.getLogger("flwr")
 log.propagate = False  # Flower has its own handler; see experiments/simulation.py
@@ -74,15 +76,12 @@ def main(grid: Grid, context: Context) -> None:
         loss, accuracy = evaluate_model(model, test.features, test.labels)
         if server_round > 0:
             recorder.end_round(server_round, loss, accuracy, arrays.to_torch_state_dict())
-            log.info("privet: round %d/%d  test accuracy %.4f  max ε %s", server_round,
-                     cfg.rounds, accuracy, _eps(recorder.max_epsilon()))
+            log.info("privet: round %d/%d  test accuracy %.4f  max ε %s  user ε %s",
+                     server_round, cfg.rounds, accuracy, _eps(recorder.max_epsilon()),
+                     _eps(recorder.user_epsilon()))
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
-    strategy = PrivetFedAvg(
-        on_train_replies=recorder.record_replies,
-        fraction_train=cfg.clients_per_round / cfg.num_clients,
-        min_train_nodes=cfg.clients_per_round, min_available_nodes=cfg.num_clients,
-        fraction_evaluate=0.0)
+    strategy = build_strategy(cfg, recorder)
     status = "failed"
     try:
         strategy.start(grid=grid, initial_arrays=R.to_arrays(model), num_rounds=cfg.rounds,
@@ -95,6 +94,24 @@ def main(grid: Grid, context: Context) -> None:
         recorder.finish(status)
         log.info("privet: %s after %d round(s); results in %s", status,
                  len(recorder.round_rows), run_dir)
+
+
+def build_strategy(cfg: ExperimentConfig, recorder: RunRecorder) -> PrivetFedAvg:
+    common = dict(on_train_replies=recorder.record_replies, fraction_evaluate=0.0,
+                  min_available_nodes=cfg.num_clients)
+    if not cfg.user_level:
+        return PrivetFedAvg(fraction_train=cfg.clients_per_round / cfg.num_clients,
+                            min_train_nodes=cfg.clients_per_round, **common)
+    p = cfg.privacy
+    sigma = calibrate_noise(p.user_epsilon, p.delta, cfg.client_sample_rate, cfg.rounds,
+                            p.accountant)
+    log.info("privet: user-level DP: σ = %.4f, S = %g, p = %.4f over %d rounds", sigma,
+             p.user_clip, cfg.client_sample_rate, cfg.rounds)
+    strategy = UserLevelDPFedAvg(noise_multiplier=sigma, clip=p.user_clip,
+                                 sample_rate=cfg.client_sample_rate,
+                                 num_clients=cfg.num_clients, seed=cfg.seed, **common)
+    recorder.user_ledger = strategy.ledger
+    return strategy
 
 
 def _eps(value: float | None) -> str:

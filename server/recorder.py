@@ -16,6 +16,7 @@ from common import records as R
 from common import results
 from common.config import ExperimentConfig
 from common.plots import plot_run
+from common.privacy.ledger import PrivacyLedger
 
 
 def versions() -> dict[str, str]:
@@ -38,6 +39,7 @@ class RunRecorder:
         self.clients: dict[str, dict] = {}  # client id -> latest ε, history, status
         self._pending: list[dict] = []
         self._lock = threading.Lock()
+        self.user_ledger: PrivacyLedger | None = None  # set when user-level DP is on
         self.run_dir.mkdir(parents=True, exist_ok=True)
         results.atomic_write_text(self.run_dir / results.CONFIG, cfg.to_toml())
 
@@ -90,6 +92,7 @@ class RunRecorder:
         self.round_rows.append({
             "round": server_round, "test_accuracy": f"{accuracy:.6f}",
             "test_loss": f"{loss:.6f}", "max_epsilon": _fmt(self.max_epsilon()),
+            "user_epsilon": _fmt(self.user_epsilon()),
             "clients_trained": trained, "clients_declined": declined,
             "elapsed_seconds": f"{time.time() - self.started:.3f}"})
         results.write_csv(self.run_dir / results.METRICS, results.METRIC_COLUMNS,
@@ -100,9 +103,24 @@ class RunRecorder:
         self.write_summary("running", server_round, accuracy, loss)
 
     def max_epsilon(self) -> float | None:
+        """Largest sample-level ε over clients; None without sample-level DP."""
         if not self.cfg.private:
-            return math.inf
+            return None
         return max((c["epsilon"] for c in self.clients.values()), default=0.0)
+
+    def user_epsilon(self) -> float | None:
+        """User-level ε spent so far (composed over rounds, with sampling amplification)."""
+        if self.user_ledger is None:
+            return None
+        return self.user_ledger.epsilon(self.cfg.privacy.delta, self.cfg.privacy.accountant)
+
+    def _user_level_summary(self) -> dict | None:
+        if self.user_ledger is None:
+            return None
+        return {"epsilon": self.user_epsilon(), "delta": self.cfg.privacy.delta,
+                "target_epsilon": self.cfg.privacy.user_epsilon,
+                "clip": self.cfg.privacy.user_clip,
+                "history": [list(entry) for entry in self.user_ledger.history]}
 
     def write_summary(self, status: str, completed: int | None = None,
                       accuracy: float | None = None, loss: float | None = None) -> None:
@@ -119,11 +137,13 @@ class RunRecorder:
             "num_clients": self.cfg.num_clients,
             "clients_per_round": self.cfg.clients_per_round,
             "privacy": {
-                "level": privacy.level if self.cfg.private else "none",
+                "level": privacy.level if (self.cfg.private or self.cfg.user_level)
+                else "none",
                 "target_epsilon": privacy.epsilon if self.cfg.private else None,
                 "delta": privacy.delta, "accountant": privacy.accountant,
                 "max_grad_norm": privacy.max_grad_norm,
                 "max_epsilon": self.max_epsilon(),
+                "user_level": self._user_level_summary(),
                 "clients": {cid: {"epsilon": c["epsilon"] if self.cfg.private else None,
                                   "history": c["history"],
                                   "rounds_trained": c["rounds_trained"],

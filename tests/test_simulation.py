@@ -42,7 +42,10 @@ def assert_no_new_ray_processes(before: set[int]) -> None:
     deadline = time.time() + 15
     while ray_pids() - before and time.time() < deadline:
         time.sleep(0.5)
-    assert not ray_pids() - before, "Ray processes outlived the run"
+    left = ray_pids() - before
+    assert not left, "Ray processes outlived the run: " + subprocess.run(
+        ["ps", "-o", "pid,ppid,etime,cmd", "-p", ",".join(map(str, left))],
+        capture_output=True, text=True).stdout[:2000]
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +130,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_rounds(tmp_path):
     stdout, _ = proc.communicate(timeout=90)
     assert proc.returncode == 130, stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "interrupted"
+    assert summary["status"] == "interrupted", stdout
     finished = rows(out / "rounds.csv")
     assert 1 <= len(finished) < 200 and summary["rounds"] == len(finished)
     assert "Traceback" not in stdout
