@@ -67,6 +67,17 @@ class PrivacyConfig:
                                 help="user-level target ε for the whole run (level user/both)")
     user_clip: float = _spec(1.0, low=0.0, low_open=True,
                              help="L2 bound S on each client's model update (user level)")
+    user_clipping: str = _spec("fixed", choices=("fixed", "adaptive"),
+                               help="user level: fixed S, or S tracking a quantile of update "
+                                    "norms (Andrew et al., 2021)")
+    user_clip_quantile: float = _spec(0.5, low=0.0, high=1.0,
+                                      help="adaptive clipping: target fraction of unclipped "
+                                           "updates")
+    user_clip_lr: float = _spec(0.2, low=0.0, low_open=True,
+                                help="adaptive clipping: geometric learning rate of S")
+    user_count_stddev: float = _spec(0.0, low=0.0,
+                                     help="adaptive clipping: noise on the clipped count; "
+                                          "0 = expected cohort / 20")
     accountant: str = _spec("pld", choices=("pld", "prv", "rdp"),
                             help="privacy accountant used for calibration and reports")
 

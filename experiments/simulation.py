@@ -55,6 +55,22 @@ def preflight(cfg: ExperimentConfig) -> None:
     from common.data.datasets import client_sizes
 
     client_sizes(cfg)
+    p = cfg.privacy
+    if cfg.user_level and p.user_clipping == "adaptive":
+        from common.privacy.accountants import calibrate_noise
+        from server.user_dp import adaptive_noise
+
+        sigma = calibrate_noise(p.user_epsilon, p.delta, cfg.client_sample_rate, cfg.rounds,
+                                p.accountant)
+        expected = cfg.client_sample_rate * cfg.num_clients
+        try:
+            adaptive_noise(sigma, expected, p.user_count_stddev or None)
+        except ValueError:
+            raise ValueError(
+                f"privacy.user-count-stddev = {p.user_count_stddev or expected / 20:g} is too "
+                f"small for adaptive clipping at user-level σ = {sigma:.3f}: it must exceed "
+                f"σ/2 = {sigma / 2:.3f}; raise it, or the cohort, or privacy.user-epsilon"
+            ) from None
 
 
 def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False) -> None:

@@ -109,8 +109,11 @@ def build_strategy(cfg: ExperimentConfig, recorder: RunRecorder) -> PrivetFedAvg
              p.user_clip, cfg.client_sample_rate, cfg.rounds)
     strategy = UserLevelDPFedAvg(noise_multiplier=sigma, clip=p.user_clip,
                                  sample_rate=cfg.client_sample_rate,
-                                 num_clients=cfg.num_clients, seed=cfg.seed, **common)
-    recorder.user_ledger = strategy.ledger
+                                 num_clients=cfg.num_clients, seed=cfg.seed,
+                                 adaptive=p.user_clipping == "adaptive",
+                                 target_quantile=p.user_clip_quantile, clip_lr=p.user_clip_lr,
+                                 count_stddev=p.user_count_stddev or None, **common)
+    recorder.user_strategy = strategy
     return strategy
 
 

@@ -16,7 +16,6 @@ from common import records as R
 from common import results
 from common.config import ExperimentConfig
 from common.plots import plot_run
-from common.privacy.ledger import PrivacyLedger
 
 
 def versions() -> dict[str, str]:
@@ -39,7 +38,7 @@ class RunRecorder:
         self.clients: dict[str, dict] = {}  # client id -> latest ε, history, status
         self._pending: list[dict] = []
         self._lock = threading.Lock()
-        self.user_ledger: PrivacyLedger | None = None  # set when user-level DP is on
+        self.user_strategy = None  # the UserLevelDPFedAvg, when user-level DP is on
         self.run_dir.mkdir(parents=True, exist_ok=True)
         results.atomic_write_text(self.run_dir / results.CONFIG, cfg.to_toml())
 
@@ -110,17 +109,21 @@ class RunRecorder:
 
     def user_epsilon(self) -> float | None:
         """User-level ε spent so far (composed over rounds, with sampling amplification)."""
-        if self.user_ledger is None:
+        if self.user_strategy is None:
             return None
-        return self.user_ledger.epsilon(self.cfg.privacy.delta, self.cfg.privacy.accountant)
+        return self.user_strategy.ledger.epsilon(self.cfg.privacy.delta,
+                                                 self.cfg.privacy.accountant)
 
     def _user_level_summary(self) -> dict | None:
-        if self.user_ledger is None:
+        s = self.user_strategy
+        if s is None:
             return None
         return {"epsilon": self.user_epsilon(), "delta": self.cfg.privacy.delta,
                 "target_epsilon": self.cfg.privacy.user_epsilon,
-                "clip": self.cfg.privacy.user_clip,
-                "history": [list(entry) for entry in self.user_ledger.history]}
+                "history": [list(entry) for entry in s.ledger.history],
+                "clipping": self.cfg.privacy.user_clipping,
+                "model_noise_multiplier": s.model_noise, "count_stddev": s.count_stddev,
+                "clip_per_round": s.clip_history}
 
     def write_summary(self, status: str, completed: int | None = None,
                       accuracy: float | None = None, loss: float | None = None) -> None:

@@ -9,6 +9,13 @@ then changes the released sum by at most S whatever the cohort, which is what th
 accountant assumes: the composition of `rounds` Poisson-subsampled Gaussian mechanisms
 with rate p and noise multiplier σ.
 
+With adaptive clipping (Andrew et al., 2021, "Differentially Private Learning with
+Adaptive Clipping") S follows a target quantile of the update norms, steered by a noisy
+count of unclipped updates. That count is a second Gaussian query on the same clients:
+the model noise is raised so that both releases together equal one Gaussian mechanism
+with the calibrated noise multiplier (Flower's `compute_adaptive_noise_params`), and the
+ledger records that effective multiplier.
+
 Flower's DifferentialPrivacyServerSideFixedClipping does not fit: it samples a fixed
 number of clients (no exact amplification), averages with the wrapped strategy's
 example weights (a client's influence then exceeds S / n), and its accountant ignores
@@ -17,6 +24,7 @@ sampling.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Iterable
 
@@ -24,6 +32,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app import MessageType
 from flwr.serverapp import Grid
+from flwr.supercore.differential_privacy import compute_adaptive_noise_params
 
 from common import records as R
 from common.privacy.ledger import PrivacyLedger
@@ -57,12 +66,33 @@ def clipped_noisy_mean(global_state: StateDict, client_states: list[StateDict], 
     return new_state, norms
 
 
+def adaptive_noise(noise_multiplier: float, expected_clients: float,
+                   count_stddev: float | None) -> tuple[float, float]:
+    """(count noise σ_b, model noise z_Δ) whose joint release has multiplier `noise_multiplier`:
+    (z_Δ⁻² + (2σ_b)⁻²)^(-1/2) = z. Raises ValueError when σ_b is too small for that z."""
+    return compute_adaptive_noise_params(noise_multiplier, expected_clients, count_stddev)
+
+
+def effective_noise(model_noise: float, count_stddev: float) -> float:
+    """Noise multiplier of the model and count queries released together."""
+    return (model_noise ** -2 + (2 * count_stddev) ** -2) ** -0.5
+
+
 class UserLevelDPFedAvg(PrivetFedAvg):
     def __init__(self, *, noise_multiplier: float, clip: float, sample_rate: float,
-                 num_clients: int, seed: int, **kwargs) -> None:
+                 num_clients: int, seed: int, adaptive: bool = False,
+                 target_quantile: float = 0.5, clip_lr: float = 0.2,
+                 count_stddev: float | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.noise_multiplier, self.clip = noise_multiplier, clip
         self.sample_rate, self.num_clients = sample_rate, num_clients
+        self.expected_clients = sample_rate * num_clients
+        self.adaptive, self.target_quantile, self.clip_lr = adaptive, target_quantile, clip_lr
+        self.count_stddev, self.model_noise = 0.0, noise_multiplier
+        if adaptive:
+            self.count_stddev, self.model_noise = adaptive_noise(
+                noise_multiplier, self.expected_clients, count_stddev or None)
+        self.clip_history: list[float] = []
         self.rng = random.Random(seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.ledger = PrivacyLedger()
@@ -91,9 +121,17 @@ class UserLevelDPFedAvg(PrivetFedAvg):
         # noise then, and it is accounted like any other round.
         new_state, norms = clipped_noisy_mean(
             self._global, [m.content["arrays"].to_torch_state_dict() for m in trained],
-            self.clip, self.noise_multiplier, self.sample_rate * self.num_clients,
-            self.generator)
-        self.ledger.record(self.noise_multiplier, self.sample_rate, 1)
+            self.clip, self.model_noise, self.expected_clients, self.generator)
+        self.clip_history.append(self.clip)
+        if self.adaptive:
+            unclipped = sum(norm <= self.clip for norm in norms)
+            noisy = unclipped + float(torch.normal(0.0, self.count_stddev, size=(1,),
+                                                   generator=self.generator))
+            fraction = noisy / self.expected_clients
+            self.clip *= math.exp(-self.clip_lr * (fraction - self.target_quantile))
+        # Both queries together are one Gaussian mechanism with the calibrated multiplier.
+        self.ledger.record(effective_noise(self.model_noise, self.count_stddev)
+                           if self.adaptive else self.model_noise, self.sample_rate, 1)
         self.update_norms.append(norms)
         metrics = average_metrics([m.content for m in trained], self.weighted_by_key) \
             if trained else MetricRecord({})

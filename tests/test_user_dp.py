@@ -75,3 +75,34 @@ def test_both_levels_are_reported_separately(both_levels_run):
     # Poisson sampling: the cohort varies, so rounds trained differ between clients
     trained = [c["rounds_trained"] for c in privacy["clients"].values()]
     assert sum(trained) == sum(int(r["clients_trained"]) for r in rows(out / "rounds.csv"))
+
+
+def test_adaptive_noise_splits_the_calibrated_multiplier_between_two_queries():
+    from server.user_dp import adaptive_noise, effective_noise
+
+    count_stddev, model_noise = adaptive_noise(1.5, expected_clients=40, count_stddev=None)
+    assert count_stddev == 2.0  # Flower's default: expected cohort / 20
+    assert model_noise > 1.5  # the model query gets more noise than the target multiplier
+    # independent arithmetic: Gaussian queries compose as 1/z² = Σ 1/z_i²
+    assert 1 / model_noise ** 2 + 1 / (2 * count_stddev) ** 2 == pytest.approx(1 / 1.5 ** 2)
+    assert effective_noise(model_noise, count_stddev) == pytest.approx(1.5)
+    with pytest.raises(ValueError):
+        adaptive_noise(1.5, expected_clients=2, count_stddev=None)  # σ_b = 0.1 too small
+
+
+def test_adaptive_clipping_run_accounts_for_the_count_query(tmp_path):
+    out = tmp_path / "run"
+    proc = privet("simulate", "--config", str(CONFIGS_DIR / "tiny.toml"),
+                  "--set", "privacy.level=user", "--set", "privacy.user-clipping=adaptive",
+                  "--set", "privacy.user-count-stddev=2", "--set", "num-clients=4",
+                  "--set", "clients-per-round=2", "--set", "rounds=3", "--out", str(out))
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout
+    user = json.loads((out / "summary.json").read_text())["privacy"]["user_level"]
+    (sigma, rate, rounds), = user["history"]
+    assert (rate, rounds, user["clipping"], user["count_stddev"]) == (0.5, 3, "adaptive", 2.0)
+    assert 1 / sigma ** 2 == pytest.approx(1 / user["model_noise_multiplier"] ** 2 + 1 / 4 ** 2)
+    reference = pld_epsilon(user["history"], user["delta"])
+    assert reference * (1 - 1e-9) <= user["epsilon"] <= min(reference * 1.01, 3.0)
+    clips = user["clip_per_round"]
+    assert len(clips) == 3 and clips[0] == 1.0 and len(set(clips)) > 1
