@@ -45,7 +45,8 @@ def _save_ledger(context: Context, ledger: PrivacyLedger) -> None:
     context.state[LEDGER_KEY] = ConfigRecord({"json": ledger.to_json()})
 
 
-def planned_noise(cfg: ExperimentConfig, num_rows: int) -> tuple[float, float, int]:
+def planned_noise(cfg: ExperimentConfig, num_rows: int, target_epsilon: float
+                  ) -> tuple[float, float, int]:
     """(σ, q, steps per round) calibrated once for the whole run's horizon.
 
     The horizon assumes the client trains in every round, the worst case under
@@ -53,7 +54,7 @@ def planned_noise(cfg: ExperimentConfig, num_rows: int) -> tuple[float, float, i
     """
     q = sample_rate(num_rows, cfg.train.batch_size)
     steps = cfg.train.local_epochs * steps_per_epoch(num_rows, cfg.train.batch_size)
-    sigma = calibrate_noise(cfg.privacy.epsilon, cfg.privacy.delta, q, steps * cfg.rounds,
+    sigma = calibrate_noise(target_epsilon, cfg.privacy.delta, q, steps * cfg.rounds,
                             cfg.privacy.accountant)
     return sigma, q, steps
 
@@ -83,16 +84,18 @@ def train(msg: Message, context: Context) -> Message:
             **{R.DATA_PREFIX + k: v for k, v in data.cleaning.as_dict().items()}}
 
     sigma = q = None
-    if cfg.private:
-        sigma, q, steps = planned_noise(cfg, len(data))
+    private, target = cfg.client_private(client_id), cfg.epsilon_for(client_id)
+    base[R.TARGET_EPSILON] = target
+    if private:
+        sigma, q, steps = planned_noise(cfg, len(data), target)
         if cfg.privacy.delta >= 1 / len(data):
             log.warning("client %d: δ = %g ≥ 1/n = 1/%d; the guarantee is weak",
                         client_id, cfg.privacy.delta, len(data))
         next_epsilon = ledger.epsilon_after(sigma, q, steps, cfg.privacy.delta,
                                             cfg.privacy.accountant)
-        if next_epsilon > cfg.privacy.epsilon:
+        if next_epsilon > target:
             log.warning("client %d declines round %d: ε would reach %.4f > target %.4f",
-                        client_id, server_round, next_epsilon, cfg.privacy.epsilon)
+                        client_id, server_round, next_epsilon, target)
             metrics = {**base, R.DECLINED: 1, R.NUM_EXAMPLES: 0,
                        R.EPSILON: ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant),
                        **_ledger_metrics(ledger)}
@@ -110,7 +113,7 @@ def train(msg: Message, context: Context) -> Message:
         epsilon = ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
     metrics = {**base, R.DECLINED: 0, R.NUM_EXAMPLES: result.examples,
                R.TRAIN_LOSS: result.loss, R.TRAIN_ACCURACY: result.accuracy,
-               R.EPSILON: epsilon if cfg.private else float("inf"), R.STEPS: result.steps,
+               R.EPSILON: epsilon if private else float("inf"), R.STEPS: result.steps,
                R.NOISE_MULTIPLIER: sigma or 0.0, R.SAMPLE_RATE: q or 0.0,
                R.TRAIN_SECONDS: result.seconds, **_ledger_metrics(ledger)}
     content = RecordDict({"arrays": R.to_arrays(model), "metrics": MetricRecord(metrics)})

@@ -60,6 +60,8 @@ class PrivacyConfig:
                             "updates on the server; both; none = no privacy")
     epsilon: float = _spec(3.0, low=0.0, low_open=True, allow_inf=True,
                            help="target ε per client for the whole run; inf = no noise")
+    client_epsilon: str = _spec("", help="per-client sample-level targets, e.g. "
+                                         "{ 0 = 1.0, 3 = 8.0 }; others use epsilon")
     delta: float = _spec(1e-5, low=0.0, high=0.1, low_open=True, help="target δ")
     max_grad_norm: float = _spec(1.0, low=0.0, low_open=True,
                                  help="per-sample clipping bound C")
@@ -95,6 +97,10 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
+        for client, _ in parse_client_epsilon(self.privacy.client_epsilon):
+            if client >= self.num_clients:
+                raise ConfigError(f"privacy.client-epsilon: client {client} does not exist; "
+                                  f"expected ids 0..{self.num_clients - 1}")
         if self.clients_per_round > self.num_clients:
             raise ConfigError(
                 f"clients-per-round = {self.clients_per_round}: must be ≤ num-clients "
@@ -102,8 +108,19 @@ class ExperimentConfig:
 
     @property
     def private(self) -> bool:
-        """Sample-level DP: clients run DP-SGD."""
-        return self.privacy.level in ("sample", "both") and not math.isinf(self.privacy.epsilon)
+        """Sample-level DP: (some) clients run DP-SGD."""
+        targets = [self.privacy.epsilon,
+                   *(e for _, e in parse_client_epsilon(self.privacy.client_epsilon))]
+        return self.privacy.level in ("sample", "both") and any(map(math.isfinite, targets))
+
+    def epsilon_for(self, client_id: int) -> float:
+        """The sample-level target ε of one client (its own entry, else the common one)."""
+        return dict(parse_client_epsilon(self.privacy.client_epsilon)).get(
+            client_id, self.privacy.epsilon)
+
+    def client_private(self, client_id: int) -> bool:
+        return self.privacy.level in ("sample", "both") and not math.isinf(
+            self.epsilon_for(client_id))
 
     @property
     def user_level(self) -> bool:
@@ -188,6 +205,32 @@ def _check_value(key: str, value: Any, f: dataclasses.Field) -> Any:
     return value
 
 
+def parse_client_epsilon(text: str) -> tuple[tuple[int, float], ...]:
+    """"0:1.0,3:inf" -> ((0, 1.0), (3, inf)); the run_config form of the per-client table."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        client, sep, value = item.partition(":")
+        try:
+            pair = (int(client), float(value))
+        except ValueError:
+            pair = None
+        if not sep or pair is None or pair[0] < 0 or not pair[1] > 0:
+            raise ConfigError(f"privacy.client-epsilon: {item!r}: expected client id = ε > 0, "
+                              "e.g. { 0 = 1.0, 3 = 8.0 }")
+        pairs.append(pair)
+    return tuple(sorted(pairs))
+
+
+def _client_epsilon_text(value: Any, key: str) -> str:
+    """Accept a TOML table {id = ε} (or its string form) and return the string form."""
+    if isinstance(value, Mapping):
+        value = ",".join(f"{k}:{v}" for k, v in value.items())
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} = {value!r}: expected a table of client id = ε")
+    pairs = parse_client_epsilon(value)
+    return ",".join(f"{c}:{_toml_value(e) if math.isinf(e) else repr(e)}" for c, e in pairs)
+
+
 def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
     known = {_key(f.name): f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -197,7 +240,9 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
             raise ConfigError(f"{full}: unknown key; expected one of "
                               + ", ".join(prefix + k for k in known))
         f = known[key]
-        if f.default is dataclasses.MISSING:  # a nested section
+        if full == "privacy.client-epsilon":
+            kwargs[f.name] = _client_epsilon_text(value, full)
+        elif f.default is dataclasses.MISSING:  # a nested section
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{full} = {value!r}: expected a table [{full}]")
             kwargs[f.name] = _build(f.default_factory, value, full + ".")  # type: ignore[misc]

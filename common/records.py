@@ -15,6 +15,7 @@ DECLINED = "declined"           # 1 when the client refused to train (budget spe
 TRAIN_LOSS = "train-loss"
 TRAIN_ACCURACY = "train-accuracy"
 EPSILON = "epsilon"             # ε spent over all rounds so far (sample-level)
+TARGET_EPSILON = "target-epsilon"  # the client's own sample-level target
 STEPS = "steps"
 NOISE_MULTIPLIER = "noise-multiplier"
 SAMPLE_RATE = "sample-rate"

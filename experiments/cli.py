@@ -77,11 +77,13 @@ def print_summary(run_dir: Path) -> None:
     table = Table(title=f"privet · {summary['name']} · {summary['status']}")
     table.add_column("client", justify="right")
     table.add_column("ε spent", justify="right")
+    table.add_column("target", justify="right")
     table.add_column("rounds trained", justify="right")
     table.add_column("stopped", justify="right")
     for cid, c in privacy["clients"].items():
         eps = "- (no DP-SGD)" if c["epsilon"] is None else f"{c['epsilon']:.4f}"
-        table.add_row(cid, eps, str(c["rounds_trained"]), str(c["stopped_round"] or "-"))
+        target = "-" if c.get("target_epsilon") is None else f"{c['target_epsilon']:g}"
+        table.add_row(cid, eps, target, str(c["rounds_trained"]), str(c["stopped_round"] or "-"))
     console.print(table)
     parts = []
     if privacy["max_epsilon"] is not None:
@@ -142,7 +144,9 @@ def simulate(
     results.atomic_write_text(run_dir / results.CONFIG, cfg.to_toml())
     levels = []
     if cfg.private:
-        levels.append(f"sample-level ε = {cfg.privacy.epsilon:g} per client")
+        levels.append(f"sample-level ε = {cfg.privacy.epsilon:g} per client"
+                      + (f" (client:ε {cfg.privacy.client_epsilon})"
+                         if cfg.privacy.client_epsilon else ""))
     if cfg.user_level:
         levels.append(f"user-level ε = {cfg.privacy.user_epsilon:g}")
     privacy = (", ".join(levels) + f", δ = {cfg.privacy.delta:g}" if levels

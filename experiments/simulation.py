@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,6 +35,24 @@ def backend_config(num_cpus: int, ray_address: str | None = None) -> dict:
     if ray_address:
         init_args = {"address": ray_address, "logging_level": "ERROR", "log_to_driver": False}
     return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
+
+
+@contextmanager
+def _quiet_on_interrupt():
+    """On Ctrl-C the terminal signals Ray's actors too; Flower then logs each dead actor
+    with a traceback. The user asked to stop: mute Flower first, then interrupt."""
+    def on_sigint(signum, frame):
+        logging.getLogger("flwr").setLevel(logging.CRITICAL + 1)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextmanager
@@ -104,7 +124,7 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False) -> None:
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
                       run_config=get_fused_config_from_dir(PROJECT_DIR, overrides))
-    with _ray_stopped_on_exit():
+    with _quiet_on_interrupt(), _ray_stopped_on_exit():
         _run_simulation(
             server_app_attr=SERVER_APP, client_app_attr=CLIENT_APP,
             num_supernodes=cfg.num_clients, backend_name="ray",

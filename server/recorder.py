@@ -58,6 +58,7 @@ class RunRecorder:
                            m.get(R.LEDGER_STEPS, []))]
             entry = self.clients.setdefault(client, {"rounds_trained": 0, "stopped_round": None})
             entry.update(epsilon=float(m[R.EPSILON]), history=history,
+                         target_epsilon=float(m.get(R.TARGET_EPSILON, math.nan)),
                          data={k[len(R.DATA_PREFIX):]: int(v) for k, v in m.items()
                                if k.startswith(R.DATA_PREFIX)})
             if declined:
@@ -105,7 +106,8 @@ class RunRecorder:
         """Largest sample-level ε over clients; None without sample-level DP."""
         if not self.cfg.private:
             return None
-        return max((c["epsilon"] for c in self.clients.values()), default=0.0)
+        return max((c["epsilon"] for c in self.clients.values()
+                    if math.isfinite(c["epsilon"])), default=0.0)
 
     def user_epsilon(self) -> float | None:
         """User-level ε spent so far (composed over rounds, with sampling amplification)."""
@@ -148,6 +150,8 @@ class RunRecorder:
                 "max_epsilon": self.max_epsilon(),
                 "user_level": self._user_level_summary(),
                 "clients": {cid: {"epsilon": c["epsilon"] if self.cfg.private else None,
+                                  "target_epsilon": c.get("target_epsilon")
+                                  if self.cfg.private else None,
                                   "history": c["history"],
                                   "rounds_trained": c["rounds_trained"],
                                   "stopped_round": c["stopped_round"]}

@@ -109,3 +109,16 @@ def test_cli_rejects_an_impossible_partition_before_starting(tmp_path):
         cwd=PROJECT_DIR, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "tiny.toml" in done.stderr and "20000 rows each" in done.stderr
+
+
+def test_per_client_targets():
+    cfg = load_config(CONFIGS_DIR / "tiny.toml", ["privacy.client-epsilon={ 0 = 1.0, 2 = inf }"])
+    assert [cfg.epsilon_for(c) for c in range(3)] == [1.0, cfg.privacy.epsilon, math.inf]
+    assert [cfg.client_private(c) for c in range(3)] == [True, True, False]
+    assert from_run_config(cfg.to_run_config()) == cfg
+    assert load_config(CONFIGS_DIR / "tiny.toml",
+                       ["privacy.client-epsilon.1=0.5"]).epsilon_for(1) == 0.5
+    with pytest.raises(ConfigError, match="client 5 does not exist"):
+        load_config(CONFIGS_DIR / "tiny.toml", ["privacy.client-epsilon={ 5 = 1.0 }"])
+    with pytest.raises(ConfigError, match="client-epsilon.*ε > 0"):
+        load_config(CONFIGS_DIR / "tiny.toml", ["privacy.client-epsilon={ 1 = -2 }"])

@@ -52,7 +52,9 @@ def assert_no_new_ray_processes(before: set[int]) -> None:
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "run"
     before = ray_pids()
-    proc = privet("simulate", "--config", str(TINY), "--out", str(out))
+    # client 1 asks for a tighter budget than the others
+    proc = privet("simulate", "--config", str(TINY), "--out", str(out),
+                  "--set", "privacy.client-epsilon={ 1 = 1.0 }")
     stdout, _ = proc.communicate(timeout=300)
     return out, proc.returncode, stdout, before
 
@@ -60,7 +62,7 @@ def tiny_run(tmp_path_factory):
 def test_tiny_run_completes_and_writes_results(tiny_run):
     out, code, stdout, before = tiny_run
     assert code == 0, stdout
-    cfg = load_config(TINY)
+    cfg = load_config(TINY, ["privacy.client-epsilon={ 1 = 1.0 }"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["rounds"] == cfg.rounds
     assert 0.6 < summary["accuracy"] <= 1 and summary["wall_seconds"] > 0
@@ -85,14 +87,15 @@ def test_tiny_run_completes_and_writes_results(tiny_run):
 
 def test_reported_epsilon_is_cumulative_and_matches_an_independent_accountant(tiny_run):
     out, _, _, _ = tiny_run
-    cfg = load_config(TINY)
+    cfg = load_config(TINY, ["privacy.client-epsilon={ 1 = 1.0 }"])
     summary = json.loads((out / "summary.json").read_text())
     per_round = {}
     for row in rows(out / "metrics.csv"):
         per_round.setdefault(row["client"], []).append(row)
     for client, entry in summary["privacy"]["clients"].items():
         history = entry["history"]
-        assert entry["epsilon"] <= cfg.privacy.epsilon
+        assert entry["target_epsilon"] == cfg.epsilon_for(int(client))
+        assert 0.95 * entry["target_epsilon"] <= entry["epsilon"] <= entry["target_epsilon"]
         reference = pld_epsilon(history, cfg.privacy.delta)
         assert reference * (1 - 1e-9) <= entry["epsilon"] <= reference * 1.01
         epsilons = [float(r["epsilon"]) for r in per_round[client]]
