@@ -16,8 +16,8 @@ from flwr.clientapp import ClientApp
 from clients.train import sample_rate, steps_per_epoch, train_local
 from common import records as R
 from common.config import ExperimentConfig, from_run_config
-from common.evaluation import evaluate as evaluate_model
 from common.data.datasets import ClientData, client_data, num_classes
+from common.evaluation import evaluate as evaluate_model
 from common.models import GRAD_SAMPLE_MODE, build_model
 from common.privacy.accountants import calibrate_noise
 from common.privacy.ledger import PrivacyLedger

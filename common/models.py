@@ -6,7 +6,6 @@ from torch import nn
 
 from common.config import TrainConfig
 
-
 # Fastest Opacus grad-sample mode per model, measured with experiments/bench_dpsgd.py
 # (2 cores, one torch thread, Adult, batch 64): MLP ghost 3.4x plain SGD vs hooks 3.8x,
 # functorch 6.0x; logistic regression hooks 2.4x vs ghost 3.0x.

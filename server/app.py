@@ -18,11 +18,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import records as R
 from common.config import ExperimentConfig, from_run_config
-from common.evaluation import evaluate as evaluate_model
 from common.data.datasets import num_classes, num_features, test_data
+from common.evaluation import evaluate as evaluate_model
 from common.models import build_model
-from server.recorder import RunRecorder
 from common.privacy.accountants import calibrate_noise
+from server.recorder import RunRecorder
 from server.strategy import PrivetFedAvg
 from server.user_dp import UserLevelDPFedAvg
 

@@ -2,11 +2,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import PROJECT_DIR
+from independent import pld_epsilon
 
 from common.privacy import accountants
-from conftest import PROJECT_DIR
 from experiments.budget import Plan, epsilon_over_rounds, report_rounds, sigma_for_targets
-from independent import pld_epsilon
 
 
 def test_plan_uses_opacus_poisson_rate_and_steps():

@@ -1,13 +1,19 @@
 import math
 import subprocess
 import sys
-import tomllib
 
 import pytest
-
-from common.config import (CONFIGS_DIR, ConfigError, ExperimentConfig, from_run_config,
-                           load_config, parse_override)
 from conftest import PROJECT_DIR
+
+from common.config import tomllib  # noqa: I001  (3.10 fallback inside)
+from common.config import (
+    CONFIGS_DIR,
+    ConfigError,
+    ExperimentConfig,
+    from_run_config,
+    load_config,
+    parse_override,
+)
 
 
 def test_shipped_configs_load():

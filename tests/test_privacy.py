@@ -1,8 +1,8 @@
 import pytest
+from independent import pld_epsilon, rdp_epsilon
 
 from common.privacy import accountants
 from common.privacy.ledger import PrivacyLedger
-from independent import pld_epsilon, rdp_epsilon
 
 DELTA = 1e-5
 HISTORIES = [

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from common.config import CONFIGS_DIR, load_config
 from conftest import PROJECT_DIR
 from independent import pld_epsilon
+
+from common.config import CONFIGS_DIR, load_config
 
 TINY = CONFIGS_DIR / "tiny.toml"
 

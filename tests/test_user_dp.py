@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from independent import pld_epsilon
+from test_simulation import privet, rows
 
 from common.config import CONFIGS_DIR
-from independent import pld_epsilon
 from server.user_dp import clipped_noisy_mean
-from test_simulation import privet, rows
 
 
 def _state(*values):
