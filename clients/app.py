@@ -20,7 +20,7 @@ from common.data.datasets import ClientData, client_data, num_classes
 from common.evaluation import evaluate as evaluate_model
 from common.models import GRAD_SAMPLE_MODE, build_model
 from common.privacy.accountants import calibrate_noise
-from common.privacy.ledger import PrivacyLedger
+from common.privacy.ledger import LedgerFile, PrivacyLedger
 
 LEDGER_KEY = "privacy-ledger"
 log = logging.getLogger("flwr")
@@ -35,13 +35,28 @@ def _client_id(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
-def _load_ledger(context: Context) -> PrivacyLedger:
+def _ledger_file(cfg: ExperimentConfig, context: Context, client_id: int) -> LedgerFile | None:
+    """On disk when the node says where (`ledger-dir`, or next to its `data-path`) or the
+    experiment sets `privacy.ledger-dir`; otherwise the ledger lives in context.state only."""
+    node = context.node_config
+    if "ledger-dir" in node:
+        directory = str(node["ledger-dir"])
+    elif "data-path" in node:
+        directory = os.path.dirname(os.path.abspath(str(node["data-path"])))
+    else:
+        directory = cfg.privacy.ledger_dir
+    return LedgerFile(directory, cfg.experiment_id(), f"client{client_id}") if directory else None
+
+
+def _load_ledger(context: Context, file: LedgerFile | None) -> PrivacyLedger:
     if LEDGER_KEY in context.state:
         return PrivacyLedger.from_json(str(context.state[LEDGER_KEY]["json"]))
-    return PrivacyLedger()
+    return file.load() if file else PrivacyLedger()  # a restarted node resumes from disk
 
 
-def _save_ledger(context: Context, ledger: PrivacyLedger) -> None:
+def _save_ledger(context: Context, file: LedgerFile | None, ledger: PrivacyLedger) -> None:
+    if file:
+        file.save(ledger)  # disk first: a crash right after still remembers the spend
     context.state[LEDGER_KEY] = ConfigRecord({"json": ledger.to_json()})
 
 
@@ -78,7 +93,8 @@ def train(msg: Message, context: Context) -> Message:
     data = client_data(cfg, client_id)
     server_round = int(msg.content["config"]["server-round"])
     model = _model(cfg, data, msg.content["arrays"])
-    ledger = _load_ledger(context)
+    ledger_file = _ledger_file(cfg, context, client_id)
+    ledger = _load_ledger(context, ledger_file)
     seed = cfg.seed * 1_000_003 + server_round * 1009 + client_id
     base = {R.CLIENT_ID: client_id,
             **{R.DATA_PREFIX + k: v for k, v in data.cleaning.as_dict().items()}}
@@ -109,7 +125,7 @@ def train(msg: Message, context: Context) -> Message:
     epsilon = 0.0
     if sigma is not None:
         ledger.record(sigma, q, result.steps)
-        _save_ledger(context, ledger)
+        _save_ledger(context, ledger_file, ledger)
         epsilon = ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
     metrics = {**base, R.DECLINED: 0, R.NUM_EXAMPLES: result.examples,
                R.TRAIN_LOSS: result.loss, R.TRAIN_ACCURACY: result.accuracy,

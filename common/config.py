@@ -84,6 +84,12 @@ class PrivacyConfig:
     user_count_stddev: float = _spec(0.0, low=0.0,
                                      help="adaptive clipping: noise on the clipped count; "
                                           "0 = expected cohort / 20")
+    on_exhausted: str = _spec("skip", choices=("skip", "stop"),
+                              help="when clients run out of budget: skip = go on with the "
+                                   "others; stop = end the run once fewer than "
+                                   "clients-per-round can still train")
+    ledger_dir: str = _spec("", help="folder for clients' privacy ledgers on disk (simulation);"
+                                     " deployment keeps them next to each node's data")
     accountant: str = _spec("pld", choices=("pld", "prv", "rdp"),
                             help="privacy accountant used for calibration and reports")
 
@@ -138,6 +144,20 @@ class ExperimentConfig:
     def to_run_config(self) -> dict[str, Any]:
         """Flat `{"section.key": value}` mapping, as Flower's run_config holds it."""
         return _flatten(self)
+
+    def experiment_id(self) -> str:
+        """Stable identity of what is being run: the resolved config minus where results go.
+
+        Ledgers on disk are keyed by it, so re-running the same experiment (after a crash
+        or a restart) resumes the budget its clients already spent.
+        """
+        import hashlib
+
+        # where results and ledgers live, and what to do when budgets run out, are not
+        same = dataclasses.replace(self, out_dir="", privacy=dataclasses.replace(
+            self.privacy, on_exhausted="skip", ledger_dir=""))
+        digest = hashlib.sha256(same.to_toml().encode()).hexdigest()[:12]
+        return f"{self.name}-{digest}"
 
     def to_toml(self) -> str:
         """The resolved config as a TOML document (readable by `load_config`)."""

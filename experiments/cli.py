@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -129,6 +130,9 @@ def simulate(
         cfg = load_config(config, overrides or [])
     except ConfigError as error:
         fail(str(error))
+    if cfg.privacy.ledger_dir:  # Ray actors need an absolute path
+        cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(
+            cfg.privacy, ledger_dir=str(Path(cfg.privacy.ledger_dir).expanduser().resolve())))
     run_dir = (out or default_run_dir(cfg)).resolve()
     from experiments import simulation  # heavy imports (torch, flwr, ray) only now
 

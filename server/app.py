@@ -33,6 +33,10 @@ NODE_WAIT_SECONDS = 60
 app = ServerApp()
 
 
+class BudgetExhausted(Exception):
+    """Too few clients have privacy budget left for a round (`on-exhausted = "stop"`)."""
+
+
 def run_directory(cfg: ExperimentConfig) -> Path:
     if cfg.out_dir:
         return Path(cfg.out_dir).expanduser().resolve()
@@ -79,6 +83,10 @@ def main(grid: Grid, context: Context) -> None:
             log.info("privet: round %d/%d  test accuracy %.4f  max ε %s  user ε %s",
                      server_round, cfg.rounds, accuracy, _eps(recorder.max_epsilon()),
                      _eps(recorder.user_epsilon()))
+            able = cfg.num_clients - len(recorder.exhausted_clients())
+            if cfg.privacy.on_exhausted == "stop" and able < cfg.clients_per_round:
+                raise BudgetExhausted(f"only {able} client(s) have budget left; "
+                                      f"clients-per-round = {cfg.clients_per_round}")
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     strategy = build_strategy(cfg, recorder)
@@ -87,6 +95,9 @@ def main(grid: Grid, context: Context) -> None:
         strategy.start(grid=grid, initial_arrays=R.to_arrays(model), num_rounds=cfg.rounds,
                        train_config=ConfigRecord({}), evaluate_fn=evaluate)
         status = "complete"
+    except BudgetExhausted as reason:
+        status = "budget-exhausted"
+        log.warning("privet: stopping after round %d: %s", len(recorder.round_rows), reason)
     except KeyboardInterrupt:
         status = "interrupted"
         raise

@@ -102,6 +102,10 @@ class RunRecorder:
         results.atomic_write_bytes(self.run_dir / results.MODEL, buffer)
         self.write_summary("running", server_round, accuracy, loss)
 
+    def exhausted_clients(self) -> list[str]:
+        """Clients that declined a round because their budget is spent."""
+        return [cid for cid, c in self.clients.items() if c["stopped_round"] is not None]
+
     def max_epsilon(self) -> float | None:
         """Largest sample-level ε over clients; None without sample-level DP."""
         if not self.cfg.private:

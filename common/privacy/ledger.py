@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from common.privacy import accountants
 
@@ -55,3 +56,31 @@ class PrivacyLedger:
         ledger = cls()
         ledger.load_state_dict(json.loads(text))
         return ledger
+
+
+class LedgerFile:
+    """A client's ledger on disk, next to its data, keyed by the experiment identity.
+
+    Written atomically after every round, so a node that crashes or restarts resumes the
+    budget it has spent instead of starting again at zero.
+    """
+
+    def __init__(self, directory: str | Path, experiment_id: str, client: str) -> None:
+        self.path = Path(directory) / f".privet-ledger-{experiment_id}-{client}.json"
+
+    def load(self) -> PrivacyLedger:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return PrivacyLedger()
+        try:
+            return PrivacyLedger.from_json(text)
+        except (ValueError, TypeError, KeyError) as error:
+            # Never silently reset a spent budget: a damaged ledger stops the client.
+            raise ValueError(f"{self.path}: privacy ledger unreadable ({error}); restore it "
+                             "or remove it knowingly (that forgets the spent budget)") from None
+
+    def save(self, ledger: PrivacyLedger) -> None:
+        from common.results import atomic_write_text
+
+        atomic_write_text(self.path, ledger.to_json())
