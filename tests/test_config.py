@@ -5,7 +5,6 @@ import sys
 import pytest
 from conftest import PROJECT_DIR
 
-from common.config import tomllib  # noqa: I001  (3.10 fallback inside)
 from common.config import (
     CONFIGS_DIR,
     ConfigError,
@@ -13,6 +12,7 @@ from common.config import (
     from_run_config,
     load_config,
     parse_override,
+    tomllib,  # the Python 3.10 fallback lives there
 )
 
 

@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from test_simulation import privet, rows
 
 from common.config import CONFIGS_DIR, load_config
 from common.privacy.ledger import LedgerFile, PrivacyLedger
-from test_simulation import privet, rows
 
 TINY = CONFIGS_DIR / "tiny.toml"
 
