@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from independent import pld_epsilon
+from independent import pld_epsilon, rdp_epsilon
 from test_simulation import privet, rows
 
 from common.config import CONFIGS_DIR
@@ -41,7 +41,8 @@ def both_levels_run(tmp_path_factory):
     proc = privet("simulate", "--config", str(CONFIGS_DIR / "tiny.toml"),
                   "--set", "privacy.level=both", "--set", "num-clients=4",
                   "--set", "clients-per-round=2", "--set", "rounds=3",
-                  "--set", "privacy.user-epsilon=2", "--out", str(out))
+                  "--set", "privacy.user-epsilon=2", "--set", "privacy.accountant=rdp",
+                  "--out", str(out))
     stdout, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, stdout
     return out, stdout
@@ -53,8 +54,11 @@ def test_user_level_epsilon_includes_sampling_amplification(both_levels_run):
     user = summary["privacy"]["user_level"]
     (sigma, rate, rounds), = user["history"]
     assert rate == 0.5 and rounds == 3
-    reference = pld_epsilon(user["history"], user["delta"])
-    assert reference * (1 - 1e-9) <= user["epsilon"] <= reference * 1.01
+    # this run uses the RDP accountant: check it against dp-accounting's RDP, and that it
+    # is an upper bound of the tight PLD value
+    assert user["epsilon"] == pytest.approx(rdp_epsilon(user["history"], user["delta"]),
+                                            rel=0.01)
+    assert user["epsilon"] >= pld_epsilon(user["history"], user["delta"])
     assert user["epsilon"] <= user["target_epsilon"] == 2
     # without amplification (what Flower 1.41's accountant assumes) ε would be far larger
     assert pld_epsilon([(sigma, 1.0, rounds)], user["delta"]) > 1.5 * user["epsilon"]
@@ -69,9 +73,11 @@ def test_both_levels_are_reported_separately(both_levels_run):
     privacy = summary["privacy"]
     assert privacy["level"] == "both"
     assert 0 < privacy["max_epsilon"] <= privacy["target_epsilon"]
+    assert privacy["accountant"] == "rdp"
     for client in privacy["clients"].values():
         assert client["epsilon"] == pytest.approx(
-            pld_epsilon(client["history"], privacy["delta"]), rel=0.01)
+            rdp_epsilon(client["history"], privacy["delta"]), rel=0.01)
+        assert client["epsilon"] <= client["target_epsilon"]
     # Poisson sampling: the cohort varies, so rounds trained differ between clients
     trained = [c["rounds_trained"] for c in privacy["clients"].values()]
     assert sum(trained) == sum(int(r["clients_trained"]) for r in rows(out / "rounds.csv"))
