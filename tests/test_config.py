@@ -128,3 +128,11 @@ def test_per_client_targets():
         load_config(CONFIGS_DIR / "tiny.toml", ["privacy.client-epsilon={ 5 = 1.0 }"])
     with pytest.raises(ConfigError, match="client-epsilon.*ε > 0"):
         load_config(CONFIGS_DIR / "tiny.toml", ["privacy.client-epsilon={ 1 = -2 }"])
+
+
+def test_simulate_help_lists_the_options():
+    done = subprocess.run([sys.executable, "-m", "experiments.cli", "simulate", "--help"],
+                          cwd=PROJECT_DIR, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    for option in ("--config", "--set", "--out", "--overwrite", "--verbose"):
+        assert option in done.stdout
