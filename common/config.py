@@ -9,6 +9,7 @@ to the ServerApp and every ClientApp as Flower's flat `run_config`
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,8 +152,6 @@ class ExperimentConfig:
         Ledgers on disk are keyed by it, so re-running the same experiment (after a crash
         or a restart) resumes the budget its clients already spent.
         """
-        import hashlib
-
         # where results and ledgers live, and what to do when budgets run out, are not
         same = dataclasses.replace(self, out_dir="", privacy=dataclasses.replace(
             self.privacy, on_exhausted="skip", ledger_dir=""))

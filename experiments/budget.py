@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from clients.train import sample_rate, steps_per_epoch
 from common.privacy.accountants import ACCOUNTANTS, calibrate_noise, epsilon
 
 
@@ -20,8 +21,8 @@ class Plan:
     def from_rows(cls, rows: int, batch_size: int, local_epochs: int, rounds: int,
                   delta: float) -> "Plan":
         """The rate and steps Opacus' Poisson loader really uses: q = 1/⌈n/B⌉."""
-        per_epoch = math.ceil(rows / batch_size)
-        return cls(rounds, local_epochs * per_epoch, 1 / per_epoch, delta)
+        return cls(rounds, local_epochs * steps_per_epoch(rows, batch_size),
+                   sample_rate(rows, batch_size), delta)
 
     @property
     def steps(self) -> int:
@@ -50,38 +51,32 @@ def sigma_for_targets(plan: Plan, targets: list[float], accountants=ACCOUNTANTS
                    for t in targets] for name in accountants}
 
 
-def plot_epsilon(curves: dict[str, list[tuple[int, float]]], sigma: float, path: Path) -> Path:
+def _plot_per_accountant(series: dict[str, list[tuple[float, float]]], path: Path,
+                         **axes) -> Path:
+    """One line per accountant, saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in curves.items():
-        ax.plot([r for r, _ in points], [e for _, e in points], marker="o", label=name)
-    ax.set(xlabel="round", ylabel="ε", title=f"ε spent over rounds (σ = {sigma:g})")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_sigma(table: dict[str, list[tuple[float, float]]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in table.items():
-        ax.plot([t for t, _ in points], [s for _, s in points], marker="o", label=name)
-    ax.set(xscale="log", xlabel="target ε", ylabel="noise multiplier σ",
-           title="Noise needed for the whole run")
+    for name, points in series.items():
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=name)
+    ax.set(**axes)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_epsilon(curves: dict[str, list[tuple[int, float]]], sigma: float, path: Path) -> Path:
+    return _plot_per_accountant(curves, path, xlabel="round", ylabel="ε",
+                                title=f"ε spent over rounds (σ = {sigma:g})")
+
+
+def plot_sigma(table: dict[str, list[tuple[float, float]]], path: Path) -> Path:
+    return _plot_per_accountant(table, path, xscale="log", xlabel="target ε",
+                                ylabel="noise multiplier σ",
+                                title="Noise needed for the whole run")

@@ -35,11 +35,14 @@ class PrivetFedAvg(FedAvg):
         super().__init__(**kwargs)
         self.on_train_replies = on_train_replies
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def observe_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Show every reply to the observer; return all but those of declining clients."""
         replies = list(replies)
         if self.on_train_replies is not None:
             self.on_train_replies(server_round, replies)
-        trained = [m for m in replies
-                   if m.has_error() or not int(m.content["metrics"].get(R.DECLINED, 0))]
-        return super().aggregate_train(server_round, trained)
+        return [m for m in replies
+                if m.has_error() or not int(m.content["metrics"].get(R.DECLINED, 0))]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return super().aggregate_train(server_round, self.observe_replies(server_round, replies))

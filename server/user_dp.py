@@ -33,7 +33,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.supercore.differential_privacy import compute_adaptive_noise_params
 
-from common import records as R
 from common.privacy.ledger import PrivacyLedger
 from server.strategy import PrivetFedAvg, average_metrics
 
@@ -95,7 +94,6 @@ class UserLevelDPFedAvg(PrivetFedAvg):
         self.rng = random.Random(seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.ledger = PrivacyLedger()
-        self.update_norms: list[list[float]] = []
         self._global: StateDict | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -110,11 +108,8 @@ class UserLevelDPFedAvg(PrivetFedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        if self.on_train_replies is not None:
-            self.on_train_replies(server_round, replies)
-        trained = [m for m in replies if not m.has_error()
-                   and not int(m.content["metrics"].get(R.DECLINED, 0))]
+        trained = [m for m in self.observe_replies(server_round, replies)
+                   if not m.has_error()]
         assert self._global is not None, "configure_train sets the global model first"
         # The mechanism runs every round, even with no update to add: the release is
         # noise then, and it is accounted like any other round.
@@ -131,7 +126,6 @@ class UserLevelDPFedAvg(PrivetFedAvg):
         # Both queries together are one Gaussian mechanism with the calibrated multiplier.
         self.ledger.record(effective_noise(self.model_noise, self.count_stddev)
                            if self.adaptive else self.model_noise, self.sample_rate, 1)
-        self.update_norms.append(norms)
         metrics = average_metrics([m.content for m in trained], self.weighted_by_key) \
             if trained else MetricRecord({})
         return ArrayRecord(new_state), metrics

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.privacy import accountants
+from common.results import atomic_write_text
 
 
 @dataclass
@@ -81,6 +82,4 @@ class LedgerFile:
                              "or remove it knowingly (that forgets the spent budget)") from None
 
     def save(self, ledger: PrivacyLedger) -> None:
-        from common.results import atomic_write_text
-
         atomic_write_text(self.path, ledger.to_json())
