@@ -81,7 +81,7 @@ def _ledger_metrics(ledger: PrivacyLedger) -> dict:
 
 
 def _model(cfg: ExperimentConfig, data: ClientData, arrays: ArrayRecord) -> torch.nn.Module:
-    model = build_model(cfg.train, data.features.shape[1], num_classes(cfg.data.dataset))
+    model = build_model(cfg.train, data.features.shape[1:], num_classes(cfg.data.dataset))
     R.load_arrays(model, arrays)
     return model
 

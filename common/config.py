@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10; tomli comes with flwr
     import tomli as tomllib
 
+IMAGE_DATASETS = ("fashion-mnist", "digits")
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = PROJECT_DIR / "experiments" / "configs"
 DEFAULT_CONFIG = CONFIGS_DIR / "adult.toml"
@@ -31,26 +33,96 @@ class ConfigError(ValueError):
 
 def _spec(default: Any, *, choices: tuple | None = None, low: float | None = None,
           high: float | None = None, low_open: bool = False, allow_inf: bool = False,
-          help: str = "") -> Any:
-    """A dataclass field carrying its own validation rule."""
+          shape: type | None = None, help: str = "") -> Any:
+    """A dataclass field carrying its own validation rule.
+
+    `shape` (dict or list) marks a TOML table or array. Flower's run_config holds only
+    scalars, so such a value travels as canonical JSON text and is parsed where used.
+    """
     return field(default=default, metadata={
         "choices": choices, "low": low, "high": high, "low_open": low_open,
-        "allow_inf": allow_inf, "help": help})
+        "allow_inf": allow_inf, "shape": shape, "help": help})
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = _spec("adult", choices=("adult",), help="dataset registry name")
-    partition: str = _spec("dirichlet", choices=("iid", "dirichlet"),
+    dataset: str = _spec("adult", choices=("adult", "fashion-mnist", "digits", "csv",
+                                           "parquet"), help="dataset registry name")
+    path: str = _spec("", help="csv/parquet: one file (partitioned like any dataset) or a "
+                               "folder with one file per client; fashion-mnist: the folder "
+                               "holding its IDX files (empty = the usual places)")
+    label: str = _spec("", help="csv/parquet: the label column")
+    classes: str = _spec("", shape=list, help="csv/parquet: label values in class order, e.g. "
+                                              "[\"no\", \"yes\"]; empty = sorted values found")
+    column_types: str = _spec("", shape=dict, help="csv/parquet: override inferred types, e.g. "
+                                                   "{ zip = \"categorical\" }")
+    categories: str = _spec("", shape=dict, help="csv/parquet: vocabulary per categorical "
+                                                 "column, e.g. { colour = [\"red\", \"blue\"] }")
+    bounds: str = _spec("", shape=dict, help="public [low, high] per numeric column, e.g. "
+                                             "{ age = [0, 120] }; federated preprocessing "
+                                             "clips to them to bound each row's influence")
+    bad_lines: str = _spec("error", choices=("error", "skip"),
+                           help="csv: a line with the wrong number of fields stops the run "
+                                "(error) or is skipped and counted (skip)")
+    test_path: str = _spec("", help="csv/parquet: the server's test file; empty = hold out "
+                                    "test-fraction of the rows")
+    test_fraction: float = _spec(0.2, low=0.0, high=0.9, low_open=True,
+                                 help="share of rows held out as the server's test set when "
+                                      "the dataset has no test split of its own")
+    download: bool = _spec(False, help="fashion-mnist: download through torchvision when no "
+                                       "local copy is found (needs a network)")
+    partition: str = _spec("dirichlet", choices=("iid", "dirichlet", "shards", "quantity",
+                                                 "natural"),
                            help="how rows are split over clients")
     alpha: float = _spec(0.5, low=0.0, low_open=True,
-                         help="Dirichlet concentration; smaller = more label skew")
+                         help="dirichlet: concentration; smaller = more label skew")
+    shards_per_client: int = _spec(2, low=1, help="shards: label shards (classes) per client")
+    power: float = _spec(1.0, low=0.0, help="quantity: client sizes fall off as rank^-power")
+    natural_column: str = _spec("native-country", help="natural: the column whose values "
+                                                       "make clients (grouped when more "
+                                                       "values than clients)")
     min_rows: int = _spec(64, low=1, help="smallest partition the partitioner accepts")
 
 
 @dataclass(frozen=True)
+class PreprocessConfig:
+    fit: str = _spec("local", choices=("local", "federated"),
+                     help="local = each client fits on its own rows; federated = clients "
+                          "send noised statistics and the server fits one shared transform")
+    missing_markers: str = _spec('["?", "NA", "N/A", "NaN", "null", "None"]', shape=list,
+                                 help="cell values that mean missing (empty cells always do)")
+    drop_duplicates: bool = _spec(True, help="drop exact duplicate rows (counted)")
+    impute_numeric: str = _spec("median", choices=("median", "mean", "constant"),
+                                help="fill missing numbers")
+    impute_categorical: str = _spec("most-frequent", choices=("most-frequent", "other"),
+                                    help="fill missing categories: the most frequent value "
+                                         "or the `other` bucket")
+    fill_value: float = _spec(0.0, help="impute-numeric = constant: the value")
+    max_categories: int = _spec(0, low=0, help="keep the k most frequent values of each "
+                                               "categorical column, the rest go to `other`; "
+                                               "0 = the whole vocabulary (needs federated)")
+    clip_quantile: float = _spec(0.0, low=0.0, high=0.25,
+                                 help="clip numbers to the [q, 1-q] quantiles; 0 = off")
+    scaling: str = _spec("standard", choices=("standard", "minmax", "robust", "none"),
+                         help="numeric scaling")
+    select: str = _spec("none", choices=("none", "variance", "mutual-info"),
+                        help="feature selection (needs fit = federated)")
+    variance_threshold: float = _spec(0.0, low=0.0, help="select = variance: keep features "
+                                                         "whose variance exceeds this")
+    top_k: int = _spec(20, low=1, help="select = mutual-info: features kept")
+    pca: int = _spec(0, low=0, help="project onto this many principal components; 0 = off "
+                                    "(needs fit = federated)")
+    epsilon: float = _spec(0.3, low=0.0, low_open=True, allow_inf=True,
+                           help="federated: ε the noised statistics spend, out of each "
+                                "client's sample-level budget; inf = no noise")
+    bins: int = _spec(64, low=2, high=4096, help="federated: histogram bins per numeric "
+                                                 "column (quantiles, mutual information)")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    model: str = _spec("mlp", choices=("mlp", "logreg"), help="model registry name")
+    model: str = _spec("mlp", choices=("mlp", "logreg", "cnn"),
+                       help="model registry name (cnn: image datasets)")
     hidden: int = _spec(64, low=1, help="hidden units of the MLP")
     local_epochs: int = _spec(1, low=1, help="passes over the local data per round")
     batch_size: int = _spec(64, low=1, help="expected batch size (Poisson sampling)")
@@ -104,6 +176,7 @@ class ExperimentConfig:
     clients_per_round: int = _spec(10, low=1, help="clients sampled each round")
     out_dir: str = _spec("", help="run directory; empty = runs/<name>-<timestamp>")
     data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
@@ -112,6 +185,23 @@ class ExperimentConfig:
             if client >= self.num_clients:
                 raise ConfigError(f"privacy.client-epsilon: client {client} does not exist; "
                                   f"expected ids 0..{self.num_clients - 1}")
+        pre = self.preprocess
+        if pre.fit == "local":
+            for key, on in (("select", pre.select != "none"), ("pca", pre.pca > 0),
+                            ("max-categories", pre.max_categories > 0)):
+                if on:
+                    raise ConfigError(
+                        f"preprocess.{key}: needs preprocess.fit = \"federated\"; fitted on "
+                        "each client's own rows it would give clients different features")
+        if self.data.dataset in ("csv", "parquet"):
+            for key in ("path", "label"):
+                if not getattr(self.data, key):
+                    raise ConfigError(f"data.{key}: required for data.dataset = "
+                                      f"{self.data.dataset!r}")
+        images = self.data.dataset in IMAGE_DATASETS
+        if self.train.model == "cnn" and not images:
+            raise ConfigError(f"train.model = \"cnn\": expected an image dataset "
+                              f"({', '.join(IMAGE_DATASETS)}), not {self.data.dataset!r}")
         if self.clients_per_round > self.num_clients:
             raise ConfigError(
                 f"clients-per-round = {self.clients_per_round}: must be ≤ num-clients "
@@ -254,6 +344,28 @@ def _client_epsilon_text(value: Any, key: str) -> str:
     return ",".join(f"{c}:{_toml_value(e) if math.isinf(e) else repr(e)}" for c, e in pairs)
 
 
+def _shaped_text(value: Any, shape: type, key: str) -> str:
+    """A TOML table/array (or its JSON text, as run_config carries it) -> canonical JSON."""
+    kind = "table" if shape is dict else "array"
+    if isinstance(value, str):
+        if not value.strip():
+            return ""
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ConfigError(f"{key} = {value!r}: expected a TOML {kind}") from None
+    if isinstance(value, Mapping):
+        value = dict(value)
+    if not isinstance(value, shape):
+        raise ConfigError(f"{key} = {value!r}: expected a TOML {kind}")
+    return json.dumps(value, sort_keys=True) if value else ""
+
+
+def shaped(text: str, empty: Any = None) -> Any:
+    """The table/array a shaped field holds ({} / [] style `empty` when unset)."""
+    return json.loads(text) if text else empty
+
+
 def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
     known = {_key(f.name): f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -265,6 +377,8 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
         f = known[key]
         if full == "privacy.client-epsilon":
             kwargs[f.name] = _client_epsilon_text(value, full)
+        elif f.metadata.get("shape"):
+            kwargs[f.name] = _shaped_text(value, f.metadata["shape"], full)
         elif f.default is dataclasses.MISSING:  # a nested section
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{full} = {value!r}: expected a table [{full}]")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from common.config import TrainConfig
@@ -12,10 +14,13 @@ from common.config import TrainConfig
 GRAD_SAMPLE_MODE = {"mlp": "ghost", "logreg": "hooks"}
 
 
-def build_model(train: TrainConfig, num_features: int, num_classes: int) -> nn.Module:
+def build_model(train: TrainConfig, input_shape: tuple[int, ...], num_classes: int
+                ) -> nn.Module:
+    """`input_shape` is one example's shape: (features,) or (channels, height, width)."""
+    num_inputs = math.prod(input_shape)
     if train.model == "mlp":
-        return nn.Sequential(nn.Linear(num_features, train.hidden), nn.ReLU(),
+        return nn.Sequential(nn.Flatten(), nn.Linear(num_inputs, train.hidden), nn.ReLU(),
                              nn.Linear(train.hidden, num_classes))
     if train.model == "logreg":
-        return nn.Sequential(nn.Linear(num_features, num_classes))
+        return nn.Sequential(nn.Flatten(), nn.Linear(num_inputs, num_classes))
     raise ValueError(f"train.model = {train.model!r}: no such model")

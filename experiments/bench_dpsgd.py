@@ -25,7 +25,7 @@ MODES = ("hooks", "ghost", "functorch")
 
 def time_per_step(model_name: str, mode: str | None, data, epochs: int, seed: int) -> float:
     cfg = load_config(overrides=[f"train.model={model_name}"])
-    model = build_model(cfg.train, data.features.shape[1], num_classes("adult"))
+    model = build_model(cfg.train, data.features.shape[1:], num_classes("adult"))
     kwargs = dict(batch_size=64, lr=0.1, momentum=0.0, seed=seed,
                   noise_multiplier=1.0 if mode else None, grad_sample_mode=mode or "hooks")
     train.train_local(model, data.features, data.labels, epochs=1, **kwargs)  # warm-up

@@ -70,7 +70,7 @@ def main(grid: Grid, context: Context) -> None:
     _wait_for_nodes(grid, cfg.num_clients)
 
     test = test_data(cfg.data.dataset)
-    model = build_model(cfg.train, num_features(cfg.data.dataset),
+    model = build_model(cfg.train, (num_features(cfg.data.dataset),),
                         num_classes(cfg.data.dataset))
     recorder = RunRecorder(run_dir, cfg)
     log.info("privet: run directory %s", run_dir)

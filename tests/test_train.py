@@ -21,7 +21,7 @@ def _data(seed=0):
 
 def _model(name):
     torch.manual_seed(0)
-    return build_model(TrainConfig(model=name, hidden=8), FEATURES, 2)
+    return build_model(TrainConfig(model=name, hidden=8), (FEATURES,), 2)
 
 
 def _clipped_mean_gradient(model, x, y, clip):
@@ -64,7 +64,7 @@ def test_noise_has_the_calibrated_standard_deviation():
     """Inputs of zero give zero first-layer gradients: its update is the noise alone."""
     x = np.zeros((ROWS, FEATURES), dtype=np.float32)
     y = np.zeros(ROWS, dtype=np.int64)
-    model, sigma, clip, lr = build_model(TrainConfig(hidden=512), FEATURES, 2), 1.3, 0.7, 1.0
+    model, sigma, clip, lr = build_model(TrainConfig(hidden=512), (FEATURES,), 2), 1.3, 0.7, 1.0
     before = model[0].weight.detach().clone()
     train_local(model, x, y, epochs=1, batch_size=ROWS, lr=lr, momentum=0.0, seed=3,
                 noise_multiplier=sigma, max_grad_norm=clip, grad_sample_mode="hooks")
