@@ -9,20 +9,24 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.train import sample_rate, steps_per_epoch, train_local
 from common import records as R
 from common.config import ExperimentConfig, from_run_config
-from common.data.datasets import ClientData, client_data, num_classes
+from common.data import federated
+from common.data.datasets import ClientData, cleaned_client, client_data, num_classes, schema
+from common.data.preprocess import FittedTransform
 from common.evaluation import evaluate as evaluate_model
 from common.models import GRAD_SAMPLE_MODE, build_model
 from common.privacy.accountants import calibrate_noise
 from common.privacy.ledger import LedgerFile, PrivacyLedger
 
 LEDGER_KEY = "privacy-ledger"
+STAGES = ("statistics", "pca")
 log = logging.getLogger("flwr")
 
 # One torch thread per actor: Ray gives each ClientApp one CPU (actors × threads ≤ cores).
@@ -70,8 +74,15 @@ def planned_noise(cfg: ExperimentConfig, num_rows: int, target_epsilon: float
     q = sample_rate(num_rows, cfg.train.batch_size)
     steps = cfg.train.local_epochs * steps_per_epoch(num_rows, cfg.train.batch_size)
     sigma = calibrate_noise(target_epsilon, cfg.privacy.delta, q, steps * cfg.rounds,
-                            cfg.privacy.accountant)
+                            cfg.privacy.accountant, prior=preprocess_spending(cfg))
     return sigma, q, steps
+
+
+def preprocess_spending(cfg: ExperimentConfig) -> tuple[tuple[float, float, int], ...]:
+    """The ledger entries federated preprocessing adds before training: one Gaussian
+    mechanism per statistics round, (σ, q = 1, rounds)."""
+    sigma, rounds = federated.statistics_noise(cfg)
+    return ((sigma, 1.0, rounds),) if sigma else ()
 
 
 def _ledger_metrics(ledger: PrivacyLedger) -> dict:
@@ -81,16 +92,57 @@ def _ledger_metrics(ledger: PrivacyLedger) -> dict:
 
 
 def _model(cfg: ExperimentConfig, data: ClientData, arrays: ArrayRecord) -> torch.nn.Module:
-    model = build_model(cfg.train, data.features.shape[1:], num_classes(cfg.data.dataset))
+    model = build_model(cfg.train, data.features.shape[1:], num_classes(cfg))
     R.load_arrays(model, arrays)
     return model
+
+
+def _transform(msg: Message) -> str:
+    """The shared transform the server fitted federatedly ("" = fit on own rows)."""
+    config = msg.content.config_records.get("config")
+    return str(config.get(R.TRANSFORM, "")) if config else ""
+
+
+@app.query()
+def statistics(msg: Message, context: Context) -> Message:
+    """Federated preprocessing: noised aggregate statistics of this client's rows.
+
+    The noise is computed here from the client's own config, never taken from the
+    server, and its cost goes into the ledger before the reply leaves.
+    """
+    cfg = from_run_config(context.run_config)
+    client_id = _client_id(context)
+    stage = str(msg.content["config"][R.STAGE])
+    frame, labels, _ = cleaned_client(cfg, client_id)
+    if stage not in STAGES:
+        raise ValueError(f"unknown statistics stage {stage!r}")
+    if stage == "statistics":
+        stats = federated.client_statistics(frame, labels, schema(cfg), cfg.preprocess.bins)
+        sensitivity = federated.stats_sensitivity(schema(cfg))
+    elif stage == "pca":
+        transform = FittedTransform.from_json(str(msg.content["config"][R.TRANSFORM]))
+        features = transform.apply(frame)
+        stats = federated.pca_statistics(features, federated.pca_clip_norm(features.shape[1]))
+        sensitivity = federated.PCA_SENSITIVITY
+    sigma, _ = federated.statistics_noise(cfg)
+    if sigma:
+        ledger_file = _ledger_file(cfg, context, client_id)
+        ledger = _load_ledger(context, ledger_file)
+        ledger.record(sigma, 1.0, 1)
+        _save_ledger(context, ledger_file, ledger)
+    rng = np.random.default_rng([cfg.seed, client_id, STAGES.index(stage), 0x5EED])
+    noisy = federated.add_noise(stats, sigma * sensitivity, rng)
+    arrays = ArrayRecord({name: Array(np.asarray(v, dtype=np.float64))
+                          for name, v in noisy.items()})
+    return Message(RecordDict({"statistics": arrays,
+                               "metrics": MetricRecord({R.CLIENT_ID: client_id})}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = from_run_config(context.run_config)
     client_id = _client_id(context)
-    data = client_data(cfg, client_id)
+    data = client_data(cfg, client_id, _transform(msg))
     server_round = int(msg.content["config"]["server-round"])
     model = _model(cfg, data, msg.content["arrays"])
     ledger_file = _ledger_file(cfg, context, client_id)
@@ -140,7 +192,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the client's own rows (federated evaluation)."""
     cfg = from_run_config(context.run_config)
-    data = client_data(cfg, _client_id(context))
+    data = client_data(cfg, _client_id(context), _transform(msg))
     model = _model(cfg, data, msg.content["arrays"])
     loss, accuracy = evaluate_model(model, data.features, data.labels)
     metrics = MetricRecord({R.CLIENT_ID: _client_id(context), R.NUM_EXAMPLES: len(data),

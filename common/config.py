@@ -199,6 +199,9 @@ class ExperimentConfig:
                     raise ConfigError(f"data.{key}: required for data.dataset = "
                                       f"{self.data.dataset!r}")
         images = self.data.dataset in IMAGE_DATASETS
+        if images and pre.fit == "federated":
+            raise ConfigError("preprocess.fit = \"federated\": applies to tabular data; "
+                              f"{self.data.dataset!r} images have fixed pixel scaling")
         if self.train.model == "cnn" and not images:
             raise ConfigError(f"train.model = \"cnn\": expected an image dataset "
                               f"({', '.join(IMAGE_DATASETS)}), not {self.data.dataset!r}")

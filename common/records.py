@@ -24,6 +24,9 @@ DATA_PREFIX = "data-"            # + a CleaningReport field: what cleaning did t
 LEDGER_SIGMA = "ledger-noise-multiplier"  # the ledger history, column by column
 LEDGER_RATE = "ledger-sample-rate"
 LEDGER_STEPS = "ledger-steps"
+# Message config keys (ConfigRecord "config")
+TRANSFORM = "transform"          # the shared preprocessing transform, as JSON
+STAGE = "stage"                  # federated preprocessing: which statistics to send
 # Averaged by the strategy; the rest are per-client facts, recorded not averaged.
 AVERAGED = (TRAIN_LOSS, TRAIN_ACCURACY)
 

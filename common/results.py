@@ -29,6 +29,8 @@ ROUNDS = "rounds.csv"
 SUMMARY = "summary.json"
 MODEL = "model.pt"
 PLOT = "accuracy_epsilon.png"
+PARTITIONS = "partitions.csv"    # per client: rows, label balance, missing cells
+TRANSFORM = "transform.json"     # the shared transform of federated preprocessing
 RUN_FILES = (CONFIG, METRICS, ROUNDS, SUMMARY, MODEL, PLOT)
 
 METRIC_COLUMNS = ["round", "client", "status", "examples", "loss", "accuracy", "epsilon",

@@ -18,10 +18,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import records as R
 from common.config import ExperimentConfig, from_run_config
-from common.data.datasets import num_classes, num_features, test_data
+from common.data.datasets import num_classes, partition_report, test_data
 from common.evaluation import evaluate as evaluate_model
 from common.models import build_model
 from common.privacy.accountants import calibrate_noise
+from server.preprocessing import fit_shared_transform
 from server.recorder import RunRecorder
 from server.strategy import PrivetFedAvg
 from server.user_dp import UserLevelDPFedAvg
@@ -69,11 +70,16 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(cfg.seed)
     _wait_for_nodes(grid, cfg.num_clients)
 
-    test = test_data(cfg.data.dataset)
-    model = build_model(cfg.train, (num_features(cfg.data.dataset),),
-                        num_classes(cfg.data.dataset))
     recorder = RunRecorder(run_dir, cfg)
     log.info("privet: run directory %s", run_dir)
+    recorder.write_partitions(partition_report(cfg))
+    transform = ""
+    if cfg.preprocess.fit == "federated":
+        fitted = fit_shared_transform(grid, cfg)
+        transform = fitted.to_json()
+        recorder.write_transform(fitted)
+    test = test_data(cfg, transform)
+    model = build_model(cfg.train, test.features.shape[1:], num_classes(cfg))
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         R.load_arrays(model, arrays)
@@ -93,7 +99,9 @@ def main(grid: Grid, context: Context) -> None:
     status = "failed"
     try:
         strategy.start(grid=grid, initial_arrays=R.to_arrays(model), num_rounds=cfg.rounds,
-                       train_config=ConfigRecord({}), evaluate_fn=evaluate)
+                       train_config=ConfigRecord({R.TRANSFORM: transform}),
+                       evaluate_config=ConfigRecord({R.TRANSFORM: transform}),
+                       evaluate_fn=evaluate)
         status = "complete"
     except BudgetExhausted as reason:
         status = "budget-exhausted"

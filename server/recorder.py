@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import platform
 import threading
@@ -16,6 +17,8 @@ from common import records as R
 from common import results
 from common.config import ExperimentConfig
 from common.plots import plot_run
+
+log = logging.getLogger("flwr")
 
 
 def versions() -> dict[str, str]:
@@ -39,8 +42,30 @@ class RunRecorder:
         self._pending: list[dict] = []
         self._lock = threading.Lock()
         self.user_strategy = None  # the UserLevelDPFedAvg, when user-level DP is on
+        self.partitions: list[dict] = []
+        self.transform_features: int | None = None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         results.atomic_write_text(self.run_dir / results.CONFIG, cfg.to_toml())
+
+    def write_partitions(self, report: list[dict]) -> None:
+        """The split over clients, in the run directory and the log."""
+        if not report:
+            return
+        results.write_csv(self.run_dir / results.PARTITIONS, list(report[0]), report)
+        self.partitions = report
+        labels = [k for k in report[0] if k.startswith("label=")]
+        log.info("privet: partitions (%s): client rows %s missing-cells majority-share",
+                 self.cfg.data.partition, " ".join(k[len("label="):] for k in labels))
+        for row in report[:50]:
+            log.info("privet:   %4d %7d %s %8d %.3f", row["client"], row["rows"],
+                     " ".join(str(row[k]) for k in labels), row["missing-cells"],
+                     row["majority-share"])
+        if len(report) > 50:
+            log.info("privet:   ... %d more in %s", len(report) - 50, results.PARTITIONS)
+
+    def write_transform(self, transform) -> None:
+        self.transform_features = len(transform.feature_names())
+        results.atomic_write_text(self.run_dir / results.TRANSFORM, transform.to_json())
 
     def record_replies(self, server_round: int, replies: list[Message]) -> None:
         """Per-client facts of one training round (called before aggregation)."""
@@ -162,6 +187,10 @@ class RunRecorder:
                             for cid, c in self._sorted_clients()},
             },
             "data": {cid: c.get("data", {}) for cid, c in self._sorted_clients()},
+            "preprocess": {"fit": self.cfg.preprocess.fit,
+                           "epsilon": self.cfg.preprocess.epsilon
+                           if self.cfg.preprocess.fit == "federated" else None,
+                           "features": self.transform_features},
             "versions": versions(),
         }
         results.write_json(self.run_dir / results.SUMMARY, summary)

@@ -40,6 +40,11 @@ CATEGORIES: dict[str, list[str]] = {
                        "Thailand", "Yugoslavia", "El-Salvador", "Trinadad&Tobago", "Peru",
                        "Hong", "Holand-Netherlands"],
 }
+# Public ranges of the numeric columns, from the census coding (capital gains are top-coded
+# at 99,999); federated preprocessing clips to them. Not derived from the rows.
+BOUNDS = {"age": (16.0, 100.0), "fnlwgt": (0.0, 1_500_000.0), "education-num": (1.0, 16.0),
+          "capital-gain": (0.0, 99_999.0), "capital-loss": (0.0, 5_000.0),
+          "hours-per-week": (0.0, 100.0)}
 LABEL = "income"
 CLASSES = ["<=50K", ">50K"]
 MISSING_MARKERS = ["?"]

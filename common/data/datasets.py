@@ -1,26 +1,34 @@
 """From a config and a client id to that client's preprocessed arrays.
 
-In simulation each client reads the shared file and keeps only its partition's rows;
-everything after that (cleaning, imputing, encoding, scaling) is fitted on those rows.
-Results are cached per process so a Ray actor does not redo them every round.
+A dataset is a *source*: the rows clients split among themselves, the server's test
+rows, and (for tables) a schema every client knows without seeing rows. In simulation
+each client reads the source and keeps only its partition's rows; everything after
+that (cleaning, imputing, encoding, scaling) is fitted on those rows, or applied from a
+transform fitted federatedly. Results are cached per process, so a Ray actor does not
+redo them every round.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from common.config import ExperimentConfig
-from common.data import adult
+from common.config import IMAGE_DATASETS, DataConfig, ExperimentConfig, shaped
+from common.data import adult, images, tables
 from common.data.partition import partition
-from common.data.preprocess import CleaningReport, clean, make_transform
+from common.data.preprocess import CleaningReport, FittedTransform, Schema, clean, fit_local
+
+log = logging.getLogger("flwr")
 
 
 @dataclass(frozen=True)
 class ClientData:
-    features: np.ndarray  # float32, (rows, features)
+    features: np.ndarray  # float32, (rows, *example shape)
     labels: np.ndarray    # int64 class indices
     cleaning: CleaningReport
     feature_names: tuple[str, ...]
@@ -29,74 +37,277 @@ class ClientData:
         return len(self.labels)
 
 
-def encode_labels(values, classes: list[str], where: str) -> np.ndarray:
+@dataclass(frozen=True)
+class TabularSource:
+    """Raw string cells, exactly as read; cleaning is each client's own job."""
+    train: pd.DataFrame            # the rows clients partition
+    test: pd.DataFrame             # the server's held-out rows
+    schema: Schema
+    where: str                     # the file(s), for messages
+    files: tuple[pd.DataFrame, ...] = ()  # folder mode: one frame per client
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    train: images.ImageSplit
+    test: images.ImageSplit
+
+
+def normalise_labels(values) -> list[str]:
+    """Trimmed label text; Adult's test file also ends its labels with a dot (">50K.")."""
+    return [adult.normalise_label(str(v)) for v in values]
+
+
+def encode_labels(values, classes, where: str) -> np.ndarray:
     lookup = {c: i for i, c in enumerate(classes)}
-    normalised = [adult.normalise_label(v) for v in values]
+    normalised = normalise_labels(values)
     unknown = sorted({v for v in normalised if v not in lookup})
     if unknown:
         raise ValueError(f"{where}: unknown label value(s) {unknown[:5]}; expected one of "
-                         f"{classes}")
+                         f"{list(classes)}")
     return np.fromiter((lookup[v] for v in normalised), dtype=np.int64, count=len(normalised))
 
 
-@functools.lru_cache(maxsize=8)
-def _partitions(dataset: str, kind: str, num_clients: int, alpha: float, seed: int,
-                min_rows: int) -> tuple[np.ndarray, ...]:
-    raw = adult.load_raw("train")
-    labels = np.array([adult.normalise_label(v) for v in raw[adult.LABEL]])
-    return tuple(partition(kind, labels, num_clients, alpha=alpha, seed=seed,
-                           min_rows=min_rows))
+def missing_markers(cfg: ExperimentConfig) -> tuple[str, ...]:
+    return tuple(shaped(cfg.preprocess.missing_markers, []))
 
 
-def _prepare(frame, *, drop_duplicates: bool, where: str) -> ClientData:
-    cleaned, report = clean(frame, numeric=adult.NUMERIC, label=adult.LABEL,
-                            missing_markers=adult.MISSING_MARKERS,
-                            drop_duplicates=drop_duplicates)
-    if len(cleaned) == 0:
-        raise ValueError(f"{where}: no rows left after cleaning ({report.as_dict()})")
-    labels = encode_labels(cleaned[adult.LABEL], adult.CLASSES, where)
-    transform = make_transform(adult.NUMERIC, adult.CATEGORIES)
-    features = transform.fit_transform(cleaned.drop(columns=[adult.LABEL]))
-    return ClientData(features.astype(np.float32), labels, report,
-                      tuple(transform.get_feature_names_out()))
+def _bounds(data: DataConfig, defaults: dict) -> dict[str, tuple[float, float]]:
+    bounds = dict(defaults)
+    for column, pair in shaped(data.bounds, {}).items():
+        if (not isinstance(pair, list) or len(pair) != 2
+                or not all(isinstance(v, (int, float)) for v in pair)):
+            raise ValueError(f"data.bounds: {column} = {pair!r}: expected [low, high]")
+        bounds[column] = (float(pair[0]), float(pair[1]))
+    return bounds
+
+
+def _holdout(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame,
+                                                                        pd.DataFrame]:
+    """(kept, held out): a seeded share of the rows for the server's test set."""
+    order = np.random.default_rng(seed).permutation(len(frame))
+    cut = int(round(len(frame) * fraction))
+    return (frame.iloc[np.sort(order[cut:])].reset_index(drop=True),
+            frame.iloc[np.sort(order[:cut])].reset_index(drop=True))
 
 
 @functools.lru_cache(maxsize=4)
-def _client_data(dataset: str, kind: str, num_clients: int, alpha: float, seed: int,
-                 min_rows: int, client_id: int) -> ClientData:
-    rows = _partitions(dataset, kind, num_clients, alpha, seed, min_rows)[client_id]
-    frame = adult.load_raw("train").iloc[rows]
-    return _prepare(frame, drop_duplicates=True, where=f"{dataset} client {client_id}")
+def tabular_source(data: DataConfig, seed: int, markers: tuple[str, ...]) -> TabularSource:
+    if data.dataset == "adult":
+        schema = Schema(tuple(adult.NUMERIC),
+                        {c: tuple(v) for c, v in adult.CATEGORIES.items()},
+                        adult.LABEL, tuple(adult.CLASSES), _bounds(data, adult.BOUNDS))
+        return TabularSource(adult.load_raw("train"), adult.load_raw("test"), schema,
+                             str(adult.data_file("train")))
+    path = Path(data.path).expanduser()
+    if path.is_dir():
+        found = tables.read_folder(path, label=data.label, bad_lines=data.bad_lines)
+    else:
+        found = [tables.read_table(path, label=data.label, bad_lines=data.bad_lines)]
+    test_tables = ([tables.read_table(data.test_path, label=data.label,
+                                      bad_lines=data.bad_lines)] if data.test_path else [])
+    for table in found + test_tables:
+        _report_skipped(table)
+    inferred = tables.infer_schema(
+        found + test_tables, label=data.label, column_types=shaped(data.column_types, {}),
+        categories=shaped(data.categories, {}), classes=shaped(data.classes, []),
+        missing_markers=list(markers))
+    schema = Schema(tuple(inferred.numeric), dict(inferred.categories), inferred.label,
+                    tuple(inferred.classes), _bounds(data, {}))
+    columns = [*schema.numeric, *schema.categories, schema.label]
+    frames = [t.frame[columns] for t in found]
+    if test_tables:
+        test = test_tables[0].frame[columns]
+    else:
+        split = [_holdout(f, data.test_fraction, seed + i) for i, f in enumerate(frames)]
+        frames, test = [k for k, _ in split], pd.concat([h for _, h in split],
+                                                         ignore_index=True)
+    where = str(path)
+    if len(frames) == 1:
+        return TabularSource(frames[0], test, schema, where)
+    return TabularSource(pd.concat(frames, ignore_index=True), test, schema, where,
+                         files=tuple(frames))
 
 
-def client_data(cfg: ExperimentConfig, client_id: int) -> ClientData:
-    """The client's own rows, cleaned and transformed with statistics of those rows only."""
+def _report_skipped(table: tables.RawTable) -> None:
+    if table.skipped_lines:
+        log.warning("%s: skipped %d line(s) with the wrong number of fields, e.g. line %s "
+                    "(data.bad-lines = \"skip\")", table.path, len(table.skipped_lines),
+                    table.skipped_lines[0])
+
+
+@functools.lru_cache(maxsize=2)
+def image_source(data: DataConfig, seed: int) -> ImageSource:
+    if data.dataset == "digits":
+        return ImageSource(images.load_digits("train", seed=seed, test_fraction=data.test_fraction),
+                           images.load_digits("test", seed=seed, test_fraction=data.test_fraction))
+    return ImageSource(images.load_fashion_mnist("train", path=data.path, download=data.download),
+                       images.load_fashion_mnist("test", path=data.path, download=data.download))
+
+
+def _train_labels_and_groups(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    if cfg.data.dataset in IMAGE_DATASETS:
+        split = image_source(cfg.data, cfg.seed).train
+        return split.labels, None
+    source = tabular_source(cfg.data, cfg.seed, missing_markers(cfg))
+    labels = np.array(normalise_labels(source.train[source.schema.label]))
+    groups = None
+    if cfg.data.partition == "natural":
+        column = cfg.data.natural_column
+        if column not in source.train.columns:
+            raise ValueError(f"data.natural-column = {column!r}: no such column in "
+                             f"{source.where}; columns are {', '.join(source.train.columns)}")
+        values = source.train[column].astype(str).str.strip()
+        missing = values.isin(set(missing_markers(cfg)) | {""})
+        groups = values.where(~missing, None).to_numpy(dtype=object)
+    return labels, groups
+
+
+@functools.lru_cache(maxsize=8)
+def _partitions(cfg: ExperimentConfig) -> tuple[np.ndarray, ...]:
+    d = cfg.data
+    if d.dataset not in IMAGE_DATASETS:
+        source = tabular_source(d, cfg.seed, missing_markers(cfg))
+        if source.files:  # one file per client: the files are the partition
+            if len(source.files) != cfg.num_clients:
+                raise ValueError(f"data.path = {d.path}: {len(source.files)} files for "
+                                 f"num-clients = {cfg.num_clients}; expected one per client")
+            sizes = np.cumsum([0] + [len(f) for f in source.files])
+            return tuple(np.arange(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+    labels, groups = _train_labels_and_groups(cfg)
+    return tuple(partition(d.partition, labels, cfg.num_clients, seed=cfg.seed,
+                           min_rows=d.min_rows, alpha=d.alpha,
+                           shards_per_client=d.shards_per_client, power=d.power,
+                           groups=groups))
+
+
+def _partition_key(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Only what decides the split: a cache key shared by runs that differ elsewhere."""
+    return replace(cfg, name="", rounds=1, clients_per_round=1, out_dir="",
+                   train=type(cfg.train)(), privacy=type(cfg.privacy)(),
+                   preprocess=replace(type(cfg.preprocess)(),
+                                      missing_markers=cfg.preprocess.missing_markers))
+
+
+def partitions(cfg: ExperimentConfig) -> tuple[np.ndarray, ...]:
+    return _partitions(_partition_key(cfg))
+
+
+def client_rows(cfg: ExperimentConfig, client_id: int) -> pd.DataFrame:
+    """The client's raw rows (tabular datasets)."""
+    source = tabular_source(cfg.data, cfg.seed, missing_markers(cfg))
+    return source.train.iloc[partitions(cfg)[client_id]]
+
+
+def clean_rows(cfg: ExperimentConfig, frame: pd.DataFrame, where: str, *,
+               drop_duplicates: bool) -> tuple[pd.DataFrame, np.ndarray, CleaningReport]:
+    schema = tabular_source(cfg.data, cfg.seed, missing_markers(cfg)).schema
+    cleaned, report = clean(frame, numeric=list(schema.numeric), label=schema.label,
+                            missing_markers=list(missing_markers(cfg)),
+                            drop_duplicates=drop_duplicates)
+    if report.unparseable_numbers:
+        log.warning("%s: %d non-numeric value(s) in numeric columns, treated as missing",
+                    where, report.unparseable_numbers)
+    if len(cleaned) == 0:
+        raise ValueError(f"{where}: no rows left after cleaning ({report.as_dict()})")
+    labels = encode_labels(cleaned[schema.label], schema.classes, where)
+    return cleaned, labels, report
+
+
+@functools.lru_cache(maxsize=4)
+def cleaned_client(cfg: ExperimentConfig, client_id: int
+                   ) -> tuple[pd.DataFrame, np.ndarray, CleaningReport]:
+    where = f"{cfg.data.dataset} client {client_id}"
+    return clean_rows(cfg, client_rows(cfg, client_id), where,
+                      drop_duplicates=cfg.preprocess.drop_duplicates)
+
+
+@functools.lru_cache(maxsize=4)
+def _client_data(cfg: ExperimentConfig, client_id: int, transform_json: str) -> ClientData:
+    if cfg.data.dataset in IMAGE_DATASETS:
+        split = image_source(cfg.data, cfg.seed).train
+        rows = partitions(cfg)[client_id]
+        n = len(rows)
+        return ClientData(split.images[rows], split.labels[rows],
+                          CleaningReport(n, 0, 0, 0, 0, 0, n), ())
+    cleaned, labels, report = cleaned_client(cfg, client_id)
+    schema = tabular_source(cfg.data, cfg.seed, missing_markers(cfg)).schema
+    transform = (FittedTransform.from_json(transform_json) if transform_json
+                 else fit_local(cleaned, schema, cfg.preprocess))
+    return ClientData(transform.apply(cleaned), labels, report,
+                      tuple(transform.feature_names()))
+
+
+def client_data(cfg: ExperimentConfig, client_id: int, transform_json: str = "") -> ClientData:
+    """The client's own rows, cleaned and transformed: with a transform fitted on those rows
+    only, or with the shared one the server sent (`preprocess.fit = "federated"`)."""
     if not 0 <= client_id < cfg.num_clients:
         raise ValueError(f"client id {client_id} outside 0..{cfg.num_clients - 1}")
-    d = cfg.data
-    return _client_data(d.dataset, d.partition, cfg.num_clients, d.alpha, cfg.seed,
-                        d.min_rows, client_id)
+    return _client_data(cfg, client_id, transform_json)
+
+
+@functools.lru_cache(maxsize=2)
+def test_data(cfg: ExperimentConfig, transform_json: str = "") -> ClientData:
+    """The server's held-out rows. With a shared transform, transformed by it; otherwise
+    fitted on themselves, as a client fits its rows. Duplicates are kept: the test set is
+    measured as published."""
+    if cfg.data.dataset in IMAGE_DATASETS:
+        split = image_source(cfg.data, cfg.seed).test
+        n = len(split.labels)
+        return ClientData(split.images, split.labels, CleaningReport(n, 0, 0, 0, 0, 0, n), ())
+    source = tabular_source(cfg.data, cfg.seed, missing_markers(cfg))
+    cleaned, labels, report = clean_rows(cfg, source.test, f"{cfg.data.dataset} test",
+                                         drop_duplicates=False)
+    transform = (FittedTransform.from_json(transform_json) if transform_json
+                 else fit_local(cleaned, source.schema, cfg.preprocess))
+    return ClientData(transform.apply(cleaned), labels, report,
+                      tuple(transform.feature_names()))
+
+
+def classes(cfg: ExperimentConfig) -> tuple[str, ...]:
+    if cfg.data.dataset in IMAGE_DATASETS:
+        return image_source(cfg.data, cfg.seed).train.classes
+    return tabular_source(cfg.data, cfg.seed, missing_markers(cfg)).schema.classes
+
+
+def num_classes(cfg: ExperimentConfig) -> int:
+    return len(classes(cfg))
+
+
+def schema(cfg: ExperimentConfig) -> Schema:
+    return tabular_source(cfg.data, cfg.seed, missing_markers(cfg)).schema
 
 
 def client_sizes(cfg: ExperimentConfig) -> list[int]:
     """Raw rows per client (before cleaning); raises ValueError if the split is impossible."""
-    d = cfg.data
-    return [len(p) for p in _partitions(d.dataset, d.partition, cfg.num_clients, d.alpha,
-                                        cfg.seed, d.min_rows)]
+    return [len(p) for p in partitions(cfg)]
 
 
-@functools.lru_cache(maxsize=2)
-def test_data(dataset: str) -> ClientData:
-    """The held-out test file, prepared like a client prepares its rows: fitted on itself.
+def partition_report(cfg: ExperimentConfig) -> list[dict]:
+    """Per client: rows, rows per class, missing cells, from the raw partition."""
+    names = classes(cfg)
+    report = []
+    if cfg.data.dataset in IMAGE_DATASETS:
+        labels = image_source(cfg.data, cfg.seed).train.labels
+        for client, rows in enumerate(partitions(cfg)):
+            counts = np.bincount(labels[rows], minlength=len(names))
+            report.append(_report_row(client, len(rows), counts, names, 0))
+        return report
+    source = tabular_source(cfg.data, cfg.seed, missing_markers(cfg))
+    markers = set(missing_markers(cfg)) | {""}
+    text = source.train.astype(str).apply(lambda col: col.str.strip())
+    missing = text.isin(markers).drop(columns=[source.schema.label]).sum(axis=1).to_numpy()
+    labels = pd.Series(normalise_labels(source.train[source.schema.label]))
+    for client, rows in enumerate(partitions(cfg)):
+        counts = labels.iloc[rows].value_counts()
+        report.append(_report_row(client, len(rows), [int(counts.get(c, 0)) for c in names],
+                                  names, int(missing[rows].sum())))
+    return report
 
-    Duplicates are kept: the test set is measured as published.
-    """
-    return _prepare(adult.load_raw("test"), drop_duplicates=False, where=f"{dataset} test")
 
-
-def num_features(dataset: str) -> int:
-    return len(adult.NUMERIC) + sum(len(v) for v in adult.CATEGORIES.values())
-
-
-def num_classes(dataset: str) -> int:
-    return len(adult.CLASSES)
+def _report_row(client: int, rows: int, counts, names, missing: int) -> dict:
+    row = {"client": client, "rows": rows}
+    row.update({f"label={n}": int(c) for n, c in zip(names, counts)})
+    row["majority-share"] = round(max(counts) / rows, 4) if rows else 0.0
+    row["missing-cells"] = missing
+    return row

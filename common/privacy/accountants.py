@@ -104,10 +104,11 @@ def _write_cache(key: str, value: float) -> None:
         pass  # a cache that cannot be written only costs time
 
 
-def _bracket_with_rdp(target: float, delta: float, q: float, steps: int) -> float:
+def _bracket_with_rdp(target: float, delta: float, q: float, steps: int, prior: History = ()
+                      ) -> float:
     """A σ whose RDP ε is ≤ target, within a factor 2 of the smallest such σ."""
     def spent(sigma: float) -> float:
-        return _rdp_epsilon(((sigma, q, steps),), delta)
+        return _rdp_epsilon(prior + ((sigma, q, steps),), delta)
 
     sigma = 1.0
     if spent(sigma) > target:
@@ -123,23 +124,33 @@ def _bracket_with_rdp(target: float, delta: float, q: float, steps: int) -> floa
 
 @functools.lru_cache(maxsize=1024)
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                    accountant: str = "pld", rtol: float = 1e-3) -> float:
+                    accountant: str = "pld", rtol: float = 1e-3, prior: History = ()
+                    ) -> float:
     """Smallest noise multiplier (within `rtol`) whose ε after `steps` is ≤ the target.
 
-    Bisection on σ, always returning the side that satisfies the target, so the
-    planned run never overspends. Results are cached in memory and on disk.
+    `prior` is spending that comes first (e.g. noised preprocessing statistics): the
+    steps get what the target leaves. Bisection on σ, always returning the side that
+    satisfies the target, so the planned run never overspends. Results are cached in
+    memory and on disk.
     """
     if not target_epsilon > 0 or math.isinf(target_epsilon):
         raise ValueError(f"target ε {target_epsilon}: expected a finite value > 0")
+    prior = tuple((float(s), float(q), int(n)) for s, q, n in prior)
     key = f"{accountant}|{target_epsilon!r}|{delta!r}|{sample_rate!r}|{int(steps)}|{rtol!r}"
+    if prior:
+        key += f"|{prior!r}"
+        spent_before = epsilon(prior, delta, accountant)
+        if spent_before >= target_epsilon:
+            raise ValueError(f"the earlier spending already reaches ε = {spent_before:.4g} ≥ "
+                             f"target {target_epsilon}; lower preprocess.epsilon")
     cached = _read_cache().get(key)
     if cached is not None:
         return float(cached)
 
     def spent(sigma: float) -> float:
-        return _EPSILON[accountant](((sigma, sample_rate, int(steps)),), delta)
+        return _EPSILON[accountant](prior + ((sigma, sample_rate, int(steps)),), delta)
 
-    high = _bracket_with_rdp(target_epsilon, delta, sample_rate, int(steps))
+    high = _bracket_with_rdp(target_epsilon, delta, sample_rate, int(steps), prior)
     if accountant == "rdp":
         low = high / 2
     else:

@@ -1,0 +1,286 @@
+"""Federated preprocessing: clients send noised aggregate statistics, never rows.
+
+Each client computes, on its own cleaned rows: label counts; per numeric column the
+count, sum and sum of squares of its values (clipped to public bounds) and a per-class
+histogram; per categorical column per-class value counts. It adds Gaussian noise and
+replies. The server sums the replies and fits one `FittedTransform`, so all clients
+scale and encode alike. Optional PCA takes a second round of noised sums over the
+shared features.
+
+Privacy: statistics are stored in units of their per-row bound (sums divided by M,
+sums of squares by M², M = the largest |bound|), so one row moves each component by at
+most 1 and the L2 sensitivity is sqrt(number of components one row touches). The noise
+is σ times that; each round is one Gaussian mechanism, recorded in the client's ledger
+as (σ, q = 1, 1 step) and composed with its DP-SGD steps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from common.config import IMAGE_DATASETS, ExperimentConfig, PreprocessConfig
+from common.data.preprocess import CategoricalStep, FittedTransform, NumericStep, Schema
+from common.privacy.accountants import calibrate_noise
+
+Statistics = dict[str, np.ndarray]
+PCA_SENSITIVITY = math.sqrt(3.0)  # count, sum and outer product, each of norm ≤ 1 per row
+
+
+def statistics_noise(cfg: ExperimentConfig) -> tuple[float, int]:
+    """(σ, rounds) of federated preprocessing: σ = 0 when it is off or noise-free.
+
+    σ is calibrated so that all statistics rounds together spend `preprocess.epsilon`.
+    """
+    pre = cfg.preprocess
+    if pre.fit != "federated" or cfg.data.dataset in IMAGE_DATASETS or math.isinf(pre.epsilon):
+        return 0.0, 0
+    rounds = 2 if pre.pca else 1
+    return calibrate_noise(pre.epsilon, cfg.privacy.delta, 1.0, rounds,
+                           cfg.privacy.accountant), rounds
+
+
+def bounds_of(schema: Schema, column: str) -> tuple[float, float]:
+    try:
+        low, high = schema.bounds[column]
+    except KeyError:
+        raise ValueError(
+            f"data.bounds: no public range for numeric column {column!r}; federated "
+            f"preprocessing clips to one, e.g. {{ {column} = [0, 100] }}") from None
+    if not high > low:
+        raise ValueError(f"data.bounds: {column} = [{low}, {high}]: expected low < high")
+    return float(low), float(high)
+
+
+def _unit(schema: Schema, column: str) -> float:
+    low, high = bounds_of(schema, column)
+    return max(abs(low), abs(high)) or 1.0
+
+
+def stats_sensitivity(schema: Schema) -> float:
+    """L2 bound on one row's change to the (normalised) statistics."""
+    return math.sqrt(1 + 4 * len(schema.numeric) + len(schema.categories))
+
+
+def _bin_index(values: np.ndarray, low: float, high: float, bins: int) -> np.ndarray:
+    index = np.floor((values - low) / (high - low) * bins).astype(np.int64)
+    return np.clip(index, 0, bins - 1)
+
+
+def _codes(frame: pd.DataFrame, column: str, vocabulary: tuple[str, ...]) -> np.ndarray:
+    """Vocabulary index per row; unknown values -> len(vocabulary) (`other`), missing -> -1."""
+    codes = pd.Categorical(frame[column], categories=list(vocabulary)).codes.astype(np.int64)
+    codes[(codes < 0) & frame[column].notna().to_numpy()] = len(vocabulary)
+    return codes
+
+
+def client_statistics(frame: pd.DataFrame, labels: np.ndarray, schema: Schema, bins: int
+                      ) -> Statistics:
+    """Exact statistics of one client's cleaned rows (normalised units, see module doc)."""
+    k = len(schema.classes)
+    stats: Statistics = {"label": np.bincount(labels, minlength=k).astype(float)}
+    for column in schema.numeric:
+        low, high = bounds_of(schema, column)
+        unit = _unit(schema, column)
+        x = frame[column].to_numpy(dtype=float, na_value=np.nan)
+        present = ~np.isnan(x)
+        clipped = np.clip(x[present], low, high)
+        hist = np.zeros((k, bins))
+        np.add.at(hist, (labels[present], _bin_index(clipped, low, high, bins)), 1.0)
+        stats[f"num:{column}:count"] = np.array([present.sum()], dtype=float)
+        stats[f"num:{column}:sum"] = np.array([clipped.sum() / unit])
+        stats[f"num:{column}:sumsq"] = np.array([(clipped ** 2).sum() / unit ** 2])
+        stats[f"num:{column}:hist"] = hist
+    for column, vocabulary in schema.categories.items():
+        codes = _codes(frame, column, vocabulary)
+        counts = np.zeros((k, len(vocabulary) + 1))
+        seen = codes >= 0
+        np.add.at(counts, (labels[seen], codes[seen]), 1.0)
+        stats[f"cat:{column}:counts"] = counts
+    return stats
+
+
+def add_noise(stats: Statistics, std: float, rng: np.random.Generator) -> Statistics:
+    if std == 0:
+        return {name: value.copy() for name, value in stats.items()}
+    return {name: value + rng.normal(0.0, std, value.shape) for name, value in stats.items()}
+
+
+def sum_statistics(replies: list[Statistics]) -> Statistics:
+    if not replies:
+        raise ValueError("no client sent statistics")
+    names = set(replies[0])
+    for reply in replies[1:]:
+        if set(reply) != names:
+            raise ValueError(f"clients sent different statistics: {sorted(names ^ set(reply))}")
+    return {name: np.sum([r[name] for r in replies], axis=0) for name in sorted(names)}
+
+
+def _quantile(hist: np.ndarray, edges: np.ndarray, q: float) -> float:
+    """Quantile of a histogram, interpolating linearly inside the bin (noise clipped at 0)."""
+    counts = np.clip(hist, 0, None)
+    total = counts.sum()
+    if total <= 0:
+        return float((edges[0] + edges[-1]) / 2)
+    cumulative = np.cumsum(counts)
+    i = int(np.searchsorted(cumulative, q * total, side="left"))
+    i = min(i, len(counts) - 1)
+    before = cumulative[i - 1] if i else 0.0
+    inside = (q * total - before) / counts[i] if counts[i] > 0 else 0.5
+    return float(edges[i] + np.clip(inside, 0, 1) * (edges[i + 1] - edges[i]))
+
+
+def _numeric_step(stats: Statistics, schema: Schema, column: str, rows: float,
+                  options: PreprocessConfig) -> NumericStep:
+    low, high = bounds_of(schema, column)
+    unit = _unit(schema, column)
+    edges = np.linspace(low, high, options.bins + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    hist = np.clip(stats[f"num:{column}:hist"].sum(axis=0), 0, None)
+    count = max(float(stats[f"num:{column}:count"][0]), 0.0)
+    clip_low, clip_high = -math.inf, math.inf
+    if options.clip_quantile > 0:
+        clip_low = _quantile(hist, edges, options.clip_quantile)
+        clip_high = _quantile(hist, edges, 1 - options.clip_quantile)
+        values = np.clip(centers, clip_low, clip_high)
+        weight = max(hist.sum(), 1e-12)
+        mean, second = (hist * values).sum() / weight, (hist * values ** 2).sum() / weight
+    else:
+        mean = float(stats[f"num:{column}:sum"][0]) * unit / max(count, 1.0)
+        second = float(stats[f"num:{column}:sumsq"][0]) * unit ** 2 / max(count, 1.0)
+    mean = float(np.clip(mean, low, high))
+    if options.impute_numeric == "constant" or count < 1:
+        fill = float(options.fill_value)
+    elif options.impute_numeric == "median":
+        fill = float(np.clip(_quantile(hist, edges, 0.5), clip_low, clip_high))
+    else:
+        fill = mean
+    # moments and quantiles after imputation, as a scaler fitted on the filled column sees
+    missing = max(rows - count, 0.0)
+    total = max(count + missing, 1.0)
+    filled_mean = (count * mean + missing * fill) / total
+    filled_second = (count * second + missing * fill ** 2) / total
+    filled_hist = hist.copy()
+    filled_hist[_bin_index(np.array([fill]), low, high, options.bins)[0]] += missing
+    if options.scaling == "standard":
+        center = filled_mean
+        scale = math.sqrt(max(filled_second - filled_mean ** 2, 0.0))
+    elif options.scaling == "minmax":  # exact extremes are not private: 0.1% / 99.9% quantiles
+        center = _quantile(filled_hist, edges, 0.001)
+        scale = _quantile(filled_hist, edges, 0.999) - center
+    elif options.scaling == "robust":
+        q25, q50, q75 = (_quantile(filled_hist, edges, q) for q in (0.25, 0.5, 0.75))
+        center, scale = q50, q75 - q25
+    else:
+        center, scale = 0.0, 1.0
+    return NumericStep(column, clip_low, clip_high, fill, float(center),
+                       float(scale) if scale > 1e-12 else 1.0)
+
+
+def fit_federated(stats: Statistics, schema: Schema, options: PreprocessConfig
+                  ) -> FittedTransform:
+    """One shared transform from the summed (noised) statistics of all clients."""
+    rows = max(float(stats["label"].sum()), 1.0)
+    numeric = tuple(_numeric_step(stats, schema, c, rows, options) for c in schema.numeric)
+    categorical = []
+    for column, vocabulary in schema.categories.items():
+        totals = np.clip(stats[f"cat:{column}:counts"].sum(axis=0)[:-1], 0, None)
+        order = sorted(range(len(vocabulary)), key=lambda i: (-totals[i], i))
+        kept = vocabulary
+        if options.max_categories:
+            kept = tuple(vocabulary[i] for i in sorted(order[:options.max_categories]))
+        fill = None
+        if options.impute_categorical == "most-frequent" and order and totals[order[0]] > 0:
+            fill = vocabulary[order[0]]
+        categorical.append(CategoricalStep(column, tuple(kept), fill))
+    transform = FittedTransform(numeric, tuple(categorical))
+    if options.select != "none":
+        keep = _select(stats, schema, transform, rows, options)
+        transform = FittedTransform(numeric, tuple(categorical), keep=keep)
+    return transform
+
+
+def _feature_tables(stats: Statistics, schema: Schema, transform: FittedTransform,
+                    rows: float) -> list[tuple[float, np.ndarray]]:
+    """Per encoded feature: (variance after the transform, class × value contingency)."""
+    tables = []
+    for step in transform.numeric:
+        hist = np.clip(stats[f"num:{step.column}:hist"], 0, None)
+        low, high = bounds_of(schema, step.column)
+        unit = _unit(schema, step.column)
+        count = max(float(stats[f"num:{step.column}:count"][0]), 1.0)
+        mean = float(stats[f"num:{step.column}:sum"][0]) * unit / count
+        second = float(stats[f"num:{step.column}:sumsq"][0]) * unit ** 2 / count
+        variance = max(second - mean ** 2, 0.0) / step.scale ** 2
+        tables.append((variance, hist))
+    for step, (column, vocabulary) in zip(transform.categorical, schema.categories.items()):
+        counts = np.clip(stats[f"cat:{column}:counts"], 0, None)  # class × (vocab + other)
+        per_class = counts.sum(axis=1)
+        index = {v: i for i, v in enumerate(vocabulary)}
+        kept = [index[v] for v in step.vocabulary]
+        columns = [counts[:, i] for i in kept]
+        columns.append(per_class - np.sum(columns, axis=0) if columns else per_class)
+        missing = max(rows - per_class.sum(), 0.0)  # imputed: to the fill value, else other
+        filled = (step.vocabulary.index(step.fill) if step.fill in step.vocabulary
+                  else len(columns) - 1)
+        for j, hits in enumerate(columns):
+            share = (hits.sum() + (missing if j == filled else 0.0)) / rows
+            share = min(max(share, 0.0), 1.0)
+            tables.append((share * (1 - share), np.stack([hits, per_class - hits], axis=1)))
+    return tables
+
+
+def mutual_information(table: np.ndarray) -> float:
+    """MI (nats) between the class (rows) and the value (columns) of a count table."""
+    counts = np.clip(np.asarray(table, dtype=float), 0, None)
+    total = counts.sum()
+    if total <= 0:
+        return 0.0
+    joint = counts / total
+    outer = joint.sum(axis=1, keepdims=True) * joint.sum(axis=0, keepdims=True)
+    nonzero = joint > 0
+    return float((joint[nonzero] * np.log(joint[nonzero] / outer[nonzero])).sum())
+
+
+def _select(stats: Statistics, schema: Schema, transform: FittedTransform, rows: float,
+            options: PreprocessConfig) -> tuple[int, ...]:
+    tables = _feature_tables(stats, schema, transform, rows)
+    if options.select == "variance":
+        keep = [i for i, (variance, _) in enumerate(tables)
+                if variance > options.variance_threshold]
+    else:
+        scores = [mutual_information(table) for _, table in tables]
+        keep = sorted(sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:options.top_k])
+    if not keep:
+        raise ValueError(f"preprocess.select = {options.select!r} kept no feature; lower "
+                         "preprocess.variance-threshold")
+    return tuple(keep)
+
+
+def pca_clip_norm(num_features: int) -> float:
+    """Rows are clipped to this L2 norm: standardised numbers and one-hots of d features
+    have norms around sqrt(d)."""
+    return math.sqrt(max(num_features, 1))
+
+
+def pca_statistics(features: np.ndarray, clip_norm: float) -> Statistics:
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    z = features * np.minimum(1.0, clip_norm / np.maximum(norms, 1e-12)) / clip_norm
+    return {"count": np.array([float(len(z))]), "sum": z.sum(axis=0), "outer": z.T @ z}
+
+
+def fit_pca(stats: Statistics, clip_norm: float, components: int
+            ) -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...]]:
+    """(mean, components) from summed second moments; eigenvector signs fixed for determinism."""
+    d = len(stats["sum"])
+    if components > d:
+        raise ValueError(f"preprocess.pca = {components}: only {d} features to project")
+    n = max(float(stats["count"][0]), 1.0)
+    mean = stats["sum"] * clip_norm / n
+    outer = (stats["outer"] + stats["outer"].T) / 2 * clip_norm ** 2 / n
+    values, vectors = np.linalg.eigh(outer - np.outer(mean, mean))
+    top = vectors[:, np.argsort(values)[::-1][:components]].T
+    top *= np.sign(top[np.arange(len(top)), np.abs(top).argmax(axis=1)])[:, None]
+    return tuple(map(float, mean)), tuple(tuple(map(float, row)) for row in top)

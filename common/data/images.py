@@ -1,0 +1,195 @@
+"""Image datasets as numpy arrays: scikit-learn's 8x8 digits and Fashion-MNIST (28x28).
+
+Both come back as float32 (N, 1, H, W) in [0, 1] with int64 labels. Fashion-MNIST is read
+from its IDX files wherever a copy is found (see `load_fashion_mnist`); nothing here needs
+torchvision unless a download is asked for. Parsed arrays are cached per process and
+returned read-only, since every round of every client reads them.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DIGITS_CLASSES = tuple(str(d) for d in range(10))
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                         "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+FASHION_MNIST_ENV = "PRIVET_FASHION_MNIST_DIR"
+DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # dataset-fashion-mnist
+_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_IMAGES_MAGIC, _LABELS_MAGIC = 0x0803, 0x0801  # unsigned bytes, 3 dims / 1 dim
+
+
+@dataclass(frozen=True)
+class ImageSplit:
+    images: np.ndarray   # float32, (N, 1, H, W), pixel values scaled to [0, 1]
+    labels: np.ndarray   # int64 class indices
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _check_split(split: str) -> None:
+    if split not in _FILES:
+        raise ValueError(f"split = {split!r}: expected 'train' or 'test'")
+
+
+def _frozen(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) -> ImageSplit:
+    # Shared by every caller through the cache: writing into it would leak between clients.
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return ImageSplit(images, labels, classes)
+
+
+# --- digits -------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=8)
+def _digits(seed: int, test_fraction: float) -> dict[str, ImageSplit]:
+    from sklearn.datasets import load_digits as sklearn_digits  # ships with sklearn: offline
+    from sklearn.model_selection import train_test_split
+
+    bunch = sklearn_digits()
+    images = (bunch.images / 16.0).astype(np.float32)[:, None]  # pixels are 0..16
+    labels = bunch.target.astype(np.int64)
+    train_x, test_x, train_y, test_y = train_test_split(
+        images, labels, test_size=test_fraction, random_state=seed, stratify=labels)
+    return {"train": _frozen(train_x, train_y, DIGITS_CLASSES),
+            "test": _frozen(test_x, test_y, DIGITS_CLASSES)}
+
+
+def load_digits(split: str, *, seed: int, test_fraction: float) -> ImageSplit:
+    """scikit-learn's 1,797 8x8 digits, split train/test stratified by class; same seed,
+    same split."""
+    _check_split(split)
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction = {test_fraction}: expected a value in (0, 1)")
+    return _digits(seed, float(test_fraction))[split]
+
+
+# --- Fashion-MNIST ------------------------------------------------------------------------
+
+def _read(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path}: cannot read ({e}); the file is corrupt or truncated, "
+                         "remove it and fetch it again") from e
+
+
+def _parse_idx(path: Path, magic: int, dims: int) -> np.ndarray:
+    """An IDX file of unsigned bytes: big-endian magic, `dims` sizes, then the data."""
+    raw = _read(path)
+    header = 4 + 4 * dims
+    if len(raw) < header:
+        raise ValueError(f"{path}: {len(raw)} bytes, shorter than an IDX header; "
+                         "the file is truncated")
+    found = int.from_bytes(raw[:4], "big")
+    if found != magic:
+        raise ValueError(f"{path}: magic number {found:#010x}, expected {magic:#010x}; "
+                         "not the IDX file this name promises")
+    shape = tuple(int(v) for v in np.frombuffer(raw, ">u4", count=dims, offset=4))
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        raise ValueError(f"{path}: {len(raw)} bytes, expected {expected} for shape {shape}; "
+                         "the file is truncated or corrupt")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
+
+
+def _find_file(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / name, folder / f"{name}.gz"):  # plain first: faster to read
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _has_split(folder: Path, split: str) -> bool:
+    return all(_find_file(folder, name) for name in _FILES[split])
+
+
+def _candidates(path: str) -> list[Path]:
+    """Folders to try, in order. An explicit path (argument, else environment) is the only
+    place looked: a wrong setting should fail, not fall back to some other copy."""
+    def with_torchvision_layout(root: Path) -> list[Path]:
+        return [root, root / "FashionMNIST" / "raw"]
+
+    explicit = path or os.environ.get(FASHION_MNIST_ENV, "")
+    if explicit:
+        return with_torchvision_layout(Path(explicit).expanduser())
+    cache = _cache_root()
+    return [DEBIAN_FASHION_MNIST_DIR, cache / "fashion-mnist", cache / "FashionMNIST" / "raw"]
+
+
+def _cache_root() -> Path:
+    return Path.home() / ".cache" / "privet"
+
+
+@functools.lru_cache(maxsize=4)
+def _fashion_mnist(folder: Path, split: str) -> ImageSplit:
+    images_name, labels_name = _FILES[split]
+    images_path, labels_path = _find_file(folder, images_name), _find_file(folder, labels_name)
+    assert images_path and labels_path, "checked by _has_split"
+    images = _parse_idx(images_path, _IMAGES_MAGIC, 3)
+    labels = _parse_idx(labels_path, _LABELS_MAGIC, 1)
+    if len(images) != len(labels):
+        raise ValueError(f"{images_path}: {len(images)} images but {labels_path} has "
+                         f"{len(labels)} labels")
+    if len(labels) and labels.max() >= len(FASHION_MNIST_CLASSES):
+        raise ValueError(f"{labels_path}: label {labels.max()} outside 0..9")
+    scaled = images.astype(np.float32)[:, None] / np.float32(255.0)
+    return _frozen(scaled, labels.astype(np.int64), FASHION_MNIST_CLASSES)
+
+
+def _download(root: Path) -> Path:
+    try:
+        from torchvision.datasets import FashionMNIST
+    except ImportError as e:
+        raise RuntimeError("data.download = true needs torchvision: pip install torchvision "
+                           "(or install the Debian package dataset-fashion-mnist)") from e
+    FashionMNIST(root=str(root), train=True, download=True)
+    FashionMNIST(root=str(root), train=False, download=True)
+    return root / "FashionMNIST" / "raw"
+
+
+def fashion_mnist_dir(split: str = "train", *, path: str = "", download: bool = False) -> Path:
+    """The folder whose IDX files `load_fashion_mnist` reads (downloading them if asked)."""
+    _check_split(split)
+    candidates = _candidates(path)
+    for folder in candidates:
+        if _has_split(folder, split):
+            return folder
+    if download:
+        explicit = path or os.environ.get(FASHION_MNIST_ENV, "")
+        folder = _download(Path(explicit).expanduser() if explicit else _cache_root())
+        if _has_split(folder, split):
+            return folder
+        raise FileNotFoundError(f"Fashion-MNIST: torchvision's download left no {split} "
+                                f"IDX files in {folder}")
+    looked = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(
+        f"Fashion-MNIST {split} files ({' and '.join(_FILES[split])}, optionally .gz) not "
+        f"found in {looked}; get them with `apt install dataset-fashion-mnist`, or set "
+        f"data.path (or ${FASHION_MNIST_ENV}) to a folder holding them, or set "
+        f"data.download = true (needs torchvision and a network)")
+
+
+def load_fashion_mnist(split: str, *, path: str = "", download: bool = False) -> ImageSplit:
+    """Fashion-MNIST's 60,000 train or 10,000 test 28x28 images.
+
+    Looks in `path` if given, else in ${PRIVET_FASHION_MNIST_DIR} if set (each also in
+    torchvision's `<root>/FashionMNIST/raw/` layout); else in Debian's dataset-fashion-mnist
+    (/usr/share/datasets/fashion-mnist), ~/.cache/privet/fashion-mnist and torchvision's
+    layout under ~/.cache/privet. With `download`, a missing copy is fetched by torchvision.
+    """
+    return _fashion_mnist(fashion_mnist_dir(split, path=path, download=download), split)
