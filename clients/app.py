@@ -151,6 +151,14 @@ def train(msg: Message, context: Context) -> Message:
     base = {R.CLIENT_ID: client_id,
             **{R.DATA_PREFIX + k: v for k, v in data.cleaning.as_dict().items()}}
 
+    if len(data) < cfg.train.batch_size:
+        log.warning("client %d: %d row(s) after cleaning, fewer than train.batch-size = %d; "
+                    "it is left out of training", client_id, len(data), cfg.train.batch_size)
+        metrics = {**base, R.DECLINED: 1, R.TOO_SMALL: 1, R.NUM_EXAMPLES: 0,
+                   R.EPSILON: ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant),
+                   **_ledger_metrics(ledger)}
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
     sigma = q = None
     private, target = cfg.client_private(client_id), cfg.epsilon_for(client_id)
     base[R.TARGET_EPSILON] = target

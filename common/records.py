@@ -12,6 +12,7 @@ from torch import nn
 NUM_EXAMPLES = "num-examples"   # FedAvg's weighting key
 CLIENT_ID = "client-id"
 DECLINED = "declined"           # 1 when the client refused to train (budget spent)
+TOO_SMALL = "too-small"         # 1 when its data is smaller than a batch: left out
 TRAIN_LOSS = "train-loss"
 TRAIN_ACCURACY = "train-accuracy"
 EPSILON = "epsilon"             # ε spent over all rounds so far (sample-level)

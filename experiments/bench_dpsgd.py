@@ -1,9 +1,12 @@
 """DP-SGD step time over plain SGD, per model and Opacus grad-sample mode.
 
-    python -m experiments.bench_dpsgd [--repeats 5]
+    python -m experiments.bench_dpsgd [--repeats 5] [--only adult,digits,fashion-mnist]
 
-Times steady-state local training (after a warm-up epoch) on one Adult client's rows,
+Times steady-state local training (after a warm-up epoch) on one client's worth of rows,
 side by side in one process, one torch thread; prints ms/step and the ratio to plain SGD.
+Workloads: MLP and logistic regression on Adult client 0; MLP and CNN on scikit-learn's
+8x8 digits; the CNN on Fashion-MNIST (random 28x28 images when no local copy is found:
+step time does not depend on pixel values).
 """
 
 from __future__ import annotations
@@ -12,24 +15,71 @@ import argparse
 import os
 import statistics
 import warnings
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from clients import train
-from common.config import load_config
-from common.data.datasets import client_data, num_classes
+from common.config import TrainConfig, load_config
+from common.data import images
 from common.models import build_model
 
 MODES = ("hooks", "ghost", "functorch")
+FASHION_ROWS = 2000  # a third of an IID client's 6,000 of 10: enough steps, quicker
 
 
-def time_per_step(model_name: str, mode: str | None, data, epochs: int, seed: int) -> float:
-    cfg = load_config(overrides=[f"train.model={model_name}"])
-    model = build_model(cfg.train, data.features.shape[1:], num_classes("adult"))
+@dataclass(frozen=True)
+class Workload:
+    data: str
+    models: tuple[str, ...]
+    features: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    source: str
+
+
+def adult() -> Workload:
+    # Imported here so the image workloads run even while the tabular pipeline is elsewhere.
+    from common.data.datasets import client_data, num_classes
+
+    cfg = load_config(overrides=["data.partition=iid"])
+    data = client_data(cfg, 0)
+    return Workload("adult", ("mlp", "logreg"), data.features, data.labels, num_classes(cfg),
+                    f"Adult client 0 of {cfg.num_clients} (IID): {len(data)} rows")
+
+
+def digits() -> Workload:
+    split = images.load_digits("train", seed=0, test_fraction=0.2)
+    return Workload("digits", ("mlp", "cnn"), np.array(split.images), np.array(split.labels),
+                    len(split.classes), f"digits train split: {len(split)} rows of 1x8x8")
+
+
+def fashion_mnist() -> Workload:
+    try:
+        split = images.load_fashion_mnist("train")
+        x, y = split.images[:FASHION_ROWS].copy(), split.labels[:FASHION_ROWS].copy()
+        source = f"Fashion-MNIST from {images.fashion_mnist_dir()}"
+    except FileNotFoundError:
+        rng = np.random.default_rng(0)
+        x = rng.random((FASHION_ROWS, 1, 28, 28), dtype=np.float32)
+        y = rng.integers(0, 10, FASHION_ROWS).astype(np.int64)
+        source = "RANDOM tensors (no local Fashion-MNIST)"
+    return Workload("fashion", ("cnn",), x, y, 10, f"{source}: {len(y)} rows of 1x28x28")
+
+
+WORKLOADS = {"adult": adult, "digits": digits, "fashion-mnist": fashion_mnist}
+
+
+def time_per_step(model_name: str, mode: str | None, work: Workload, epochs: int,
+                  seed: int) -> float:
+    # The default train config (hidden 64) with this model; no dataset check applies here.
+    model = build_model(TrainConfig(model=model_name), work.features.shape[1:],
+                        work.num_classes)
     kwargs = dict(batch_size=64, lr=0.1, momentum=0.0, seed=seed,
                   noise_multiplier=1.0 if mode else None, grad_sample_mode=mode or "hooks")
-    train.train_local(model, data.features, data.labels, epochs=1, **kwargs)  # warm-up
-    result = train.train_local(model, data.features, data.labels, epochs=epochs, **kwargs)
+    train.train_local(model, work.features, work.labels, epochs=1, **kwargs)  # warm-up
+    result = train.train_local(model, work.features, work.labels, epochs=epochs, **kwargs)
     return result.seconds / result.steps
 
 
@@ -37,24 +87,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--only", default=",".join(WORKLOADS),
+                        help=f"comma-separated workloads out of {', '.join(WORKLOADS)}")
     args = parser.parse_args()
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(WORKLOADS))
+    if unknown:
+        parser.error(f"--only: unknown workload(s) {unknown}; choose from {list(WORKLOADS)}")
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    cfg = load_config(overrides=["data.partition=iid"])
-    data = client_data(cfg, 0)
-    print(f"{os.cpu_count()} cores, 1 torch thread; Adult client 0: {len(data)} rows, "
-          f"batch 64; median of {args.repeats} repeats")
-    print(f"{'model':8} {'mode':10} {'ms/step':>8} {'× plain':>8}")
-    for model_name in ("mlp", "logreg"):
-        timings: dict[str, list[float]] = {m: [] for m in ("plain",) + MODES}
-        for r in range(args.repeats):  # interleaved, so machine noise hits all modes alike
-            for mode in timings:
-                timings[mode].append(time_per_step(model_name, None if mode == "plain" else mode,
-                                                   data, args.epochs, seed=r))
-        plain = statistics.median(timings["plain"])
-        for mode, values in timings.items():
-            ms = statistics.median(values) * 1000
-            print(f"{model_name:8} {mode:10} {ms:8.3f} {ms / (plain * 1000):8.2f}")
+    workloads = [WORKLOADS[n]() for n in names]
+    print(f"{os.cpu_count()} cores, 1 torch thread; batch 64; median of {args.repeats} "
+          f"repeats")
+    for work in workloads:
+        print(f"  {work.data}: {work.source}")
+    print(f"{'data':8} {'model':8} {'mode':10} {'ms/step':>8} {'× plain':>8}")
+    for work in workloads:
+        for model_name in work.models:
+            timings: dict[str, list[float]] = {m: [] for m in ("plain",) + MODES}
+            for r in range(args.repeats):  # interleaved, so machine noise hits all modes alike
+                for mode in timings:
+                    timings[mode].append(time_per_step(
+                        model_name, None if mode == "plain" else mode, work, args.epochs,
+                        seed=r))
+            plain = statistics.median(timings["plain"])
+            for mode, values in timings.items():
+                ms = statistics.median(values) * 1000
+                print(f"{work.data:8} {model_name:8} {mode:10} {ms:8.3f} "
+                      f"{ms / (plain * 1000):8.2f}")
 
 
 if __name__ == "__main__":

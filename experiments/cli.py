@@ -84,7 +84,9 @@ def print_summary(run_dir: Path) -> None:
     for cid, c in privacy["clients"].items():
         eps = "- (no DP-SGD)" if c["epsilon"] is None else f"{c['epsilon']:.4f}"
         target = "-" if c.get("target_epsilon") is None else f"{c['target_epsilon']:g}"
-        table.add_row(cid, eps, target, str(c["rounds_trained"]), str(c["stopped_round"] or "-"))
+        stopped = ("left out: too few rows" if c.get("left_out") == "too-small"
+                   else str(c["stopped_round"] or "-"))
+        table.add_row(cid, eps, target, str(c["rounds_trained"]), stopped)
     console.print(table)
     parts = []
     if privacy["max_epsilon"] is not None:
@@ -100,6 +102,23 @@ def print_summary(run_dir: Path) -> None:
                   f"{eps_line}; {summary['wall_seconds']:.1f}s" if accuracy is not None else
                   f"no round finished; {eps_line}")
     console.print(f"results: {run_dir}")
+
+
+def print_partitions(report: list[dict], cfg) -> None:
+    """Rows, label balance and missing cells per client; long federations are summarised."""
+    labels = [k for k in report[0] if k.startswith("label=")] if report else []
+    table = Table(title=f"partitions: {cfg.data.dataset}, {cfg.data.partition}")
+    for column in ("client", "rows", *(k[len("label="):] for k in labels), "majority",
+                   "missing cells"):
+        table.add_column(column, justify="right")
+    shown = report if len(report) <= 20 else report[:10] + report[-5:]
+    for r in shown:
+        small = " (< batch)" if r["rows"] < cfg.train.batch_size else ""
+        table.add_row(str(r["client"]), f"{r['rows']}{small}", *(str(r[k]) for k in labels),
+                      f"{r['majority-share']:.2f}", str(r["missing-cells"]))
+        if len(report) > 20 and r is report[9]:
+            table.add_row("…", *([""] * (len(labels) + 3)))
+    console.print(table)
 
 
 @app.command()
@@ -137,7 +156,7 @@ def simulate(
     from experiments import simulation  # heavy imports (torch, flwr, ray) only now
 
     try:
-        simulation.preflight(cfg)
+        report = simulation.preflight(cfg)
     except (ValueError, FileNotFoundError) as error:
         fail(f"{config}: {error}")
     if (run_dir / results.SUMMARY).exists() and not overwrite:
@@ -158,6 +177,7 @@ def simulate(
     console.print(f"privet: {cfg.name}: {cfg.num_clients} clients, {cfg.clients_per_round} "
                   f"per round, {cfg.rounds} rounds, {privacy} → {run_dir}")
 
+    print_partitions(report, cfg)
     watcher = RoundWatcher(run_dir, cfg)
     watcher.start()
     code = 0

@@ -70,11 +70,24 @@ def _ray_stopped_on_exit():
             pass
 
 
-def preflight(cfg: ExperimentConfig) -> None:
-    """Fail before Ray starts if the data cannot be split as configured."""
-    from common.data.datasets import client_sizes
+def preflight(cfg: ExperimentConfig) -> list[dict]:
+    """Fail before Ray starts if the data cannot be read or split as configured; return
+    the partition report (rows, label balance, missing cells per client)."""
+    from common.config import IMAGE_DATASETS
+    from common.data import federated
+    from common.data.datasets import partition_report, schema, test_data
 
-    client_sizes(cfg)
+    report = partition_report(cfg)
+    if cfg.preprocess.fit == "federated":
+        for column in schema(cfg).numeric:
+            federated.bounds_of(schema(cfg), column)
+    else:
+        test_data(cfg)
+    if cfg.data.dataset not in IMAGE_DATASETS:
+        small = [r["client"] for r in report if r["rows"] < cfg.train.batch_size]
+        if len(small) == cfg.num_clients:
+            raise ValueError(f"every client has fewer rows than train.batch-size = "
+                             f"{cfg.train.batch_size}")
     p = cfg.privacy
     if cfg.user_level and p.user_clipping == "adaptive":
         from common.privacy.accountants import calibrate_noise
@@ -91,6 +104,7 @@ def preflight(cfg: ExperimentConfig) -> None:
                 f"small for adaptive clipping at user-level σ = {sigma:.3f}: it must exceed "
                 f"σ/2 = {sigma / 2:.3f}; raise it, or the cohort, or privacy.user-epsilon"
             ) from None
+    return report
 
 
 def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False) -> None:

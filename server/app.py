@@ -89,7 +89,8 @@ def main(grid: Grid, context: Context) -> None:
             log.info("privet: round %d/%d  test accuracy %.4f  max ε %s  user ε %s",
                      server_round, cfg.rounds, accuracy, _eps(recorder.max_epsilon()),
                      _eps(recorder.user_epsilon()))
-            able = cfg.num_clients - len(recorder.exhausted_clients())
+            able = cfg.num_clients - len(recorder.exhausted_clients()) \
+                - len(recorder.left_out_clients())
             if cfg.privacy.on_exhausted == "stop" and able < cfg.clients_per_round:
                 raise BudgetExhausted(f"only {able} client(s) have budget left; "
                                       f"clients-per-round = {cfg.clients_per_round}")

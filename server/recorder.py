@@ -78,6 +78,7 @@ class RunRecorder:
             m = msg.content["metrics"]
             client = str(int(m[R.CLIENT_ID]))
             declined = bool(int(m.get(R.DECLINED, 0)))
+            too_small = bool(int(m.get(R.TOO_SMALL, 0)))
             history = [[float(s), float(q), int(n)] for s, q, n in
                        zip(m.get(R.LEDGER_SIGMA, []), m.get(R.LEDGER_RATE, []),
                            m.get(R.LEDGER_STEPS, []))]
@@ -86,13 +87,15 @@ class RunRecorder:
                          target_epsilon=float(m.get(R.TARGET_EPSILON, math.nan)),
                          data={k[len(R.DATA_PREFIX):]: int(v) for k, v in m.items()
                                if k.startswith(R.DATA_PREFIX)})
-            if declined:
+            if too_small:
+                entry["left_out"] = "too-small"
+            elif declined:
                 entry["stopped_round"] = entry["stopped_round"] or server_round
             else:
                 entry["rounds_trained"] += 1
             rows.append({
                 "round": server_round, "client": client,
-                "status": "declined" if declined else "trained",
+                "status": "too-small" if too_small else "declined" if declined else "trained",
                 "examples": int(m[R.NUM_EXAMPLES]),
                 "loss": _fmt(m.get(R.TRAIN_LOSS)), "accuracy": _fmt(m.get(R.TRAIN_ACCURACY)),
                 "epsilon": _fmt(m.get(R.EPSILON)), "steps": m.get(R.STEPS, 0),
@@ -130,6 +133,10 @@ class RunRecorder:
     def exhausted_clients(self) -> list[str]:
         """Clients that declined a round because their budget is spent."""
         return [cid for cid, c in self.clients.items() if c["stopped_round"] is not None]
+
+    def left_out_clients(self) -> list[str]:
+        """Clients whose data is too small to train on."""
+        return [cid for cid, c in self.clients.items() if c.get("left_out")]
 
     def max_epsilon(self) -> float | None:
         """Largest sample-level ε over clients; None without sample-level DP."""
@@ -183,7 +190,8 @@ class RunRecorder:
                                   if self.cfg.private else None,
                                   "history": c["history"],
                                   "rounds_trained": c["rounds_trained"],
-                                  "stopped_round": c["stopped_round"]}
+                                  "stopped_round": c["stopped_round"],
+                                  "left_out": c.get("left_out")}
                             for cid, c in self._sorted_clients()},
             },
             "data": {cid: c.get("data", {}) for cid, c in self._sorted_clients()},

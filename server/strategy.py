@@ -4,14 +4,17 @@ Decentralized Data") with two additions that privet needs and Flower's FedAvg la
 - every reply is shown to an observer before aggregation (per-client metrics and
   privacy ledgers are recorded, not just their average);
 - replies from clients that declined to train (privacy budget spent) are left out of
-  the average instead of failing the round.
+  the average instead of failing the round;
+- a client whose data is too small to train on says so once and is left out of
+  sampling from then on.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common import records as R
@@ -29,17 +32,45 @@ def average_metrics(contents: list[RecordDict], weighting_key: str) -> MetricRec
                          / total for key in R.AVERAGED if all(key in m for m in metrics)})
 
 
+class _Reachable:
+    """The grid as sampling sees it: without the nodes that were left out."""
+
+    def __init__(self, grid: Grid, left_out: set[int]) -> None:
+        self._grid, self._left_out = grid, left_out
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in self._grid.get_node_ids() if n not in self._left_out]
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
 class PrivetFedAvg(FedAvg):
     def __init__(self, *, on_train_replies: ReplyObserver | None = None, **kwargs) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", average_metrics)
         super().__init__(**kwargs)
         self.on_train_replies = on_train_replies
+        self.left_out: set[int] = set()  # node ids whose data is too small to train on
+
+    def reachable(self, grid: Grid) -> Grid:
+        return _Reachable(grid, self.left_out)  # type: ignore[return-value]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        view = self.reachable(grid)
+        if self.left_out:  # sample from those left, never wait for the ones left out
+            available = len(view.get_node_ids())
+            self.min_available_nodes = min(self.min_available_nodes, available)
+            self.min_train_nodes = min(self.min_train_nodes, available)
+        return super().configure_train(server_round, arrays, config, view)
 
     def observe_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """Show every reply to the observer; return all but those of declining clients."""
         replies = list(replies)
         if self.on_train_replies is not None:
             self.on_train_replies(server_round, replies)
+        self.left_out.update(m.metadata.src_node_id for m in replies if not m.has_error()
+                             and int(m.content["metrics"].get(R.TOO_SMALL, 0)))
         return [m for m in replies
                 if m.has_error() or not int(m.content["metrics"].get(R.DECLINED, 0))]
 

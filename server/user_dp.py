@@ -100,7 +100,7 @@ class UserLevelDPFedAvg(PrivetFedAvg):
                         grid: Grid) -> Iterable[Message]:
         """Poisson sampling: each node joins this round with probability p."""
         self._global = arrays.to_torch_state_dict()
-        nodes = sorted(grid.get_node_ids())
+        nodes = sorted(self.reachable(grid).get_node_ids())
         chosen = [n for n in nodes if self.rng.random() < self.sample_rate]
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})

@@ -65,10 +65,10 @@ def test_noise_has_the_calibrated_standard_deviation():
     x = np.zeros((ROWS, FEATURES), dtype=np.float32)
     y = np.zeros(ROWS, dtype=np.int64)
     model, sigma, clip, lr = build_model(TrainConfig(hidden=512), (FEATURES,), 2), 1.3, 0.7, 1.0
-    before = model[0].weight.detach().clone()
+    before = model[1].weight.detach().clone()
     train_local(model, x, y, epochs=1, batch_size=ROWS, lr=lr, momentum=0.0, seed=3,
                 noise_multiplier=sigma, max_grad_norm=clip, grad_sample_mode="hooks")
-    change = (model[0].weight.detach() - before).flatten().numpy()
+    change = (model[1].weight.detach() - before).flatten().numpy()
     expected = lr * sigma * clip / ROWS  # noise σC on the sum, divided by the expected batch
     assert change.size == 512 * FEATURES
     # std of 6,144 normal draws: relative standard error ≈ 0.9%; allow 5%

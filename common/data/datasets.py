@@ -254,7 +254,8 @@ def test_data(cfg: ExperimentConfig, transform_json: str = "") -> ClientData:
     if cfg.data.dataset in IMAGE_DATASETS:
         split = image_source(cfg.data, cfg.seed).test
         n = len(split.labels)
-        return ClientData(split.images, split.labels, CleaningReport(n, 0, 0, 0, 0, 0, n), ())
+        # a writable copy: the cached arrays are read-only, and torch warns on those
+        return ClientData(np.array(split.images), split.labels, CleaningReport(n, 0, 0, 0, 0, 0, n), ())
     source = tabular_source(cfg.data, cfg.seed, missing_markers(cfg))
     cleaned, labels, report = clean_rows(cfg, source.test, f"{cfg.data.dataset} test",
                                          drop_duplicates=False)
