@@ -39,6 +39,11 @@ def _client_id(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
+def _data_path(context: Context) -> str:
+    """A deployed node's own data file (`--node-config "data-path=..."`); "" in simulation."""
+    return str(context.node_config.get("data-path", ""))
+
+
 def _ledger_file(cfg: ExperimentConfig, context: Context, client_id: int) -> LedgerFile | None:
     """On disk when the node says where (`ledger-dir`, or next to its `data-path`) or the
     experiment sets `privacy.ledger-dir`; otherwise the ledger lives in context.state only."""
@@ -113,12 +118,13 @@ def statistics(msg: Message, context: Context) -> Message:
     cfg = from_run_config(context.run_config)
     client_id = _client_id(context)
     stage = str(msg.content["config"][R.STAGE])
-    frame, labels, _ = cleaned_client(cfg, client_id)
+    frame, labels, _ = cleaned_client(cfg, client_id, _data_path(context))
+    table = schema(cfg, _data_path(context))
     if stage not in STAGES:
         raise ValueError(f"unknown statistics stage {stage!r}")
     if stage == "statistics":
-        stats = federated.client_statistics(frame, labels, schema(cfg), cfg.preprocess.bins)
-        sensitivity = federated.stats_sensitivity(schema(cfg))
+        stats = federated.client_statistics(frame, labels, table, cfg.preprocess.bins)
+        sensitivity = federated.stats_sensitivity(table)
     elif stage == "pca":
         transform = FittedTransform.from_json(str(msg.content["config"][R.TRANSFORM]))
         features = transform.apply(frame)
@@ -142,7 +148,7 @@ def statistics(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     cfg = from_run_config(context.run_config)
     client_id = _client_id(context)
-    data = client_data(cfg, client_id, _transform(msg))
+    data = client_data(cfg, client_id, _transform(msg), _data_path(context))
     server_round = int(msg.content["config"]["server-round"])
     model = _model(cfg, data, msg.content["arrays"])
     ledger_file = _ledger_file(cfg, context, client_id)
@@ -200,7 +206,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the client's own rows (federated evaluation)."""
     cfg = from_run_config(context.run_config)
-    data = client_data(cfg, _client_id(context), _transform(msg))
+    data = client_data(cfg, _client_id(context), _transform(msg), _data_path(context))
     model = _model(cfg, data, msg.content["arrays"])
     loss, accuracy = evaluate_model(model, data.features, data.labels)
     metrics = MetricRecord({R.CLIENT_ID: _client_id(context), R.NUM_EXAMPLES: len(data),

@@ -105,19 +105,24 @@ def print_summary(run_dir: Path) -> None:
 
 
 def print_partitions(report: list[dict], cfg) -> None:
-    """Rows, label balance and missing cells per client; long federations are summarised."""
+    """Rows, label balance and missing cells per client; long federations are summarised.
+
+    Per-class counts are shown for up to four classes; partitions.csv always has them."""
     labels = [k for k in report[0] if k.startswith("label=")] if report else []
+    shown_labels = labels if len(labels) <= 4 else []
     table = Table(title=f"partitions: {cfg.data.dataset}, {cfg.data.partition}")
-    for column in ("client", "rows", *(k[len("label="):] for k in labels), "majority",
-                   "missing cells"):
+    for column in ("client", "rows", *(k[len("label="):] for k in shown_labels), "classes",
+                   "majority", "missing cells"):
         table.add_column(column, justify="right")
     shown = report if len(report) <= 20 else report[:10] + report[-5:]
     for r in shown:
         small = " (< batch)" if r["rows"] < cfg.train.batch_size else ""
-        table.add_row(str(r["client"]), f"{r['rows']}{small}", *(str(r[k]) for k in labels),
+        present = sum(r[k] > 0 for k in labels)
+        table.add_row(str(r["client"]), f"{r['rows']}{small}",
+                      *(str(r[k]) for k in shown_labels), f"{present}/{len(labels)}",
                       f"{r['majority-share']:.2f}", str(r["missing-cells"]))
         if len(report) > 20 and r is report[9]:
-            table.add_row("…", *([""] * (len(labels) + 3)))
+            table.add_row("…", *([""] * (len(shown_labels) + 4)))
     console.print(table)
 
 

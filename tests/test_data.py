@@ -92,3 +92,19 @@ def test_partition_report_covers_every_row(kind):
         assert r["label=<=50K"] + r["label=>50K"] == r["rows"]
     # Adult's train file has 4,262 cells marked "?"
     assert sum(r["missing-cells"] for r in report) == 4262
+
+
+def test_a_node_reads_its_own_file_with_a_declared_schema(tmp_path):
+    mine = tmp_path / "node.csv"
+    mine.write_text("age,colour,label\n30,red,no\n40,blue,yes\n50,green,yes\n35,,no\n")
+    base = ["data.dataset=csv", "data.path=\"unused.csv\"", "data.label=label"]
+    cfg = load_config(CONFIGS_DIR / "tiny.toml", [
+        *base, "data.classes=[\"no\", \"yes\"]",
+        "data.categories={ colour = [\"red\", \"blue\", \"green\", \"grey\"] }"])
+    data = client_data(cfg, 0, data_path=str(mine))
+    assert data.feature_names == ("age", "colour=red", "colour=blue", "colour=green",
+                                  "colour=grey", "colour=other")
+    assert data.labels.tolist() == [0, 1, 1, 0] and data.features.shape == (4, 6)
+    undeclared = load_config(CONFIGS_DIR / "tiny.toml", [*base, "name=other"])
+    with pytest.raises(ValueError, match="node.csv.*declare data.classes and data.categories"):
+        client_data(undeclared, 0, data_path=str(mine))

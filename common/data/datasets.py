@@ -137,6 +137,49 @@ def _report_skipped(table: tables.RawTable) -> None:
 
 
 @functools.lru_cache(maxsize=2)
+def node_source(data: DataConfig, data_path: str, markers: tuple[str, ...]) -> TabularSource:
+    """A deployed node's own file: all its rows are its partition.
+
+    Nodes never see each other's files, so they can only agree on the feature columns if
+    the schema does not depend on the rows: Adult's is built in; for csv/parquet the
+    vocabulary of every categorical column and the classes must be declared.
+    """
+    if data.dataset in IMAGE_DATASETS:
+        raise ValueError(f"node data-path = {data_path}: own files are read for tabular "
+                         f"datasets; {data.dataset!r} is not one")
+    label = adult.LABEL if data.dataset == "adult" else data.label
+    table = tables.read_table(data_path, label=label, bad_lines=data.bad_lines)
+    _report_skipped(table)
+    if data.dataset == "adult":
+        schema = tabular_source(data, 0, markers).schema
+    else:
+        declared, classes = shaped(data.categories, {}), shaped(data.classes, [])
+        inferred = tables.infer_schema(
+            [table], label=label, column_types=shaped(data.column_types, {}),
+            categories=declared, classes=classes, missing_markers=list(markers))
+        undeclared = [c for c in inferred.categories if c not in declared]
+        if undeclared or not classes:
+            raise ValueError(
+                f"{data_path}: each node reads only its own file, so the features must not "
+                f"depend on its rows: declare data.classes and data.categories for "
+                f"{undeclared or 'every categorical column'}")
+        schema = Schema(tuple(inferred.numeric), dict(inferred.categories), label,
+                        tuple(classes), _bounds(data, {}))
+    columns = [*schema.numeric, *schema.categories, schema.label]
+    absent = [c for c in columns if c not in table.frame.columns]
+    if absent:
+        raise ValueError(f"{data_path}: column(s) {absent} missing; expected {columns}")
+    frame = table.frame[columns]
+    return TabularSource(frame, frame.iloc[:0], schema, data_path)
+
+
+def _source(cfg: ExperimentConfig, data_path: str = "") -> TabularSource:
+    if data_path:
+        return node_source(cfg.data, data_path, missing_markers(cfg))
+    return tabular_source(cfg.data, cfg.seed, missing_markers(cfg))
+
+
+@functools.lru_cache(maxsize=2)
 def image_source(data: DataConfig, seed: int) -> ImageSource:
     if data.dataset == "digits":
         return ImageSource(images.load_digits("train", seed=seed, test_fraction=data.test_fraction),
@@ -194,15 +237,16 @@ def partitions(cfg: ExperimentConfig) -> tuple[np.ndarray, ...]:
 
 
 def client_rows(cfg: ExperimentConfig, client_id: int) -> pd.DataFrame:
-    """The client's raw rows (tabular datasets)."""
+    """The client's raw rows (tabular datasets, simulation)."""
     source = tabular_source(cfg.data, cfg.seed, missing_markers(cfg))
     return source.train.iloc[partitions(cfg)[client_id]]
 
 
 def clean_rows(cfg: ExperimentConfig, frame: pd.DataFrame, where: str, *,
-               drop_duplicates: bool) -> tuple[pd.DataFrame, np.ndarray, CleaningReport]:
-    schema = tabular_source(cfg.data, cfg.seed, missing_markers(cfg)).schema
-    cleaned, report = clean(frame, numeric=list(schema.numeric), label=schema.label,
+               drop_duplicates: bool, data_path: str = ""
+               ) -> tuple[pd.DataFrame, np.ndarray, CleaningReport]:
+    table = _source(cfg, data_path).schema
+    cleaned, report = clean(frame, numeric=list(table.numeric), label=table.label,
                             missing_markers=list(missing_markers(cfg)),
                             drop_duplicates=drop_duplicates)
     if report.unparseable_numbers:
@@ -210,40 +254,47 @@ def clean_rows(cfg: ExperimentConfig, frame: pd.DataFrame, where: str, *,
                     where, report.unparseable_numbers)
     if len(cleaned) == 0:
         raise ValueError(f"{where}: no rows left after cleaning ({report.as_dict()})")
-    labels = encode_labels(cleaned[schema.label], schema.classes, where)
+    labels = encode_labels(cleaned[table.label], table.classes, where)
     return cleaned, labels, report
 
 
 @functools.lru_cache(maxsize=4)
-def cleaned_client(cfg: ExperimentConfig, client_id: int
+def cleaned_client(cfg: ExperimentConfig, client_id: int, data_path: str = ""
                    ) -> tuple[pd.DataFrame, np.ndarray, CleaningReport]:
+    """The client's rows after cleaning: its partition in simulation, or, when the node
+    names its own file (`data-path`), that file's rows."""
+    if data_path:
+        return clean_rows(cfg, node_source(cfg.data, data_path, missing_markers(cfg)).train,
+                          data_path, drop_duplicates=cfg.preprocess.drop_duplicates,
+                          data_path=data_path)
     where = f"{cfg.data.dataset} client {client_id}"
     return clean_rows(cfg, client_rows(cfg, client_id), where,
                       drop_duplicates=cfg.preprocess.drop_duplicates)
 
 
 @functools.lru_cache(maxsize=4)
-def _client_data(cfg: ExperimentConfig, client_id: int, transform_json: str) -> ClientData:
+def _client_data(cfg: ExperimentConfig, client_id: int, transform_json: str,
+                 data_path: str) -> ClientData:
     if cfg.data.dataset in IMAGE_DATASETS:
         split = image_source(cfg.data, cfg.seed).train
         rows = partitions(cfg)[client_id]
         n = len(rows)
         return ClientData(split.images[rows], split.labels[rows],
                           CleaningReport(n, 0, 0, 0, 0, 0, n), ())
-    cleaned, labels, report = cleaned_client(cfg, client_id)
-    schema = tabular_source(cfg.data, cfg.seed, missing_markers(cfg)).schema
+    cleaned, labels, report = cleaned_client(cfg, client_id, data_path)
     transform = (FittedTransform.from_json(transform_json) if transform_json
-                 else fit_local(cleaned, schema, cfg.preprocess))
+                 else fit_local(cleaned, _source(cfg, data_path).schema, cfg.preprocess))
     return ClientData(transform.apply(cleaned), labels, report,
                       tuple(transform.feature_names()))
 
 
-def client_data(cfg: ExperimentConfig, client_id: int, transform_json: str = "") -> ClientData:
+def client_data(cfg: ExperimentConfig, client_id: int, transform_json: str = "",
+                data_path: str = "") -> ClientData:
     """The client's own rows, cleaned and transformed: with a transform fitted on those rows
     only, or with the shared one the server sent (`preprocess.fit = "federated"`)."""
     if not 0 <= client_id < cfg.num_clients:
         raise ValueError(f"client id {client_id} outside 0..{cfg.num_clients - 1}")
-    return _client_data(cfg, client_id, transform_json)
+    return _client_data(cfg, client_id, transform_json, data_path)
 
 
 @functools.lru_cache(maxsize=2)
@@ -255,7 +306,7 @@ def test_data(cfg: ExperimentConfig, transform_json: str = "") -> ClientData:
         split = image_source(cfg.data, cfg.seed).test
         n = len(split.labels)
         # a writable copy: the cached arrays are read-only, and torch warns on those
-        return ClientData(np.array(split.images), split.labels, CleaningReport(n, 0, 0, 0, 0, 0, n), ())
+        return ClientData(np.array(split.images), np.array(split.labels), CleaningReport(n, 0, 0, 0, 0, 0, n), ())
     source = tabular_source(cfg.data, cfg.seed, missing_markers(cfg))
     cleaned, labels, report = clean_rows(cfg, source.test, f"{cfg.data.dataset} test",
                                          drop_duplicates=False)
@@ -275,8 +326,8 @@ def num_classes(cfg: ExperimentConfig) -> int:
     return len(classes(cfg))
 
 
-def schema(cfg: ExperimentConfig) -> Schema:
-    return tabular_source(cfg.data, cfg.seed, missing_markers(cfg)).schema
+def schema(cfg: ExperimentConfig, data_path: str = "") -> Schema:
+    return _source(cfg, data_path).schema
 
 
 def client_sizes(cfg: ExperimentConfig) -> list[int]:
