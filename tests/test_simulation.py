@@ -79,7 +79,7 @@ def test_tiny_run_completes_and_writes_results(tiny_run):
     assert [int(r["round"]) for r in rows(out / "rounds.csv")] == list(range(1, cfg.rounds + 1))
     assert load_config(out / "config.toml", [f"out-dir={cfg.out_dir}"]) == cfg
     model = torch.load(out / "model.pt")
-    assert model["round"] == cfg.rounds and "0.weight" in model["state_dict"]
+    assert model["round"] == cfg.rounds and "1.weight" in model["state_dict"]
     assert (out / "accuracy_epsilon.png").stat().st_size > 1000
     assert f"round   1/{cfg.rounds}" in stdout and "test accuracy" in stdout
     assert_no_new_ray_processes(before)
