@@ -288,6 +288,27 @@ def _client_data(cfg: ExperimentConfig, client_id: int, transform_json: str,
                       tuple(transform.feature_names()))
 
 
+def client_transform(cfg: ExperimentConfig, client_id: int, transform_json: str = ""
+                     ) -> FittedTransform | None:
+    """The transform client `client_id` applies (None for images): the shared one, or the
+    one it fits on its own rows. Lets an auditor encode other rows exactly as it did."""
+    if cfg.data.dataset in IMAGE_DATASETS:
+        return None
+    if transform_json:
+        return FittedTransform.from_json(transform_json)
+    cleaned, _, _ = cleaned_client(cfg, client_id)
+    return fit_local(cleaned, tabular_source(cfg.data, cfg.seed, missing_markers(cfg)).schema,
+                     cfg.preprocess)
+
+
+def test_rows(cfg: ExperimentConfig) -> tuple[pd.DataFrame, np.ndarray]:
+    """The server's held-out rows, cleaned but not transformed (tabular datasets)."""
+    source = tabular_source(cfg.data, cfg.seed, missing_markers(cfg))
+    cleaned, labels, _ = clean_rows(cfg, source.test, f"{cfg.data.dataset} test",
+                                    drop_duplicates=False)
+    return cleaned, labels
+
+
 def client_data(cfg: ExperimentConfig, client_id: int, transform_json: str = "",
                 data_path: str = "") -> ClientData:
     """The client's own rows, cleaned and transformed: with a transform fitted on those rows
