@@ -161,7 +161,7 @@ def simulate(
     from experiments import simulation  # heavy imports (torch, flwr, ray) only now
 
     try:
-        report = simulation.preflight(cfg)
+        report, data_warnings = simulation.preflight(cfg)
     except (ValueError, FileNotFoundError) as error:
         fail(f"{config}: {error}")
     if (run_dir / results.SUMMARY).exists() and not overwrite:
@@ -182,6 +182,8 @@ def simulate(
     console.print(f"privet: {cfg.name}: {cfg.num_clients} clients, {cfg.clients_per_round} "
                   f"per round, {cfg.rounds} rounds, {privacy} → {run_dir}")
 
+    for line in data_warnings:
+        err.print(f"privet: warning: {line}")
     print_partitions(report, cfg)
     watcher = RoundWatcher(run_dir, cfg)
     watcher.start()

@@ -21,12 +21,17 @@ SERVER_APP = "server.app:app"
 CLIENT_APP = "clients.app:app"
 
 
+CPUS_ENV = "PRIVET_CPUS"  # caps the cores; `privet compare --jobs N` splits the machine with it
+
+
 def simulation_cpus() -> int:
     """Cores Ray may use; each ClientApp actor takes one and runs one torch thread."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    limit = os.environ.get(CPUS_ENV, "").strip()
+    return max(1, min(cores, int(limit))) if limit.isdigit() else cores
 
 
 def backend_config(num_cpus: int, ray_address: str | None = None) -> dict:
@@ -70,12 +75,13 @@ def _ray_stopped_on_exit():
             pass
 
 
-def preflight(cfg: ExperimentConfig) -> list[dict]:
+def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
     """Fail before Ray starts if the data cannot be read or split as configured; return
-    the partition report (rows, label balance, missing cells per client)."""
+    the partition report (rows, label balance, missing cells per client) and what reading
+    the files skipped or will clean (skipped lines, non-numeric cells)."""
     from common.config import IMAGE_DATASETS
     from common.data import federated
-    from common.data.datasets import partition_report, schema, test_data
+    from common.data.datasets import partition_report, schema, source_warnings, test_data
 
     report = partition_report(cfg)
     if cfg.preprocess.fit == "federated":
@@ -104,7 +110,7 @@ def preflight(cfg: ExperimentConfig) -> list[dict]:
                 f"small for adaptive clipping at user-level σ = {sigma:.3f}: it must exceed "
                 f"σ/2 = {sigma / 2:.3f}; raise it, or the cohort, or privacy.user-epsilon"
             ) from None
-    return report
+    return report, source_warnings(cfg)
 
 
 def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False) -> None:

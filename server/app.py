@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import records as R
 from common.config import ExperimentConfig, from_run_config
-from common.data.datasets import num_classes, partition_report, test_data
+from common.data.datasets import num_classes, partition_report, source_warnings, test_data
 from common.evaluation import evaluate as evaluate_model
 from common.models import build_model
 from common.privacy.accountants import calibrate_noise
@@ -73,6 +73,7 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RunRecorder(run_dir, cfg)
     log.info("privet: run directory %s", run_dir)
     recorder.write_partitions(partition_report(cfg))
+    recorder.data_warnings = list(source_warnings(cfg))
     transform = ""
     if cfg.preprocess.fit == "federated":
         fitted = fit_shared_transform(grid, cfg)

@@ -44,6 +44,7 @@ class RunRecorder:
         self.user_strategy = None  # the UserLevelDPFedAvg, when user-level DP is on
         self.partitions: list[dict] = []
         self.transform_features: int | None = None
+        self.data_warnings: list[str] = []  # skipped lines, non-numeric cells in the files
         self.run_dir.mkdir(parents=True, exist_ok=True)
         results.atomic_write_text(self.run_dir / results.CONFIG, cfg.to_toml())
 
@@ -195,6 +196,7 @@ class RunRecorder:
                             for cid, c in self._sorted_clients()},
             },
             "data": {cid: c.get("data", {}) for cid, c in self._sorted_clients()},
+            "data_warnings": self.data_warnings,
             "preprocess": {"fit": self.cfg.preprocess.fit,
                            "epsilon": self.cfg.preprocess.epsilon
                            if self.cfg.preprocess.fit == "federated" else None,

@@ -31,13 +31,15 @@ def csv_run(tmp_path_factory):
         lines = [",".join(cells) for cells in raw.iloc[start:stop].itertuples(index=False)]
         if name == "client1.csv":
             lines[3] = lines[3].replace(lines[3].split(",")[0], "forty", 1)  # bad age
+        if name == "client0.csv":
+            lines.insert(10, "39,State-gov,77516")  # a truncated line: skipped and counted
         (folder / name).write_text(header + "\n" + "\n".join(lines) + "\n")
     test = folder.parent / "test.csv"
     raw.iloc[2000:3000].to_csv(test, index=False, header=adult.COLUMNS)
     out = tmp_path_factory.mktemp("csv") / "run"
     code, stdout = run(out, "data.dataset=csv", f"data.path={json.dumps(str(folder))}",
                        "data.label=income", f"data.test-path={json.dumps(str(test))}",
-                       "name=csv")
+                       "data.bad-lines=skip", "name=csv")
     return out, code, stdout
 
 
@@ -54,6 +56,10 @@ def test_csv_folder_run_completes_and_reports_every_client(csv_run):
     assert ("1", "2", "too-small") in statuses
     assert not [s for s in statuses if s[0] == "2" and s[1] == "2"]  # not sampled again
     assert "30 (< batch)" in stdout and "left out: too few rows" in stdout
+    said = " ".join(stdout.split())  # rich wraps long lines
+    assert "client1.csv: column 'age': 1 non-numeric value(s), e.g. line 5: 'forty'" in said
+    assert "client0.csv: skipped 1 line(s) with the wrong number of fields" in said
+    assert len(summary["data_warnings"]) == 2
 
 
 def test_a_bad_csv_line_stops_the_run_naming_file_and_line(tmp_path):

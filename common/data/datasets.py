@@ -45,6 +45,7 @@ class TabularSource:
     schema: Schema
     where: str                     # the file(s), for messages
     files: tuple[pd.DataFrame, ...] = ()  # folder mode: one frame per client
+    warnings: tuple[str, ...] = ()  # skipped lines, non-numeric cells: shown to the user
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,6 @@ def tabular_source(data: DataConfig, seed: int, markers: tuple[str, ...]) -> Tab
         found = [tables.read_table(path, label=data.label, bad_lines=data.bad_lines)]
     test_tables = ([tables.read_table(data.test_path, label=data.label,
                                       bad_lines=data.bad_lines)] if data.test_path else [])
-    for table in found + test_tables:
-        _report_skipped(table)
     inferred = tables.infer_schema(
         found + test_tables, label=data.label, column_types=shaped(data.column_types, {}),
         categories=shaped(data.categories, {}), classes=shaped(data.classes, []),
@@ -115,6 +114,7 @@ def tabular_source(data: DataConfig, seed: int, markers: tuple[str, ...]) -> Tab
     schema = Schema(tuple(inferred.numeric), dict(inferred.categories), inferred.label,
                     tuple(inferred.classes), _bounds(data, {}))
     columns = [*schema.numeric, *schema.categories, schema.label]
+    warnings = _file_warnings(found + test_tables, schema, markers)
     frames = [t.frame[columns] for t in found]
     if test_tables:
         test = test_tables[0].frame[columns]
@@ -124,16 +124,33 @@ def tabular_source(data: DataConfig, seed: int, markers: tuple[str, ...]) -> Tab
                                                          ignore_index=True)
     where = str(path)
     if len(frames) == 1:
-        return TabularSource(frames[0], test, schema, where)
+        return TabularSource(frames[0], test, schema, where, warnings=warnings)
     return TabularSource(pd.concat(frames, ignore_index=True), test, schema, where,
-                         files=tuple(frames))
+                         files=tuple(frames), warnings=warnings)
 
 
-def _report_skipped(table: tables.RawTable) -> None:
-    if table.skipped_lines:
-        log.warning("%s: skipped %d line(s) with the wrong number of fields, e.g. line %s "
-                    "(data.bad-lines = \"skip\")", table.path, len(table.skipped_lines),
-                    table.skipped_lines[0])
+def _file_warnings(found: list[tables.RawTable], schema: Schema,
+                   markers: tuple[str, ...]) -> tuple[str, ...]:
+    """What reading and cleaning will do to the files, said once, before the run."""
+    out = []
+    for table in found:
+        if table.skipped_lines:
+            shown = ", ".join(map(str, table.skipped_lines[:5]))
+            out.append(f"{table.path.name}: skipped {len(table.skipped_lines)} line(s) with the "
+                       f"wrong number of fields (data.bad-lines = \"skip\"): {shown}"
+                       + (" …" if len(table.skipped_lines) > 5 else ""))
+        bad = tables.describe_bad_numbers(
+            table, tables.check_numeric(table, schema.numeric, list(markers)))
+        out += [line for line in bad.splitlines() if line]
+    for line in out:
+        log.warning("privet: %s", line)
+    return tuple(out)
+
+
+def source_warnings(cfg: ExperimentConfig) -> tuple[str, ...]:
+    if cfg.data.dataset in IMAGE_DATASETS:
+        return ()
+    return tabular_source(cfg.data, cfg.seed, missing_markers(cfg)).warnings
 
 
 @functools.lru_cache(maxsize=2)
@@ -149,7 +166,6 @@ def node_source(data: DataConfig, data_path: str, markers: tuple[str, ...]) -> T
                          f"datasets; {data.dataset!r} is not one")
     label = adult.LABEL if data.dataset == "adult" else data.label
     table = tables.read_table(data_path, label=label, bad_lines=data.bad_lines)
-    _report_skipped(table)
     if data.dataset == "adult":
         schema = tabular_source(data, 0, markers).schema
     else:
@@ -170,7 +186,8 @@ def node_source(data: DataConfig, data_path: str, markers: tuple[str, ...]) -> T
     if absent:
         raise ValueError(f"{data_path}: column(s) {absent} missing; expected {columns}")
     frame = table.frame[columns]
-    return TabularSource(frame, frame.iloc[:0], schema, data_path)
+    return TabularSource(frame, frame.iloc[:0], schema, data_path,
+                         warnings=_file_warnings([table], schema, markers))
 
 
 def _source(cfg: ExperimentConfig, data_path: str = "") -> TabularSource:
