@@ -92,6 +92,9 @@ def test_partition_report_covers_every_row(kind):
         assert r["label=<=50K"] + r["label=>50K"] == r["rows"]
     # Adult's train file has 4,262 cells marked "?"
     assert sum(r["missing-cells"] for r in report) == 4262
+    if kind == "natural":  # the values each client holds are named
+        assert report[0]["native-country"] == "United-States"
+        assert "(missing)" in " + ".join(r["native-country"] for r in report)
 
 
 def test_a_node_reads_its_own_file_with_a_declared_schema(tmp_path):

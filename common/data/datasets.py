@@ -20,7 +20,7 @@ import pandas as pd
 
 from common.config import IMAGE_DATASETS, DataConfig, ExperimentConfig, shaped
 from common.data import adult, images, tables
-from common.data.partition import partition
+from common.data.partition import natural_groups, partition
 from common.data.preprocess import CleaningReport, FittedTransform, Schema, clean, fit_local
 
 log = logging.getLogger("flwr")
@@ -388,10 +388,15 @@ def partition_report(cfg: ExperimentConfig) -> list[dict]:
     text = source.train.astype(str).apply(lambda col: col.str.strip())
     missing = text.isin(markers).drop(columns=[source.schema.label]).sum(axis=1).to_numpy()
     labels = pd.Series(normalise_labels(source.train[source.schema.label]))
+    groups = None
+    if cfg.data.partition == "natural" and not source.files:
+        groups = natural_groups(_train_labels_and_groups(cfg)[1], cfg.num_clients)
     for client, rows in enumerate(partitions(cfg)):
         counts = labels.iloc[rows].value_counts()
         report.append(_report_row(client, len(rows), [int(counts.get(c, 0)) for c in names],
                                   names, int(missing[rows].sum())))
+        if groups is not None:  # which values of the natural column this client holds
+            report[-1][cfg.data.natural_column] = " + ".join(groups[client])
     return report
 
 
