@@ -277,6 +277,182 @@ def budget(
     console.print(f"plot: {planning.plot_sigma(needed, out)}")
 
 
+@app.command()
+def compare(
+    config: Annotated[Path, typer.Option(
+        "--config", "-c", help="experiment TOML file",
+        show_default="the shipped experiments/configs/adult.toml")] = DEFAULT_CONFIG,
+    epsilons: Annotated[str, typer.Option(
+        help="target ε values, comma-separated; inf adds the non-private baseline")
+                        ] = "0.5,1,2,4,8,inf",
+    seeds: Annotated[int, typer.Option(
+        min=1, help="runs per cell, with seeds seed, seed+1, ... (seed from the config)")] = 3,
+    levels: Annotated[str, typer.Option(
+        help="privacy levels, comma-separated: sample (privacy.epsilon), user "
+             "(privacy.user-epsilon)")] = "sample",
+    overrides: Annotated[Optional[list[str]], typer.Option(
+        "--set", "-s", help="override a key in every run, e.g. --set rounds=5 (repeatable)")
+                         ] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="comparison directory; run the same command again to resume",
+        show_default="runs/compare-<name>")] = None,
+    jobs: Annotated[int, typer.Option(
+        "--jobs", "-j", min=1, help="runs at a time; each gets cores/jobs CPUs")] = 1,
+) -> None:
+    """Run one simulation per level × ε × seed and compare accuracy, ε and the audit.
+
+    Writes compare.csv, summary.md, plots and a self-contained report.html into --out;
+    each run lives in OUT/runs/<level>-eps<ε>-seed<seed>. Finished runs with the same
+    config are reused, so an interrupted comparison resumes where it stopped.
+
+    Examples:
+
+      privet compare --config experiments/configs/adult.toml --epsilons 0.5,1,2,4,8,inf
+
+      privet compare --levels sample,user --seeds 2 --set rounds=5 --jobs 2 --out runs/cmp
+    """
+    from experiments import compare as grid
+    from experiments import report
+    from experiments.simulation import simulation_cpus
+
+    try:
+        eps, chosen = grid.parse_epsilons(epsilons), grid.parse_levels(levels)
+        base = load_config(config, overrides or [])
+        runs = grid.grid(base.seed, chosen, eps, seeds)
+        expected = grid.resolve(config, overrides or [], runs)
+    except ValueError as error:  # ConfigError included
+        fail(str(error))
+    out = (out or Path("runs") / f"compare-{base.name}").resolve()
+    cores = simulation_cpus()
+    cpus = max(1, cores // jobs)
+    audit = grid.audit_available()
+    cells = grid.Grid(config.resolve(), overrides or [], out, runs, expected, jobs, cpus, audit)
+    reused = sum(grid.reusable(cells.run_dir(r), expected[r]) for r in runs)
+    console.print(f"privet compare: {len(runs)} runs ({', '.join(chosen)} level × "
+                  f"ε {','.join(f'{e:g}' for e in eps)} × {seeds} seed(s)), {reused} already "
+                  f"done; {jobs} at a time × {cpus} CPU(s) → {out}")
+    if jobs > cores:
+        err.print(f"privet: warning: --jobs {jobs} > {cores} cores; runs will share cores")
+    if not audit:
+        err.print("privet: warning: common.audit is not available; the audit columns stay "
+                  "empty")
+    started = time.time()
+    code = 0
+    try:
+        if not grid.run_grid(cells, console):
+            code = 1
+    except KeyboardInterrupt:
+        code = 130
+    dirs = [cells.run_dir(r) for r in runs if (cells.run_dir(r) / results.CONFIG).is_file()]
+    if dirs:
+        built = report.build(dirs, out)
+        print_comparison(built)
+        console.print(f"report: {out / report.HTML}  ({time.time() - started:.0f}s)")
+    if code:
+        failed = [r.name for r in runs if cells.state.get(r) != "done"]
+        err.print(f"privet: {len(failed)} run(s) did not finish: {', '.join(failed)}; "
+                  "re-run the same command to retry them")
+        raise typer.Exit(code)
+
+
+@app.command()
+def report(
+    paths: Annotated[list[Path], typer.Argument(
+        help="run directories, or a compare directory (its runs/ are used)")],
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="where to write the report",
+        show_default="the compare directory, when one is given")] = None,
+) -> None:
+    """Rebuild compare.csv, summary.md, the plots and report.html from finished runs.
+
+    Nothing is trained: level, ε and seed come from each run's config.toml, audit results
+    from its audit.json when present.
+
+    Examples:
+
+      privet report runs/compare-adult
+
+      privet report runs/a runs/b runs/no-dp --out runs/ab-report
+    """
+    from experiments import report as reporting
+
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        fail(f"not found: {', '.join(missing)}")
+    if out is None:
+        if len(paths) == 1 and (paths[0] / "runs").is_dir():
+            out = paths[0]
+        else:
+            fail("give --out DIR (only a single compare directory is its own default)")
+    dirs = reporting.find_run_dirs(paths)
+    if not dirs:
+        fail(f"no run directories (with {results.CONFIG}) in {', '.join(map(str, paths))}")
+    try:
+        built = reporting.build(dirs, out)
+    except ValueError as error:
+        fail(str(error))
+    print_comparison(built)
+    console.print(f"{len(dirs)} run(s); report: {out / reporting.HTML}")
+
+
+@app.command()
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    max_rows: Annotated[int, typer.Option(min=1, help="rows audited (members + non-members)")
+                        ] = 5000,
+    seed: Annotated[int, typer.Option(help="seed of the audit's sampling")] = 0,
+) -> None:
+    """Membership-inference audit of a run: an empirical lower bound on its ε.
+
+    Writes RUN_DIR/audit.json. A violation (lower bound above the accounted ε) means the
+    privacy accounting or its implementation is wrong.
+
+    Example:
+
+      privet audit runs/a
+    """
+    if not (run_dir / results.SUMMARY).is_file():
+        fail(f"{run_dir}: not a run directory (no {results.SUMMARY})")
+    from common.audit import audit_run
+
+    try:
+        found = audit_run(run_dir, max_rows=max_rows, seed=seed)
+    except (ValueError, FileNotFoundError) as error:  # the run cannot be audited: say why
+        fail(f"{run_dir}: audit: {error}")
+    table = Table(title=f"audit · {run_dir}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    tpr = found.get("tpr_at_fpr") or {}
+    for name, value in (("AUC", found.get("auc")), ("TPR at 1% FPR", tpr.get("0.01")),
+                        ("TPR at 0.1% FPR", tpr.get("0.001")),
+                        ("ε lower bound (empirical)", found.get("epsilon_lower_bound")),
+                        ("ε accounted", found.get("theoretical_epsilon"))):
+        table.add_row(name, "-" if value is None else f"{value:.4g}")
+    violation = bool(found.get("violation"))
+    table.add_row("violation", "[bold red]YES[/]" if violation else "no")
+    console.print(table)
+    if found.get("message"):
+        console.print(str(found["message"]), markup=False,
+                      style="bold red" if violation else None)
+
+
+def print_comparison(built) -> None:
+    """The summary over seeds; rows with an audit violation in red. Logs (no terminal, 80
+    columns) get the Markdown table: a wide rich table would be folded unreadably there."""
+    from experiments.report import markdown
+
+    if not console.is_terminal:
+        console.print(markdown(built.header, built.body), markup=False, end="", soft_wrap=True)
+        return
+    table = Table(title="privet compare · mean ± std over seeds")
+    for i, name in enumerate(built.header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for cells in built.body:
+        flagged = cells[-1] not in ("–", "0")
+        table.add_row(*cells, style="bold red" if flagged else None)
+    console.print(table)
+
+
 def _mark(run_dir: Path, status: str) -> None:
     """Record how a run ended when the server could not (it was cut off)."""
     from common.plots import plot_run
