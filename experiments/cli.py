@@ -298,6 +298,8 @@ def compare(
         show_default="runs/compare-<name>")] = None,
     jobs: Annotated[int, typer.Option(
         "--jobs", "-j", min=1, help="runs at a time; each gets cores/jobs CPUs")] = 1,
+    audit: Annotated[bool, typer.Option(
+        help="run the membership-inference audit after each run")] = True,
 ) -> None:
     """Run one simulation per level × ε × seed and compare accuracy, ε and the audit.
 
@@ -325,7 +327,6 @@ def compare(
     out = (out or Path("runs") / f"compare-{base.name}").resolve()
     cores = simulation_cpus()
     cpus = max(1, cores // jobs)
-    audit = grid.audit_available()
     cells = grid.Grid(config.resolve(), overrides or [], out, runs, expected, jobs, cpus, audit)
     reused = sum(grid.reusable(cells.run_dir(r), expected[r]) for r in runs)
     console.print(f"privet compare: {len(runs)} runs ({', '.join(chosen)} level × "
@@ -333,9 +334,6 @@ def compare(
                   f"done; {jobs} at a time × {cpus} CPU(s) → {out}")
     if jobs > cores:
         err.print(f"privet: warning: --jobs {jobs} > {cores} cores; runs will share cores")
-    if not audit:
-        err.print("privet: warning: common.audit is not available; the audit columns stay "
-                  "empty")
     started = time.time()
     code = 0
     try:

@@ -9,7 +9,6 @@ resolved config is reused; anything else (interrupted, failed, changed) is run a
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 import signal
@@ -101,14 +100,6 @@ def reusable(run_dir: Path, expected: ExperimentConfig) -> bool:
     except (OSError, ValueError):  # ConfigError is a ValueError
         return False
     return status in report.FINISHED and _comparable(done) == _comparable(expected)
-
-
-def audit_available() -> bool:
-    """common.audit comes from a separate change; without it the audit columns stay empty."""
-    try:
-        return importlib.util.find_spec("common.audit") is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def rounds_done(run_dir: Path) -> int:

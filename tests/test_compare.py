@@ -16,7 +16,6 @@ from common.config import CONFIGS_DIR, load_config
 from experiments import compare, report
 
 TINY = CONFIGS_DIR / "tiny.toml"
-AUDIT = (PROJECT_DIR / "common" / "audit.py").is_file()
 RUNS = ("sample-eps1-seed7", "none-epsinf-seed7")  # tiny.toml's seed is 7
 PROMISED = ["level", "epsilon_target", "seed", "epsilon_pld", "epsilon_prv", "epsilon_rdp",
             "accuracy", "loss", "rounds", "wall_seconds", "auc", "tpr_at_fpr_1pct",
@@ -120,9 +119,9 @@ def test_csv_has_a_row_per_run_with_every_column(grid):
     assert baseline["epsilon_pld"] == "inf" and baseline["epsilon_target"] == "inf"
     for row in rows:
         assert 0.5 < float(row["accuracy"]) <= 1 and float(row["wall_seconds"]) > 0
-        if AUDIT:  # the audit ran after each run
-            assert 0 <= float(row["auc"]) <= 1 and row["audit_violation"] in ("true", "false")
-            assert float(row["epsilon_lower_bound"]) >= 0 and row["tpr_at_fpr_1pct"]
+        # the audit ran after each run
+        assert 0 <= float(row["auc"]) <= 1 and row["audit_violation"] in ("true", "false")
+        assert float(row["epsilon_lower_bound"]) >= 0 and row["tpr_at_fpr_1pct"]
     summary_md = (out / report.SUMMARY_MD).read_text()
     assert summary_md.startswith("| level | ε target | runs | accuracy")
     assert "| sample | 1 | 1/1 |" in summary_md and "| none | ∞ | 1/1 |" in summary_md
