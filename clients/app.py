@@ -16,9 +16,17 @@ from flwr.clientapp import ClientApp
 
 from clients.train import sample_rate, steps_per_epoch, train_local
 from common import records as R
-from common.config import ExperimentConfig, from_run_config
+from common.config import IMAGE_DATASETS, ExperimentConfig, from_run_config
 from common.data import federated
-from common.data.datasets import ClientData, cleaned_client, client_data, num_classes, schema
+from common.data.datasets import (
+    ClientData,
+    classes,
+    cleaned_client,
+    client_data,
+    client_holdout,
+    num_classes,
+    schema,
+)
 from common.data.preprocess import FittedTransform
 from common.evaluation import evaluate as evaluate_model
 from common.models import GRAD_SAMPLE_MODE, build_model
@@ -96,8 +104,9 @@ def _ledger_metrics(ledger: PrivacyLedger) -> dict:
             R.LEDGER_STEPS: [int(n) for _, _, n in ledger.history]}
 
 
-def _model(cfg: ExperimentConfig, data: ClientData, arrays: ArrayRecord) -> torch.nn.Module:
-    model = build_model(cfg.train, data.features.shape[1:], num_classes(cfg))
+def _model(cfg: ExperimentConfig, data: ClientData, arrays: ArrayRecord, data_path: str
+           ) -> torch.nn.Module:
+    model = build_model(cfg.train, data.features.shape[1:], num_classes(cfg, data_path))
     R.load_arrays(model, arrays)
     return model
 
@@ -106,6 +115,29 @@ def _transform(msg: Message) -> str:
     """The shared transform the server fitted federatedly ("" = fit on own rows)."""
     config = msg.content.config_records.get("config")
     return str(config.get(R.TRANSFORM, "")) if config else ""
+
+
+@app.query("describe")
+def describe(msg: Message, context: Context) -> Message:
+    """What the server needs to build the model without holding any data: the example
+    shape and the classes; and, for the partition report, rows per class and missing cells.
+    Counts only, no rows."""
+    cfg = from_run_config(context.run_config)
+    client_id = _client_id(context)
+    train_share = client_data(cfg, client_id, _transform(msg), _data_path(context))
+    if cfg.data.dataset in IMAGE_DATASETS:
+        labels, report = train_share.labels, train_share.cleaning
+    else:
+        _, labels, report = cleaned_client(cfg, client_id, _data_path(context))
+    names = classes(cfg, _data_path(context))
+    if cfg.evaluation.mode == "federated":
+        labels = np.concatenate([labels, client_holdout(
+            cfg, client_id, _transform(msg), _data_path(context)).labels])
+    reply = ConfigRecord({
+        R.CLIENT_ID: client_id, "rows": report.rows_in, "missing-cells": report.missing_cells,
+        "classes": list(names), "label-counts": np.bincount(labels, minlength=len(names))
+        .astype(int).tolist(), "input-shape": list(train_share.features.shape[1:])})
+    return Message(RecordDict({"describe": reply}), reply_to=msg)
 
 
 @app.query()
@@ -150,7 +182,7 @@ def train(msg: Message, context: Context) -> Message:
     client_id = _client_id(context)
     data = client_data(cfg, client_id, _transform(msg), _data_path(context))
     server_round = int(msg.content["config"]["server-round"])
-    model = _model(cfg, data, msg.content["arrays"])
+    model = _model(cfg, data, msg.content["arrays"], _data_path(context))
     ledger_file = _ledger_file(cfg, context, client_id)
     ledger = _load_ledger(context, ledger_file)
     seed = cfg.seed * 1_000_003 + server_round * 1009 + client_id
@@ -204,11 +236,13 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on the client's own rows (federated evaluation)."""
+    """Evaluate the global model here: on the held-out share of this client's rows with
+    `evaluation.mode = "federated"`, else on all of them."""
     cfg = from_run_config(context.run_config)
-    data = client_data(cfg, _client_id(context), _transform(msg), _data_path(context))
-    model = _model(cfg, data, msg.content["arrays"])
+    args = (cfg, _client_id(context), _transform(msg), _data_path(context))
+    data = client_holdout(*args) if cfg.evaluation.mode == "federated" else client_data(*args)
+    model = _model(cfg, data, msg.content["arrays"], _data_path(context))
     loss, accuracy = evaluate_model(model, data.features, data.labels)
     metrics = MetricRecord({R.CLIENT_ID: _client_id(context), R.NUM_EXAMPLES: len(data),
-                            "eval-loss": loss, "eval-accuracy": accuracy})
+                            R.EVAL_LOSS: loss, R.EVAL_ACCURACY: accuracy})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -120,6 +120,17 @@ class PreprocessConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    mode: str = _spec("server", choices=("server", "federated"),
+                      help="server = the global model is evaluated on the server's test set; "
+                           "federated = every client evaluates it on a held-out share of its "
+                           "own rows and the server, holding no data, averages the results")
+    holdout: float = _spec(0.2, low=0.0, high=0.9, low_open=True,
+                           help="federated: share of each client's rows kept out of training "
+                                "(fixed by the seed) to evaluate on")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: str = _spec("mlp", choices=("mlp", "logreg", "cnn"),
                        help="model registry name (cnn: image datasets)")
@@ -177,6 +188,7 @@ class ExperimentConfig:
     out_dir: str = _spec("", help="run directory; empty = runs/<name>-<timestamp>")
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 

@@ -25,6 +25,8 @@ DATA_PREFIX = "data-"            # + a CleaningReport field: what cleaning did t
 LEDGER_SIGMA = "ledger-noise-multiplier"  # the ledger history, column by column
 LEDGER_RATE = "ledger-sample-rate"
 LEDGER_STEPS = "ledger-steps"
+EVAL_LOSS = "eval-loss"          # a client's evaluation of the global model
+EVAL_ACCURACY = "eval-accuracy"
 # Message config keys (ConfigRecord "config")
 TRANSFORM = "transform"          # the shared preprocessing transform, as JSON
 STAGE = "stage"                  # federated preprocessing: which statistics to send

@@ -98,7 +98,9 @@ def print_summary(run_dir: Path) -> None:
     eps_line = (" and ".join(parts) + f" at δ = {privacy['delta']:g} ({privacy['accountant']})"
                 if parts else "no differential privacy")
     accuracy = summary["accuracy"]
-    console.print(f"test accuracy [bold]{accuracy:.4f}[/] after {summary['rounds']} round(s); "
+    where = ("held-out accuracy (clients' own rows)" if summary.get("evaluation") == "federated"
+             else "test accuracy")
+    console.print(f"{where} [bold]{accuracy:.4f}[/] after {summary['rounds']} round(s); "
                   f"{eps_line}; {summary['wall_seconds']:.1f}s" if accuracy is not None else
                   f"no round finished; {eps_line}")
     console.print(f"results: {run_dir}")

@@ -7,6 +7,7 @@ the run directory is updated as each round finishes.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from datetime import datetime
@@ -22,6 +23,7 @@ from common.data.datasets import num_classes, partition_report, source_warnings,
 from common.evaluation import evaluate as evaluate_model
 from common.models import build_model
 from common.privacy.accountants import calibrate_noise
+from server.describe import describe_clients
 from server.preprocessing import fit_shared_transform
 from server.recorder import RunRecorder
 from server.strategy import PrivetFedAvg
@@ -72,19 +74,36 @@ def main(grid: Grid, context: Context) -> None:
 
     recorder = RunRecorder(run_dir, cfg)
     log.info("privet: run directory %s", run_dir)
-    recorder.write_partitions(partition_report(cfg))
-    recorder.data_warnings = list(source_warnings(cfg))
+    on_clients = cfg.evaluation.mode == "federated"  # then the server reads no rows at all
+    if on_clients:
+        described = describe_clients(grid, ConfigRecord({}))
+        recorder.write_partitions(described.report)
+        input_shape, classes = described.input_shape, described.classes
+    else:
+        recorder.write_partitions(partition_report(cfg))
+        recorder.data_warnings = list(source_warnings(cfg))
     transform = ""
     if cfg.preprocess.fit == "federated":
         fitted = fit_shared_transform(grid, cfg)
         transform = fitted.to_json()
         recorder.write_transform(fitted)
-    test = test_data(cfg, transform)
-    model = build_model(cfg.train, test.features.shape[1:], num_classes(cfg))
+        input_shape = (len(fitted.feature_names()),)
+    if not on_clients:
+        test = test_data(cfg, transform)
+        input_shape, classes = test.features.shape[1:], range(num_classes(cfg))
+    model = build_model(cfg.train, tuple(input_shape), len(classes))
+    strategy = build_strategy(cfg, recorder)
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        R.load_arrays(model, arrays)
-        loss, accuracy = evaluate_model(model, test.features, test.labels)
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if on_clients:  # the clients just evaluated this round's model on held-out rows
+            if server_round == 0:
+                return None
+            held_out = strategy.last_evaluation
+            loss = float(held_out.get(R.EVAL_LOSS, math.nan))
+            accuracy = float(held_out.get(R.EVAL_ACCURACY, math.nan))
+        else:
+            R.load_arrays(model, arrays)
+            loss, accuracy = evaluate_model(model, test.features, test.labels)
         if server_round > 0:
             recorder.end_round(server_round, loss, accuracy, arrays.to_torch_state_dict())
             log.info("privet: round %d/%d  test accuracy %.4f  max ε %s  user ε %s",
@@ -97,7 +116,6 @@ def main(grid: Grid, context: Context) -> None:
                                       f"clients-per-round = {cfg.clients_per_round}")
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
-    strategy = build_strategy(cfg, recorder)
     status = "failed"
     try:
         strategy.start(grid=grid, initial_arrays=R.to_arrays(model), num_rounds=cfg.rounds,
@@ -118,8 +136,9 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def build_strategy(cfg: ExperimentConfig, recorder: RunRecorder) -> PrivetFedAvg:
-    common = dict(on_train_replies=recorder.record_replies, fraction_evaluate=0.0,
-                  min_available_nodes=cfg.num_clients)
+    common = dict(on_train_replies=recorder.record_replies,
+                  fraction_evaluate=1.0 if cfg.evaluation.mode == "federated" else 0.0,
+                  min_evaluate_nodes=1, min_available_nodes=cfg.num_clients)
     if not cfg.user_level:
         return PrivetFedAvg(fraction_train=cfg.clients_per_round / cfg.num_clients,
                             min_train_nodes=cfg.clients_per_round, **common)

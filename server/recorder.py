@@ -197,6 +197,7 @@ class RunRecorder:
             },
             "data": {cid: c.get("data", {}) for cid, c in self._sorted_clients()},
             "data_warnings": self.data_warnings,
+            "evaluation": self.cfg.evaluation.mode,
             "preprocess": {"fit": self.cfg.preprocess.fit,
                            "epsilon": self.cfg.preprocess.epsilon
                            if self.cfg.preprocess.fit == "federated" else None,

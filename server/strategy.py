@@ -22,14 +22,19 @@ from common import records as R
 ReplyObserver = Callable[[int, list[Message]], None]
 
 
-def average_metrics(contents: list[RecordDict], weighting_key: str) -> MetricRecord:
+def average_metrics(contents: list[RecordDict], weighting_key: str,
+                    keys: tuple[str, ...] = R.AVERAGED) -> MetricRecord:
     """Example-weighted mean of the averaged metrics; per-client facts are not averaged."""
     metrics = [next(iter(c.metric_records.values())) for c in contents]
     total = sum(float(m[weighting_key]) for m in metrics)
     if total <= 0:
         return MetricRecord({})
     return MetricRecord({key: sum(float(m[key]) * float(m[weighting_key]) for m in metrics)
-                         / total for key in R.AVERAGED if all(key in m for m in metrics)})
+                         / total for key in keys if all(key in m for m in metrics)})
+
+
+def average_evaluations(contents: list[RecordDict], weighting_key: str) -> MetricRecord:
+    return average_metrics(contents, weighting_key, (R.EVAL_LOSS, R.EVAL_ACCURACY))
 
 
 class _Reachable:
@@ -48,9 +53,12 @@ class _Reachable:
 class PrivetFedAvg(FedAvg):
     def __init__(self, *, on_train_replies: ReplyObserver | None = None, **kwargs) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", average_metrics)
+        kwargs.setdefault("evaluate_metrics_aggr_fn", average_evaluations)
         super().__init__(**kwargs)
         self.on_train_replies = on_train_replies
         self.left_out: set[int] = set()  # node ids whose data is too small to train on
+        # the latest federated evaluation: clients' held-out rows, example-weighted
+        self.last_evaluation: MetricRecord = MetricRecord({})
 
     def reachable(self, grid: Grid) -> Grid:
         return _Reachable(grid, self.left_out)  # type: ignore[return-value]
@@ -77,3 +85,9 @@ class PrivetFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         return super().aggregate_train(server_round, self.observe_replies(server_round, replies))
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        metrics = super().aggregate_evaluate(server_round, replies)
+        self.last_evaluation = metrics if metrics is not None else MetricRecord({})
+        return metrics

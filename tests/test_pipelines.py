@@ -6,10 +6,15 @@ import json
 
 import dp_accounting
 import pytest
+import torch
 from dp_accounting.pld import pld_privacy_accountant
 from test_simulation import TINY, privet, rows
 
+from common.config import load_config
 from common.data import adult
+from common.data.datasets import client_data, client_holdout
+from common.evaluation import evaluate
+from common.models import build_model
 
 
 def run(out, *settings: str) -> tuple[int, str]:
@@ -97,3 +102,26 @@ def test_federated_preprocessing_is_accounted_in_each_ledger(tmp_path):
         independent = total.get_epsilon(delta)
         assert client["epsilon"] == pytest.approx(independent, rel=0.01)
         assert independent <= 2.0 * 1.001  # the run's target covers both
+
+
+def test_federated_evaluation_averages_the_clients_held_out_rows(tmp_path):
+    """The server holds no data: its accuracy is the example-weighted mean of what the
+    clients measure on their held-out rows, recomputed here from the saved model."""
+    out = tmp_path / "run"
+    code, stdout = run(out, "evaluation.mode=federated", "evaluation.holdout=0.25")
+    assert code == 0, stdout[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["evaluation"] == "federated" and "held-out accuracy" in stdout
+    cfg = load_config(out / "config.toml")
+    model = build_model(cfg.train, client_data(cfg, 0).features.shape[1:], 2)
+    model.load_state_dict(torch.load(out / "model.pt")["state_dict"])
+    correct = total = 0
+    for client in range(cfg.num_clients):
+        held_out = client_holdout(cfg, client)
+        train_rows = len(client_data(cfg, client))
+        assert abs(len(held_out) - 0.25 * (len(held_out) + train_rows)) <= 1
+        _, accuracy = evaluate(model, held_out.features, held_out.labels)
+        correct, total = correct + accuracy * len(held_out), total + len(held_out)
+    assert summary["accuracy"] == pytest.approx(correct / total, abs=1e-6)
+    partitions = rows(out / "partitions.csv")  # from the clients' own descriptions
+    assert [int(r["rows"]) for r in partitions] == [5060, 19077, 8424]

@@ -275,11 +275,22 @@ def clean_rows(cfg: ExperimentConfig, frame: pd.DataFrame, where: str, *,
     return cleaned, labels, report
 
 
+def holdout_mask(cfg: ExperimentConfig, client_id: int, rows: int) -> np.ndarray:
+    """Federated evaluation: which of a client's rows are held out (fixed by the seed).
+
+    Without federated evaluation nothing is held out: the server has its own test set."""
+    mask = np.zeros(rows, dtype=bool)
+    if cfg.evaluation.mode != "federated" or rows < 2:
+        return mask
+    count = min(max(1, round(rows * cfg.evaluation.holdout)), rows - 1)
+    rng = np.random.default_rng([cfg.seed, client_id, 0x401D])
+    mask[rng.permutation(rows)[:count]] = True
+    return mask
+
+
 @functools.lru_cache(maxsize=4)
-def cleaned_client(cfg: ExperimentConfig, client_id: int, data_path: str = ""
-                   ) -> tuple[pd.DataFrame, np.ndarray, CleaningReport]:
-    """The client's rows after cleaning: its partition in simulation, or, when the node
-    names its own file (`data-path`), that file's rows."""
+def _cleaned_all(cfg: ExperimentConfig, client_id: int, data_path: str
+                 ) -> tuple[pd.DataFrame, np.ndarray, CleaningReport]:
     if data_path:
         return clean_rows(cfg, node_source(cfg.data, data_path, missing_markers(cfg)).train,
                           data_path, drop_duplicates=cfg.preprocess.drop_duplicates,
@@ -289,20 +300,46 @@ def cleaned_client(cfg: ExperimentConfig, client_id: int, data_path: str = ""
                       drop_duplicates=cfg.preprocess.drop_duplicates)
 
 
+def cleaned_client(cfg: ExperimentConfig, client_id: int, data_path: str = "", *,
+                   held_out: bool = False
+                   ) -> tuple[pd.DataFrame, np.ndarray, CleaningReport]:
+    """The client's rows after cleaning: its partition in simulation, or, when the node
+    names its own file (`data-path`), that file's rows. With federated evaluation, the
+    training share (or, `held_out=True`, the share kept for evaluation); the cleaning
+    report always covers all of them."""
+    cleaned, labels, report = _cleaned_all(cfg, client_id, data_path)
+    keep = holdout_mask(cfg, client_id, len(cleaned)) == held_out
+    if keep.all():
+        return cleaned, labels, report
+    return cleaned[keep].reset_index(drop=True), labels[keep], report
+
+
 @functools.lru_cache(maxsize=4)
 def _client_data(cfg: ExperimentConfig, client_id: int, transform_json: str,
-                 data_path: str) -> ClientData:
+                 data_path: str, held_out: bool = False) -> ClientData:
     if cfg.data.dataset in IMAGE_DATASETS:
         split = image_source(cfg.data, cfg.seed).train
         rows = partitions(cfg)[client_id]
         n = len(rows)
+        rows = rows[holdout_mask(cfg, client_id, n) == held_out]
         return ClientData(split.images[rows], split.labels[rows],
                           CleaningReport(n, 0, 0, 0, 0, 0, n), ())
-    cleaned, labels, report = cleaned_client(cfg, client_id, data_path)
-    transform = (FittedTransform.from_json(transform_json) if transform_json
-                 else fit_local(cleaned, _source(cfg, data_path).schema, cfg.preprocess))
+    cleaned, labels, report = cleaned_client(cfg, client_id, data_path, held_out=held_out)
+    if transform_json:
+        transform = FittedTransform.from_json(transform_json)
+    else:  # fitted on the training share only: the held-out rows stay unseen
+        own, _, _ = cleaned_client(cfg, client_id, data_path)
+        transform = fit_local(own, _source(cfg, data_path).schema, cfg.preprocess)
     return ClientData(transform.apply(cleaned), labels, report,
                       tuple(transform.feature_names()))
+
+
+def client_holdout(cfg: ExperimentConfig, client_id: int, transform_json: str = "",
+                   data_path: str = "") -> ClientData:
+    """Federated evaluation: the client's held-out rows, encoded as its training rows are."""
+    if cfg.evaluation.mode != "federated":
+        raise ValueError("client_holdout: evaluation.mode is not \"federated\"")
+    return _client_data(cfg, client_id, transform_json, data_path, True)
 
 
 def client_transform(cfg: ExperimentConfig, client_id: int, transform_json: str = ""
@@ -354,14 +391,14 @@ def test_data(cfg: ExperimentConfig, transform_json: str = "") -> ClientData:
                       tuple(transform.feature_names()))
 
 
-def classes(cfg: ExperimentConfig) -> tuple[str, ...]:
+def classes(cfg: ExperimentConfig, data_path: str = "") -> tuple[str, ...]:
     if cfg.data.dataset in IMAGE_DATASETS:
         return image_source(cfg.data, cfg.seed).train.classes
-    return tabular_source(cfg.data, cfg.seed, missing_markers(cfg)).schema.classes
+    return _source(cfg, data_path).schema.classes
 
 
-def num_classes(cfg: ExperimentConfig) -> int:
-    return len(classes(cfg))
+def num_classes(cfg: ExperimentConfig, data_path: str = "") -> int:
+    return len(classes(cfg, data_path))
 
 
 def schema(cfg: ExperimentConfig, data_path: str = "") -> Schema:

@@ -1,0 +1,53 @@
+"""What a server that holds no data learns about its clients before round 1.
+
+With `evaluation.mode = "federated"` the server reads no rows: every client describes its
+data (counts only) so the server can build the model and write the partition report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from common import records as R
+
+TIMEOUT_SECONDS = 600
+
+
+@dataclass(frozen=True)
+class Described:
+    input_shape: tuple[int, ...]
+    classes: tuple[str, ...]
+    report: list[dict]  # as common.data.datasets.partition_report writes it
+
+
+def describe_clients(grid: Grid, config: ConfigRecord) -> Described:
+    nodes = sorted(grid.get_node_ids())
+    messages = [Message(RecordDict({"config": config}), dst_node_id=node,
+                        message_type="query.describe") for node in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=TIMEOUT_SECONDS))
+    failed = [r.error.reason for r in replies if r.has_error()]
+    if failed or len(replies) < len(messages):
+        raise RuntimeError(f"describing the clients: {len(replies) - len(failed)} of "
+                           f"{len(messages)} replied; errors: {failed[:3]}")
+    described = sorted((r.content["describe"] for r in replies),
+                       key=lambda d: int(d[R.CLIENT_ID]))
+    shapes = {tuple(int(v) for v in d["input-shape"]) for d in described}
+    names = {tuple(str(c) for c in d["classes"]) for d in described}
+    if len(shapes) != 1 or len(names) != 1:
+        raise RuntimeError(f"clients disagree on their data: example shapes {sorted(shapes)}, "
+                           f"classes {sorted(names)}; every node needs the same schema "
+                           "(data.categories, data.classes)")
+    classes = next(iter(names))
+    report = []
+    for d in described:
+        counts = [int(c) for c in d["label-counts"]]
+        rows = int(d["rows"])
+        row = {"client": int(d[R.CLIENT_ID]), "rows": rows}
+        row.update({f"label={n}": c for n, c in zip(classes, counts)})
+        row["majority-share"] = round(max(counts) / max(sum(counts), 1), 4)
+        row["missing-cells"] = int(d["missing-cells"])
+        report.append(row)
+    return Described(next(iter(shapes)), classes, report)
