@@ -185,6 +185,8 @@ class ExperimentConfig:
     rounds: int = _spec(20, low=1, high=10_000, help="federated rounds")
     num_clients: int = _spec(10, low=1, high=100_000, help="simulated clients")
     clients_per_round: int = _spec(10, low=1, help="clients sampled each round")
+    min_clients: int = _spec(1, low=1, help="fewest clients a round runs with: clients that "
+                                            "disconnect are left out while this many remain")
     out_dir: str = _spec("", help="run directory; empty = runs/<name>-<timestamp>")
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -217,6 +219,9 @@ class ExperimentConfig:
         if self.train.model == "cnn" and not images:
             raise ConfigError(f"train.model = \"cnn\": expected an image dataset "
                               f"({', '.join(IMAGE_DATASETS)}), not {self.data.dataset!r}")
+        if self.min_clients > self.clients_per_round:
+            raise ConfigError(f"min-clients = {self.min_clients}: must be ≤ clients-per-round "
+                              f"({self.clients_per_round})")
         if self.clients_per_round > self.num_clients:
             raise ConfigError(
                 f"clients-per-round = {self.clients_per_round}: must be ≤ num-clients "

@@ -138,10 +138,10 @@ def main(grid: Grid, context: Context) -> None:
 def build_strategy(cfg: ExperimentConfig, recorder: RunRecorder) -> PrivetFedAvg:
     common = dict(on_train_replies=recorder.record_replies,
                   fraction_evaluate=1.0 if cfg.evaluation.mode == "federated" else 0.0,
-                  min_evaluate_nodes=1, min_available_nodes=cfg.num_clients)
+                  min_evaluate_nodes=1, min_available_nodes=cfg.min_clients)
     if not cfg.user_level:
         return PrivetFedAvg(fraction_train=cfg.clients_per_round / cfg.num_clients,
-                            min_train_nodes=cfg.clients_per_round, **common)
+                            clients_per_round=cfg.clients_per_round, **common)
     p = cfg.privacy
     sigma = calibrate_noise(p.user_epsilon, p.delta, cfg.client_sample_rate, cfg.rounds,
                             p.accountant)

@@ -51,11 +51,13 @@ class _Reachable:
 
 
 class PrivetFedAvg(FedAvg):
-    def __init__(self, *, on_train_replies: ReplyObserver | None = None, **kwargs) -> None:
+    def __init__(self, *, on_train_replies: ReplyObserver | None = None,
+                 clients_per_round: int | None = None, **kwargs) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", average_metrics)
         kwargs.setdefault("evaluate_metrics_aggr_fn", average_evaluations)
         super().__init__(**kwargs)
         self.on_train_replies = on_train_replies
+        self.clients_per_round = clients_per_round
         self.left_out: set[int] = set()  # node ids whose data is too small to train on
         # the latest federated evaluation: clients' held-out rows, example-weighted
         self.last_evaluation: MetricRecord = MetricRecord({})
@@ -65,11 +67,14 @@ class PrivetFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        """Sample clients-per-round of the nodes that are connected and not left out; with
+        fewer connected, all of them, as long as min-clients (min_available_nodes) remain,
+        else wait for that many."""
         view = self.reachable(grid)
-        if self.left_out:  # sample from those left, never wait for the ones left out
-            available = len(view.get_node_ids())
-            self.min_available_nodes = min(self.min_available_nodes, available)
-            self.min_train_nodes = min(self.min_train_nodes, available)
+        available = len(view.get_node_ids())
+        if self.clients_per_round is not None:
+            self.min_train_nodes = min(self.clients_per_round,
+                                       max(available, self.min_available_nodes))
         return super().configure_train(server_round, arrays, config, view)
 
     def observe_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
