@@ -43,8 +43,11 @@ def fit_shared_transform(grid: Grid, cfg: ExperimentConfig) -> FittedTransform:
              "(ε = %s of each client's budget)", len(list(grid.get_node_ids())), rounds,
              sigma, cfg.preprocess.epsilon)
     table = schema(cfg)
-    totals = federated.sum_statistics(_collect(grid, "statistics"))
-    transform = federated.fit_federated(totals, table, cfg.preprocess)
+    replies = _collect(grid, "statistics")
+    totals = federated.sum_statistics(replies)
+    # every client adds its own noise: the sum carries sqrt(clients) times as much
+    noise_std = sigma * federated.stats_sensitivity(table) * len(replies) ** 0.5
+    transform = federated.fit_federated(totals, table, cfg.preprocess, noise_std)
     if cfg.preprocess.pca:
         pca = federated.sum_statistics(_collect(grid, "pca", transform))
         d = len(transform.feature_names())

@@ -189,3 +189,24 @@ def test_federated_bounds_are_required(tmp_path):
     schema = dataclasses.replace(SCHEMA, bounds={})
     with pytest.raises(ValueError, match="data.bounds.*age"):
         federated.client_statistics(ROWS, LABELS, schema, 10)
+
+
+def test_noisy_sums_never_collapse_the_scale():
+    """Adult's capital-loss: public bound 5,000, mostly 0. With the noise of ε = 0.3 on 14
+    columns from 10 clients the variance from noisy sums can come out negative; the scale
+    must then rest on the known noise level, not fall back to 1 (inputs in the thousands)."""
+    rng = np.random.default_rng(3)
+    n = 32_561
+    loss = np.where(rng.random(n) < 0.05, rng.normal(1900, 300, n).clip(0, 5000), 0.0)
+    frame = pd.DataFrame({"age": loss, "colour": ["red"] * n, "y": ["no"] * n})
+    labels = np.zeros(n, dtype=np.int64)
+    schema = dataclasses.replace(SCHEMA, bounds={"age": (0.0, 5000.0)})
+    exact = federated.client_statistics(frame, labels, schema, 64)
+    # σ = 11.2 (ε = 0.3, δ = 1e-5) × sqrt(1 + 4·6 + 8) (Adult's sensitivity) × sqrt(10 clients)
+    std = 11.2 * math.sqrt(33) * math.sqrt(10)
+    scales = []
+    for seed in range(30):
+        noisy = federated.add_noise(exact, std, np.random.default_rng(seed))
+        scales.append(federated.fit_federated(noisy, schema, options(fit="federated"),
+                                              std).numeric[0].scale)
+    assert 0.3 * loss.std() < min(scales) and max(scales) < 3 * loss.std()

@@ -132,24 +132,41 @@ def _quantile(hist: np.ndarray, edges: np.ndarray, q: float) -> float:
     return float(edges[i] + np.clip(inside, 0, 1) * (edges[i + 1] - edges[i]))
 
 
-def _numeric_step(stats: Statistics, schema: Schema, column: str, rows: float,
-                  options: PreprocessConfig) -> NumericStep:
+def _moments(stats: Statistics, schema: Schema, column: str, noise_std: float,
+             clip: tuple[float, float] = (-math.inf, math.inf)) -> tuple[float, float, float]:
+    """(mean, mean of squares, noise std of the variance) of a column's present values.
+
+    From the exact sums, or from the histogram when quantile clipping changes the values.
+    The noise on the sums is known to the server (`noise_std` per normalised component);
+    with a wide public bound it can exceed a small spread (Adult's capital-loss: bound
+    5,000, mostly 0), so the caller floors the variance at it rather than at 0.
+    """
     low, high = bounds_of(schema, column)
     unit = _unit(schema, column)
-    edges = np.linspace(low, high, options.bins + 1)
-    centers = (edges[:-1] + edges[1:]) / 2
+    count = max(float(stats[f"num:{column}:count"][0]), 1.0)
+    mean = float(stats[f"num:{column}:sum"][0]) * unit / count
+    second = float(stats[f"num:{column}:sumsq"][0]) * unit ** 2 / count
+    error = noise_std * unit ** 2 / count + 2 * abs(mean) * noise_std * unit / count
+    if clip != (-math.inf, math.inf):
+        hist = np.clip(stats[f"num:{column}:hist"].sum(axis=0), 0, None)
+        edges = np.linspace(low, high, len(hist) + 1)  # the clients' bins
+        values = np.clip((edges[:-1] + edges[1:]) / 2, *clip)
+        weight = max(hist.sum(), 1e-12)
+        return ((hist * values).sum() / weight, (hist * values ** 2).sum() / weight, error)
+    return mean, second, error
+
+
+def _numeric_step(stats: Statistics, schema: Schema, column: str, rows: float,
+                  options: PreprocessConfig, noise_std: float = 0.0) -> NumericStep:
+    low, high = bounds_of(schema, column)
     hist = np.clip(stats[f"num:{column}:hist"].sum(axis=0), 0, None)
+    edges = np.linspace(low, high, len(hist) + 1)
     count = max(float(stats[f"num:{column}:count"][0]), 0.0)
     clip_low, clip_high = -math.inf, math.inf
     if options.clip_quantile > 0:
         clip_low = _quantile(hist, edges, options.clip_quantile)
         clip_high = _quantile(hist, edges, 1 - options.clip_quantile)
-        values = np.clip(centers, clip_low, clip_high)
-        weight = max(hist.sum(), 1e-12)
-        mean, second = (hist * values).sum() / weight, (hist * values ** 2).sum() / weight
-    else:
-        mean = float(stats[f"num:{column}:sum"][0]) * unit / max(count, 1.0)
-        second = float(stats[f"num:{column}:sumsq"][0]) * unit ** 2 / max(count, 1.0)
+    mean, second, error = _moments(stats, schema, column, noise_std, (clip_low, clip_high))
     mean = float(np.clip(mean, low, high))
     if options.impute_numeric == "constant" or count < 1:
         fill = float(options.fill_value)
@@ -163,10 +180,10 @@ def _numeric_step(stats: Statistics, schema: Schema, column: str, rows: float,
     filled_mean = (count * mean + missing * fill) / total
     filled_second = (count * second + missing * fill ** 2) / total
     filled_hist = hist.copy()
-    filled_hist[_bin_index(np.array([fill]), low, high, options.bins)[0]] += missing
+    filled_hist[_bin_index(np.array([fill]), low, high, len(hist))[0]] += missing
     if options.scaling == "standard":
         center = filled_mean
-        scale = math.sqrt(max(filled_second - filled_mean ** 2, 0.0))
+        scale = math.sqrt(max(filled_second - filled_mean ** 2, error))
     elif options.scaling == "minmax":  # exact extremes are not private: 0.1% / 99.9% quantiles
         center = _quantile(filled_hist, edges, 0.001)
         scale = _quantile(filled_hist, edges, 0.999) - center
@@ -179,11 +196,13 @@ def _numeric_step(stats: Statistics, schema: Schema, column: str, rows: float,
                        float(scale) if scale > 1e-12 else 1.0)
 
 
-def fit_federated(stats: Statistics, schema: Schema, options: PreprocessConfig
-                  ) -> FittedTransform:
-    """One shared transform from the summed (noised) statistics of all clients."""
+def fit_federated(stats: Statistics, schema: Schema, options: PreprocessConfig,
+                  noise_std: float = 0.0) -> FittedTransform:
+    """One shared transform from the summed statistics of all clients; `noise_std` is the
+    std of the noise on each normalised component of the sum (0 when exact)."""
     rows = max(float(stats["label"].sum()), 1.0)
-    numeric = tuple(_numeric_step(stats, schema, c, rows, options) for c in schema.numeric)
+    numeric = tuple(_numeric_step(stats, schema, c, rows, options, noise_std)
+                    for c in schema.numeric)
     categorical = []
     for column, vocabulary in schema.categories.items():
         totals = np.clip(stats[f"cat:{column}:counts"].sum(axis=0)[:-1], 0, None)
@@ -197,23 +216,21 @@ def fit_federated(stats: Statistics, schema: Schema, options: PreprocessConfig
         categorical.append(CategoricalStep(column, tuple(kept), fill))
     transform = FittedTransform(numeric, tuple(categorical))
     if options.select != "none":
-        keep = _select(stats, schema, transform, rows, options)
+        keep = _select(stats, schema, transform, rows, options, noise_std)
         transform = FittedTransform(numeric, tuple(categorical), keep=keep)
     return transform
 
 
 def _feature_tables(stats: Statistics, schema: Schema, transform: FittedTransform,
-                    rows: float) -> list[tuple[float, np.ndarray]]:
+                    rows: float, options: PreprocessConfig, noise_std: float
+                    ) -> list[tuple[float, np.ndarray]]:
     """Per encoded feature: (variance after the transform, class × value contingency)."""
     tables = []
     for step in transform.numeric:
         hist = np.clip(stats[f"num:{step.column}:hist"], 0, None)
-        low, high = bounds_of(schema, step.column)
-        unit = _unit(schema, step.column)
-        count = max(float(stats[f"num:{step.column}:count"][0]), 1.0)
-        mean = float(stats[f"num:{step.column}:sum"][0]) * unit / count
-        second = float(stats[f"num:{step.column}:sumsq"][0]) * unit ** 2 / count
-        variance = max(second - mean ** 2, 0.0) / step.scale ** 2
+        mean, second, error = _moments(stats, schema, step.column, noise_std,
+                                       (step.clip_low, step.clip_high))
+        variance = max(second - mean ** 2, error) / step.scale ** 2
         tables.append((variance, hist))
     for step, (column, vocabulary) in zip(transform.categorical, schema.categories.items()):
         counts = np.clip(stats[f"cat:{column}:counts"], 0, None)  # class × (vocab + other)
@@ -245,8 +262,8 @@ def mutual_information(table: np.ndarray) -> float:
 
 
 def _select(stats: Statistics, schema: Schema, transform: FittedTransform, rows: float,
-            options: PreprocessConfig) -> tuple[int, ...]:
-    tables = _feature_tables(stats, schema, transform, rows)
+            options: PreprocessConfig, noise_std: float) -> tuple[int, ...]:
+    tables = _feature_tables(stats, schema, transform, rows, options, noise_std)
     if options.select == "variance":
         keep = [i for i, (variance, _) in enumerate(tables)
                 if variance > options.variance_threshold]
