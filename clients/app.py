@@ -44,7 +44,14 @@ app = ClientApp()
 
 
 def _client_id(context: Context) -> int:
-    return int(context.node_config["partition-id"])
+    """The participant's number: Flower's simulation sets it; a deployed node names it in
+    `--node-config "partition-id=<0..num-clients-1> data-path=<its file>"`."""
+    try:
+        return int(context.node_config["partition-id"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(
+            f"node config {dict(context.node_config)}: expected partition-id=<client number> "
+            "(and data-path=<file> when the node reads its own data)") from None
 
 
 def _data_path(context: Context) -> str:
