@@ -34,6 +34,12 @@ def describe_clients(grid: Grid, config: ConfigRecord) -> Described:
                            f"{len(messages)} replied; errors: {failed[:3]}")
     described = sorted((r.content["describe"] for r in replies),
                        key=lambda d: int(d[R.CLIENT_ID]))
+    ids = [int(d[R.CLIENT_ID]) for d in described]
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise RuntimeError(f"partition-id {repeated} is used by more than one node; each "
+                           "node needs its own (0..num-clients-1): they would share a "
+                           "privacy ledger and a client id")
     shapes = {tuple(int(v) for v in d["input-shape"]) for d in described}
     names = {tuple(str(c) for c in d["classes"]) for d in described}
     if len(shapes) != 1 or len(names) != 1:

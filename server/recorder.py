@@ -43,6 +43,7 @@ class RunRecorder:
         self._lock = threading.Lock()
         self.user_strategy = None  # the UserLevelDPFedAvg, when user-level DP is on
         self.partitions: list[dict] = []
+        self.client_nodes: dict[str, int] = {}  # client id -> the node that speaks for it
         self.transform_features: int | None = None
         self.data_warnings: list[str] = []  # skipped lines, non-numeric cells in the files
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -78,6 +79,10 @@ class RunRecorder:
                 continue
             m = msg.content["metrics"]
             client = str(int(m[R.CLIENT_ID]))
+            node = self.client_nodes.setdefault(client, msg.metadata.src_node_id)
+            if node != msg.metadata.src_node_id:
+                raise RuntimeError(f"partition-id {client} is used by two nodes ({node} and "
+                                   f"{msg.metadata.src_node_id}); each node needs its own")
             declined = bool(int(m.get(R.DECLINED, 0)))
             too_small = bool(int(m.get(R.TOO_SMALL, 0)))
             history = [[float(s), float(q), int(n)] for s, q, n in

@@ -1,0 +1,390 @@
+"""Deployment: certificates and command lines (fast), and a real SuperLink with real
+SuperNodes on loopback, TLS and node authentication on (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import PROJECT_DIR
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from typer.testing import CliRunner
+
+from common.config import CONFIGS_DIR, load_config
+from experiments import deploy
+from experiments.cli import app
+
+BIN = Path(sys.executable).parent
+
+
+def sans(cert_path: Path) -> tuple[set[str], set[str]]:
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return ({str(ip) for ip in names.get_values_for_type(x509.IPAddress)},
+            set(names.get_values_for_type(x509.DNSName)))
+
+
+# --- fast ------------------------------------------------------------------------------
+
+def test_certs_sans_permissions_and_formats_flower_reads(tmp_path):
+    from flwr.cli.supernode.register import try_load_public_key
+
+    files = deploy.make_certs(tmp_path, ["203.0.113.7", "Link.Example.org", "2001:db8::1"], 2,
+                              loopback=False)
+    ips, dns = sans(files.server_cert)
+    assert ips == {"203.0.113.7", "2001:db8::1"} and dns == {"link.example.org"}
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for secret in (tmp_path / deploy.CA_KEY, files.server_key,
+                   *(private for private, _ in files.node_keys)):
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
+    for private, public in files.node_keys:
+        # what flower-supernode --auth-supernode-private-key and flwr supernode register do
+        key = load_ssh_private_key(private.read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+        assert public.read_text().startswith("ecdsa-sha2-nistp384 ")
+        assert try_load_public_key(public)
+
+    # re-running keeps the CA and the node keys, and re-issues the server certificate
+    ca_before, node_before = files.ca_cert.read_bytes(), files.node_keys[0][0].read_bytes()
+    again = deploy.make_certs(tmp_path, ["203.0.113.8"], 3)
+    assert not again.new_ca and again.ca_cert.read_bytes() == ca_before
+    assert again.node_keys[0][0].read_bytes() == node_before and len(again.node_keys) == 3
+    ips, dns = sans(again.server_cert)
+    assert ips == {"203.0.113.8", "127.0.0.1", "::1"} and dns == {"localhost"}
+
+
+def test_certs_refuse_bad_hosts(tmp_path):
+    with pytest.raises(ValueError, match="not an IP address or a DNS name"):
+        deploy.make_certs(tmp_path, ["bad host!"])
+    with pytest.raises(ValueError, match="at least one --host"):
+        deploy.make_certs(tmp_path, [])
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_secure_by_default_and_insecure_only_on_request(tmp_path):
+    deploy.make_certs(tmp_path / "certs", ["127.0.0.1"], 1)
+    data = tmp_path / "data.csv"
+    data.write_text("x\n")
+    runner = CliRunner()
+    done = runner.invoke(app, ["deploy", "superlink", "--certs", str(tmp_path / "certs"),
+                               "--database", str(tmp_path / "s.db"), "--dry-run"])
+    assert done.exit_code == 0, done.output
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile",
+                 "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+                 "--database"):
+        assert flag in done.output
+    assert "--insecure" not in done.output
+    done = runner.invoke(app, ["deploy", "superlink", "--dry-run"])
+    assert done.exit_code == 2 and "--insecure" in done.output
+    done = runner.invoke(app, ["deploy", "superlink", "--insecure", "--dry-run"])
+    assert done.exit_code == 0 and "warning: insecure mode" in done.output
+    assert "--insecure" in done.output and "--enable-supernode-auth" not in done.output
+
+    node = ["deploy", "supernode", "--superlink", "203.0.113.7:8000", "--data", str(data),
+            "--partition-id", "3", "--dry-run"]
+    done = runner.invoke(app, node)
+    assert done.exit_code == 2 and "--root-certificates" in done.output
+    done = runner.invoke(app, node + ["--root-certificates", str(tmp_path / "certs/ca.pem"),
+                                      "--key", str(tmp_path / "certs/nodes/node-0.key")])
+    assert done.exit_code == 0, done.output
+    assert f'partition-id=3 data-path="{data.resolve()}"' in done.output
+    assert "--auth-supernode-private-key" in done.output and "--insecure" not in done.output
+    done = runner.invoke(app, node + ["--insecure"])
+    assert done.exit_code == 0 and "warning: insecure mode" in done.output
+
+
+def test_node_config_refuses_what_flower_cannot_parse(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    line = deploy.node_config(2, tmp_path / "node.csv", {"ledger-dir": str(tmp_path)})
+    assert parse_config_args([line]) == {"partition-id": 2,
+                                         "data-path": str((tmp_path / "node.csv").resolve()),
+                                         "ledger-dir": str(tmp_path)}
+    spaced = tmp_path / "my data" / "it's.csv"
+    assert parse_config_args([deploy.node_config(0, spaced)])["data-path"] == str(spaced)
+    with pytest.raises(ValueError, match="double quotes"):
+        deploy.node_config(0, tmp_path / 'say "hi".csv')
+
+
+def test_run_config_file_is_what_flower_reads(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    cfg = load_config(CONFIGS_DIR / "adult.toml",
+                      ["privacy.client-epsilon={ 1 = 1.0 }", 'out-dir="/srv/runs/a b"'])
+    path = deploy.run_config_file(cfg, tmp_path)
+    assert parse_config_args([str(path)]) == cfg.to_run_config()
+    cmd = deploy.run_command("lab", path)
+    assert cmd[1:] == ["run", str(PROJECT_DIR), "lab", "--run-config", str(path), "--stream"]
+
+
+def test_connection_is_written_where_flwr_reads_it(tmp_path, monkeypatch):
+    from flwr.cli.flower_config import read_superlink_connection
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    deploy.make_certs(tmp_path / "certs", ["127.0.0.1"])
+    done = CliRunner().invoke(app, ["deploy", "connection", "lab", "--superlink",
+                                    "203.0.113.7:8000", "--root-certificates",
+                                    str(tmp_path / "certs/ca.pem")])
+    assert done.exit_code == 0, done.output
+    found = read_superlink_connection("lab")
+    assert found.address == "203.0.113.7:8000" and not found.insecure
+    assert found.root_certificates == str((tmp_path / "certs/ca.pem").resolve())
+    assert read_superlink_connection("local").address  # Flower's own entries are kept
+
+
+# --- slow: real processes ----------------------------------------------------------------
+
+PLANTED = [f"Zzyzx-Planted-{i}" for i in range(3)]  # in native-country, never a real value
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _set_subreaper(on: bool) -> None:
+    """Orphans of our children (Flower starts its SuperExec, ServerApp and ClientApps in new
+    sessions; they outlive a killed parent for a moment) then become our children instead
+    of init's, so the process tree below this test is complete."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(36, int(on), 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def _reap() -> None:
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                return
+        except ChildProcessError:
+            return
+
+
+class Processes:
+    """Every process the test starts, each in its own session and logged to a file; teardown
+    stops the whole tree below the test process (a child subreaper keeps it complete)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.started, self.seen = root, [], set()
+
+    def start(self, name: str, cmd: list[str], env: dict, cwd: Path) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "w")
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        log.close()
+        self.started.append((name, proc))
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def ours(self) -> set[int]:
+        tree, found = _children(), set()
+        stack = list(tree.get(os.getpid(), []))
+        while stack:
+            pid = stack.pop()
+            if pid not in found:
+                found.add(pid)
+                stack += tree.get(pid, [])
+        found = {p for p in found if _alive(p)}
+        self.seen |= found
+        return found
+
+    def stop_all(self) -> None:
+        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            targets = self.ours()
+            for pid in targets:
+                for kill in (os.killpg, os.kill):  # its group (if it leads one), then itself
+                    try:
+                        kill(pid, sig)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+            deadline = time.time() + grace
+            while time.time() < deadline and self.ours():
+                for _, proc in self.started:
+                    proc.poll()
+                _reap()
+                time.sleep(0.2)
+            if not self.ours():
+                break
+        for _, proc in self.started:
+            if proc.poll() is None:
+                proc.wait(timeout=5)
+        _reap()
+
+
+@pytest.fixture
+def processes(tmp_path):
+    _set_subreaper(True)
+    procs = Processes(tmp_path)
+    try:
+        yield procs
+    finally:
+        try:
+            procs.stop_all()
+            left = [p for p in procs.seen | procs.ours() if _alive(p)]
+            assert not left, "processes outlived the test: " + "; ".join(
+                f"{p} {_cmdline(p)[:150]}" for p in left)
+        finally:
+            _set_subreaper(False)
+
+
+def node_csv(path: Path, index: int, rows: int = 1500) -> None:
+    from common.data import adult
+
+    frame = adult.load_raw("train").iloc[index * rows:(index + 1) * rows].copy()
+    frame["native-country"] = frame["native-country"].where(
+        frame.index % 25 != 0, PLANTED[index])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame[adult.COLUMNS].to_csv(path, index=False)
+
+
+def wait_for(what: str, check, timeout: float, logs) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}\n{logs()}")
+
+
+@pytest.mark.slow
+def test_deployment_tls_node_auth_and_no_rows_at_the_superlink(tmp_path, processes):
+    started = time.time()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "FLWR_HOME": str(tmp_path / "operator"), "PYTHONUNBUFFERED": "1"}
+    privet, flwr = str(BIN / "privet"), str(BIN / "flwr")
+    certs = tmp_path / "certs"
+    port = free_port()
+
+    def tails() -> str:
+        return "\n".join(f"--- {name}.log ---\n{processes.log(name)[-3000:]}"
+                         for name, _ in processes.started)
+
+    def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        done = subprocess.run(list(args), env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=timeout)
+        assert done.returncode == 0, f"{args}\n{done.stdout}\n{done.stderr}"
+        return done
+
+    cli(privet, "deploy", "certs", "--out", str(certs), "--host", "127.0.0.1", "--nodes", "3")
+    link = processes.start("superlink", [
+        privet, "deploy", "superlink", "--certs", str(certs), "--host", "127.0.0.1",
+        "--port", str(port), "--database", str(tmp_path / "link" / "state.db")],
+        {**env, "FLWR_HOME": str(tmp_path / "link")}, tmp_path)
+
+    def serving_tls() -> bool:
+        if link.poll() is not None:
+            pytest.fail(f"the SuperLink exited with {link.returncode}\n{tails()}")
+        context = ssl.create_default_context(cafile=str(certs / deploy.CA_CERT))
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as raw, \
+                    context.wrap_socket(raw, server_hostname="127.0.0.1"):
+                return True
+        except OSError:
+            return False
+
+    wait_for("the SuperLink", serving_tls, 60, tails)
+    # a client that does not trust our CA is turned away
+    with pytest.raises(ssl.SSLCertVerificationError):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1")
+
+    cli(privet, "deploy", "connection", "test", "--superlink", f"127.0.0.1:{port}",
+        "--root-certificates", str(certs / deploy.CA_CERT))
+    for i in range(2):  # node 2's key is never registered
+        cli(flwr, "supernode", "register", str(certs / "nodes" / f"node-{i}.pub"), "test")
+
+    for i in range(3):
+        data, node_port = tmp_path / f"node{i}" / "data.csv", free_port()
+        node_csv(data, i)
+        processes.start(f"supernode{i}", [
+            privet, "deploy", "supernode", "--superlink", f"127.0.0.1:{port}",
+            "--data", str(data), "--partition-id", str(i),
+            "--root-certificates", str(certs / deploy.CA_CERT),
+            "--key", str(certs / "nodes" / f"node-{i}.key"), "--port", str(node_port)],
+            {**env, "FLWR_HOME": str(tmp_path / f"node{i}" / "flwr")}, data.parent)
+
+    def online() -> list[dict]:
+        done = cli(flwr, "supernode", "list", "test", "--format", "json")
+        return [n for n in json.loads(done.stdout)["nodes"] if n["status"] == "online"]
+
+    wait_for("2 SuperNodes online", lambda: len(online()) == 2, 90, tails)
+    refused = processes.started[-1][1]
+    wait_for("the unregistered SuperNode to be refused", lambda: refused.poll() is not None,
+             60, tails)
+    assert refused.returncode != 0
+    assert "Failed to activate SuperNode" in processes.log("supernode2")
+    assert "No SuperNode found with the given public key" in processes.log("superlink")
+
+    out = tmp_path / "run"
+    run = subprocess.run(
+        [privet, "run", "--federation", "test", "--config", str(CONFIGS_DIR / "tiny.toml"),
+         "--set", "rounds=2", "--set", "num-clients=2", "--set", "clients-per-round=2",
+         "--set", 'evaluation.mode="federated"', "--out", str(out)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    (tmp_path / "run-output.log").write_text(run.stdout + run.stderr)
+    assert run.returncode == 0, f"{run.stdout[-4000:]}\n{run.stderr[-2000:]}\n{tails()}"
+    assert "finished:completed" in run.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["rounds"] == 2
+    assert len(online()) == 2  # the refused node never joined
+    for i in range(2):  # each node keeps its ledger next to its own data
+        assert list((tmp_path / f"node{i}").glob(".privet-ledger-*-client*.json"))
+
+    # nothing from any node's file reached the SuperLink: state database, logs, run output
+    superlink_side = [*(tmp_path / "link").glob("state.db*"), tmp_path / "superlink.log",
+                      tmp_path / "run-output.log", *out.iterdir()]
+    assert any(p.name == "state.db" for p in superlink_side)
+    for path in superlink_side:
+        content = path.read_bytes()
+        for planted in PLANTED:
+            assert planted.encode() not in content, f"{planted} found in {path}"
+    assert time.time() - started < 300
