@@ -43,7 +43,6 @@ class RunRecorder:
         self._lock = threading.Lock()
         self.user_strategy = None  # the UserLevelDPFedAvg, when user-level DP is on
         self.partitions: list[dict] = []
-        self.client_nodes: dict[str, int] = {}  # client id -> the node that speaks for it
         self.transform_features: int | None = None
         self.data_warnings: list[str] = []  # skipped lines, non-numeric cells in the files
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -72,6 +71,7 @@ class RunRecorder:
     def record_replies(self, server_round: int, replies: list[Message]) -> None:
         """Per-client facts of one training round (called before aggregation)."""
         rows = []
+        round_nodes: dict[str, int] = {}  # client id -> the node that answered for it
         for msg in replies:
             if msg.has_error():
                 rows.append({"round": server_round, "client": f"node-{msg.metadata.src_node_id}",
@@ -79,8 +79,8 @@ class RunRecorder:
                 continue
             m = msg.content["metrics"]
             client = str(int(m[R.CLIENT_ID]))
-            node = self.client_nodes.setdefault(client, msg.metadata.src_node_id)
-            if node != msg.metadata.src_node_id:
+            node = round_nodes.setdefault(client, msg.metadata.src_node_id)
+            if node != msg.metadata.src_node_id:  # a restarted node may come back as a new id
                 raise RuntimeError(f"partition-id {client} is used by two nodes ({node} and "
                                    f"{msg.metadata.src_node_id}); each node needs its own")
             declined = bool(int(m.get(R.DECLINED, 0)))
