@@ -43,6 +43,7 @@ class RunRecorder:
         self._lock = threading.Lock()
         self.user_strategy = None  # the UserLevelDPFedAvg, when user-level DP is on
         self.partitions: list[dict] = []
+        self.node_clients: dict[int, str] = {}  # node id -> the client it last answered for
         self.transform_features: int | None = None
         self.data_warnings: list[str] = []  # skipped lines, non-numeric cells in the files
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -68,17 +69,25 @@ class RunRecorder:
         self.transform_features = len(transform.feature_names())
         results.atomic_write_text(self.run_dir / results.TRANSFORM, transform.to_json())
 
-    def record_replies(self, server_round: int, replies: list[Message]) -> None:
-        """Per-client facts of one training round (called before aggregation)."""
+    def record_replies(self, server_round: int, replies: list[Message],
+                       sent_to: dict[str, int] | None = None) -> None:
+        """Per-client facts of one training round (called before aggregation).
+
+        `sent_to` maps each outgoing message id to its node, so that an error reply the
+        SuperLink wrote for a lost node is recorded under that node's client."""
         rows = []
         round_nodes: dict[str, int] = {}  # client id -> the node that answered for it
         for msg in replies:
             if msg.has_error():
-                rows.append({"round": server_round, "client": f"node-{msg.metadata.src_node_id}",
+                node = (sent_to or {}).get(msg.metadata.reply_to_message_id,
+                                           msg.metadata.src_node_id)
+                client = self.node_clients.get(node, f"node-{node}")
+                rows.append({"round": server_round, "client": client,
                              "status": f"error: {msg.error.reason}"})
                 continue
             m = msg.content["metrics"]
             client = str(int(m[R.CLIENT_ID]))
+            self.node_clients[msg.metadata.src_node_id] = client
             node = round_nodes.setdefault(client, msg.metadata.src_node_id)
             if node != msg.metadata.src_node_id:  # a restarted node may come back as a new id
                 raise RuntimeError(f"partition-id {client} is used by two nodes ({node} and "

@@ -19,7 +19,9 @@ from flwr.serverapp.strategy import FedAvg
 
 from common import records as R
 
-ReplyObserver = Callable[[int, list[Message]], None]
+# (round, replies, node each message was sent to by message id): error replies made by the
+# SuperLink for a lost node carry the SuperLink as sender, so the reply alone cannot say who.
+ReplyObserver = Callable[[int, list[Message], dict[str, int]], None]
 
 
 def average_metrics(contents: list[RecordDict], weighting_key: str,
@@ -59,6 +61,7 @@ class PrivetFedAvg(FedAvg):
         self.on_train_replies = on_train_replies
         self.clients_per_round = clients_per_round
         self.left_out: set[int] = set()  # node ids whose data is too small to train on
+        self._sent: list[Message] = []
         # the latest federated evaluation: clients' held-out rows, example-weighted
         self.last_evaluation: MetricRecord = MetricRecord({})
 
@@ -75,13 +78,19 @@ class PrivetFedAvg(FedAvg):
         if self.clients_per_round is not None:
             self.min_train_nodes = min(self.clients_per_round,
                                        max(available, self.min_available_nodes))
-        return super().configure_train(server_round, arrays, config, view)
+        return self.remember(super().configure_train(server_round, arrays, config, view))
+
+    def remember(self, messages: Iterable[Message]) -> list[Message]:
+        """Keep this round's outgoing messages: the grid stamps their ids as it sends them."""
+        self._sent = list(messages)
+        return self._sent
 
     def observe_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """Show every reply to the observer; return all but those of declining clients."""
         replies = list(replies)
         if self.on_train_replies is not None:
-            self.on_train_replies(server_round, replies)
+            sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+            self.on_train_replies(server_round, replies, sent_to)
         self.left_out.update(m.metadata.src_node_id for m in replies if not m.has_error()
                              and int(m.content["metrics"].get(R.TOO_SMALL, 0)))
         return [m for m in replies

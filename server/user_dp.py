@@ -104,7 +104,7 @@ class UserLevelDPFedAvg(PrivetFedAvg):
         chosen = [n for n in nodes if self.rng.random() < self.sample_rate]
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, chosen, MessageType.TRAIN)
+        return self.remember(self._construct_messages(record, chosen, MessageType.TRAIN))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -102,7 +102,11 @@ def test_secure_by_default_and_insecure_only_on_request(tmp_path):
                                       "--key", str(tmp_path / "certs/nodes/node-0.key")])
     assert done.exit_code == 0, done.output
     assert f'partition-id=3 data-path="{data.resolve()}"' in done.output
-    assert "--auth-supernode-private-key" in done.output and "--insecure" not in done.output
+    supernode = next(line for line in done.output.splitlines() if "flower-supernode" in line)
+    assert "--auth-supernode-private-key" in supernode and "--insecure" not in supernode
+    # the warm launcher talks plain HTTP, but only to the node's own Runtime API on loopback
+    launcher = next(line for line in done.output.splitlines() if "experiments.launcher" in line)
+    assert "--runtime-api-address 127.0.0.1:9094" in launcher
     done = runner.invoke(app, node + ["--insecure"])
     assert done.exit_code == 0 and "warning: insecure mode" in done.output
 
@@ -295,87 +299,124 @@ def wait_for(what: str, check, timeout: float, logs) -> None:
     pytest.fail(f"timed out waiting for {what}\n{logs()}")
 
 
-@pytest.mark.slow
-def test_deployment_tls_node_auth_and_no_rows_at_the_superlink(tmp_path, processes):
-    started = time.time()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "FLWR_HOME": str(tmp_path / "operator"), "PYTHONUNBUFFERED": "1"}
-    privet, flwr = str(BIN / "privet"), str(BIN / "flwr")
-    certs = tmp_path / "certs"
-    port = free_port()
+class Deployment:
+    """A SuperLink (TLS, node authentication) and SuperNodes on loopback, all started with
+    the privet CLI as an operator and participants would, in `processes`."""
 
-    def tails() -> str:
-        return "\n".join(f"--- {name}.log ---\n{processes.log(name)[-3000:]}"
-                         for name, _ in processes.started)
+    def __init__(self, root: Path, processes: Processes, nodes: int = 3) -> None:
+        self.root, self.processes = root, processes
+        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                    "FLWR_HOME": str(root / "operator"), "PYTHONUNBUFFERED": "1"}
+        self.privet, self.flwr = str(BIN / "privet"), str(BIN / "flwr")
+        self.certs, self.port = root / "certs", free_port()
+        self.cli(self.privet, "deploy", "certs", "--out", str(self.certs), "--host", "127.0.0.1",
+                 "--nodes", str(nodes))
 
-    def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        done = subprocess.run(list(args), env=env, cwd=tmp_path, capture_output=True,
+    def tails(self) -> str:
+        return "\n".join(f"--- {name}.log ---\n{self.processes.log(name)[-3000:]}"
+                         for name, _ in self.processes.started)
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        done = subprocess.run(list(args), env=self.env, cwd=self.root, capture_output=True,
                               text=True, timeout=timeout)
         assert done.returncode == 0, f"{args}\n{done.stdout}\n{done.stderr}"
         return done
 
-    cli(privet, "deploy", "certs", "--out", str(certs), "--host", "127.0.0.1", "--nodes", "3")
-    link = processes.start("superlink", [
-        privet, "deploy", "superlink", "--certs", str(certs), "--host", "127.0.0.1",
-        "--port", str(port), "--database", str(tmp_path / "link" / "state.db")],
-        {**env, "FLWR_HOME": str(tmp_path / "link")}, tmp_path)
+    def start_superlink(self) -> subprocess.Popen:
+        link = self.processes.start("superlink", [
+            self.privet, "deploy", "superlink", "--certs", str(self.certs),
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--database", str(self.root / "link" / "state.db")],
+            {**self.env, "FLWR_HOME": str(self.root / "link")}, self.root)
 
-    def serving_tls() -> bool:
-        if link.poll() is not None:
-            pytest.fail(f"the SuperLink exited with {link.returncode}\n{tails()}")
-        context = ssl.create_default_context(cafile=str(certs / deploy.CA_CERT))
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as raw, \
-                    context.wrap_socket(raw, server_hostname="127.0.0.1"):
-                return True
-        except OSError:
-            return False
+        def serving_tls() -> bool:
+            if link.poll() is not None:
+                pytest.fail(f"the SuperLink exited with {link.returncode}\n{self.tails()}")
+            context = ssl.create_default_context(cafile=str(self.certs / deploy.CA_CERT))
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as raw, \
+                        context.wrap_socket(raw, server_hostname="127.0.0.1"):
+                    return True
+            except OSError:
+                return False
 
-    wait_for("the SuperLink", serving_tls, 60, tails)
+        wait_for("the SuperLink", serving_tls, 60, self.tails)
+        self.cli(self.privet, "deploy", "connection", "test", "--superlink",
+                 f"127.0.0.1:{self.port}", "--root-certificates",
+                 str(self.certs / deploy.CA_CERT))
+        return link
+
+    def register(self, index: int) -> int:
+        """`flwr supernode register` node-<index>.pub; its node id."""
+        done = self.cli(self.flwr, "supernode", "register",
+                        str(self.certs / "nodes" / f"node-{index}.pub"), "test",
+                        "--format", "json")
+        return int(json.loads(done.stdout)["node-id"])
+
+    def data(self, index: int) -> Path:
+        return self.root / f"node{index}" / "data.csv"
+
+    def start_supernode(self, index: int, node_port: int, name: str | None = None
+                        ) -> subprocess.Popen:
+        """`privet deploy supernode` for participant `index` (its own key, data file and
+        partition-id), logged to <name>.log."""
+        data = self.data(index)
+        if not data.exists():
+            node_csv(data, index)
+        return self.processes.start(name or f"supernode{index}", [
+            self.privet, "deploy", "supernode", "--superlink", f"127.0.0.1:{self.port}",
+            "--data", str(data), "--partition-id", str(index),
+            "--root-certificates", str(self.certs / deploy.CA_CERT),
+            "--key", str(self.certs / "nodes" / f"node-{index}.key"),
+            "--port", str(node_port)],
+            {**self.env, "FLWR_HOME": str(data.parent / "flwr")}, data.parent)
+
+    def nodes(self) -> list[dict]:
+        done = self.cli(self.flwr, "supernode", "list", "test", "--format", "json")
+        return json.loads(done.stdout)["nodes"]
+
+    def online(self) -> list[dict]:
+        return [n for n in self.nodes() if n["status"] == "online"]
+
+    def status(self, node_id: int) -> str:
+        return next((n["status"] for n in self.nodes() if int(n["node-id"]) == node_id), "")
+
+
+@pytest.mark.slow
+def test_deployment_tls_node_auth_and_no_rows_at_the_superlink(tmp_path, processes):
+    started = time.time()
+    dep = Deployment(tmp_path, processes)
+    dep.start_superlink()
     # a client that does not trust our CA is turned away
     with pytest.raises(ssl.SSLCertVerificationError):
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with socket.create_connection(("127.0.0.1", dep.port), timeout=5) as raw:
             ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1")
 
-    cli(privet, "deploy", "connection", "test", "--superlink", f"127.0.0.1:{port}",
-        "--root-certificates", str(certs / deploy.CA_CERT))
     for i in range(2):  # node 2's key is never registered
-        cli(flwr, "supernode", "register", str(certs / "nodes" / f"node-{i}.pub"), "test")
-
+        dep.register(i)
     for i in range(3):
-        data, node_port = tmp_path / f"node{i}" / "data.csv", free_port()
-        node_csv(data, i)
-        processes.start(f"supernode{i}", [
-            privet, "deploy", "supernode", "--superlink", f"127.0.0.1:{port}",
-            "--data", str(data), "--partition-id", str(i),
-            "--root-certificates", str(certs / deploy.CA_CERT),
-            "--key", str(certs / "nodes" / f"node-{i}.key"), "--port", str(node_port)],
-            {**env, "FLWR_HOME": str(tmp_path / f"node{i}" / "flwr")}, data.parent)
+        dep.start_supernode(i, free_port())
 
-    def online() -> list[dict]:
-        done = cli(flwr, "supernode", "list", "test", "--format", "json")
-        return [n for n in json.loads(done.stdout)["nodes"] if n["status"] == "online"]
-
-    wait_for("2 SuperNodes online", lambda: len(online()) == 2, 90, tails)
+    wait_for("2 SuperNodes online", lambda: len(dep.online()) == 2, 90, dep.tails)
     refused = processes.started[-1][1]
     wait_for("the unregistered SuperNode to be refused", lambda: refused.poll() is not None,
-             60, tails)
+             60, dep.tails)
     assert refused.returncode != 0
     assert "Failed to activate SuperNode" in processes.log("supernode2")
     assert "No SuperNode found with the given public key" in processes.log("superlink")
 
     out = tmp_path / "run"
     run = subprocess.run(
-        [privet, "run", "--federation", "test", "--config", str(CONFIGS_DIR / "tiny.toml"),
+        [dep.privet, "run", "--federation", "test", "--config", str(CONFIGS_DIR / "tiny.toml"),
          "--set", "rounds=2", "--set", "num-clients=2", "--set", "clients-per-round=2",
          "--set", 'evaluation.mode="federated"', "--out", str(out)],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+        env=dep.env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     (tmp_path / "run-output.log").write_text(run.stdout + run.stderr)
-    assert run.returncode == 0, f"{run.stdout[-4000:]}\n{run.stderr[-2000:]}\n{tails()}"
+    assert run.returncode == 0, f"{run.stdout[-4000:]}\n{run.stderr[-2000:]}\n{dep.tails()}"
     assert "finished:completed" in run.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["rounds"] == 2
-    assert len(online()) == 2  # the refused node never joined
+    assert len(dep.online()) == 2  # the refused node never joined
     for i in range(2):  # each node keeps its ledger next to its own data
         assert list((tmp_path / f"node{i}").glob(".privet-ledger-*-client*.json"))
 
@@ -387,4 +428,127 @@ def test_deployment_tls_node_auth_and_no_rows_at_the_superlink(tmp_path, process
         content = path.read_bytes()
         for planted in PLANTED:
             assert planted.encode() not in content, f"{planted} found in {path}"
+    assert time.time() - started < 300
+
+
+def read_csv(path: Path) -> list[dict]:
+    import csv
+
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def ledger_steps(path: Path) -> tuple[list[list], int]:
+    """(history, total DP-SGD steps) of a node's ledger file."""
+    history = json.loads(path.read_text())["history"]
+    return history, sum(int(n) for _, _, n in history)
+
+
+@pytest.mark.slow
+def test_deployment_node_lost_mid_run_and_restarted_resumes_its_ledger(tmp_path, processes):
+    """A participant's SuperNode crashes (SIGKILL) after round 1: the run goes on with the
+    other two (min-clients = 1) once Flower declares the node lost, metrics.csv records the
+    loss, and the same node restarted (same key, data file and partition-id) rejoins and
+    trains again, its ε resumed from the ledger file next to its data."""
+    started = time.time()
+    dep = Deployment(tmp_path, processes)
+    dep.start_superlink()
+    node_ids = {i: dep.register(i) for i in range(3)}
+    ports = {i: free_port() for i in range(3)}
+    nodes = {i: dep.start_supernode(i, ports[i]) for i in range(3)}
+    wait_for("3 SuperNodes online", lambda: len(dep.online()) == 3, 90, dep.tails)
+
+    out, rounds = tmp_path / "run", 6
+    run = processes.start("run", [
+        dep.privet, "run", "--federation", "test", "--config", str(CONFIGS_DIR / "tiny.toml"),
+        "--set", f"rounds={rounds}", "--set", "num-clients=3", "--set", "clients-per-round=3",
+        "--set", "min-clients=1", "--set", 'evaluation.mode="federated"', "--out", str(out)],
+        dep.env, tmp_path)
+
+    def run_alive() -> bool:
+        if run.poll() is not None:
+            pytest.fail(f"`privet run` ended early ({run.returncode})\n{dep.tails()}")
+        return True
+
+    wait_for("round 1", lambda: run_alive() and len(read_csv(out / "rounds.csv")) >= 1, 180,
+             dep.tails)
+    launcher = next(p for p in processes.ours() if "experiments.launcher" in _cmdline(p)
+                    and f"127.0.0.1:{ports[2]}" in _cmdline(p))
+    os.killpg(nodes[2].pid, signal.SIGKILL)  # a crash: no deactivation, no goodbye
+    nodes[2].wait(timeout=10)
+    killed = time.time()
+    killed_in_round = len(read_csv(out / "rounds.csv")) + 1
+    # the launcher (its own session) sees its SuperNode gone and exits with it
+    wait_for("node 2's launcher to exit", lambda: not _alive(launcher), 30, dep.tails)
+    ledger = list(dep.data(2).parent.glob(".privet-ledger-*-client2.json"))
+    assert len(ledger) == 1, ledger
+    history_at_kill, steps_at_kill = ledger_steps(ledger[0])
+    assert steps_at_kill > 0
+
+    # Flower declares it lost once it misses its heartbeats (interval 30 s, patience 2)
+    wait_for("node 2 to be declared lost",
+             lambda: run_alive() and dep.status(node_ids[2]) != "online", 120, dep.tails)
+    lost = time.time()
+    restarted = dep.start_supernode(2, ports[2], name="supernode2-restarted")
+    wait_for("node 2 to come back", lambda: run_alive() and dep.status(node_ids[2]) == "online",
+             90, dep.tails)
+    back = time.time()
+
+    try:
+        run.wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the run did not finish\n{dep.tails()}")
+    finished = time.time()
+    log = processes.log("run")
+    assert run.returncode == 0, f"{log[-4000:]}\n{dep.tails()}"
+    assert "finished:completed" in log
+    assert restarted.poll() is None, processes.log("supernode2-restarted")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["rounds"] == rounds
+    per_round = read_csv(out / "rounds.csv")
+    assert [int(r["round"]) for r in per_round] == list(range(1, rounds + 1))
+    metrics = read_csv(out / "metrics.csv")
+
+    # the loss is recorded: the round in flight got Flower's NODE_UNAVAILABLE error reply
+    errors = [r for r in metrics if r["status"].startswith("error")]
+    assert errors, metrics
+    assert all(int(r["round"]) == killed_in_round for r in errors), errors
+    assert "Node Unavailable" in errors[0]["status"], errors
+    # Flower's error reply comes from the SuperLink (src_node_id 1); the recorder traces it
+    # back to the node the message went to, and that node to the client it answered for
+    assert [r["client"] for r in errors] == ["2"], errors
+    trained = {(int(r["round"]), r["client"]) for r in metrics if r["status"] == "trained"}
+    assert (killed_in_round, "2") not in trained
+    for r in per_round:  # the others trained every round
+        assert {(int(r["round"]), "0"), (int(r["round"]), "1")} <= trained, metrics
+    # rounds after the loss, until the node is back, are trained by the remaining two
+    after = [int(r["round"]) for r in per_round if int(r["round"]) > killed_in_round]
+    rejoined = [n for n in after if (n, "2") in trained]
+    assert rejoined, f"node 2 never trained again\n{metrics}\n{dep.tails()}"
+    for r in per_round:
+        n = int(r["round"])
+        assert int(r["clients_trained"]) == (2 if killed_in_round <= n < rejoined[0] else 3), \
+            per_round
+
+    # the restarted node resumed its ledger from disk instead of starting from zero
+    history, steps = ledger_steps(ledger[0])
+    assert [h[:2] for h in history[:len(history_at_kill)]] == \
+        [h[:2] for h in history_at_kill]
+    step_rows = {int(r["round"]): int(r["steps"]) for r in metrics
+                 if r["client"] == "2" and r["status"] == "trained"}
+    assert steps == steps_at_kill + sum(s for n, s in step_rows.items() if n > killed_in_round)
+    eps = {int(r["round"]): float(r["epsilon"]) for r in metrics
+           if r["client"] == "2" and r["status"] == "trained"}
+    assert eps[rejoined[0]] > max(e for n, e in eps.items() if n < killed_in_round)
+    assert summary["privacy"]["clients"]["2"]["epsilon"] <= 2.0
+
+    latencies = [round(float(b["elapsed_seconds"]) - float(a["elapsed_seconds"]), 2)
+                 for a, b in zip([{"elapsed_seconds": 0}, *per_round], per_round)]
+    (tmp_path / "timings.json").write_text(json.dumps({
+        "killed_in_round": killed_in_round, "rejoined_round": rejoined[0],
+        "kill_to_lost_s": round(lost - killed, 1), "lost_to_online_s": round(back - lost, 1),
+        "round_seconds": latencies, "total_s": round(finished - started, 1)}))
+    print(f"timings: {(tmp_path / 'timings.json').read_text()}")
     assert time.time() - started < 300
