@@ -19,6 +19,13 @@ from rich.table import Table
 from common import results
 from common.config import DEFAULT_CONFIG, PROJECT_DIR, ConfigError, ExperimentConfig, load_config
 
+# Options several commands share.
+ConfigFile = Annotated[Path, typer.Option(
+    "--config", "-c", help="experiment TOML file",
+    show_default="the shipped experiments/configs/adult.toml")]
+Overrides = Annotated[Optional[list[str]], typer.Option(
+    "--set", "-s", help="override a key, e.g. --set privacy.epsilon=1 (repeatable)")]
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="privet: federated learning with differential privacy, simulated.")
 console = Console(highlight=False)
@@ -130,11 +137,8 @@ def print_partitions(report: list[dict], cfg) -> None:
 
 @app.command()
 def simulate(
-    config: Annotated[Path, typer.Option(
-        "--config", "-c", help="experiment TOML file",
-        show_default="the shipped experiments/configs/adult.toml")] = DEFAULT_CONFIG,
-    overrides: Annotated[Optional[list[str]], typer.Option(
-        "--set", "-s", help="override a key, e.g. --set privacy.epsilon=1 (repeatable)")] = None,
+    config: ConfigFile = DEFAULT_CONFIG,
+    overrides: Overrides = None,
     out: Annotated[Optional[Path], typer.Option(
         "--out", "-o", help="run directory (default runs/<name>-<timestamp>)")] = None,
     overwrite: Annotated[bool, typer.Option(help="reuse a run directory that holds a run")
@@ -281,9 +285,7 @@ def budget(
 
 @app.command()
 def compare(
-    config: Annotated[Path, typer.Option(
-        "--config", "-c", help="experiment TOML file",
-        show_default="the shipped experiments/configs/adult.toml")] = DEFAULT_CONFIG,
+    config: ConfigFile = DEFAULT_CONFIG,
     epsilons: Annotated[str, typer.Option(
         help="target ε values, comma-separated; inf adds the non-private baseline")
                         ] = "0.5,1,2,4,8,inf",
@@ -699,11 +701,8 @@ def _start_launcher(port: int, dry_run: bool) -> None:
 def run_deployed(
     federation: Annotated[str, typer.Option(
         help="SuperLink connection in $FLWR_HOME/config.toml (`privet deploy connection`)")],
-    config: Annotated[Path, typer.Option(
-        "--config", "-c", help="experiment TOML file",
-        show_default="the shipped experiments/configs/adult.toml")] = DEFAULT_CONFIG,
-    overrides: Annotated[Optional[list[str]], typer.Option(
-        "--set", "-s", help="override a key, e.g. --set rounds=5 (repeatable)")] = None,
+    config: ConfigFile = DEFAULT_CONFIG,
+    overrides: Overrides = None,
     out: Annotated[Optional[str], typer.Option(
         "--out", "-o", help="run directory on the SuperLink machine (default "
                             "runs/<name>-<timestamp> where the SuperLink was started)")] = None,
