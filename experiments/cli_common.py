@@ -1,0 +1,38 @@
+"""What the `privet` commands share: consoles, the error exit, common options."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+# Options several commands share.
+ConfigFile = Annotated[Path, typer.Option(
+    "--config", "-c", help="experiment TOML file",
+    show_default="the shipped experiments/configs/adult.toml")]
+Overrides = Annotated[Optional[list[str]], typer.Option(
+    "--set", "-s", help="override a key, e.g. --set privacy.epsilon=1 (repeatable)")]
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]privet: error:[/] {message}", markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def say(line: str) -> None:
+    """Paths, commands and Flower's log lines verbatim: no rich markup, no wrapping."""
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def exit_now(code: int) -> None:
+    """Leave without waiting for Flower's ServerApp thread, which may still be blocked."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
