@@ -111,3 +111,11 @@ def test_a_node_reads_its_own_file_with_a_declared_schema(tmp_path):
     undeclared = load_config(CONFIGS_DIR / "tiny.toml", [*base, "name=other"])
     with pytest.raises(ValueError, match="node.csv.*declare data.classes and data.categories"):
         client_data(undeclared, 0, data_path=str(mine))
+
+
+def test_the_split_ignores_settings_that_do_not_decide_it():
+    """Runs that differ only in rounds, cohort or privacy share one cached split."""
+    base = load_config(CONFIGS_DIR / "adult.toml")
+    other = load_config(CONFIGS_DIR / "adult.toml", [
+        "min-clients=2", "clients-per-round=5", "rounds=3", "privacy.epsilon=1"])
+    assert all((a == b).all() for a, b in zip(partitions(base), partitions(other)))

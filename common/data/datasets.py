@@ -243,7 +243,7 @@ def _partitions(cfg: ExperimentConfig) -> tuple[np.ndarray, ...]:
 
 def _partition_key(cfg: ExperimentConfig) -> ExperimentConfig:
     """Only what decides the split: a cache key shared by runs that differ elsewhere."""
-    return replace(cfg, name="", rounds=1, clients_per_round=1, out_dir="",
+    return replace(cfg, name="", rounds=1, clients_per_round=1, min_clients=1, out_dir="",
                    train=type(cfg.train)(), privacy=type(cfg.privacy)(),
                    preprocess=replace(type(cfg.preprocess)(),
                                       missing_markers=cfg.preprocess.missing_markers))
