@@ -85,8 +85,9 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
 
     report = partition_report(cfg)
     if cfg.preprocess.fit == "federated":
-        for column in schema(cfg).numeric:
-            federated.bounds_of(schema(cfg), column)
+        table = schema(cfg)
+        for column in table.numeric:
+            federated.bounds_of(table, column)
     else:
         test_data(cfg)
     if cfg.data.dataset not in IMAGE_DATASETS:

@@ -150,7 +150,7 @@ def _file_warnings(found: list[tables.RawTable], schema: Schema,
 def source_warnings(cfg: ExperimentConfig) -> tuple[str, ...]:
     if cfg.data.dataset in IMAGE_DATASETS:
         return ()
-    return tabular_source(cfg.data, cfg.seed, missing_markers(cfg)).warnings
+    return _source(cfg).warnings
 
 
 @functools.lru_cache(maxsize=2)
@@ -209,7 +209,7 @@ def _train_labels_and_groups(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndar
     if cfg.data.dataset in IMAGE_DATASETS:
         split = image_source(cfg.data, cfg.seed).train
         return split.labels, None
-    source = tabular_source(cfg.data, cfg.seed, missing_markers(cfg))
+    source = _source(cfg)
     labels = np.array(normalise_labels(source.train[source.schema.label]))
     groups = None
     if cfg.data.partition == "natural":
@@ -227,7 +227,7 @@ def _train_labels_and_groups(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndar
 def _partitions(cfg: ExperimentConfig) -> tuple[np.ndarray, ...]:
     d = cfg.data
     if d.dataset not in IMAGE_DATASETS:
-        source = tabular_source(d, cfg.seed, missing_markers(cfg))
+        source = _source(cfg)
         if source.files:  # one file per client: the files are the partition
             if len(source.files) != cfg.num_clients:
                 raise ValueError(f"data.path = {d.path}: {len(source.files)} files for "
@@ -255,7 +255,7 @@ def partitions(cfg: ExperimentConfig) -> tuple[np.ndarray, ...]:
 
 def client_rows(cfg: ExperimentConfig, client_id: int) -> pd.DataFrame:
     """The client's raw rows (tabular datasets, simulation)."""
-    source = tabular_source(cfg.data, cfg.seed, missing_markers(cfg))
+    source = _source(cfg)
     return source.train.iloc[partitions(cfg)[client_id]]
 
 
@@ -325,11 +325,7 @@ def _client_data(cfg: ExperimentConfig, client_id: int, transform_json: str,
         return ClientData(split.images[rows], split.labels[rows],
                           CleaningReport(n, 0, 0, 0, 0, 0, n), ())
     cleaned, labels, report = cleaned_client(cfg, client_id, data_path, held_out=held_out)
-    if transform_json:
-        transform = FittedTransform.from_json(transform_json)
-    else:  # fitted on the training share only: the held-out rows stay unseen
-        own, _, _ = cleaned_client(cfg, client_id, data_path)
-        transform = fit_local(own, _source(cfg, data_path).schema, cfg.preprocess)
+    transform = client_transform(cfg, client_id, transform_json, data_path)
     return ClientData(transform.apply(cleaned), labels, report,
                       tuple(transform.feature_names()))
 
@@ -342,24 +338,27 @@ def client_holdout(cfg: ExperimentConfig, client_id: int, transform_json: str = 
     return _client_data(cfg, client_id, transform_json, data_path, True)
 
 
-def client_transform(cfg: ExperimentConfig, client_id: int, transform_json: str = ""
-                     ) -> FittedTransform | None:
+def client_transform(cfg: ExperimentConfig, client_id: int, transform_json: str = "",
+                     data_path: str = "") -> FittedTransform | None:
     """The transform client `client_id` applies (None for images): the shared one, or the
-    one it fits on its own rows. Lets an auditor encode other rows exactly as it did."""
+    one it fits on its own training rows (held-out rows stay unseen). Also lets an auditor
+    encode other rows exactly as the client did."""
     if cfg.data.dataset in IMAGE_DATASETS:
         return None
     if transform_json:
         return FittedTransform.from_json(transform_json)
-    cleaned, _, _ = cleaned_client(cfg, client_id)
-    return fit_local(cleaned, tabular_source(cfg.data, cfg.seed, missing_markers(cfg)).schema,
-                     cfg.preprocess)
+    own, _, _ = cleaned_client(cfg, client_id, data_path)
+    return fit_local(own, _source(cfg, data_path).schema, cfg.preprocess)
+
+
+def _cleaned_test(cfg: ExperimentConfig) -> tuple[pd.DataFrame, np.ndarray, CleaningReport]:
+    # duplicates kept: the test set is measured as published
+    return clean_rows(cfg, _source(cfg).test, f"{cfg.data.dataset} test", drop_duplicates=False)
 
 
 def test_rows(cfg: ExperimentConfig) -> tuple[pd.DataFrame, np.ndarray]:
     """The server's held-out rows, cleaned but not transformed (tabular datasets)."""
-    source = tabular_source(cfg.data, cfg.seed, missing_markers(cfg))
-    cleaned, labels, _ = clean_rows(cfg, source.test, f"{cfg.data.dataset} test",
-                                    drop_duplicates=False)
+    cleaned, labels, _ = _cleaned_test(cfg)
     return cleaned, labels
 
 
@@ -375,18 +374,16 @@ def client_data(cfg: ExperimentConfig, client_id: int, transform_json: str = "",
 @functools.lru_cache(maxsize=2)
 def test_data(cfg: ExperimentConfig, transform_json: str = "") -> ClientData:
     """The server's held-out rows. With a shared transform, transformed by it; otherwise
-    fitted on themselves, as a client fits its rows. Duplicates are kept: the test set is
-    measured as published."""
+    fitted on themselves, as a client fits its rows."""
     if cfg.data.dataset in IMAGE_DATASETS:
         split = image_source(cfg.data, cfg.seed).test
         n = len(split.labels)
         # a writable copy: the cached arrays are read-only, and torch warns on those
-        return ClientData(np.array(split.images), np.array(split.labels), CleaningReport(n, 0, 0, 0, 0, 0, n), ())
-    source = tabular_source(cfg.data, cfg.seed, missing_markers(cfg))
-    cleaned, labels, report = clean_rows(cfg, source.test, f"{cfg.data.dataset} test",
-                                         drop_duplicates=False)
+        return ClientData(np.array(split.images), np.array(split.labels),
+                          CleaningReport(n, 0, 0, 0, 0, 0, n), ())
+    cleaned, labels, report = _cleaned_test(cfg)
     transform = (FittedTransform.from_json(transform_json) if transform_json
-                 else fit_local(cleaned, source.schema, cfg.preprocess))
+                 else fit_local(cleaned, _source(cfg).schema, cfg.preprocess))
     return ClientData(transform.apply(cleaned), labels, report,
                       tuple(transform.feature_names()))
 
@@ -420,7 +417,7 @@ def partition_report(cfg: ExperimentConfig) -> list[dict]:
             counts = np.bincount(labels[rows], minlength=len(names))
             report.append(_report_row(client, len(rows), counts, names, 0))
         return report
-    source = tabular_source(cfg.data, cfg.seed, missing_markers(cfg))
+    source = _source(cfg)
     markers = set(missing_markers(cfg)) | {""}
     text = source.train.astype(str).apply(lambda col: col.str.strip())
     missing = text.isin(markers).drop(columns=[source.schema.label]).sum(axis=1).to_numpy()
