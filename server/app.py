@@ -76,7 +76,7 @@ def main(grid: Grid, context: Context) -> None:
     log.info("privet: run directory %s", run_dir)
     on_clients = cfg.evaluation.mode == "federated"  # then the server reads no rows at all
     if on_clients:
-        described = describe_clients(grid, ConfigRecord({}))
+        described = describe_clients(grid)
         recorder.write_partitions(described.report)
         input_shape, classes = described.input_shape, described.classes
     else:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from common import records as R
-
-TIMEOUT_SECONDS = 600
+from server.queries import ask_every_client
 
 
 @dataclass(frozen=True)
@@ -23,15 +22,9 @@ class Described:
     report: list[dict]  # as common.data.datasets.partition_report writes it
 
 
-def describe_clients(grid: Grid, config: ConfigRecord) -> Described:
-    nodes = sorted(grid.get_node_ids())
-    messages = [Message(RecordDict({"config": config}), dst_node_id=node,
-                        message_type="query.describe") for node in nodes]
-    replies = list(grid.send_and_receive(messages, timeout=TIMEOUT_SECONDS))
-    failed = [r.error.reason for r in replies if r.has_error()]
-    if failed or len(replies) < len(messages):
-        raise RuntimeError(f"describing the clients: {len(replies) - len(failed)} of "
-                           f"{len(messages)} replied; errors: {failed[:3]}")
+def describe_clients(grid: Grid) -> Described:
+    replies = ask_every_client(grid, ConfigRecord({}), "query.describe",
+                               "describing the clients")
     described = sorted((r.content["describe"] for r in replies),
                        key=lambda d: int(d[R.CLIENT_ID]))
     ids = [int(d[R.CLIENT_ID]) for d in described]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from common import records as R
@@ -16,9 +16,9 @@ from common.config import ExperimentConfig
 from common.data import federated
 from common.data.datasets import schema
 from common.data.preprocess import FittedTransform
+from server.queries import ask_every_client
 
 log = logging.getLogger("flwr")
-TIMEOUT_SECONDS = 600
 
 
 def _collect(grid: Grid, stage: str, transform: FittedTransform | None = None
@@ -26,13 +26,8 @@ def _collect(grid: Grid, stage: str, transform: FittedTransform | None = None
     config = {R.STAGE: stage, "server-round": 0}
     if transform is not None:
         config[R.TRANSFORM] = transform.to_json()
-    messages = [Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=node,
-                        message_type="query") for node in grid.get_node_ids()]
-    replies = list(grid.send_and_receive(messages, timeout=TIMEOUT_SECONDS))
-    failed = [r.error.reason for r in replies if r.has_error()]
-    if failed or len(replies) < len(messages):
-        raise RuntimeError(f"federated preprocessing ({stage}): {len(replies) - len(failed)} "
-                           f"of {len(messages)} clients replied; errors: {failed[:3]}")
+    replies = ask_every_client(grid, ConfigRecord(config), "query",
+                               f"federated preprocessing ({stage})")
     return [{name: array.numpy() for name, array in r.content["statistics"].items()}
             for r in replies]
 

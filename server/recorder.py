@@ -42,7 +42,6 @@ class RunRecorder:
         self._pending: list[dict] = []
         self._lock = threading.Lock()
         self.user_strategy = None  # the UserLevelDPFedAvg, when user-level DP is on
-        self.partitions: list[dict] = []
         self.node_clients: dict[int, str] = {}  # node id -> the client it last answered for
         self.transform_features: int | None = None
         self.data_warnings: list[str] = []  # skipped lines, non-numeric cells in the files
@@ -54,7 +53,6 @@ class RunRecorder:
         if not report:
             return
         results.write_csv(self.run_dir / results.PARTITIONS, list(report[0]), report)
-        self.partitions = report
         labels = [k for k in report[0] if k.startswith("label=")]
         log.info("privet: partitions (%s): client rows %s missing-cells majority-share",
                  self.cfg.data.partition, " ".join(k[len("label="):] for k in labels))
