@@ -48,7 +48,6 @@ clipped at 0. What the number means:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -65,7 +64,6 @@ from common.models import build_model
 
 log = logging.getLogger(__name__)  # propagates: a violation reaches any console
 
-AUDIT = "audit.json"
 CONFIDENCE = 0.95
 FPR_TARGETS = (0.01, 0.001)
 MIN_REFERENCE_PER_CLASS = 10  # fewer reference rows of a class: use the pooled Gaussian
@@ -361,7 +359,7 @@ def audit_run(run_dir: str | Path, *, max_rows: int = 5000, seed: int = 0) -> di
     report["violation"], report["message"] = _verdict(report, cfg, summary, clients)
     if report["violation"]:
         log.warning("privacy audit of %s: %s", run_dir, report["message"])
-    results.write_json(run_dir / AUDIT, report)
+    results.write_json(run_dir / results.AUDIT, report)
     return report
 
 
@@ -391,9 +389,3 @@ def _verdict(report: dict, cfg: ExperimentConfig, summary: dict, clients: list[i
                        f"{report['user_level_epsilon']:.3f} per participant, not a per-row "
                        f"bound), so there is nothing to compare with{suffix}")
     return False, f"{found}; the run has no differential privacy to compare with{suffix}"
-
-
-def load_audit(run_dir: str | Path) -> dict | None:
-    """The audit written next to a run, if any."""
-    path = Path(run_dir) / AUDIT
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

@@ -31,6 +31,7 @@ MODEL = "model.pt"
 PLOT = "accuracy_epsilon.png"
 PARTITIONS = "partitions.csv"    # per client: rows, label balance, missing cells
 TRANSFORM = "transform.json"     # the shared transform of federated preprocessing
+AUDIT = "audit.json"             # `privet audit`: the membership-inference audit
 RUN_FILES = (CONFIG, METRICS, ROUNDS, SUMMARY, MODEL, PLOT)
 
 METRIC_COLUMNS = ["round", "client", "status", "examples", "loss", "accuracy", "epsilon",
@@ -89,3 +90,9 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 def read_summary(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / SUMMARY).read_text(encoding="utf-8"))
+
+
+def read_audit(run_dir: Path) -> dict | None:
+    """The run's audit, or None when it has not been audited."""
+    path = Path(run_dir) / AUDIT
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

@@ -148,7 +148,7 @@ class Grid:
     def simulate(self, run: GridRun) -> bool:
         run_dir = self.run_dir(run)
         run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (results.ROUNDS, results.SUMMARY, report.AUDIT):  # a redo starts clean
+        for stale in (results.ROUNDS, results.SUMMARY, results.AUDIT):  # a redo starts clean
             (run_dir / stale).unlink(missing_ok=True)
         sets = [a for o in [*self.overrides, *run.overrides()] for a in ("--set", o)]
         self.state[run] = "running"
@@ -160,7 +160,7 @@ class Grid:
         self.state[run] = "auditing"
         run_dir = self.run_dir(run)
         code = self._spawn(run, ["audit", str(run_dir)], run_dir / AUDIT_LOG)
-        return code == 0 and (run_dir / report.AUDIT).is_file()
+        return code == 0 and (run_dir / results.AUDIT).is_file()
 
     def execute(self, run: GridRun, reuse: bool) -> None:
         try:
@@ -178,7 +178,7 @@ class Grid:
             self.outcome[run] = f"[red]✗ {run.name} {self.state[run]}[/] (log: {run_dir / LOG})"
             return
         audit_note = ""
-        if self.audit and not (run_dir / report.AUDIT).is_file() and not self.stopping.is_set():
+        if self.audit and not (run_dir / results.AUDIT).is_file() and not self.stopping.is_set():
             if not self.run_audit(run):
                 audit_note = f"  [yellow]audit failed (log: {run_dir / AUDIT_LOG})[/]"
         row = report.audit_columns(run_dir)

@@ -27,7 +27,6 @@ from common.config import ConfigError, ExperimentConfig, load_config
 CSV = "compare.csv"
 SUMMARY_MD = "summary.md"
 HTML = "report.html"
-AUDIT = "audit.json"  # written into a run directory by common.audit.audit_run
 ACCOUNTANTS = ("pld", "prv", "rdp")
 FINISHED = ("complete", "budget-exhausted")  # ended on their own: safe to compare and reuse
 LEVEL_ORDER = {"sample": 0, "user": 1, "both": 2, "none": 3}
@@ -118,8 +117,10 @@ def achieved_epsilons(summary: dict, level: str) -> dict[str, str]:
 
 def audit_columns(run_dir: Path) -> dict[str, str]:
     try:
-        audit = _read_json(run_dir / AUDIT)
+        audit = results.read_audit(run_dir)
     except (OSError, ValueError):
+        return {}
+    if audit is None:
         return {}
     tpr = audit.get("tpr_at_fpr") or {}
     violation = audit.get("violation")
@@ -486,9 +487,3 @@ def _fmt(value) -> str:
     if math.isnan(value):
         return ""
     return "inf" if math.isinf(value) else f"{value:.6g}"
-
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import PROJECT_DIR
 
+from common import results
 from common.config import CONFIGS_DIR, load_config
 from experiments import compare, report
 
@@ -155,8 +156,8 @@ def test_a_violation_gets_a_red_banner_and_a_missing_audit_blank_columns(grid, t
     runs = [tmp_path / "runs" / r for r in RUNS]
     for name, copy in zip(RUNS, runs):
         shutil.copytree(out / "runs" / name, copy)
-    (runs[1] / report.AUDIT).unlink(missing_ok=True)
-    (runs[0] / report.AUDIT).write_text(json.dumps({
+    (runs[1] / results.AUDIT).unlink(missing_ok=True)
+    (runs[0] / results.AUDIT).write_text(json.dumps({
         "auc": 0.9, "tpr_at_fpr": {"0.01": 0.5, "0.001": 0.2}, "epsilon_lower_bound": 3.0,
         "theoretical_epsilon": 1.0, "violation": True, "message": "VIOLATION"}))
     built = report.build(report.find_run_dirs([tmp_path]), tmp_path / "out")
