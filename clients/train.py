@@ -1,8 +1,10 @@
-"""Plain torch local training: non-private SGD or Opacus DP-SGD, and evaluation.
+"""Local training: non-private SGD or DP-SGD.
 
-Nothing here knows about Flower. DP-SGD uses Opacus with Poisson sampling (rate
-q = 1/⌈n/B⌉, ⌈n/B⌉ steps per epoch, exactly what Opacus' DPDataLoader does), per-sample
-clipping to C and Gaussian noise σ·C; the steps actually taken are what the ledger records.
+Nothing here knows about Flower. DP-SGD is Opacus' algorithm: Poisson sampling at rate
+q = 1/⌈n/B⌉ for ⌈n/B⌉ steps an epoch (what Opacus' DPDataLoader does), per-sample clipping to
+C and Gaussian noise σ·C; the steps actually taken are what the ledger records. Stacks of
+Linear layers run it through clients.bookkeeping (same steps, one backward pass), other models
+through Opacus itself.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional
 from torch.utils.data import DataLoader, TensorDataset
+
+from clients.bookkeeping import BookkeepingDPSGD
 
 # Opacus calls logging.basicConfig() on import, which would print every Flower log
 # line twice (once by Flower's handler, once by the root handler it adds).
@@ -27,6 +32,9 @@ with warnings.catch_warnings():
 for _handler in logging.getLogger().handlers:
     if _handler not in _root_handlers:
         logging.getLogger().removeHandler(_handler)
+
+
+BOOKKEEPING = "bookkeeping"  # privet's one-pass DP-SGD for Linear stacks, not an Opacus mode
 
 
 @dataclass(frozen=True)
@@ -47,53 +55,106 @@ def sample_rate(num_rows: int, batch_size: int) -> float:
     return 1.0 / steps_per_epoch(num_rows, batch_size)
 
 
-def _dataset(features: np.ndarray, labels: np.ndarray) -> TensorDataset:
-    return TensorDataset(torch.from_numpy(features), torch.from_numpy(labels))
-
-
 def train_local(model: nn.Module, features: np.ndarray, labels: np.ndarray, *, epochs: int,
                 batch_size: int, lr: float, momentum: float, seed: int,
                 noise_multiplier: float | None = None, max_grad_norm: float = 1.0,
                 grad_sample_mode: str = "hooks") -> LocalResult:
-    """Train `model` in place. With `noise_multiplier` set, this is DP-SGD."""
+    """Train `model` in place. With `noise_multiplier` set, this is DP-SGD, computed by
+    privet's book-keeping path (grad_sample_mode "bookkeeping") or by Opacus (its modes)."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    loader = DataLoader(_dataset(features, labels), batch_size=batch_size, shuffle=True,
-                        generator=generator)
+    x_all, y_all = torch.from_numpy(features), torch.from_numpy(labels)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    tally = _Tally()
+    model.train()
+    if noise_multiplier is None:
+        # The batches torch's shuffling DataLoader gives, draw for draw (its RandomSampler also
+        # draws a second, empty-sliced permutation an epoch), without its per-row collation.
+        for _ in range(epochs):
+            _start_dataloader_epoch(generator)
+            order = torch.randperm(len(y_all), generator=generator)
+            torch.randperm(len(y_all), generator=generator)
+            for batch in order.split(batch_size):
+                x, y = x_all[batch], y_all[batch]
+                optimizer.zero_grad(set_to_none=True)
+                out = model(x)
+                loss = functional.cross_entropy(out, y)
+                loss.backward()
+                optimizer.step()
+                tally.add(out.detach(), loss.detach() * len(y), y)
+    elif grad_sample_mode == BOOKKEEPING:
+        rate = sample_rate(len(y_all), batch_size)
+        dpsgd = BookkeepingDPSGD(
+            model, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            expected_batch_size=int(len(y_all) * rate),
+            noise_generator=torch.Generator().manual_seed(seed + 1))
+        for _ in range(epochs):
+            _start_dataloader_epoch(generator)
+            for _ in range(steps_per_epoch(len(y_all), batch_size)):
+                # Opacus' UniformWithReplacementSampler, draw for draw
+                chosen = torch.rand(len(y_all), generator=generator) < rate
+                y = y_all[chosen]
+                out, losses = dpsgd.step(x_all[chosen], y)
+                tally.add(out, losses.sum(), y)
+    else:
+        _train_opacus(model, optimizer, x_all, y_all, tally, epochs=epochs,
+                      batch_size=batch_size, generator=generator, seed=seed,
+                      noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                      grad_sample_mode=grad_sample_mode)
+    return LocalResult(loss=tally.loss_sum / max(tally.seen, 1),
+                       accuracy=tally.correct / max(tally.seen, 1), steps=tally.steps,
+                       examples=len(labels), seconds=time.perf_counter() - start)
+
+
+def _start_dataloader_epoch(generator: torch.Generator) -> None:
+    """The draw torch's DataLoader takes from its generator as each epoch starts (the workers'
+    base seed), taken here too so that the batches are the DataLoader's, draw for draw."""
+    torch.empty((), dtype=torch.int64).random_(generator=generator)
+
+
+class _Tally:
+    """Steps taken and the training loss and accuracy over the examples they used."""
+
+    def __init__(self) -> None:
+        self.steps, self.seen, self.correct, self.loss_sum = 0, 0, 0, 0.0
+
+    def add(self, out: torch.Tensor, loss_sum: torch.Tensor, y: torch.Tensor) -> None:
+        self.steps += 1
+        if len(y):
+            self.seen += len(y)
+            self.loss_sum += float(loss_sum)
+            self.correct += int((out.argmax(1) == y).sum())
+
+
+def _train_opacus(model: nn.Module, optimizer: torch.optim.Optimizer, x_all: torch.Tensor,
+                  y_all: torch.Tensor, tally: _Tally, *, epochs: int, batch_size: int,
+                  generator: torch.Generator, seed: int, noise_multiplier: float,
+                  max_grad_norm: float, grad_sample_mode: str) -> None:
+    loader = DataLoader(TensorDataset(x_all, y_all), batch_size=batch_size, shuffle=True,
+                        generator=generator)
     criterion: nn.Module = nn.CrossEntropyLoss()
-    net = model
-    if noise_multiplier is not None:
-        with warnings.catch_warnings():
-            # "Secure RNG turned off": true, and stated in the README; not news every round.
-            warnings.simplefilter("ignore")
-            engine = PrivacyEngine(accountant="rdp")  # its accountant is unused: the ledger counts
-            private = engine.make_private(
-                module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
-                noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                poisson_sampling=True, grad_sample_mode=grad_sample_mode,
-                noise_generator=torch.Generator().manual_seed(seed + 1))
-        if len(private) == 4:  # ghost clipping also wraps the loss
-            net, optimizer, criterion, loader = private
-        else:
-            net, optimizer, loader = private
+    with warnings.catch_warnings():
+        # "Secure RNG turned off": true, and stated in the README; not news every round.
+        warnings.simplefilter("ignore")
+        engine = PrivacyEngine(accountant="rdp")  # its accountant is unused: the ledger counts
+        private = engine.make_private(
+            module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
+            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            poisson_sampling=True, grad_sample_mode=grad_sample_mode,
+            noise_generator=torch.Generator().manual_seed(seed + 1))
+    if len(private) == 4:  # ghost clipping also wraps the loss
+        net, dp_optimizer, criterion, dp_loader = private
+    else:
+        net, dp_optimizer, dp_loader = private
     net.train()
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    steps, seen, correct, loss_sum = 0, 0, 0, 0.0
     for _ in range(epochs):
-        for x, y in loader:
-            optimizer.zero_grad(set_to_none=True)
+        for x, y in dp_loader:
+            dp_optimizer.zero_grad(set_to_none=True)
             out = net(x)
             loss = criterion(out, y)
             loss.backward()
-            optimizer.step()
-            steps += 1
-            if len(y):
-                seen += len(y)
-                loss_sum += float(loss.detach()) * len(y)
-                correct += int((out.detach().argmax(1) == y).sum())
-    if noise_multiplier is not None:
-        net._close()  # remove Opacus hooks so `model` is a plain module again
-    return LocalResult(loss=loss_sum / max(seen, 1), accuracy=correct / max(seen, 1),
-                       steps=steps, examples=len(labels), seconds=time.perf_counter() - start)
+            dp_optimizer.step()
+            tally.add(out.detach(), loss.detach() * len(y), y)
+    net._close()  # remove Opacus hooks so `model` is a plain module again

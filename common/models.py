@@ -8,13 +8,12 @@ from torch import nn
 
 from common.config import TrainConfig
 
-# Fastest Opacus grad-sample mode per model, measured with experiments/bench_dpsgd.py
-# (2 cores, one torch thread, batch 64): on Adult, MLP ghost 3.4x plain SGD vs hooks 3.8x,
-# functorch 6.0x; logistic regression hooks 2.4x vs ghost 3.0x. CNN on Fashion-MNIST: hooks
-# ~2.4x (23-26 ms/step), ghost about 5% slower (hooks faster in 12 of 15 paired runs),
-# functorch 2.8x; on 8x8 digits ghost wins (2.7x vs hooks 3.9x), but digits is 1,437 rows of
-# 8-11 ms steps, so the mode that is fastest where the time goes: hooks.
-GRAD_SAMPLE_MODE = {"mlp": "ghost", "logreg": "hooks", "cnn": "hooks"}
+# How DP-SGD computes clipped gradients per model, measured with experiments/bench_dpsgd.py
+# (2 cores, one torch thread, batch 64, step time over plain SGD). Linear stacks take privet's
+# one-pass book-keeping (clients.bookkeeping). The CNN takes Opacus' hooks: ~2.4x on
+# Fashion-MNIST (ghost about 5% slower, functorch 2.8x); on 8x8 digits ghost wins (2.7x vs
+# 3.9x), but digits is 1,437 rows of 8-11 ms steps, so hooks, fastest where the time goes.
+GRAD_SAMPLE_MODE = {"mlp": "bookkeeping", "logreg": "bookkeeping", "cnn": "hooks"}
 
 
 def build_model(train: TrainConfig, input_shape: tuple[int, ...], num_classes: int

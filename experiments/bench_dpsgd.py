@@ -1,4 +1,5 @@
-"""DP-SGD step time over plain SGD, per model and Opacus grad-sample mode.
+"""DP-SGD step time over plain SGD, per model and way of clipping (privet's book-keeping
+path for Linear stacks, Opacus' grad-sample modes).
 
     python -m experiments.bench_dpsgd [--repeats 5] [--only adult,digits,fashion-mnist]
 
@@ -20,12 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from clients import train
+from clients import bookkeeping, train
+from clients.train import BOOKKEEPING
 from common.config import TrainConfig, load_config
 from common.data import images
 from common.models import build_model
 
-MODES = ("hooks", "ghost", "functorch")
+MODES = (BOOKKEEPING, "hooks", "ghost", "functorch")
 FASHION_ROWS = 2000  # a third of an IID client's 6,000 of 10: enough steps, quicker
 
 
@@ -104,7 +106,10 @@ def main() -> None:
     print(f"{'data':8} {'model':8} {'mode':10} {'ms/step':>8} {'× plain':>8}")
     for work in workloads:
         for model_name in work.models:
-            timings: dict[str, list[float]] = {m: [] for m in ("plain",) + MODES}
+            probe = build_model(TrainConfig(model=model_name), work.features.shape[1:],
+                                work.num_classes)
+            modes = [m for m in MODES if m != BOOKKEEPING or bookkeeping.supports(probe)]
+            timings: dict[str, list[float]] = {m: [] for m in ["plain", *modes]}
             for r in range(args.repeats):  # interleaved, so machine noise hits all modes alike
                 for mode in timings:
                     timings[mode].append(time_per_step(

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from clients.train import sample_rate, steps_per_epoch, train_local
+from clients import bookkeeping
+from clients.train import BOOKKEEPING, sample_rate, steps_per_epoch, train_local
 from common.config import TrainConfig
 from common.models import GRAD_SAMPLE_MODE, build_model
 
@@ -46,7 +47,7 @@ def test_every_model_has_a_grad_sample_mode():
 
 
 @pytest.mark.parametrize("name", ["mlp", "logreg"])
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", [BOOKKEEPING, "hooks", "ghost"])
 def test_update_is_the_mean_of_clipped_per_sample_gradients(name, mode):
     x, y = _data()
     model, clip, lr = _model(name), 0.5, 1.0
@@ -60,14 +61,15 @@ def test_update_is_the_mean_of_clipped_per_sample_gradients(name, mode):
         assert torch.allclose(step, expected[key], atol=1e-5), key
 
 
-def test_noise_has_the_calibrated_standard_deviation():
+@pytest.mark.parametrize("mode", [BOOKKEEPING, "hooks"])
+def test_noise_has_the_calibrated_standard_deviation(mode):
     """Inputs of zero give zero first-layer gradients: its update is the noise alone."""
     x = np.zeros((ROWS, FEATURES), dtype=np.float32)
     y = np.zeros(ROWS, dtype=np.int64)
     model, sigma, clip, lr = build_model(TrainConfig(hidden=512), (FEATURES,), 2), 1.3, 0.7, 1.0
     before = model[1].weight.detach().clone()
     train_local(model, x, y, epochs=1, batch_size=ROWS, lr=lr, momentum=0.0, seed=3,
-                noise_multiplier=sigma, max_grad_norm=clip, grad_sample_mode="hooks")
+                noise_multiplier=sigma, max_grad_norm=clip, grad_sample_mode=mode)
     change = (model[1].weight.detach() - before).flatten().numpy()
     expected = lr * sigma * clip / ROWS  # noise σC on the sum, divided by the expected batch
     assert change.size == 512 * FEATURES
@@ -76,9 +78,60 @@ def test_noise_has_the_calibrated_standard_deviation():
     assert abs(change.mean()) < 4 * expected / np.sqrt(change.size)
 
 
-def test_steps_and_rate_follow_opacus_poisson_loader():
+@pytest.mark.parametrize("mode", [BOOKKEEPING, "hooks"])
+def test_steps_and_rate_follow_opacus_poisson_loader(mode):
     x, y = _data()
     result = train_local(_model("logreg"), x, y, epochs=2, batch_size=100, lr=0.1,
-                         momentum=0.0, seed=0, noise_multiplier=1.0, max_grad_norm=1.0)
+                         momentum=0.0, seed=0, noise_multiplier=1.0, max_grad_norm=1.0,
+                         grad_sample_mode=mode)
     assert steps_per_epoch(ROWS, 100) == 3 and sample_rate(ROWS, 100) == 1 / 3
     assert result.steps == 2 * 3 and result.examples == ROWS
+
+
+@pytest.mark.parametrize("name", ["mlp", "logreg"])
+def test_bookkeeping_takes_the_steps_opacus_takes(name):
+    """Same seed: the same Poisson batches, clipping and noise as Opacus' own DP-SGD, so the
+    same model after an epoch of small batches (some of them empty) with real noise."""
+    x, y = _data()
+    trained = {}
+    for mode in (BOOKKEEPING, "hooks"):
+        model = _model(name)
+        result = train_local(model, x, y, epochs=2, batch_size=4, lr=0.1, momentum=0.5,
+                             seed=7, noise_multiplier=0.8, max_grad_norm=0.3,
+                             grad_sample_mode=mode)
+        trained[mode] = (result, [p.detach() for p in model.parameters()])
+    (ours, ours_params), (opacus, opacus_params) = trained[BOOKKEEPING], trained["hooks"]
+    assert ours.steps == opacus.steps == 2 * 64
+    assert ours.accuracy == opacus.accuracy
+    assert ours.loss == pytest.approx(opacus.loss, rel=1e-5)
+    for a, b in zip(ours_params, opacus_params):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_plain_sgd_takes_the_shuffling_dataloader_batches():
+    """Non-private training indexes tensors directly; the steps are those of torch's
+    DataLoader, whose draws it mirrors (this fails if a torch release changes them)."""
+    x, y = _data()
+    model, reference = _model("mlp"), _model("mlp")
+    train_local(model, x, y, epochs=2, batch_size=30, lr=0.1, momentum=0.5, seed=4)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
+        batch_size=30, shuffle=True, generator=torch.Generator().manual_seed(4))
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.5)
+    for _ in range(2):
+        for xb, yb in loader:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(reference(xb), yb).backward()
+            optimizer.step()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_bookkeeping_takes_linear_stacks_only():
+    assert bookkeeping.supports(_model("mlp")) and bookkeeping.supports(_model("logreg"))
+    assert not bookkeeping.supports(build_model(TrainConfig(model="cnn"), (1, 8, 8), 10))
+    assert not bookkeeping.supports(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)))
+    with pytest.raises(ValueError, match="Sequential of Linear"):
+        bookkeeping.BookkeepingDPSGD(
+            nn.Sequential(nn.Linear(3, 3), nn.Dropout()), None, noise_multiplier=1.0,
+            max_grad_norm=1.0, expected_batch_size=1, noise_generator=torch.Generator())
