@@ -1,11 +1,13 @@
-"""DP-SGD in one backward pass for stacks of Linear layers (book-keeping, Bu et al. 2023).
+"""DP-SGD in one backward pass (book-keeping, Bu et al. 2023) for sequential models of
+Linear and Conv2d layers.
 
-For a Linear layer on 2-D input, example i's weight gradient is the outer product g_i a_iᵀ of
-its output gradient and its input, so its squared norm is ‖g_i‖²·(‖a_i‖² + 1 with a bias) and
-never has to be built. One autograd pass to the layers' outputs gives every g_i; the clipped
-sum is then Σ_i c_i g_i a_iᵀ, a single matrix product per layer. Opacus' ghost mode needs a
-second backward pass for that sum and its hooks mode builds every per-example gradient; on the
-shipped MLP both cost 3-4x a plain SGD step, this about 1.5x (experiments/bench_dpsgd.py).
+One autograd pass to the trained layers' outputs gives each example's output gradient g_i;
+with the layer inputs a_i kept from the forward pass, every per-example gradient is known by
+its factors. For a Linear layer on 2-D input it is the outer product g_i a_iᵀ, whose squared
+norm ‖g_i‖²·(‖a_i‖² + 1 with a bias) needs no gradient built; a convolution's is G_i U_iᵀ with
+U_i the unfolded input, small enough to build. The clipped sum Σ_i c_i ∇_i is then one product
+per layer. Opacus' ghost mode needs a second backward pass for that sum and its hooks mode
+computes the ordinary gradients as well; see experiments/bench_dpsgd.py for the cost of each.
 
 Everything else is exactly Opacus' DP-SGD, so the two paths take the same steps (tested):
 Poisson sampling as its UniformWithReplacementSampler draws it (torch.rand(n) < q from the
@@ -20,15 +22,70 @@ from torch import nn
 from torch.nn import functional
 
 # Layers with no parameters that act on each example alone: per-example gradients stay exact.
-_ELEMENTWISE = (nn.Flatten, nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.ELU,
-                nn.Identity)
+_PER_EXAMPLE = (nn.Flatten, nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.ELU,
+                nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+                nn.AdaptiveMaxPool2d)
+
+
+def _trainable(layer: nn.Module) -> bool:
+    if isinstance(layer, nn.Linear):
+        return True
+    return (isinstance(layer, nn.Conv2d) and layer.groups == 1
+            and layer.padding_mode == "zeros" and isinstance(layer.padding, tuple))
 
 
 def supports(model: nn.Module) -> bool:
-    """True for an nn.Sequential of Linear layers and parameter-free per-example layers."""
+    """True for an nn.Sequential of Linear layers, Conv2d layers (zero padding, one group) and
+    parameter-free per-example layers (activations, pooling, Flatten)."""
     return (isinstance(model, nn.Sequential) and len(model) > 0
-            and all(isinstance(layer, (nn.Linear, *_ELEMENTWISE)) for layer in model)
-            and any(isinstance(layer, nn.Linear) for layer in model))
+            and all(_trainable(layer) or isinstance(layer, _PER_EXAMPLE) for layer in model)
+            and any(_trainable(layer) for layer in model))
+
+
+class _LinearGrads:
+    """Example i's weight gradient g_i a_iᵀ, known by its factors: never built."""
+
+    def __init__(self, layer: nn.Linear, a: torch.Tensor, g: torch.Tensor):
+        if a.dim() != 2:
+            raise ValueError(f"book-keeping DP-SGD needs 2-D input to each Linear layer, got "
+                             f"shape {tuple(a.shape)}")
+        self.layer, self.a, self.g = layer, a, g
+
+    def squared_norms(self) -> torch.Tensor:
+        input_sq = self.a.square().sum(1)
+        if self.layer.bias is not None:
+            input_sq += 1.0
+        return self.g.square().sum(1) * input_sq
+
+    def clipped_sums(self, clip: torch.Tensor) -> list[torch.Tensor]:
+        weighted = self.g * clip.unsqueeze(1)
+        sums = [weighted.T @ self.a]
+        if self.layer.bias is not None:
+            sums.append(weighted.sum(0))
+        return sums
+
+
+class _ConvGrads:
+    """Example i's weight gradient G_i U_iᵀ (output gradient times unfolded input), built:
+    for small convolutions it is small, and the clipped sum is then one product."""
+
+    def __init__(self, layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor):
+        unfolded = functional.unfold(a, layer.kernel_size, dilation=layer.dilation,
+                                     padding=layer.padding, stride=layer.stride)
+        g = g.flatten(2)
+        self.layer = layer
+        self.weight = torch.bmm(g, unfolded.transpose(1, 2)).flatten(1)
+        self.bias = g.sum(2) if layer.bias is not None else None
+
+    def squared_norms(self) -> torch.Tensor:
+        norms = self.weight.square().sum(1)
+        return norms if self.bias is None else norms + self.bias.square().sum(1)
+
+    def clipped_sums(self, clip: torch.Tensor) -> list[torch.Tensor]:
+        sums = [(clip @ self.weight).view_as(self.layer.weight)]
+        if self.bias is not None:
+            sums.append(clip @ self.bias)
+        return sums
 
 
 class BookkeepingDPSGD:
@@ -38,8 +95,8 @@ class BookkeepingDPSGD:
                  noise_multiplier: float, max_grad_norm: float, expected_batch_size: int,
                  noise_generator: torch.Generator):
         if not supports(model):
-            raise ValueError("book-keeping DP-SGD needs an nn.Sequential of Linear and "
-                             f"parameter-free layers, got {type(model).__name__}")
+            raise ValueError("book-keeping DP-SGD needs an nn.Sequential of Linear, Conv2d and "
+                             f"parameter-free per-example layers, got {model!r}")
         if expected_batch_size < 1:
             raise ValueError(f"expected batch size must be >= 1, got {expected_batch_size}")
         self.model = model
@@ -48,22 +105,19 @@ class BookkeepingDPSGD:
         self.max_grad_norm = max_grad_norm
         self.expected_batch_size = expected_batch_size
         self.generator = noise_generator
-        self.linears = [layer for layer in model if isinstance(layer, nn.Linear)]
+        layers = [layer for layer in model if _trainable(layer)]
         self.params = [p for p in model.parameters() if p.requires_grad]
-        if len(self.params) != sum(1 + (lin.bias is not None) for lin in self.linears):
-            raise ValueError("book-keeping DP-SGD trains every Linear parameter: none may be "
-                             "frozen")
+        if len(self.params) != sum(1 + (layer.bias is not None) for layer in layers):
+            raise ValueError("book-keeping DP-SGD trains every parameter: none may be frozen")
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One DP-SGD step on the batch (x, y), which may be empty. Returns the logits and the
         per-example losses, detached."""
-        inputs, outputs = [], []
+        trained, inputs, outputs = [], [], []
         h = x
         for layer in self.model:
-            if isinstance(layer, nn.Linear):
-                if h.dim() != 2:
-                    raise ValueError(f"book-keeping DP-SGD needs 2-D input to each Linear "
-                                     f"layer, got shape {tuple(h.shape)}")
+            if _trainable(layer):
+                trained.append(layer)
                 inputs.append(h)
                 h = layer(h)
                 outputs.append(h)
@@ -73,7 +127,7 @@ class BookkeepingDPSGD:
         if len(y):
             backprops = torch.autograd.grad(losses.sum(), outputs)
         with torch.no_grad():
-            grads = self._clipped_sums(inputs, backprops) if len(y) else None
+            grads = self._clipped_sums(trained, inputs, backprops) if len(y) else None
             for i, p in enumerate(self.params):
                 noise = torch.normal(0.0, self.noise_std, p.shape, generator=self.generator,
                                      dtype=p.dtype)
@@ -82,19 +136,10 @@ class BookkeepingDPSGD:
         self.optimizer.step()
         return h.detach(), losses.detach()
 
-    def _clipped_sums(self, inputs: list[torch.Tensor], backprops: tuple[torch.Tensor, ...]
-                      ) -> list[torch.Tensor]:
-        squared = torch.zeros(len(backprops[0]))
-        for lin, a, g in zip(self.linears, inputs, backprops):
-            input_sq = a.square().sum(1)
-            if lin.bias is not None:
-                input_sq += 1.0
-            squared += g.square().sum(1) * input_sq
+    def _clipped_sums(self, layers: list[nn.Module], inputs: list[torch.Tensor],
+                      backprops: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        per_layer = [(_LinearGrads if isinstance(layer, nn.Linear) else _ConvGrads)(layer, a, g)
+                     for layer, a, g in zip(layers, inputs, backprops)]
+        squared = sum(grads.squared_norms() for grads in per_layer)
         clip = (self.max_grad_norm / (squared.sqrt() + 1e-6)).clamp_(max=1.0)
-        grads = []
-        for lin, a, g in zip(self.linears, inputs, backprops):
-            weighted = g * clip.unsqueeze(1)
-            grads.append(weighted.T @ a)
-            if lin.bias is not None:
-                grads.append(weighted.sum(0))
-        return grads
+        return [s for grads in per_layer for s in grads.clipped_sums(clip)]

@@ -2,9 +2,9 @@
 
 Nothing here knows about Flower. DP-SGD is Opacus' algorithm: Poisson sampling at rate
 q = 1/⌈n/B⌉ for ⌈n/B⌉ steps an epoch (what Opacus' DPDataLoader does), per-sample clipping to
-C and Gaussian noise σ·C; the steps actually taken are what the ledger records. Stacks of
-Linear layers run it through clients.bookkeeping (same steps, one backward pass), other models
-through Opacus itself.
+C and Gaussian noise σ·C; the steps actually taken are what the ledger records. The shipped
+models run it through clients.bookkeeping (the same steps in one backward pass); Opacus'
+grad-sample modes run it through Opacus itself.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ for _handler in logging.getLogger().handlers:
         logging.getLogger().removeHandler(_handler)
 
 
-BOOKKEEPING = "bookkeeping"  # privet's one-pass DP-SGD for Linear stacks, not an Opacus mode
+BOOKKEEPING = "bookkeeping"  # privet's one-pass DP-SGD (clients.bookkeeping), not an Opacus mode
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,11 @@ from torch import nn
 
 from common.config import TrainConfig
 
-# How DP-SGD computes clipped gradients per model, measured with experiments/bench_dpsgd.py
-# (2 cores, one torch thread, batch 64, step time over plain SGD). Linear stacks take privet's
-# one-pass book-keeping (clients.bookkeeping). The CNN takes Opacus' hooks: ~2.4x on
-# Fashion-MNIST (ghost about 5% slower, functorch 2.8x); on 8x8 digits ghost wins (2.7x vs
-# 3.9x), but digits is 1,437 rows of 8-11 ms steps, so hooks, fastest where the time goes.
-GRAD_SAMPLE_MODE = {"mlp": "bookkeeping", "logreg": "bookkeeping", "cnn": "hooks"}
+# How DP-SGD computes clipped gradients, per model: privet's one-pass book-keeping
+# (clients.bookkeeping) for all three. Step time over plain SGD, experiments/bench_dpsgd.py
+# (2 cores, one torch thread, batch 64): Adult MLP 1.9x (Opacus ghost 5.9x, hooks 7.9x), logreg
+# 1.8x (hooks 5.2x); Fashion-MNIST CNN 1.7x (hooks 2.4x, ghost 2.5x); digits CNN 1.5x (ghost 3.1x).
+GRAD_SAMPLE_MODE = {"mlp": "bookkeeping", "logreg": "bookkeeping", "cnn": "bookkeeping"}
 
 
 def build_model(train: TrainConfig, input_shape: tuple[int, ...], num_classes: int

@@ -169,12 +169,13 @@ def test_cnn_dp_sgd_step(size):
                          noise_multiplier=1.0, grad_sample_mode=GRAD_SAMPLE_MODE["cnn"])
     assert result.steps == 3 and np.isfinite(result.loss)
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
-    assert type(model) is nn.Sequential and not model._forward_hooks  # Opacus let go
+    assert type(model) is nn.Sequential and not model._forward_hooks  # no hooks left behind
     assert model(torch.from_numpy(x)).shape == (48, 10)
 
 
-def test_cnn_update_is_the_mean_of_clipped_per_sample_gradients():
-    """The chosen grad-sample mode clips the CNN's per-sample gradients correctly."""
+@pytest.mark.parametrize("mode", [GRAD_SAMPLE_MODE["cnn"], "hooks"])
+def test_cnn_update_is_the_mean_of_clipped_per_sample_gradients(mode):
+    """The CNN's per-sample gradients are clipped correctly, by privet's path and Opacus'."""
     rows, clip, lr = 24, 0.05, 1.0
     rng = np.random.default_rng(1)
     x = torch.from_numpy(rng.random((rows, 1, 8, 8), dtype=np.float32))
@@ -193,8 +194,27 @@ def test_cnn_update_is_the_mean_of_clipped_per_sample_gradients():
     expected = {k: (g * scale.view(-1, *[1] * (g.dim() - 1))).mean(0) for k, g in grads.items()}
     # batch = all rows: q = 1, one step, and Poisson sampling takes every row
     train_local(model, x.numpy(), y.numpy(), epochs=1, batch_size=rows, lr=lr, momentum=0.0,
-                seed=1, noise_multiplier=1e-9, max_grad_norm=clip,
-                grad_sample_mode=GRAD_SAMPLE_MODE["cnn"])
+                seed=1, noise_multiplier=1e-9, max_grad_norm=clip, grad_sample_mode=mode)
     for key, value in model.named_parameters():
         step = (params[key] - value.detach()) / lr
         assert torch.allclose(step, expected[key], atol=1e-6), key
+
+
+@pytest.mark.parametrize("size", [8, 28])
+def test_cnn_bookkeeping_takes_the_steps_opacus_takes(size):
+    """Same seed: the same Poisson batches (some empty), clipping and noise as Opacus' DP-SGD,
+    so the same CNN after two epochs."""
+    rng = np.random.default_rng(size)
+    x = rng.random((40, 1, size, size), dtype=np.float32)
+    y = rng.integers(0, 10, 40).astype(np.int64)
+    trained = []
+    for mode in ("bookkeeping", "hooks"):
+        model = _cnn((1, size, size))
+        result = train_local(model, x, y, epochs=2, batch_size=4, lr=0.1, momentum=0.5,
+                             seed=3, noise_multiplier=0.7, max_grad_norm=0.5,
+                             grad_sample_mode=mode)
+        trained.append((result, [p.detach() for p in model.parameters()]))
+    (ours, ours_params), (opacus, opacus_params) = trained
+    assert ours.steps == opacus.steps == 20 and ours.accuracy == opacus.accuracy
+    for a, b in zip(ours_params, opacus_params):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -127,10 +127,12 @@ def test_plain_sgd_takes_the_shuffling_dataloader_batches():
         assert torch.equal(a, b)
 
 
-def test_bookkeeping_takes_linear_stacks_only():
-    assert bookkeeping.supports(_model("mlp")) and bookkeeping.supports(_model("logreg"))
-    assert not bookkeeping.supports(build_model(TrainConfig(model="cnn"), (1, 8, 8), 10))
+def test_bookkeeping_takes_the_layers_it_computes_exactly():
+    assert all(bookkeeping.supports(build_model(TrainConfig(model=name), (1, 8, 8), 10))
+               for name in GRAD_SAMPLE_MODE)
     assert not bookkeeping.supports(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)))
+    assert not bookkeeping.supports(nn.Sequential(nn.Conv2d(2, 2, 3, groups=2)))
+    assert not bookkeeping.supports(nn.Sequential(nn.Conv2d(2, 2, 3, padding="same")))
     with pytest.raises(ValueError, match="Sequential of Linear"):
         bookkeeping.BookkeepingDPSGD(
             nn.Sequential(nn.Linear(3, 3), nn.Dropout()), None, noise_multiplier=1.0,
