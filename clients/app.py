@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import numpy as np
 import torch
@@ -207,6 +208,7 @@ def train(msg: Message, context: Context) -> Message:
     sigma = q = None
     private, target = cfg.client_private(client_id), cfg.epsilon_for(client_id)
     base[R.TARGET_EPSILON] = target
+    accounting_start = time.perf_counter()
     if private:
         sigma, q, steps = planned_noise(cfg, len(data), target)
         if cfg.privacy.delta >= 1 / len(data):
@@ -221,6 +223,7 @@ def train(msg: Message, context: Context) -> Message:
                        R.EPSILON: ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant),
                        **_ledger_metrics(ledger)}
             return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    accounting_seconds = time.perf_counter() - accounting_start
 
     result = train_local(model, data.features, data.labels, epochs=cfg.train.local_epochs,
                          batch_size=cfg.train.batch_size, lr=cfg.train.lr,
@@ -231,12 +234,15 @@ def train(msg: Message, context: Context) -> Message:
     if sigma is not None:
         ledger.record(sigma, q, result.steps)
         _save_ledger(context, ledger_file, ledger)
+        accounting_start = time.perf_counter()
         epsilon = ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
+        accounting_seconds += time.perf_counter() - accounting_start
     metrics = {**base, R.DECLINED: 0, R.NUM_EXAMPLES: result.examples,
                R.TRAIN_LOSS: result.loss, R.TRAIN_ACCURACY: result.accuracy,
                R.EPSILON: epsilon if private else float("inf"), R.STEPS: result.steps,
                R.NOISE_MULTIPLIER: sigma or 0.0, R.SAMPLE_RATE: q or 0.0,
-               R.TRAIN_SECONDS: result.seconds, **_ledger_metrics(ledger)}
+               R.TRAIN_SECONDS: result.seconds, R.ACCOUNTING_SECONDS: accounting_seconds,
+               **_ledger_metrics(ledger)}
     content = RecordDict({"arrays": R.to_arrays(model), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 

@@ -21,6 +21,7 @@ STEPS = "steps"
 NOISE_MULTIPLIER = "noise-multiplier"
 SAMPLE_RATE = "sample-rate"
 TRAIN_SECONDS = "train-seconds"
+ACCOUNTING_SECONDS = "accounting-seconds"  # noise calibration and ε queries this round
 DATA_PREFIX = "data-"            # + a CleaningReport field: what cleaning did to the rows
 LEDGER_SIGMA = "ledger-noise-multiplier"  # the ledger history, column by column
 LEDGER_RATE = "ledger-sample-rate"

@@ -35,7 +35,8 @@ AUDIT = "audit.json"             # `privet audit`: the membership-inference audi
 RUN_FILES = (CONFIG, METRICS, ROUNDS, SUMMARY, MODEL, PLOT)
 
 METRIC_COLUMNS = ["round", "client", "status", "examples", "loss", "accuracy", "epsilon",
-                  "steps", "noise_multiplier", "sample_rate", "train_seconds"]
+                  "steps", "noise_multiplier", "sample_rate", "train_seconds",
+                  "accounting_seconds"]
 ROUND_COLUMNS = ["round", "test_accuracy", "test_loss", "max_epsilon", "user_epsilon",
                  "clients_trained",
                  "clients_declined", "elapsed_seconds"]

@@ -114,7 +114,8 @@ class RunRecorder:
                 "epsilon": _fmt(m.get(R.EPSILON)), "steps": m.get(R.STEPS, 0),
                 "noise_multiplier": _fmt(m.get(R.NOISE_MULTIPLIER)),
                 "sample_rate": _fmt(m.get(R.SAMPLE_RATE)),
-                "train_seconds": _fmt(m.get(R.TRAIN_SECONDS))})
+                "train_seconds": _fmt(m.get(R.TRAIN_SECONDS)),
+                "accounting_seconds": _fmt(m.get(R.ACCOUNTING_SECONDS))})
         with self._lock:
             self._pending = sorted(rows, key=lambda r: str(r["client"]).zfill(8))
         errors = [msg.error.reason for msg in replies if msg.has_error()]

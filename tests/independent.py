@@ -13,9 +13,10 @@ def _event(history):
         for sigma, q, steps in history])
 
 
-def pld_epsilon(history, delta):
-    """dp-accounting's PLD at its default (finer) discretisation, pessimistic."""
-    accountant = pld_privacy_accountant.PLDAccountant()
+def pld_epsilon(history, delta, discretisation=1e-4):
+    """dp-accounting's PLD (default: at its default, finer discretisation), pessimistic."""
+    accountant = pld_privacy_accountant.PLDAccountant(
+        value_discretization_interval=discretisation)
     accountant.compose(_event(history))
     return accountant.get_epsilon(delta)
 

@@ -20,6 +20,16 @@ def test_pld_is_an_upper_bound_within_one_percent_of_dp_accounting(history):
 
 
 @pytest.mark.parametrize("history", HISTORIES)
+def test_pld_is_dp_accountings_pld_accountant_at_the_same_grid(history):
+    """The per-process reuse of each (σ, q)'s one-step PLD changes nothing: asked twice (the
+    second time from the cache), ε is what PLDAccountant composes from scratch."""
+    reference = pld_epsilon(history, 1e-5, accountants.PLD_DISCRETISATION)
+    for _ in range(2):
+        accountants._epsilon_cached.cache_clear()
+        assert accountants.epsilon(history, 1e-5, "pld") == pytest.approx(reference, rel=1e-9)
+
+
+@pytest.mark.parametrize("history", HISTORIES)
 def test_rdp_matches_dp_accounting_rdp(history):
     assert accountants.epsilon(history, DELTA, "rdp") == pytest.approx(
         rdp_epsilon(history, DELTA), rel=0.01)

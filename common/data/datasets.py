@@ -288,7 +288,13 @@ def holdout_mask(cfg: ExperimentConfig, client_id: int, rows: int) -> np.ndarray
     return mask
 
 
-@functools.lru_cache(maxsize=4)
+# A simulation actor serves many clients in turn: keeping every partition it has built
+# (each is one client's rows) spares re-cleaning and re-encoding it whenever the client is
+# sampled again, which cost more than its training on the default experiment.
+PARTITIONS_KEPT = 1024
+
+
+@functools.lru_cache(maxsize=PARTITIONS_KEPT)
 def _cleaned_all(cfg: ExperimentConfig, client_id: int, data_path: str
                  ) -> tuple[pd.DataFrame, np.ndarray, CleaningReport]:
     if data_path:
@@ -314,7 +320,7 @@ def cleaned_client(cfg: ExperimentConfig, client_id: int, data_path: str = "", *
     return cleaned[keep].reset_index(drop=True), labels[keep], report
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=PARTITIONS_KEPT)
 def _client_data(cfg: ExperimentConfig, client_id: int, transform_json: str,
                  data_path: str, held_out: bool = False) -> ClientData:
     if cfg.data.dataset in IMAGE_DATASETS:
