@@ -9,7 +9,6 @@ grad-sample modes run it through Opacus itself.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 import warnings
@@ -22,17 +21,7 @@ from torch.nn import functional
 from torch.utils.data import DataLoader, TensorDataset
 
 from clients.bookkeeping import BookkeepingDPSGD
-
-# Opacus calls logging.basicConfig() on import, which would print every Flower log
-# line twice (once by Flower's handler, once by the root handler it adds).
-_root_handlers = list(logging.getLogger().handlers)
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    from opacus import PrivacyEngine
-for _handler in logging.getLogger().handlers:
-    if _handler not in _root_handlers:
-        logging.getLogger().removeHandler(_handler)
-
+from common.opacus_import import opacus
 
 BOOKKEEPING = "bookkeeping"  # privet's one-pass DP-SGD (clients.bookkeeping), not an Opacus mode
 
@@ -137,7 +126,7 @@ def _train_opacus(model: nn.Module, optimizer: torch.optim.Optimizer, x_all: tor
     with warnings.catch_warnings():
         # "Secure RNG turned off": true, and stated in the README; not news every round.
         warnings.simplefilter("ignore")
-        engine = PrivacyEngine(accountant="rdp")  # its accountant is unused: the ledger counts
+        engine = opacus().PrivacyEngine(accountant="rdp")  # its accountant is unused: the ledger counts
         private = engine.make_private(
             module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,

@@ -137,3 +137,15 @@ def test_bookkeeping_takes_the_layers_it_computes_exactly():
         bookkeeping.BookkeepingDPSGD(
             nn.Sequential(nn.Linear(3, 3), nn.Dropout()), None, noise_multiplier=1.0,
             max_grad_norm=1.0, expected_batch_size=1, noise_generator=torch.Generator())
+
+
+def test_the_apps_do_not_import_opacus_until_asked():
+    """Importing Opacus costs each simulation actor ~1.5 s; the default path never needs it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, clients.app, server.app, experiments.simulation; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'opacus'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout

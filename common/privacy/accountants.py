@@ -19,11 +19,11 @@ import warnings
 from pathlib import Path
 
 # Imported here, not lazily: the ServerApp thread and the ClientApp loader import these
-# concurrently in simulation, and lazy imports of the same modules deadlock.
+# concurrently in simulation, and lazy imports of the same modules deadlock. Opacus is the
+# exception, loaded under a lock by common.opacus_import only where its accountants are used.
 from dp_accounting.pld import privacy_loss_distribution
-from opacus.accountants import PRVAccountant
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-from opacus.accountants.rdp import RDPAccountant
+
+from common.opacus_import import opacus
 
 ACCOUNTANTS = ("pld", "prv", "rdp")
 # PLD grid step. 1e-3 is ~10x faster than dp-accounting's 1e-4 default and, being
@@ -56,7 +56,7 @@ def _pld_epsilon(history: History, delta: float) -> float:
 
 
 def _prv_epsilon(history: History, delta: float) -> float:
-    accountant = PRVAccountant()
+    accountant = opacus("opacus.accountants").PRVAccountant()
     accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -64,10 +64,11 @@ def _prv_epsilon(history: History, delta: float) -> float:
 
 
 def _rdp_epsilon(history: History, delta: float) -> float:
-    orders = RDPAccountant.DEFAULT_ALPHAS
-    rdp = sum(compute_rdp(q=q, noise_multiplier=s, steps=int(n), orders=orders)
+    orders = opacus("opacus.accountants.rdp").RDPAccountant.DEFAULT_ALPHAS
+    analysis = opacus("opacus.accountants.analysis.rdp")
+    rdp = sum(analysis.compute_rdp(q=q, noise_multiplier=s, steps=int(n), orders=orders)
               for s, q, n in history)
-    eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    eps, _ = analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
     return float(eps)
 
 
