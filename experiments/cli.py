@@ -121,6 +121,15 @@ def print_partitions(report: list[dict], cfg) -> None:
     console.print(table)
 
 
+def _ray_address_option(address: Optional[str]) -> Optional[str]:
+    from experiments.simulation import RayAddressError, check_ray_address
+
+    try:
+        return None if address is None else check_ray_address(address)
+    except RayAddressError as error:
+        raise typer.BadParameter(str(error).removeprefix("--ray-address ")) from None
+
+
 @app.command()
 def simulate(
     config: ConfigFile = DEFAULT_CONFIG,
@@ -131,6 +140,11 @@ def simulate(
                          ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Flower's logs")
                        ] = False,
+    ray_address: Annotated[Optional[str], typer.Option(
+        "--ray-address", metavar="HOST:PORT", callback=_ray_address_option,
+        help="run the clients on this running Ray cluster (`ray start --head` prints its "
+             "address; `auto`: the one started on this machine) instead of a Ray of its own"
+    )] = None,
 ) -> None:
     """Run an experiment on Flower's simulation runtime and write its results.
 
@@ -141,6 +155,8 @@ def simulate(
       privet simulate --set rounds=5 --set privacy.epsilon=1 --out runs/a
 
       privet simulate --config experiments/configs/tiny.toml --set privacy.level=none
+
+      privet simulate --ray-address 10.0.0.5:6379      # on a Ray cluster, one client per CPU
     """
     try:
         cfg = load_config(config, overrides or [])
@@ -181,7 +197,10 @@ def simulate(
     watcher.start()
     code = 0
     try:
-        simulation.run(cfg, run_dir, verbose=verbose)
+        simulation.run(cfg, run_dir, verbose=verbose, ray_address=ray_address)
+    except simulation.RayAddressError as error:
+        code = 2
+        err.print(f"privet: error: {error}", markup=False, soft_wrap=True)
     except KeyboardInterrupt:
         code = 130
         err.print("privet: interrupted; finished rounds are kept")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
+import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,12 +36,90 @@ def simulation_cpus() -> int:
     return max(1, min(cores, int(limit))) if limit.isdigit() else cores
 
 
+RAY_ADDRESS_EXPECTED = ("HOST:PORT of a running Ray cluster's head node (what `ray start --head` "
+                        "prints, e.g. 127.0.0.1:6379), or auto for the cluster `ray start` "
+                        "started on this machine")
+
+
+class RayAddressError(ValueError):
+    """`--ray-address` is malformed, or no Ray cluster answers there."""
+
+
+def check_ray_address(address: str) -> str:
+    """`address` stripped, if it has the shape of a Ray cluster address: `auto` or HOST:PORT."""
+    address = address.strip()
+    if address == "auto":
+        return address
+    if "://" in address:  # ray://: Ray Client, whose driver runs off the cluster
+        raise RayAddressError(f"--ray-address {address!r}: expected {RAY_ADDRESS_EXPECTED}, "
+                              "without a scheme; run privet on a machine of the cluster")
+    host, _, port = address.rpartition(":")
+    if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RayAddressError(f"--ray-address {address!r}: expected {RAY_ADDRESS_EXPECTED}")
+    return address
+
+
 def backend_config(num_cpus: int, ray_address: str | None = None) -> dict:
+    """Flower's Ray backend config. Without `ray_address` Ray starts here with `num_cpus`;
+    with it, Ray joins that cluster and uses its CPUs. Each ClientApp actor takes one CPU
+    either way (and runs one torch thread, see clients/app.py)."""
     init_args: dict = {"num_cpus": num_cpus, "logging_level": "ERROR",
-                       "log_to_driver": False, "include_dashboard": False}
+                       "log_to_driver": False, "include_dashboard": False,
+                       # a local Ray of our own, even if RAY_ADDRESS is set or `ray start`
+                       # left a cluster address in /tmp/ray: never join a cluster unasked
+                       "address": "local"}
     if ray_address:
         init_args = {"address": ray_address, "logging_level": "ERROR", "log_to_driver": False}
     return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
+
+
+def _join_cluster(init_args: dict) -> None:
+    """Connect this process to the user's Ray cluster, before Flower's RayBackend would.
+
+    Flower's `RayBackend.init_ray` skips `ray.init` when Ray is already initialised, so this
+    is the one connection; doing it here turns a wrong address into one clear error (Ray
+    itself retries an unreachable address for minutes, and Flower logs its traceback).
+    The runtime env is what Flower's would be: PYTHONPATH = this process's sys.path, so
+    actors on any node import `clients.app` and friends from the same paths (the project,
+    installed in the same virtualenv at the same place on every node), plus the torch
+    thread count (actors on other nodes do not inherit this process's environment)."""
+    import ray
+    from ray._common.utils import get_ray_address_file
+    from ray._private.services import canonicalize_bootstrap_address, find_bootstrap_address
+
+    address = init_args["address"]
+    # auto: RAY_ADDRESS, else the cluster `ray start` last started here; unlike Ray's own
+    # "auto", never any Ray it finds running (another privet run's private one)
+    target = (os.environ.get("RAY_ADDRESS", "").strip() or find_bootstrap_address(None)
+              if address == "auto" else address)
+    if not target:
+        raise RayAddressError(
+            f"--ray-address auto: `ray start` recorded no cluster address on this machine "
+            f"({get_ray_address_file(None)}) and RAY_ADDRESS is not set. Expected "
+            f"{RAY_ADDRESS_EXPECTED}.")
+    try:
+        resolved = canonicalize_bootstrap_address(check_ray_address(target))
+        host, _, port = resolved.rpartition(":")
+        # Ray would retry a closed port for minutes: knock first
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except (OSError, ValueError, AttributeError) as error:
+        raise RayAddressError(
+            f"--ray-address {address}: no Ray cluster answers at {target} ({error}). "
+            f"Expected {RAY_ADDRESS_EXPECTED}.") from None
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    env_vars = {"PYTHONPATH": pythonpath,
+                "PRIVET_TORCH_THREADS": os.environ.get("PRIVET_TORCH_THREADS", "1")}
+    try:
+        ray.init(runtime_env={"env_vars": env_vars}, include_dashboard=False,
+                 **{**init_args, "address": resolved})
+    except Exception as error:  # noqa: BLE001 - a version mismatch, auth, ...: say where
+        raise RayAddressError(
+            f"--ray-address {address}: could not join the Ray cluster at {resolved}: "
+            f"{error} (privet runs Ray {ray.__version__}, Python "
+            f"{sys.version_info.major}.{sys.version_info.minor}; the cluster must too)"
+        ) from None
 
 
 @contextmanager
@@ -62,7 +142,8 @@ def _quiet_on_interrupt():
 
 @contextmanager
 def _ray_stopped_on_exit():
-    """Shut Ray down however we leave (normal end, error, Ctrl-C)."""
+    """Shut Ray down however we leave (normal end, error, Ctrl-C). On a cluster this process
+    only disconnects: the cluster keeps running, and Ray removes this run's actors."""
     try:
         yield
     finally:
@@ -114,8 +195,12 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
     return report, source_warnings(cfg)
 
 
-def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False) -> None:
-    """Run `cfg` through Flower's simulation runtime; results land in `run_dir`."""
+def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False,
+        ray_address: str | None = None) -> None:
+    """Run `cfg` through Flower's simulation runtime; results land in `run_dir`.
+
+    With `ray_address` (HOST:PORT or auto) the ClientApp actors run on that Ray cluster, one
+    per CPU it has, instead of on a Ray started here; a bad address raises RayAddressError."""
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("PRIVET_TORCH_THREADS", "1")
@@ -145,11 +230,15 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False) -> None:
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
                       run_config=get_fused_config_from_dir(PROJECT_DIR, overrides))
+    config = backend_config(min(simulation_cpus(), cfg.clients_per_round),
+                            check_ray_address(ray_address) if ray_address else None)
     with _quiet_on_interrupt(), _ray_stopped_on_exit():
+        if ray_address:
+            _join_cluster(config["init_args"])
         _run_simulation(
             server_app_attr=SERVER_APP, client_app_attr=CLIENT_APP,
             num_supernodes=cfg.num_clients, backend_name="ray",
-            backend_config=backend_config(min(simulation_cpus(), cfg.clients_per_round)),
+            backend_config=config,
             app_dir=str(PROJECT_DIR), run=flower_run, server_app_context=context,
             is_app=True, verbose_logging=verbose,
             exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE)
