@@ -89,9 +89,10 @@ class _ConvGrads:
 
 
 class BookkeepingDPSGD:
-    """Runs DP-SGD steps on `model` with `optimizer` (any torch optimizer over its parameters)."""
+    """Runs DP-SGD steps on `model` with `optimizer` (anything with a `step()` that applies the
+    parameters' `.grad`, e.g. a torch optimizer over them)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+    def __init__(self, model: nn.Module, optimizer, *,
                  noise_multiplier: float, max_grad_norm: float, expected_batch_size: int,
                  noise_generator: torch.Generator):
         if not supports(model):

@@ -21,6 +21,7 @@ from torch.nn import functional
 from torch.utils.data import DataLoader, TensorDataset
 
 from clients.bookkeeping import BookkeepingDPSGD
+from clients.sgd import SGD
 from common.opacus_import import opacus
 
 BOOKKEEPING = "bookkeeping"  # privet's one-pass DP-SGD (clients.bookkeeping), not an Opacus mode
@@ -54,7 +55,7 @@ def train_local(model: nn.Module, features: np.ndarray, labels: np.ndarray, *, e
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x_all, y_all = torch.from_numpy(features), torch.from_numpy(labels)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    optimizer = SGD(model.parameters(), lr=lr, momentum=momentum)
     tally = _Tally()
     model.train()
     if noise_multiplier is None:
@@ -87,6 +88,8 @@ def train_local(model: nn.Module, features: np.ndarray, labels: np.ndarray, *, e
                 out, losses = dpsgd.step(x_all[chosen], y)
                 tally.add(out, losses.sum(), y)
     else:
+        # Opacus wraps a torch optimizer
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
         _train_opacus(model, optimizer, x_all, y_all, tally, epochs=epochs,
                       batch_size=batch_size, generator=generator, seed=seed,
                       noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,

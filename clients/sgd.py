@@ -1,0 +1,39 @@
+"""SGD with momentum: torch.optim.SGD's update, without its ~1 s first use per process.
+
+A torch optimizer's first construction imports torch._dynamo (torch.optim wraps its methods
+in torch._disable_dynamo), about a second in every simulation actor and for every client
+process a SuperNode starts. Plain SGD needs none of it. Same arithmetic as torch.optim.SGD
+with dampening 0, no weight decay, no Nesterov (tests compare the two bit for bit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+class SGD:
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, momentum: float = 0.0):
+        self.params = [p for p in params if p.requires_grad]
+        self.lr, self.momentum = lr, momentum
+        self._buffers: list[torch.Tensor | None] = [None] * len(self.params)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            direction = p.grad
+            if self.momentum:
+                buffer = self._buffers[i]
+                if buffer is None:
+                    buffer = self._buffers[i] = torch.clone(direction).detach()
+                else:
+                    buffer.mul_(self.momentum).add_(direction)
+                direction = buffer
+            p.add_(direction, alpha=-self.lr)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
