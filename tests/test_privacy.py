@@ -29,6 +29,23 @@ def test_pld_is_dp_accountings_pld_accountant_at_the_same_grid(history):
         assert accountants.epsilon(history, 1e-5, "pld") == pytest.approx(reference, rel=1e-9)
 
 
+@pytest.mark.parametrize("sigma, q", [(1.14, 1 / 51), (0.73, 1 / 149), (3.0, 0.2), (0.9, 1.0)])
+def test_remembered_convolution_bounds_are_dp_accountings(sigma, q):
+    """privet's memo of the Chernoff bounds gives dp-accounting's own numbers, exactly."""
+    from dp_accounting.pld import common, privacy_loss_distribution
+
+    from common.privacy import pld_bounds
+
+    assert common.compute_self_convolve_bounds is pld_bounds.compute_self_convolve_bounds
+    pld = privacy_loss_distribution.from_gaussian_mechanism(
+        sigma, sampling_prob=q, value_discretization_interval=accountants.PLD_DISCRETISATION)
+    for pmf in (pld._pmf_remove, pld._pmf_add):
+        for steps in (1, 7, 51, 1000, 2980):
+            for _ in range(2):  # computed, then remembered
+                assert pld_bounds.compute_self_convolve_bounds(pmf._probs, steps, 1e-15) == \
+                    pld_bounds._original(pmf._probs, steps, 1e-15)
+
+
 @pytest.mark.parametrize("history", HISTORIES)
 def test_rdp_matches_dp_accounting_rdp(history):
     assert accountants.epsilon(history, DELTA, "rdp") == pytest.approx(

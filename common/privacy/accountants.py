@@ -24,6 +24,9 @@ from pathlib import Path
 from dp_accounting.pld import privacy_loss_distribution
 
 from common.opacus_import import opacus
+from common.privacy import pld_bounds
+
+pld_bounds.install()
 
 ACCOUNTANTS = ("pld", "prv", "rdp")
 # PLD grid step. 1e-3 is ~10x faster than dp-accounting's 1e-4 default and, being
