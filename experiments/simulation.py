@@ -23,6 +23,8 @@ SERVER_APP = "server.app:app"
 CLIENT_APP = "clients.app:app"
 
 
+# "0" keeps Flower's own 100 ms polling (experiments/prompt_polling.py), for comparisons
+PROMPT_POLLING_ENV = "PRIVET_PROMPT_POLLING"
 CPUS_ENV = "PRIVET_CPUS"  # caps the cores; `privet compare --jobs N` splits the machine with it
 
 
@@ -214,6 +216,8 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False,
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
+    from experiments import prompt_polling
+
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
     # Flower has its own handler; Opacus adds a root one on import (basicConfig), so
@@ -232,6 +236,8 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False,
                       run_config=get_fused_config_from_dir(PROJECT_DIR, overrides))
     config = backend_config(min(simulation_cpus(), cfg.clients_per_round),
                             check_ray_address(ray_address) if ray_address else None)
+    if os.environ.get(PROMPT_POLLING_ENV, "1") != "0":
+        prompt_polling.install()
     with _quiet_on_interrupt(), _ray_stopped_on_exit():
         if ray_address:
             _join_cluster(config["init_args"])
