@@ -108,6 +108,31 @@ def test_reported_epsilon_is_cumulative_and_matches_an_independent_accountant(ti
         assert sum(int(r["steps"]) for r in per_round[client]) == history[0][2]
 
 
+# The tiny run as the code before the speed work (commit fc936a3: Opacus ghost clipping,
+# dp-accounting's PLDAccountant, torch's SGD and DataLoader) computed it: per client the
+# calibrated σ, Poisson rate, steps, and the ε it reported.
+BEFORE_SPEED_WORK = {
+    "0": (0.9252055659375003, 0.025, 80, 1.998058307701002),
+    "1": (0.8878386206250004, 0.006711409395973154, 298, 0.9977639734253992),
+    "2": (0.8346093750000001, 0.015151515151515152, 132, 1.9967258868010473),
+}
+BEFORE_SPEED_WORK_ACCURACY = 0.845218
+
+
+def test_speed_work_left_the_results_unchanged(tiny_run):
+    """Same seed, same results: σ and steps exactly, ε to 1e-9 (float rounding in composing
+    the PLD), accuracy within 0.005 (summation order differs between clipping methods; the
+    steps themselves are the same, see tests/test_train.py). If tiny.toml or the data
+    pipeline changes on purpose, re-pin these from a run of the code before the speed work."""
+    out, _, _, _ = tiny_run
+    summary = json.loads((out / "summary.json").read_text())
+    for client, (sigma, q, steps, epsilon) in BEFORE_SPEED_WORK.items():
+        entry = summary["privacy"]["clients"][client]
+        assert entry["history"] == [[sigma, q, steps]], client
+        assert entry["epsilon"] == pytest.approx(epsilon, rel=1e-9), client
+    assert summary["accuracy"] == pytest.approx(BEFORE_SPEED_WORK_ACCURACY, abs=0.005)
+
+
 def test_non_private_run(tmp_path):
     proc = privet("simulate", "--config", str(TINY), "--set", "privacy.level=none",
                   "--set", "rounds=1", "--out", str(tmp_path / "run"))
