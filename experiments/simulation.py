@@ -8,6 +8,7 @@ is not used: it is deprecated and passes an empty run_config.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -75,16 +76,43 @@ def backend_config(num_cpus: int, ray_address: str | None = None) -> dict:
     return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
 
 
+def import_client_app() -> None:
+    """Ray's worker_process_setup_hook: each worker imports the ClientApp (torch, pandas,
+    dp-accounting, Flower: ~3 s) as soon as Ray starts it, while the ServerApp is still
+    starting, instead of when its first message arrives."""
+    importlib.import_module(CLIENT_APP.split(":")[0])
+
+
+def worker_runtime_env() -> dict:
+    """What Flower's RayBackend gives Ray's workers (PYTHONPATH = this process's sys.path),
+    the torch thread count (workers on other nodes do not inherit this environment) and
+    the early import of the ClientApp."""
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    return {"env_vars": {"PYTHONPATH": pythonpath,
+                         "PRIVET_TORCH_THREADS": os.environ.get("PRIVET_TORCH_THREADS", "1")},
+            "worker_process_setup_hook": f"{__name__}.import_client_app"}
+
+
+def _start_local_ray(init_args: dict) -> None:
+    """Start this run's own Ray before Flower's RayBackend would (it then skips ray.init),
+    so that its workers import the ClientApp from the start (worker_runtime_env)."""
+    import ray
+
+    os.environ["PYTHONPATH"] = worker_runtime_env()["env_vars"]["PYTHONPATH"]  # as Flower does
+    ray.init(runtime_env=worker_runtime_env(), **init_args)
+
+
 def _join_cluster(init_args: dict) -> None:
     """Connect this process to the user's Ray cluster, before Flower's RayBackend would.
 
     Flower's `RayBackend.init_ray` skips `ray.init` when Ray is already initialised, so this
     is the one connection; doing it here turns a wrong address into one clear error (Ray
     itself retries an unreachable address for minutes, and Flower logs its traceback).
-    The runtime env is what Flower's would be: PYTHONPATH = this process's sys.path, so
-    actors on any node import `clients.app` and friends from the same paths (the project,
-    installed in the same virtualenv at the same place on every node), plus the torch
-    thread count (actors on other nodes do not inherit this process's environment)."""
+    The runtime env (worker_runtime_env) gives actors on any node this process's sys.path,
+    so they import `clients.app` and friends from the same paths (the project, installed in
+    the same virtualenv at the same place on every node)."""
     import ray
     from ray._common.utils import get_ray_address_file
     from ray._private.services import canonicalize_bootstrap_address, find_bootstrap_address
@@ -108,13 +136,8 @@ def _join_cluster(init_args: dict) -> None:
         raise RayAddressError(
             f"--ray-address {address}: no Ray cluster answers at {target} ({error}). "
             f"Expected {RAY_ADDRESS_EXPECTED}.") from None
-    pythonpath = os.pathsep.join(sys.path)
-    if os.environ.get("PYTHONPATH"):
-        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
-    env_vars = {"PYTHONPATH": pythonpath,
-                "PRIVET_TORCH_THREADS": os.environ.get("PRIVET_TORCH_THREADS", "1")}
     try:
-        ray.init(runtime_env={"env_vars": env_vars}, include_dashboard=False,
+        ray.init(runtime_env=worker_runtime_env(), include_dashboard=False,
                  **{**init_args, "address": resolved})
     except Exception as error:  # noqa: BLE001 - a version mismatch, auth, ...: say where
         raise RayAddressError(
@@ -241,6 +264,8 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False,
     with _quiet_on_interrupt(), _ray_stopped_on_exit():
         if ray_address:
             _join_cluster(config["init_args"])
+        else:
+            _start_local_ray(config["init_args"])
         _run_simulation(
             server_app_attr=SERVER_APP, client_app_attr=CLIENT_APP,
             num_supernodes=cfg.num_clients, backend_name="ray",
