@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from common.config import PROJECT_DIR, ExperimentConfig
@@ -24,6 +24,9 @@ SERVER_APP = "server.app:app"
 CLIENT_APP = "clients.app:app"
 
 
+# On one machine the clients run in privet's process pool (experiments/process_backend.py);
+# "ray" runs them on a Ray of the run's own instead, as `--ray-address` does on a cluster
+BACKEND_ENV = "PRIVET_BACKEND"
 # "0" keeps Flower's own 100 ms polling (experiments/prompt_polling.py), for comparisons
 PROMPT_POLLING_ENV = "PRIVET_PROMPT_POLLING"
 CPUS_ENV = "PRIVET_CPUS"  # caps the cores; `privet compare --jobs N` splits the machine with it
@@ -224,8 +227,9 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False,
         ray_address: str | None = None) -> None:
     """Run `cfg` through Flower's simulation runtime; results land in `run_dir`.
 
-    With `ray_address` (HOST:PORT or auto) the ClientApp actors run on that Ray cluster, one
-    per CPU it has, instead of on a Ray started here; a bad address raises RayAddressError."""
+    The ClientApps run in a pool of local worker processes, one per core (at most one per
+    client of a round). With `ray_address` (HOST:PORT or auto) they run as actors on that Ray
+    cluster, one per CPU it has; a bad address raises RayAddressError."""
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("PRIVET_TORCH_THREADS", "1")
@@ -239,7 +243,7 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False,
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
-    from experiments import prompt_polling
+    from experiments import process_backend, prompt_polling
 
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
@@ -257,14 +261,18 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False,
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
                       run_config=get_fused_config_from_dir(PROJECT_DIR, overrides))
-    config = backend_config(min(simulation_cpus(), cfg.clients_per_round),
-                            check_ray_address(ray_address) if ray_address else None)
+    workers = min(simulation_cpus(), cfg.clients_per_round)
+    config = backend_config(workers, check_ray_address(ray_address) if ray_address else None)
+    on_ray = bool(ray_address) or os.environ.get(BACKEND_ENV, "processes") == "ray"
+    if not on_ray:
+        config[process_backend.CONFIG_KEY] = {"workers": workers, "app": CLIENT_APP}
     if os.environ.get(PROMPT_POLLING_ENV, "1") != "0":
         prompt_polling.install()
-    with _quiet_on_interrupt(), _ray_stopped_on_exit():
+    with (_quiet_on_interrupt(), _ray_stopped_on_exit(),
+          nullcontext() if on_ray else process_backend.installed()):
         if ray_address:
             _join_cluster(config["init_args"])
-        else:
+        elif on_ray:
             _start_local_ray(config["init_args"])
         _run_simulation(
             server_app_attr=SERVER_APP, client_app_attr=CLIENT_APP,

@@ -1,0 +1,119 @@
+"""A Flower simulation backend that runs ClientApps in a pool of local processes.
+
+Flower's simulation runtime (its Virtual Client Engine) hands each message to a backend;
+Flower 1.41 ships one, on Ray. On one machine Ray costs more than the clients: starting it
+takes ~3 s, its helper processes (GCS, raylet, dashboard and runtime-env agents, log
+monitor) burn ~5 s of CPU that a 2-core laptop's clients wanted, and stopping it ~1.5 s.
+This backend keeps Flower's engine (its message routing, node contexts and threads) and
+runs each message in a pool of worker processes instead: one per CPU, forked from a server
+process that imported the ClientApp once, so a worker starts warm in milliseconds. Workers
+live for the whole run and keep what the ClientApp caches between rounds (partitions,
+noise calibrations), as Ray's actors do. Messages and contexts cross by pickling, as with
+Ray. `--ray-address` (a real cluster) still uses Ray.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib
+import multiprocessing
+import threading
+import traceback
+from collections.abc import Callable
+from contextlib import contextmanager
+
+from flwr.app import Context, Message
+from flwr.clientapp.client_app import ClientApp, ClientAppException
+from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig, raybackend
+
+# backend config: {"workers": N, "app": "module:attr"}; no "-" (Flower turns them into "_")
+CONFIG_KEY = "privet_process_pool"
+
+_app: ClientApp | None = None
+
+
+def _load_app(reference: str) -> ClientApp:
+    global _app
+    if _app is None:
+        module, _, attribute = reference.partition(":")
+        _app = getattr(importlib.import_module(module), attribute)
+    return _app
+
+
+def _run(reference: str, message: Message, context: Context
+         ) -> tuple[Message | None, Context, str | None]:
+    """In a worker: the ClientApp's reply, the updated context, or the error as text (an
+    exception object need not survive pickling back)."""
+    try:
+        return _load_app(reference)(message=message, context=context), context, None
+    except Exception as error:  # noqa: BLE001 - reported to Flower as the ClientApp's error
+        return None, context, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"
+
+
+def _warm(reference: str) -> None:
+    _load_app(reference)
+
+
+class ProcessPoolBackend(Backend):
+    """Flower Backend: one warm worker process per CPU, messages run in any idle one."""
+
+    def __init__(self, backend_config: BackendConfig) -> None:
+        super().__init__(backend_config)
+        config = backend_config.get(CONFIG_KEY)
+        if not config:
+            raise ValueError(f"backend config lacks {CONFIG_KEY!r}: {backend_config}")
+        self.workers = int(config["workers"])
+        self.reference = str(config["app"])
+        self.pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._busy = 0
+        self._lock = threading.Lock()
+
+    def build(self, app_fn: Callable[[], ClientApp]) -> None:
+        module = self.reference.partition(":")[0]
+        context = multiprocessing.get_context("forkserver")
+        # the fork server imports the ClientApp once; every worker is a fork of it
+        context.set_forkserver_preload([module])
+        self.pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context)
+        # start every worker now (each loads the app), not at the first message
+        for future in [self.pool.submit(_warm, self.reference) for _ in range(self.workers)]:
+            future.result()
+
+    @property
+    def num_workers(self) -> int:
+        return self.workers
+
+    def is_worker_idle(self) -> bool:
+        with self._lock:
+            return self._busy < self.workers
+
+    def terminate(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+    def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
+        if self.pool is None:
+            raise RuntimeError("the process pool is not built")
+        with self._lock:
+            self._busy += 1
+        try:
+            reply, context, error = self.pool.submit(
+                _run, self.reference, message, context).result()
+        finally:
+            with self._lock:
+                self._busy -= 1
+        if error is not None:
+            raise ClientAppException(error)
+        return reply, context
+
+
+@contextmanager
+def installed():
+    """Within: Flower's simulation runtime builds this backend where it would build Ray's
+    (Flower 1.41 always builds `raybackend.RayBackend`, whatever backend name it is given)."""
+    original = raybackend.RayBackend
+    raybackend.RayBackend = ProcessPoolBackend
+    try:
+        yield
+    finally:
+        raybackend.RayBackend = original

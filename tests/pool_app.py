@@ -1,0 +1,12 @@
+"""A stand-in ClientApp for tests/test_process_backend.py: sleeps, says which process ran it."""
+
+import os
+import time
+
+
+def app(message, context):
+    if message == "fail":
+        raise ValueError("the client says no")
+    time.sleep(0.4)
+    context["pid"] = os.getpid()  # the context goes back to the engine, as Flower's does
+    return f"{message} done"

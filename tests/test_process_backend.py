@@ -1,0 +1,50 @@
+"""privet's process-pool backend for Flower's simulation runtime (experiments/process_backend)."""
+
+import threading
+import time
+
+import pytest
+from flwr.clientapp.client_app import ClientAppException
+
+from experiments.process_backend import CONFIG_KEY, ProcessPoolBackend
+from experiments.simulation import backend_config
+
+
+@pytest.fixture
+def backend():
+    config = backend_config(2)
+    config[CONFIG_KEY] = {"workers": 2, "app": "pool_app:app"}
+    # what Flower's run_simulation does to a backend config before the backend sees it
+    from flwr.simulation.run_simulation import _replace_keys
+
+    backend = ProcessPoolBackend(_replace_keys(config, match="-", target="_"))
+    backend.build(lambda: None)
+    yield backend
+    backend.terminate()
+
+
+def test_messages_run_side_by_side_in_separate_workers(backend):
+    assert backend.num_workers == 2
+    replies = {}
+
+    def send(name):
+        replies[name] = backend.process_message(name, {})
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=send, args=(f"m{i}",)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    assert {name: reply for name, (reply, _) in replies.items()} == {"m0": "m0 done",
+                                                                       "m1": "m1 done"}
+    pids = {context["pid"] for _, context in replies.values()}
+    assert len(pids) == 2, "both workers should have taken a message"
+    assert elapsed < 0.75, f"two 0.4 s messages took {elapsed:.2f} s: not side by side"
+
+
+def test_a_failing_client_is_reported_as_its_error(backend):
+    with pytest.raises(ClientAppException, match="ValueError: the client says no"):
+        backend.process_message("fail", {})
+    assert backend.process_message("again", {})[0] == "again done"  # the pool survives
