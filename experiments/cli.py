@@ -168,6 +168,7 @@ def simulate(
     run_dir = (out or default_run_dir(cfg)).resolve()
     from experiments import simulation  # heavy imports (torch, flwr, ray) only now
 
+    simulation.start_early(ray_address)
     try:
         report, data_warnings = simulation.preflight(cfg)
     except (ValueError, FileNotFoundError) as error:
@@ -216,8 +217,7 @@ def simulate(
         watcher.join(timeout=5)
     if (run_dir / results.SUMMARY).exists():
         print_summary(run_dir)
-    if code:
-        exit_now(code)
+    exit_now(code)
 
 
 @app.command()

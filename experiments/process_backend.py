@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import importlib
 import multiprocessing
+import multiprocessing.forkserver
 import threading
 import traceback
 from collections.abc import Callable
@@ -54,6 +55,14 @@ def _warm(reference: str) -> None:
     _load_app(reference)
 
 
+def start_fork_server(reference: str) -> None:
+    """Start the fork server now, so that it imports the ClientApp while this process is
+    still starting the ServerApp (the pool's workers are forked from it later)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([reference.partition(":")[0]])
+    multiprocessing.forkserver.ensure_running()
+
+
 class ProcessPoolBackend(Backend):
     """Flower Backend: one warm worker process per CPU, messages run in any idle one."""
 
@@ -69,11 +78,10 @@ class ProcessPoolBackend(Backend):
         self._lock = threading.Lock()
 
     def build(self, app_fn: Callable[[], ClientApp]) -> None:
-        module = self.reference.partition(":")[0]
-        context = multiprocessing.get_context("forkserver")
         # the fork server imports the ClientApp once; every worker is a fork of it
-        context.set_forkserver_preload([module])
-        self.pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context)
+        start_fork_server(self.reference)
+        self.pool = concurrent.futures.ProcessPoolExecutor(
+            self.workers, mp_context=multiprocessing.get_context("forkserver"))
         # start every worker now (each loads the app), not at the first message
         for future in [self.pool.submit(_warm, self.reference) for _ in range(self.workers)]:
             future.result()

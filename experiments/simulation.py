@@ -223,6 +223,16 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
     return report, source_warnings(cfg)
 
 
+def start_early(ray_address: str | None = None) -> None:
+    """Before the checks and imports of a run: start the process pool's fork server, which
+    imports the ClientApp meanwhile (on one machine; Ray's workers do this themselves)."""
+    os.environ.setdefault("PRIVET_TORCH_THREADS", "1")  # inherited by the pool's workers
+    if not ray_address and os.environ.get(BACKEND_ENV, "processes") != "ray":
+        from experiments import process_backend
+
+        process_backend.start_fork_server(CLIENT_APP)
+
+
 def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False,
         ray_address: str | None = None) -> None:
     """Run `cfg` through Flower's simulation runtime; results land in `run_dir`.

@@ -48,3 +48,16 @@ def test_a_failing_client_is_reported_as_its_error(backend):
     with pytest.raises(ClientAppException, match="ValueError: the client says no"):
         backend.process_message("fail", {})
     assert backend.process_message("again", {})[0] == "again done"  # the pool survives
+
+
+def test_a_client_process_trains_on_one_torch_thread():
+    """Workers × torch threads ≤ cores: the pool has one worker per core, each one thread."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PRIVET_TORCH_THREADS"}
+    code = "import clients.app, torch; print(torch.get_num_threads())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=env)
+    assert out.stdout.strip() == "1"

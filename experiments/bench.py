@@ -1,0 +1,303 @@
+"""privet end to end against the compute floor, on reference workloads.
+
+    python -m experiments.bench [--repeats 3] [--only adult,digits,fashion-mnist]
+    python -m experiments.bench --memory [--clients 1000]
+
+Each repeat runs, side by side and in turns, as separate processes timed from launch to exit
+(start-up included):
+  (a) privet: `privet simulate` through Flower's simulation runtime;
+  (b) the compute floor: the same data, preprocessing, model, local steps and DP-SGD
+      (Poisson sampling, per-example clipping, noise), FedAvg and server evaluation, in a
+      plain loop in one process: no federated framework, no privacy accounting;
+  (c) privet without DP (`privacy.level = "none"`).
+Then prints medians, the ratios a/b and a/c, the share of a's wall time its clients spent on
+privacy accounting (noise calibration and ε queries, summed over clients and divided by the
+actors running at once) and the orchestration overhead per client message after round 1:
+(rounds 2.. wall time − client compute / actors − server evaluation) / messages.
+
+`--memory` runs privet with many small clients (Adult, IID, 10 per round, 20 rounds) and
+samples the proportional set size (PSS) of the whole process tree (driver, Ray, actors) twice a
+second: peak, and the total at each round's end, which should not grow with rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import PROJECT_DIR
+
+CONFIGS = PROJECT_DIR / "experiments" / "configs"
+
+
+@dataclass(frozen=True)
+class Workload:
+    config: Path
+    overrides: tuple[str, ...] = ()
+
+
+WORKLOADS = {
+    "adult": Workload(CONFIGS / "adult.toml"),
+    # pfl-research's reference task: 100 users of 8x8 digits (~14 rows each), 10 per round
+    "digits": Workload(CONFIGS / "digits.toml", (
+        "num-clients=100", "clients-per-round=10", "data.partition=iid", "data.min-rows=8",
+        "train.batch-size=8")),
+    "fashion-mnist": Workload(CONFIGS / "fashion-mnist.toml"),
+}
+
+
+def floor(name: str) -> dict:
+    """The compute floor of one workload, in this process; returns its timings."""
+    import numpy as np
+    import torch
+
+    from clients.train import train_local
+    from common.config import load_config
+    from common.data.datasets import client_data, num_classes, test_data
+    from common.evaluation import evaluate
+    from common.models import GRAD_SAMPLE_MODE, build_model
+
+    work = WORKLOADS[name]
+    cfg = load_config(work.config, list(work.overrides))
+    spent = {"load": 0.0, "train": 0.0, "evaluate": 0.0}
+    started = time.perf_counter()
+    test = test_data(cfg)
+    model = build_model(cfg.train, test.features.shape[1:], num_classes(cfg))
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    spent["load"] += time.perf_counter() - started
+    rng = np.random.default_rng(cfg.seed)
+    data = {}
+    private = cfg.privacy.level in ("sample", "both")
+    for server_round in range(1, cfg.rounds + 1):
+        states, weights = [], []
+        for client in rng.choice(cfg.num_clients, cfg.clients_per_round, replace=False):
+            tick = time.perf_counter()
+            if client not in data:
+                data[client] = client_data(cfg, int(client))
+            share = data[client]
+            spent["load"] += time.perf_counter() - tick
+            if len(share) < cfg.train.batch_size:
+                continue
+            model.load_state_dict(global_state)
+            result = train_local(
+                model, share.features, share.labels, epochs=cfg.train.local_epochs,
+                batch_size=cfg.train.batch_size, lr=cfg.train.lr, momentum=cfg.train.momentum,
+                seed=server_round * 1009 + int(client),
+                noise_multiplier=1.0 if private else None,  # step cost does not depend on σ
+                max_grad_norm=cfg.privacy.max_grad_norm,
+                grad_sample_mode=GRAD_SAMPLE_MODE[cfg.train.model])
+            spent["train"] += result.seconds
+            states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            weights.append(len(share))
+        tick = time.perf_counter()
+        total = sum(weights)
+        global_state = {k: sum(s[k] * (w / total) for s, w in zip(states, weights))
+                        for k in global_state}
+        model.load_state_dict(global_state)
+        _, accuracy = evaluate(model, test.features, test.labels)
+        spent["evaluate"] += time.perf_counter() - tick
+    return {**spent, "accuracy": accuracy, "rounds": cfg.rounds,
+            "seconds": time.perf_counter() - started, "torch_threads": torch.get_num_threads()}
+
+
+def _timed(command: list[str], log: Path) -> float:
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT, cwd=PROJECT_DIR)
+    seconds = time.perf_counter() - start
+    if code:
+        raise SystemExit(f"{' '.join(command)} failed ({code}); see {log}")
+    return seconds
+
+
+def _simulate(work: Workload, out: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    command = [sys.executable, "-m", "experiments.cli", "simulate", "--config",
+               str(work.config), "--out", str(out), "--overwrite"]
+    for assignment in (*work.overrides, *extra):
+        command += ["--set", assignment]
+    return command
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def run_analysis(run_dir: Path, wall: float, evaluate_per_round: float) -> dict:
+    """Accounting share and per-message overhead of one privet run, from its own records."""
+    from common.config import load_config
+
+    cfg = load_config(run_dir / "config.toml")
+    actors = max(1, min(_cores(), cfg.clients_per_round))
+    clients = _rows(run_dir / "metrics.csv")
+    rounds = _rows(run_dir / "rounds.csv")
+    accounting = sum(float(r["accounting_seconds"] or 0) for r in clients)
+    later = [r for r in clients if int(r["round"]) > 1]
+    compute = sum(float(r["train_seconds"] or 0) + float(r["accounting_seconds"] or 0)
+                  for r in later)
+    span = float(rounds[-1]["elapsed_seconds"]) - float(rounds[0]["elapsed_seconds"])
+    overhead = span - compute / actors - evaluate_per_round * (len(rounds) - 1)
+    return {"accounting_share": accounting / actors / wall, "accounting_seconds": accounting,
+            "overhead_ms": 1000 * overhead / max(len(later), 1), "messages": len(later),
+            "accuracy": float(rounds[-1]["test_accuracy"]), "actors": actors}
+
+
+def bench(names: list[str], repeats: int, keep: Path | None) -> None:
+    root = keep or Path(tempfile.mkdtemp(prefix="privet-bench-"))
+    print(f"{_cores()} cores; median of {repeats} repeats; runs in {root}")
+    table = []
+    for name in names:
+        work = WORKLOADS[name]
+        walls: dict[str, list[float]] = {"privet": [], "floor": [], "privet-nodp": []}
+        analyses, floors = [], []
+        for r in range(repeats):
+            base = root / name / f"r{r}"
+            base.mkdir(parents=True, exist_ok=True)
+            walls["privet"].append(_timed(_simulate(work, base / "privet"),
+                                          base / "privet.log"))
+            floor_json = base / "floor.json"
+            walls["floor"].append(_timed(
+                [sys.executable, "-m", "experiments.bench", "--floor", name, "--json",
+                 str(floor_json)], base / "floor.log"))
+            floors.append(json.loads(floor_json.read_text()))
+            walls["privet-nodp"].append(_timed(
+                _simulate(work, base / "privet-nodp", ("privacy.level=none",)),
+                base / "privet-nodp.log"))
+            per_round_eval = floors[-1]["evaluate"] / floors[-1]["rounds"]
+            analyses.append(run_analysis(base / "privet", walls["privet"][-1], per_round_eval))
+            print(f"  {name} repeat {r + 1}: privet {walls['privet'][-1]:.1f} s, floor "
+                  f"{walls['floor'][-1]:.1f} s, privet without DP "
+                  f"{walls['privet-nodp'][-1]:.1f} s", flush=True)
+        med = {k: statistics.median(v) for k, v in walls.items()}
+        table.append({
+            "workload": name, **{f"{k}_s": round(v, 2) for k, v in med.items()},
+            "privet/floor": round(med["privet"] / med["floor"], 2),
+            "privet/nodp": round(med["privet"] / med["privet-nodp"], 2),
+            "accounting_%": round(100 * statistics.median(
+                a["accounting_share"] for a in analyses), 1),
+            "overhead_ms/msg": round(statistics.median(a["overhead_ms"] for a in analyses), 1),
+            "accuracy": analyses[0]["accuracy"],
+            "floor_accuracy": round(floors[0]["accuracy"], 4),
+            "floor_train_s": round(statistics.median(f["train"] for f in floors), 2),
+            "floor_load_s": round(statistics.median(f["load"] for f in floors), 2),
+            "floor_eval_s": round(statistics.median(f["evaluate"] for f in floors), 2),
+        })
+    keys = list(table[0])
+    print()
+    print(" | ".join(keys))
+    for row in table:
+        print(" | ".join(str(row[k]) for k in keys))
+
+
+def _descendants(root: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(parents.get(pid, []))
+    return found
+
+
+def _pss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def memory(clients: int, rounds: int, keep: Path | None) -> None:
+    root = keep or Path(tempfile.mkdtemp(prefix="privet-memory-"))
+    run_dir = root / f"adult-{clients}"
+    work = WORKLOADS["adult"]
+    command = _simulate(work, run_dir, (
+        f"num-clients={clients}", "clients-per-round=10", f"rounds={rounds}",
+        "data.partition=iid", "data.min-rows=16", "train.batch-size=16"))
+    log = open(root / "memory.log", "w")
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_DIR)
+    samples: list[tuple[float, int, int]] = []  # (seconds, rounds done, PSS KiB)
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            total = sum(_pss_kib(pid) for pid in _descendants(process.pid))
+            done = 0
+            try:
+                done = max(0, len(_rows(run_dir / "rounds.csv")))
+            except (OSError, csv.Error):
+                pass
+            samples.append((time.perf_counter() - start, done, total))
+            stop.wait(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    code = process.wait()
+    stop.set()
+    sampler.join()
+    if code:
+        raise SystemExit(f"the run failed ({code}); see {root / 'memory.log'}")
+    peak = max(samples, key=lambda s: s[2])
+    by_round: dict[int, int] = {}
+    for _, done, kib in samples:
+        by_round[done] = max(by_round.get(done, 0), kib)
+    print(f"{clients} clients, 10 per round, {rounds} rounds: {time.perf_counter() - start:.1f} s;"
+          f" peak PSS of the process tree {peak[2] / 1024:.0f} MiB at {peak[0]:.0f} s")
+    print("rounds done → peak PSS (MiB) while at that count:")
+    print("  " + ", ".join(f"{r}: {kib / 1024:.0f}" for r, kib in sorted(by_round.items())))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", default=",".join(WORKLOADS),
+                        help=f"comma-separated workloads out of {', '.join(WORKLOADS)}")
+    parser.add_argument("--keep", type=Path, help="write the runs here (default: a temp dir)")
+    parser.add_argument("--memory", action="store_true", help="the many-clients memory run")
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--floor", help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.floor:
+        result = floor(args.floor)
+        args.json.write_text(json.dumps(result))
+        return
+    if args.memory:
+        memory(args.clients, args.rounds, args.keep)
+        return
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(WORKLOADS))
+    if unknown:
+        parser.error(f"--only: unknown workload(s) {unknown}; choose from {list(WORKLOADS)}")
+    bench(names, args.repeats, args.keep)
+
+
+if __name__ == "__main__":
+    main()
