@@ -234,6 +234,7 @@ def _pss_kib(pid: int) -> int:
 
 def memory(clients: int, rounds: int, keep: Path | None) -> None:
     root = keep or Path(tempfile.mkdtemp(prefix="privet-memory-"))
+    root.mkdir(parents=True, exist_ok=True)
     run_dir = root / f"adult-{clients}"
     work = WORKLOADS["adult"]
     command = _simulate(work, run_dir, (

@@ -288,10 +288,12 @@ def holdout_mask(cfg: ExperimentConfig, client_id: int, rows: int) -> np.ndarray
     return mask
 
 
-# A simulation actor serves many clients in turn: keeping every partition it has built
-# (each is one client's rows) spares re-cleaning and re-encoding it whenever the client is
-# sampled again, which cost more than its training on the default experiment.
-PARTITIONS_KEPT = 1024
+# A simulation worker serves many clients in turn: keeping the partitions it has built
+# (each is one client's rows) spares re-cleaning and re-encoding one whenever its client is
+# sampled again, which cost more than its training on the default experiment. 64 keeps every
+# partition of a federation of up to 64 clients; beyond, the least recently used go, so a
+# thousand clients do not make a worker's memory grow round after round.
+PARTITIONS_KEPT = 64
 
 
 @functools.lru_cache(maxsize=PARTITIONS_KEPT)
