@@ -1,7 +1,7 @@
 """ε computed with dp-accounting directly: the independent reference for privacy tests."""
 
 import dp_accounting
-from dp_accounting.pld import common, pld_privacy_accountant
+from dp_accounting.pld import common, pld_pmf, pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
 
@@ -15,16 +15,17 @@ def _event(history):
 
 def pld_epsilon(history, delta, discretisation=1e-4):
     """dp-accounting's PLD (default: at its default, finer discretisation), pessimistic; with
-    dp-accounting's own code even where privet has sped it up (common.privacy.pld_bounds)."""
-    patched = common.compute_self_convolve_bounds
-    common.compute_self_convolve_bounds = getattr(patched, "__wrapped__", patched)
+    dp-accounting's own code even where privet has sped it up (common.privacy.pld_speedups)."""
+    patched = common.compute_self_convolve_bounds, pld_pmf._get_epsilon_for_delta
+    common.compute_self_convolve_bounds = getattr(patched[0], "__wrapped__", patched[0])
+    pld_pmf._get_epsilon_for_delta = getattr(patched[1], "__wrapped__", patched[1])
     try:
         accountant = pld_privacy_accountant.PLDAccountant(
             value_discretization_interval=discretisation)
         accountant.compose(_event(history))
         return accountant.get_epsilon(delta)
     finally:
-        common.compute_self_convolve_bounds = patched
+        common.compute_self_convolve_bounds, pld_pmf._get_epsilon_for_delta = patched
 
 
 def rdp_epsilon(history, delta):

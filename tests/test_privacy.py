@@ -34,16 +34,58 @@ def test_remembered_convolution_bounds_are_dp_accountings(sigma, q):
     """privet's memo of the Chernoff bounds gives dp-accounting's own numbers, exactly."""
     from dp_accounting.pld import common, privacy_loss_distribution
 
-    from common.privacy import pld_bounds
+    from common.privacy import pld_speedups
 
-    assert common.compute_self_convolve_bounds is pld_bounds.compute_self_convolve_bounds
+    assert common.compute_self_convolve_bounds is pld_speedups.compute_self_convolve_bounds
     pld = privacy_loss_distribution.from_gaussian_mechanism(
         sigma, sampling_prob=q, value_discretization_interval=accountants.PLD_DISCRETISATION)
     for pmf in (pld._pmf_remove, pld._pmf_add):
         for steps in (1, 7, 51, 1000, 2980):
             for _ in range(2):  # computed, then remembered
-                assert pld_bounds.compute_self_convolve_bounds(pmf._probs, steps, 1e-15) == \
-                    pld_bounds._original(pmf._probs, steps, 1e-15)
+                assert pld_speedups.compute_self_convolve_bounds(pmf._probs, steps, 1e-15) == \
+                    pld_speedups._original(pmf._probs, steps, 1e-15)
+
+
+@pytest.mark.parametrize("sigma, q", [(1.14, 1 / 51), (0.73, 1 / 149), (3.0, 0.2), (0.9, 1.0),
+                                      (0.6, 0.01)])
+def test_vectorised_epsilon_for_delta_is_dp_accountings(sigma, q):
+    """privet's cumulative-sum search gives what dp-accounting's point-by-point loop gives."""
+    import itertools
+
+    from dp_accounting.pld import pld_pmf, privacy_loss_distribution
+
+    from common.privacy import pld_speedups
+
+    assert pld_pmf._get_epsilon_for_delta is pld_speedups.epsilon_for_delta
+    base = privacy_loss_distribution.from_gaussian_mechanism(
+        sigma, sampling_prob=q, value_discretization_interval=accountants.PLD_DISCRETISATION)
+    for steps in (1, 10, 300, 3000):
+        pld = base.self_compose(steps)
+        for pmf in (pld._pmf_remove, pld._pmf_add):
+            top = (pmf._lower_loss + len(pmf._probs) - 1) * pmf._discretization
+            for delta in (1e-8, 1e-5, 1e-3, 0.5):
+                args = [pmf._infinity_mass, pmf._probs[::-1], delta]
+                ours = pld_speedups.epsilon_for_delta(
+                    args[0], itertools.count(top, -pmf._discretization), *args[1:])
+                theirs = pld_speedups._original_epsilon(
+                    args[0], itertools.count(top, -pmf._discretization), *args[1:])
+                assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-15), (steps, delta)
+
+
+def test_one_step_plds_kept_on_disk_give_the_same_epsilon(tmp_path, monkeypatch):
+    """What another worker (or a later run) loads from the cache is what was built."""
+    monkeypatch.setenv("PRIVET_CACHE_DIR", str(tmp_path))
+    history = ((0.93, 1 / 37, 370),)
+    built = accountants._pld_epsilon(history, DELTA)  # in memory only
+    accountants._subsampled_gaussian.cache_clear()
+    written = accountants._pld_epsilon(history, DELTA, on_disk=True)
+    assert len(list((tmp_path / "pld").glob("*.npz"))) == 1
+    accountants._subsampled_gaussian.cache_clear()
+    from common.privacy import pld_speedups
+
+    pld_speedups._kept.clear()
+    loaded = accountants._pld_epsilon(history, DELTA, on_disk=True)
+    assert built == written == loaded
 
 
 @pytest.mark.parametrize("history", HISTORIES)
