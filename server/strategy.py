@@ -52,6 +52,12 @@ class _Reachable:
         return getattr(self._grid, name)
 
 
+def _reply_order(message: Message) -> tuple[int, int]:
+    if message.has_error() or "metrics" not in message.content:
+        return (1, message.metadata.src_node_id)
+    return (0, int(message.content["metrics"].get(R.CLIENT_ID, 0)))
+
+
 class PrivetFedAvg(FedAvg):
     def __init__(self, *, on_train_replies: ReplyObserver | None = None,
                  clients_per_round: int | None = None, **kwargs) -> None:
@@ -86,8 +92,10 @@ class PrivetFedAvg(FedAvg):
         return self._sent
 
     def observe_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        """Show every reply to the observer; return all but those of declining clients."""
-        replies = list(replies)
+        """Show every reply to the observer; return all but those of declining clients, in
+        client order: the weighted sums then do not depend on which client finished first
+        (float addition is not associative), so the same seed gives the same model."""
+        replies = sorted(replies, key=_reply_order)
         if self.on_train_replies is not None:
             sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
             self.on_train_replies(server_round, replies, sent_to)
