@@ -72,14 +72,16 @@ def test_vectorised_epsilon_for_delta_is_dp_accountings(sigma, q):
                 assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-15), (steps, delta)
 
 
-def test_one_step_plds_kept_on_disk_give_the_same_epsilon(tmp_path, monkeypatch):
-    """What another worker (or a later run) loads from the cache is what was built."""
+@pytest.mark.parametrize("history, kept", [(((0.93, 1 / 37, 370),), 1),
+                                           (((5.0, 1 / 200, 400),), 0)])  # a sparse PMF
+def test_one_step_plds_kept_on_disk_give_the_same_epsilon(tmp_path, monkeypatch, history, kept):
+    """What another worker (or a later run) loads from the cache is what was built; PLDs
+    dp-accounting keeps sparse are not written."""
     monkeypatch.setenv("PRIVET_CACHE_DIR", str(tmp_path))
-    history = ((0.93, 1 / 37, 370),)
     built = accountants._pld_epsilon(history, DELTA)  # in memory only
     accountants._subsampled_gaussian.cache_clear()
     written = accountants._pld_epsilon(history, DELTA, on_disk=True)
-    assert len(list((tmp_path / "pld").glob("*.npz"))) == 1
+    assert len(list((tmp_path / "pld").glob("*.npz"))) == kept
     accountants._subsampled_gaussian.cache_clear()
     from common.privacy import pld_speedups
 

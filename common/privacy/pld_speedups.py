@@ -110,7 +110,10 @@ def install() -> None:
 
 def save_pld(path: Path, pld: privacy_loss_distribution.PrivacyLossDistribution) -> None:
     """A one-step PLD and its PMFs' Chernoff log-MGFs, as arrays (no pickle), atomically;
-    a cache that cannot be written only costs time."""
+    a cache that cannot be written only costs time. Only dense PMFs: dp-accounting keeps
+    small ones sparse, and those are cheap to build again."""
+    if not all(isinstance(pmf, pld_pmf.DensePLDPmf) for pmf in (pld._pmf_remove, pld._pmf_add)):
+        return
     arrays = {}
     for side, pmf in (("remove", pld._pmf_remove), ("add", pld._pmf_add)):
         orders, log_mgfs = _log_mgfs(np.asarray(pmf._probs))
