@@ -223,6 +223,18 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
     return report, source_warnings(cfg)
 
 
+def _nodes_in_order(register):
+    """Flower's `_register_nodes`, then partition i goes to the i-th smallest node id: node ids
+    are random each run, and the server samples clients among sorted node ids, so the same
+    seed picks the same clients every run."""
+    def register_nodes(num_nodes, state_factory):
+        mapping = register(num_nodes=num_nodes, state_factory=state_factory)
+        return {node_id: i for i, node_id in enumerate(sorted(mapping))}
+
+    register_nodes.original = register
+    return register_nodes
+
+
 def start_early(ray_address: str | None = None) -> None:
     """Before the checks and imports of a run: start the process pool's fork server, which
     imports the ClientApp meanwhile (on one machine; Ray's workers do this themselves)."""
@@ -278,6 +290,10 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False,
         config[process_backend.CONFIG_KEY] = {"workers": workers, "app": CLIENT_APP}
     if os.environ.get(PROMPT_POLLING_ENV, "1") != "0":
         prompt_polling.install()
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    if not hasattr(vce_api._register_nodes, "original"):
+        vce_api._register_nodes = _nodes_in_order(vce_api._register_nodes)
     with (_quiet_on_interrupt(), _ray_stopped_on_exit(),
           nullcontext() if on_ray else process_backend.installed()):
         if ray_address:

@@ -141,7 +141,7 @@ def build_strategy(cfg: ExperimentConfig, recorder: RunRecorder) -> PrivetFedAvg
                   min_evaluate_nodes=1, min_available_nodes=cfg.min_clients)
     if not cfg.user_level:
         return PrivetFedAvg(fraction_train=cfg.clients_per_round / cfg.num_clients,
-                            clients_per_round=cfg.clients_per_round, **common)
+                            clients_per_round=cfg.clients_per_round, seed=cfg.seed, **common)
     p = cfg.privacy
     sigma = calibrate_noise(p.user_epsilon, p.delta, cfg.client_sample_rate, cfg.rounds,
                             p.accountant)

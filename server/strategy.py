@@ -11,6 +11,7 @@ Decentralized Data") with two additions that privet needs and Flower's FedAvg la
 
 from __future__ import annotations
 
+import random
 from typing import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -46,7 +47,7 @@ class _Reachable:
         self._grid, self._left_out = grid, left_out
 
     def get_node_ids(self) -> list[int]:
-        return [n for n in self._grid.get_node_ids() if n not in self._left_out]
+        return sorted(n for n in self._grid.get_node_ids() if n not in self._left_out)
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
@@ -60,12 +61,13 @@ def _reply_order(message: Message) -> tuple[int, int]:
 
 class PrivetFedAvg(FedAvg):
     def __init__(self, *, on_train_replies: ReplyObserver | None = None,
-                 clients_per_round: int | None = None, **kwargs) -> None:
+                 clients_per_round: int | None = None, seed: int = 0, **kwargs) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", average_metrics)
         kwargs.setdefault("evaluate_metrics_aggr_fn", average_evaluations)
         super().__init__(**kwargs)
         self.on_train_replies = on_train_replies
         self.clients_per_round = clients_per_round
+        self.seed = seed
         self.left_out: set[int] = set()  # node ids whose data is too small to train on
         self._sent: list[Message] = []
         # the latest federated evaluation: clients' held-out rows, example-weighted
@@ -84,7 +86,14 @@ class PrivetFedAvg(FedAvg):
         if self.clients_per_round is not None:
             self.min_train_nodes = min(self.clients_per_round,
                                        max(available, self.min_available_nodes))
-        return self.remember(super().configure_train(server_round, arrays, config, view))
+        # Flower samples with the global `random`: seed it for this round (and put its state
+        # back), so that the same seed and nodes give the same clients every run
+        state = random.getstate()
+        random.seed(f"privet|{self.seed}|{server_round}")
+        try:
+            return self.remember(super().configure_train(server_round, arrays, config, view))
+        finally:
+            random.setstate(state)
 
     def remember(self, messages: Iterable[Message]) -> list[Message]:
         """Keep this round's outgoing messages: the grid stamps their ids as it sends them."""
