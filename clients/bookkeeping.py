@@ -106,6 +106,7 @@ class BookkeepingDPSGD:
         self.max_grad_norm = max_grad_norm
         self.expected_batch_size = expected_batch_size
         self.generator = noise_generator
+        self._trained = [_trainable(layer) for layer in model]
         layers = [layer for layer in model if _trainable(layer)]
         self.params = [p for p in model.parameters() if p.requires_grad]
         if len(self.params) != sum(1 + (layer.bias is not None) for layer in layers):
@@ -113,34 +114,36 @@ class BookkeepingDPSGD:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One DP-SGD step on the batch (x, y), which may be empty. Returns the logits and the
-        per-example losses, detached."""
+        summed loss, detached."""
         trained, inputs, outputs = [], [], []
         h = x
-        for layer in self.model:
-            if _trainable(layer):
+        for layer, is_trained in zip(self.model, self._trained):
+            if is_trained:
                 trained.append(layer)
                 inputs.append(h)
                 h = layer(h)
                 outputs.append(h)
             else:
                 h = layer(h)
-        losses = functional.cross_entropy(h, y, reduction="none")
-        if len(y):
-            backprops = torch.autograd.grad(losses.sum(), outputs)
+        loss_sum = functional.cross_entropy(h, y, reduction="sum")
+        if len(y):  # the sum's gradient at each output is each example's own
+            backprops = torch.autograd.grad(loss_sum, outputs)
         with torch.no_grad():
+            # (clipped sum + noise) / expected batch, the division folded into both terms
             grads = self._clipped_sums(trained, inputs, backprops) if len(y) else None
+            std = self.noise_std / self.expected_batch_size
             for i, p in enumerate(self.params):
-                noise = torch.normal(0.0, self.noise_std, p.shape, generator=self.generator,
-                                     dtype=p.dtype)
-                p.grad = (noise if grads is None else noise.add_(grads[i])).div_(
-                    self.expected_batch_size)
+                noise = torch.normal(0.0, std, p.shape, generator=self.generator, dtype=p.dtype)
+                p.grad = noise if grads is None else noise.add_(grads[i])
         self.optimizer.step()
-        return h.detach(), losses.detach()
+        return h.detach(), loss_sum.detach()
 
     def _clipped_sums(self, layers: list[nn.Module], inputs: list[torch.Tensor],
                       backprops: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         per_layer = [(_LinearGrads if isinstance(layer, nn.Linear) else _ConvGrads)(layer, a, g)
                      for layer, a, g in zip(layers, inputs, backprops)]
         squared = sum(grads.squared_norms() for grads in per_layer)
-        clip = (self.max_grad_norm / (squared.sqrt() + 1e-6)).clamp_(max=1.0)
+        # Opacus' factor min(1, C / (‖g‖ + 1e-6)), over the expected batch size
+        batch = self.expected_batch_size
+        clip = ((self.max_grad_norm / batch) / (squared.sqrt() + 1e-6)).clamp_(max=1.0 / batch)
         return [s for grads in per_layer for s in grads.clipped_sums(clip)]

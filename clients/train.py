@@ -81,12 +81,14 @@ def train_local(model: nn.Module, features: np.ndarray, labels: np.ndarray, *, e
             noise_generator=torch.Generator().manual_seed(seed + 1))
         for _ in range(epochs):
             _start_dataloader_epoch(generator)
-            for _ in range(steps_per_epoch(len(y_all), batch_size)):
-                # Opacus' UniformWithReplacementSampler, draw for draw
-                chosen = torch.rand(len(y_all), generator=generator) < rate
-                y = y_all[chosen]
-                out, losses = dpsgd.step(x_all[chosen], y)
-                tally.add(out, losses.sum(), y)
+            # Opacus' UniformWithReplacementSampler, draw for draw (one row of draws a step)
+            draws = torch.rand(steps_per_epoch(len(y_all), batch_size), len(y_all),
+                               generator=generator)
+            for chosen in draws < rate:
+                rows = chosen.nonzero().squeeze(1)
+                y = y_all[rows]
+                out, loss_sum = dpsgd.step(x_all[rows], y)
+                tally.add(out, loss_sum, y)
     else:
         # Opacus wraps a torch optimizer
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)

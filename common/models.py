@@ -10,8 +10,8 @@ from common.config import TrainConfig
 
 # How DP-SGD computes clipped gradients, per model: privet's one-pass book-keeping
 # (clients.bookkeeping) for all three. Step time over plain SGD, experiments/bench_dpsgd.py
-# (2 cores, one torch thread, batch 64): Adult MLP 1.9x (Opacus ghost 5.9x, hooks 7.9x), logreg
-# 1.8x (hooks 5.2x); Fashion-MNIST CNN 1.7x (hooks 2.4x, ghost 2.5x); digits CNN 1.5x (ghost 3.1x).
+# (2 cores, one torch thread, batch 64): Adult MLP 1.97x (Opacus ghost 9.2x, hooks 11.6x),
+# logreg 1.87x; digits MLP 1.82x, CNN 1.42x (ghost 3.0x); Fashion-MNIST CNN 1.6x (hooks 2.3x).
 GRAD_SAMPLE_MODE = {"mlp": "bookkeeping", "logreg": "bookkeeping", "cnn": "bookkeeping"}
 
 
