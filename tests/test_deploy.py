@@ -479,7 +479,6 @@ def test_deployment_node_lost_mid_run_and_restarted_resumes_its_ledger(tmp_path,
     os.killpg(nodes[2].pid, signal.SIGKILL)  # a crash: no deactivation, no goodbye
     nodes[2].wait(timeout=10)
     killed = time.time()
-    killed_in_round = len(read_csv(out / "rounds.csv")) + 1
     # the launcher (its own session) sees its SuperNode gone and exits with it
     wait_for("node 2's launcher to exit", lambda: not _alive(launcher), 30, dep.tails)
     ledger = list(dep.data(2).parent.glob(".privet-ledger-*-client2.json"))
@@ -491,6 +490,12 @@ def test_deployment_node_lost_mid_run_and_restarted_resumes_its_ledger(tmp_path,
     wait_for("node 2 to be declared lost",
              lambda: run_alive() and dep.status(node_ids[2]) != "online", 120, dep.tails)
     lost = time.time()
+    # the round in flight gets Flower's NODE_UNAVAILABLE reply at the ServerApp's next pull
+    # (every 3 s); a node restarted before that could take that round's message itself
+    wait_for("node 2's loss to be recorded", lambda: run_alive() and any(
+        r["status"].startswith("error") for r in read_csv(out / "metrics.csv")), 60, dep.tails)
+    killed_in_round = min(int(r["round"]) for r in read_csv(out / "metrics.csv")
+                          if r["status"].startswith("error"))
     restarted = dep.start_supernode(2, ports[2], name="supernode2-restarted")
     wait_for("node 2 to come back", lambda: run_alive() and dep.status(node_ids[2]) == "online",
              90, dep.tails)
