@@ -15,51 +15,26 @@ Ray. `--ray-address` (a real cluster) still uses Ray.
 from __future__ import annotations
 
 import concurrent.futures
-import importlib
 import multiprocessing
 import multiprocessing.forkserver
 import threading
-import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
 
 from flwr.app import Context, Message
 from flwr.clientapp.client_app import ClientApp, ClientAppException
-from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig, raybackend
+from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
+
+from experiments import pool_worker
 
 # backend config: {"workers": N, "app": "module:attr"}; no "-" (Flower turns them into "_")
 CONFIG_KEY = "privet_process_pool"
-
-_app: ClientApp | None = None
-
-
-def _load_app(reference: str) -> ClientApp:
-    global _app
-    if _app is None:
-        module, _, attribute = reference.partition(":")
-        _app = getattr(importlib.import_module(module), attribute)
-    return _app
-
-
-def _run(reference: str, message: Message, context: Context
-         ) -> tuple[Message | None, Context, str | None]:
-    """In a worker: the ClientApp's reply, the updated context, or the error as text (an
-    exception object need not survive pickling back)."""
-    try:
-        return _load_app(reference)(message=message, context=context), context, None
-    except Exception as error:  # noqa: BLE001 - reported to Flower as the ClientApp's error
-        return None, context, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"
-
-
-def _warm(reference: str) -> None:
-    _load_app(reference)
-
 
 def start_fork_server(reference: str) -> None:
     """Start the fork server now, so that it imports the ClientApp while this process is
     still starting the ServerApp (the pool's workers are forked from it later)."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([reference.partition(":")[0]])
+    context.set_forkserver_preload([reference.partition(":")[0], pool_worker.__name__])
     multiprocessing.forkserver.ensure_running()
 
 
@@ -81,9 +56,11 @@ class ProcessPoolBackend(Backend):
         # the fork server imports the ClientApp once; every worker is a fork of it
         start_fork_server(self.reference)
         self.pool = concurrent.futures.ProcessPoolExecutor(
-            self.workers, mp_context=multiprocessing.get_context("forkserver"))
+            self.workers, mp_context=multiprocessing.get_context("forkserver"),
+            initializer=pool_worker.ignore_interrupts)
         # start every worker now (each loads the app), not at the first message
-        for future in [self.pool.submit(_warm, self.reference) for _ in range(self.workers)]:
+        for future in [self.pool.submit(pool_worker.load_app, self.reference)
+                       for _ in range(self.workers)]:
             future.result()
 
     @property
@@ -106,7 +83,7 @@ class ProcessPoolBackend(Backend):
             self._busy += 1
         try:
             reply, context, error = self.pool.submit(
-                _run, self.reference, message, context).result()
+                pool_worker.run, self.reference, message, context).result()
         finally:
             with self._lock:
                 self._busy -= 1
@@ -119,6 +96,8 @@ class ProcessPoolBackend(Backend):
 def installed():
     """Within: Flower's simulation runtime builds this backend where it would build Ray's
     (Flower 1.41 always builds `raybackend.RayBackend`, whatever backend name it is given)."""
+    from flwr.server.superlink.fleet.vce.backend import raybackend  # imports Ray: only here
+
     original = raybackend.RayBackend
     raybackend.RayBackend = ProcessPoolBackend
     try:
