@@ -39,36 +39,40 @@ PLD_DISCRETISATION = 1e-3
 History = tuple[tuple[float, float, int], ...]
 
 
+def _pld_path(sigma: float, q: float) -> Path:
+    key = f"{sigma!r}|{q!r}|{PLD_DISCRETISATION!r}|{_DP_ACCOUNTING}"
+    name = hashlib.sha256(key.encode()).hexdigest()[:32]
+    return _cache_file().parent / "pld" / f"{name}.npz"
+
+
 @functools.lru_cache(maxsize=128)
-def _subsampled_gaussian(sigma: float, q: float, on_disk: bool = False
+def _subsampled_gaussian(sigma: float, q: float
                          ) -> privacy_loss_distribution.PrivacyLossDistribution:
     """One step's PLD. Building it is most of a first query's cost (dp-accounting evaluates
     the privacy loss point by point in Python, ~26 ms), and a client asks about the same
-    (σ, q) every round: kept per process, and with `on_disk` also in the cache directory,
-    where the other simulation workers (and later runs) find it."""
-    path = _cache_file().parent / "pld" / (hashlib.sha256(
-        f"{sigma!r}|{q!r}|{PLD_DISCRETISATION!r}|{_DP_ACCOUNTING}".encode()).hexdigest()[:32]
-        + ".npz")
-    if on_disk:
-        found = pld_speedups.load_pld(path)
-        if found is not None:
-            return found
-    pld = privacy_loss_distribution.from_gaussian_mechanism(
+    (σ, q) every round: kept per process, and read from the cache directory when another
+    simulation worker (or an earlier run) left it there (see _pld_epsilon)."""
+    found = pld_speedups.load_pld(_pld_path(sigma, q))
+    if found is not None:
+        return found
+    return privacy_loss_distribution.from_gaussian_mechanism(
         standard_deviation=sigma, sampling_prob=q,
         value_discretization_interval=PLD_DISCRETISATION)
-    if on_disk:
-        pld_speedups.save_pld(path, pld)
-    return pld
 
 
 def _pld_epsilon(history: History, delta: float, on_disk: bool = False) -> float:
     """What dp-accounting's PLDAccountant computes for PoissonSampledDpEvent(q, Gaussian(σ))
-    composed `steps` times per entry (tested equal), reusing each entry's one-step PLD."""
+    composed `steps` times per entry (tested equal), reusing each entry's one-step PLD. With
+    `on_disk` (a ledger's query, not a calibration's ~20 passing σ) the one-step PLDs are
+    also written to the cache directory."""
     composed = None
     for sigma, q, steps in history:
         if q == 0:
             continue
-        entry = _subsampled_gaussian(sigma, q, on_disk).self_compose(int(steps))
+        one_step = _subsampled_gaussian(sigma, q)
+        if on_disk and not (path := _pld_path(sigma, q)).exists():
+            pld_speedups.save_pld(path, one_step)
+        entry = one_step.self_compose(int(steps))
         composed = entry if composed is None else composed.compose(entry)
     return 0.0 if composed is None else float(composed.get_epsilon_for_delta(delta))
 
