@@ -107,19 +107,18 @@ class BookkeepingDPSGD:
         self.expected_batch_size = expected_batch_size
         self.generator = noise_generator
         self._trained = [_trainable(layer) for layer in model]
-        layers = [layer for layer in model if _trainable(layer)]
+        self.layers = [layer for layer, trained in zip(model, self._trained) if trained]
         self.params = [p for p in model.parameters() if p.requires_grad]
-        if len(self.params) != sum(1 + (layer.bias is not None) for layer in layers):
+        if len(self.params) != sum(1 + (layer.bias is not None) for layer in self.layers):
             raise ValueError("book-keeping DP-SGD trains every parameter: none may be frozen")
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One DP-SGD step on the batch (x, y), which may be empty. Returns the logits and the
         summed loss, detached."""
-        trained, inputs, outputs = [], [], []
+        inputs, outputs = [], []
         h = x
         for layer, is_trained in zip(self.model, self._trained):
             if is_trained:
-                trained.append(layer)
                 inputs.append(h)
                 h = layer(h)
                 outputs.append(h)
@@ -130,7 +129,7 @@ class BookkeepingDPSGD:
             backprops = torch.autograd.grad(loss_sum, outputs)
         with torch.no_grad():
             # (clipped sum + noise) / expected batch, the division folded into both terms
-            grads = self._clipped_sums(trained, inputs, backprops) if len(y) else None
+            grads = self._clipped_sums(inputs, backprops) if len(y) else None
             std = self.noise_std / self.expected_batch_size
             for i, p in enumerate(self.params):
                 noise = torch.normal(0.0, std, p.shape, generator=self.generator, dtype=p.dtype)
@@ -138,10 +137,10 @@ class BookkeepingDPSGD:
         self.optimizer.step()
         return h.detach(), loss_sum.detach()
 
-    def _clipped_sums(self, layers: list[nn.Module], inputs: list[torch.Tensor],
-                      backprops: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    def _clipped_sums(self, inputs: list[torch.Tensor], backprops: tuple[torch.Tensor, ...]
+                      ) -> list[torch.Tensor]:
         per_layer = [(_LinearGrads if isinstance(layer, nn.Linear) else _ConvGrads)(layer, a, g)
-                     for layer, a, g in zip(layers, inputs, backprops)]
+                     for layer, a, g in zip(self.layers, inputs, backprops)]
         squared = sum(grads.squared_norms() for grads in per_layer)
         # Opacus' factor min(1, C / (‖g‖ + 1e-6)), over the expected batch size
         batch = self.expected_batch_size

@@ -55,10 +55,10 @@ def train_local(model: nn.Module, features: np.ndarray, labels: np.ndarray, *, e
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x_all, y_all = torch.from_numpy(features), torch.from_numpy(labels)
-    optimizer = SGD(model.parameters(), lr=lr, momentum=momentum)
     tally = _Tally()
     model.train()
     if noise_multiplier is None:
+        optimizer = SGD(model.parameters(), lr=lr, momentum=momentum)
         # The batches torch's shuffling DataLoader gives, draw for draw (its RandomSampler also
         # draws a second, empty-sliced permutation an epoch), without its per-row collation.
         for _ in range(epochs):
@@ -76,7 +76,8 @@ def train_local(model: nn.Module, features: np.ndarray, labels: np.ndarray, *, e
     elif grad_sample_mode == BOOKKEEPING:
         rate = sample_rate(len(y_all), batch_size)
         dpsgd = BookkeepingDPSGD(
-            model, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            model, SGD(model.parameters(), lr=lr, momentum=momentum),
+            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
             expected_batch_size=int(len(y_all) * rate),
             noise_generator=torch.Generator().manual_seed(seed + 1))
         for _ in range(epochs):
@@ -90,10 +91,8 @@ def train_local(model: nn.Module, features: np.ndarray, labels: np.ndarray, *, e
                 out, loss_sum = dpsgd.step(x_all[rows], y)
                 tally.add(out, loss_sum, y)
     else:
-        # Opacus wraps a torch optimizer
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-        _train_opacus(model, optimizer, x_all, y_all, tally, epochs=epochs,
-                      batch_size=batch_size, generator=generator, seed=seed,
+        _train_opacus(model, x_all, y_all, tally, epochs=epochs, batch_size=batch_size,
+                      lr=lr, momentum=momentum, generator=generator, seed=seed,
                       noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                       grad_sample_mode=grad_sample_mode)
     return LocalResult(loss=tally.loss_sum / max(tally.seen, 1),
@@ -121,17 +120,19 @@ class _Tally:
             self.correct += int((out.argmax(1) == y).sum())
 
 
-def _train_opacus(model: nn.Module, optimizer: torch.optim.Optimizer, x_all: torch.Tensor,
-                  y_all: torch.Tensor, tally: _Tally, *, epochs: int, batch_size: int,
+def _train_opacus(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, tally: _Tally,
+                  *, epochs: int, batch_size: int, lr: float, momentum: float,
                   generator: torch.Generator, seed: int, noise_multiplier: float,
                   max_grad_norm: float, grad_sample_mode: str) -> None:
     loader = DataLoader(TensorDataset(x_all, y_all), batch_size=batch_size, shuffle=True,
                         generator=generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)  # Opacus wraps it
     criterion: nn.Module = nn.CrossEntropyLoss()
     with warnings.catch_warnings():
         # "Secure RNG turned off": true, and stated in the README; not news every round.
         warnings.simplefilter("ignore")
-        engine = opacus().PrivacyEngine(accountant="rdp")  # its accountant is unused: the ledger counts
+        # its accountant is unused: the ledger counts
+        engine = opacus().PrivacyEngine(accountant="rdp")
         private = engine.make_private(
             module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
