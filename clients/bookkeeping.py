@@ -10,9 +10,10 @@ per layer. Opacus' ghost mode needs a second backward pass for that sum and its 
 computes the ordinary gradients as well; see experiments/bench_dpsgd.py for the cost of each.
 
 Everything else is exactly Opacus' DP-SGD, so the two paths take the same steps (tested):
-Poisson sampling as its UniformWithReplacementSampler draws it (torch.rand(n) < q from the
-same generator), clip factor min(1, C / (‖g_i‖ + 1e-6)), Gaussian noise of std σC drawn per
-parameter in parameter order, and the sum divided by the expected batch size ⌊q·n⌋.
+clip factor min(1, C / (‖g_i‖ + 1e-6)), Gaussian noise of std σC per parameter in parameter
+order, and the sum divided by the expected batch size ⌊q·n⌋. The noise comes from a
+`Randomness` (common.privacy.randomness): seeded in simulation, secure in deployment. Which
+rows a step sees (Poisson sampling) is the caller's draw (clients.train).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional
+
+from common.privacy.randomness import Randomness
 
 # Layers with no parameters that act on each example alone: per-example gradients stay exact.
 _PER_EXAMPLE = (nn.Flatten, nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.ELU,
@@ -90,11 +93,20 @@ class _ConvGrads:
 
 class BookkeepingDPSGD:
     """Runs DP-SGD steps on `model` with `optimizer` (anything with a `step()` that applies the
-    parameters' `.grad`, e.g. a torch optimizer over them)."""
+    parameters' `.grad`, e.g. a torch optimizer over them).
+
+    Each step's gradient is (Σ_i clipped ∇_i + N(0, (σC)²)) / `expected_batch_size`, the noise
+    drawn as `randomness.gaussian(p.shape, σC / expected_batch_size, p.dtype)` for each trained
+    parameter p in `model.parameters()` order, whether or not the batch is empty. With
+    `SeededRandomness` these are the standard normals Opacus' DPOptimizer draws from a
+    generator seeded alike; it scales them by σC and then divides by the batch, so the two
+    agree to rounding.
+    Raises ValueError for a model `supports` refuses, a frozen parameter or an expected batch
+    size below 1."""
 
     def __init__(self, model: nn.Module, optimizer, *,
                  noise_multiplier: float, max_grad_norm: float, expected_batch_size: int,
-                 noise_generator: torch.Generator):
+                 randomness: Randomness):
         if not supports(model):
             raise ValueError("book-keeping DP-SGD needs an nn.Sequential of Linear, Conv2d and "
                              f"parameter-free per-example layers, got {model!r}")
@@ -105,7 +117,7 @@ class BookkeepingDPSGD:
         self.noise_std = noise_multiplier * max_grad_norm
         self.max_grad_norm = max_grad_norm
         self.expected_batch_size = expected_batch_size
-        self.generator = noise_generator
+        self.randomness = randomness
         self._trained = [_trainable(layer) for layer in model]
         self.layers = [layer for layer, trained in zip(model, self._trained) if trained]
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -132,7 +144,7 @@ class BookkeepingDPSGD:
             grads = self._clipped_sums(inputs, backprops) if len(y) else None
             std = self.noise_std / self.expected_batch_size
             for i, p in enumerate(self.params):
-                noise = torch.normal(0.0, std, p.shape, generator=self.generator, dtype=p.dtype)
+                noise = self.randomness.gaussian(p.shape, std, p.dtype)
                 p.grad = noise if grads is None else noise.add_(grads[i])
         self.optimizer.step()
         return h.detach(), loss_sum.detach()

@@ -25,6 +25,8 @@ IMAGE_DATASETS = ("fashion-mnist", "digits")
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = PROJECT_DIR / "experiments" / "configs"
 DEFAULT_CONFIG = CONFIGS_DIR / "adult.toml"
+# where DP random draws come from (common.privacy.randomness)
+NOISE_SOURCES = ("auto", "seeded", "secure")
 
 
 class ConfigError(ValueError):

@@ -1,10 +1,13 @@
 """DP-SGD step time over plain SGD, per model and way of clipping (privet's book-keeping
-path for Linear stacks, Opacus' grad-sample modes).
+path for Linear stacks, Opacus' grad-sample modes), with seeded and with secure randomness.
 
     python -m experiments.bench_dpsgd [--repeats 5] [--only adult,digits,fashion-mnist]
 
 Times steady-state local training (after a warm-up epoch) on one client's worth of rows,
-side by side in one process, one torch thread; prints ms/step and the ratio to plain SGD.
+side by side in one process, one torch thread; prints ms/step and the ratio to plain SGD for
+seeded randomness (simulation: torch generators), then ms/step with secure randomness (a
+deployed client: ChaCha20 from OS entropy, each Gaussian the sum of four) and its ratio to
+seeded.
 Workloads: MLP and logistic regression on Adult client 0; MLP and CNN on scikit-learn's
 8x8 digits; the CNN on Fashion-MNIST (random 28x28 images when no local copy is found:
 step time does not depend on pixel values).
@@ -26,8 +29,10 @@ from clients.train import BOOKKEEPING
 from common.config import TrainConfig, load_config
 from common.data import images
 from common.models import build_model
+from common.privacy.randomness import SecureRandomness
 
 MODES = (BOOKKEEPING, "hooks", "ghost", "functorch")
+SOURCES = ("seeded", "secure")  # where DP-SGD's draws come from (common.privacy.randomness)
 FASHION_ROWS = 2000  # a third of an IID client's 6,000 of 10: enough steps, quicker
 
 
@@ -74,12 +79,16 @@ WORKLOADS = {"adult": adult, "digits": digits, "fashion-mnist": fashion_mnist}
 
 
 def time_per_step(model_name: str, mode: str | None, work: Workload, epochs: int,
-                  seed: int) -> float:
+                  seed: int, source: str = "seeded") -> float:
+    """Seconds per step of `mode` (None: plain SGD) with `source` randomness, after a
+    warm-up epoch."""
     # The default train config (hidden 64) with this model; no dataset check applies here.
     model = build_model(TrainConfig(model=model_name), work.features.shape[1:],
                         work.num_classes)
     kwargs = dict(batch_size=64, lr=0.1, momentum=0.0, seed=seed,
                   noise_multiplier=1.0 if mode else None, grad_sample_mode=mode or "hooks")
+    if source == "secure":  # else None: SeededRandomness(seed), as in simulation
+        kwargs["randomness"] = SecureRandomness()
     train.train_local(model, work.features, work.labels, epochs=1, **kwargs)  # warm-up
     result = train.train_local(model, work.features, work.labels, epochs=epochs, **kwargs)
     return result.seconds / result.steps
@@ -103,23 +112,29 @@ def main() -> None:
           f"repeats")
     for work in workloads:
         print(f"  {work.data}: {work.source}")
-    print(f"{'data':8} {'model':8} {'mode':10} {'ms/step':>8} {'× plain':>8}")
+    print(f"{'data':8} {'model':8} {'mode':11} {'ms/step':>8} {'× plain':>8} "
+          f"{'secure ms':>9} {'× seeded':>8}")
     for work in workloads:
         for model_name in work.models:
             probe = build_model(TrainConfig(model=model_name), work.features.shape[1:],
                                 work.num_classes)
             modes = [m for m in MODES if m != BOOKKEEPING or bookkeeping.supports(probe)]
-            timings: dict[str, list[float]] = {m: [] for m in ["plain", *modes]}
-            for r in range(args.repeats):  # interleaved, so machine noise hits all modes alike
-                for mode in timings:
-                    timings[mode].append(time_per_step(
+            runs = [("plain", "seeded")] + [(m, source) for m in modes for source in SOURCES]
+            timings: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
+            for r in range(args.repeats):  # interleaved, so machine noise hits all runs alike
+                for mode, source in timings:
+                    timings[mode, source].append(time_per_step(
                         model_name, None if mode == "plain" else mode, work, args.epochs,
-                        seed=r))
-            plain = statistics.median(timings["plain"])
-            for mode, values in timings.items():
-                ms = statistics.median(values) * 1000
-                print(f"{work.data:8} {model_name:8} {mode:10} {ms:8.3f} "
-                      f"{ms / (plain * 1000):8.2f}")
+                        seed=r, source=source))
+            ms = {run: statistics.median(values) * 1000 for run, values in timings.items()}
+            plain = ms["plain", "seeded"]
+            for mode in ["plain", *modes]:
+                seeded = ms[mode, "seeded"]
+                line = f"{work.data:8} {model_name:8} {mode:11} {seeded:8.3f} "
+                line += f"{seeded / plain:8.2f}"
+                if (mode, "secure") in ms:
+                    line += f" {ms[mode, 'secure']:9.3f} {ms[mode, 'secure'] / seeded:8.2f}"
+                print(line)
 
 
 if __name__ == "__main__":

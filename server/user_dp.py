@@ -10,11 +10,24 @@ accountant assumes: the composition of `rounds` Poisson-subsampled Gaussian mech
 with rate p and noise multiplier σ.
 
 With adaptive clipping (Andrew et al., 2021, "Differentially Private Learning with
-Adaptive Clipping") S follows a target quantile of the update norms, steered by a noisy
-count of unclipped updates. That count is a second Gaussian query on the same clients:
-the model noise is raised so that both releases together equal one Gaussian mechanism
-with the calibrated noise multiplier (Flower's `compute_adaptive_noise_params`), and the
-ledger records that effective multiplier.
+Adaptive Clipping", Algorithm 1 and its privacy analysis; TF-Privacy's
+`QuantileEstimatorQuery`) S follows a target quantile γ of the update norms, steered by a
+noisy count of unclipped updates. That count is a second Gaussian query on the same clients, and it is *centred*: each
+sampled client contributes b_i − ½ ∈ {−½, +½} (b_i = 1 when its update norm is ≤ S), the
+server adds N(0, σ_b²) to the sum, and estimates the unclipped fraction as
+noisy_sum / (p·N) + ½. One participant more or less then moves the count by exactly ½:
+its L2 sensitivity is Δ_b = ½ (`COUNT_SENSITIVITY`), against S for the model sum. The
+clip then follows S ← S·exp(−η (fraction − γ)).
+
+Both releases together are one Gaussian mechanism whose noise multiplier is
+(z⁻² + (σ_b/Δ_b)⁻²)^(-1/2), z the model noise multiplier; the model noise is raised so
+that this equals the calibrated σ (as Flower's `compute_adaptive_noise_params` does for
+Δ_b = ½), and the ledger records that effective multiplier.
+
+Every random draw the guarantee rests on — which clients are sampled, the noise on the
+clipped sum, the noise on the count — comes from one `Randomness` object
+(common.privacy.randomness): seeded for reproducible simulation, secure (ChaCha20 keyed
+from the OS) where the seed must not void the guarantee.
 
 Flower's DifferentialPrivacyServerSideFixedClipping does not fit: it samples a fixed
 number of clients (no exact amplification), averages with the wrapped strategy's
@@ -24,27 +37,39 @@ sampling.
 
 from __future__ import annotations
 
+import logging
 import math
-import random
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.differential_privacy import compute_adaptive_noise_params
 
 from common.privacy.ledger import PrivacyLedger
+from common.privacy.randomness import Randomness, SeededRandomness
 from server.strategy import PrivetFedAvg, average_metrics
 
+log = logging.getLogger(__name__)
+
 StateDict = dict[str, torch.Tensor]
+
+# L2 sensitivity of the centred unclipped count: one client adds or removes b_i − ½ = ±½
+# (Andrew et al. 2021; TF-Privacy's QuantileEstimatorQuery sums the bits with clip ½).
+COUNT_SENSITIVITY = 0.5
 
 
 def clipped_noisy_mean(global_state: StateDict, client_states: list[StateDict], clip: float,
                        noise_multiplier: float, expected_clients: float,
-                       generator: torch.Generator) -> tuple[StateDict, list[float]]:
+                       randomness: Randomness) -> tuple[StateDict, list[float]]:
     """New global state = global + (Σ clip_S(update_i) + N(0, σ²S²)) / (p·N).
 
-    Returns the new state and each client's update norm before clipping.
+    `global_state` and each of `client_states` map the same keys to tensors of the same
+    shapes; only floating-point entries are updated (the rest are copied from the global
+    state). update_i = client_i − global, clipped to L2 norm `clip` over all floating
+    entries together. The noise is `randomness.gaussian(shape, σ·S, dtype)`, one draw per
+    floating tensor in the global state's key order. `expected_clients` is p·N (> 0).
+
+    Returns the new state and each client's update norm before clipping (in client order).
     """
     keys = [k for k, v in global_state.items() if torch.is_floating_point(v)]
     total = {k: torch.zeros_like(global_state[k]) for k in keys}
@@ -58,30 +83,90 @@ def clipped_noisy_mean(global_state: StateDict, client_states: list[StateDict], 
             total[k] += update[k] * scale
     new_state = dict(global_state)
     for k in keys:
-        noise = torch.normal(0.0, noise_multiplier * clip, size=total[k].shape,
-                             generator=generator, dtype=total[k].dtype)
+        noise = randomness.gaussian(total[k].shape, noise_multiplier * clip, total[k].dtype)
         new_state[k] = global_state[k] + (total[k] + noise) / expected_clients
     return new_state, norms
 
 
+def centred_unclipped_count(norms: Sequence[float], clip: float) -> float:
+    """Σ_i (b_i − ½), b_i = 1 if norms[i] ≤ clip else 0: the count query before its noise.
+
+    `norms` are the sampled clients' update L2 norms (any length, 0 included), `clip` the
+    clipping bound S in the same units. Adding or removing one client moves the result by
+    exactly ½ (`COUNT_SENSITIVITY`) — Andrew et al. 2021, Algorithm 1 with the bits centred
+    as in their privacy analysis and TF-Privacy's QuantileEstimatorQuery.
+    """
+    return sum((1.0 if norm <= clip else 0.0) - 0.5 for norm in norms)
+
+
+def unclipped_fraction(noisy_centred_count: float, expected_clients: float) -> float:
+    """Estimated fraction of updates within the clip: noisy Σ(b_i − ½) / (p·N) + ½.
+
+    Unbiased for the true fraction when the cohort has its expected size p·N (Andrew et al.
+    2021). Not clamped to [0, 1]: the noise may push it out, as in TF-Privacy."""
+    return noisy_centred_count / expected_clients + 0.5
+
+
+def next_clip(clip: float, fraction: float, target_quantile: float, clip_lr: float) -> float:
+    """Geometric update S ← S·exp(−η (fraction − γ)) (Andrew et al. 2021, Algorithm 1)."""
+    return clip * math.exp(-clip_lr * (fraction - target_quantile))
+
+
 def adaptive_noise(noise_multiplier: float, expected_clients: float,
-                   count_stddev: float | None) -> tuple[float, float]:
-    """(count noise σ_b, model noise z_Δ) whose joint release has multiplier `noise_multiplier`:
-    (z_Δ⁻² + (2σ_b)⁻²)^(-1/2) = z. Raises ValueError when σ_b is too small for that z."""
-    return compute_adaptive_noise_params(noise_multiplier, expected_clients, count_stddev)
+                   count_stddev: float | None,
+                   count_sensitivity: float = COUNT_SENSITIVITY) -> tuple[float, float]:
+    """(count noise σ_b, model noise z_Δ): their joint release has multiplier `noise_multiplier`.
+
+    Solves (z_Δ⁻² + (σ_b/Δ_b)⁻²)^(-1/2) = z for z_Δ, Δ_b = `count_sensitivity` (Andrew et al.
+    2021; the same as Flower's `compute_adaptive_noise_params` for Δ_b = ½). σ_b (in
+    count units) defaults to p·N / 20, as in Flower and the paper. With z = 0 (no noise)
+    returns (σ_b or 0, 0). Raises ValueError when σ_b/Δ_b ≤ z: the count alone would spend
+    more than the whole budget.
+    """
+    if noise_multiplier <= 0:
+        return (count_stddev or 0.0), 0.0
+    if count_stddev is None:
+        count_stddev = expected_clients / 20
+    count_multiplier = count_stddev / count_sensitivity
+    if noise_multiplier >= count_multiplier:
+        raise ValueError(
+            f"count noise σ_b = {count_stddev:g} (sensitivity {count_sensitivity:g}) is too "
+            f"small for the noise multiplier {noise_multiplier:g}: σ_b / Δ must exceed it; "
+            "raise privacy.user-count-stddev (the default is the expected cohort / 20)")
+    model_noise = (noise_multiplier ** -2 - count_multiplier ** -2) ** -0.5
+    if model_noise >= 2 * noise_multiplier:
+        log.warning("adaptive clipping: the model noise is %.2f× the calibrated multiplier; "
+                    "consider a larger count noise or cohort", model_noise / noise_multiplier)
+    return count_stddev, model_noise
 
 
-def effective_noise(model_noise: float, count_stddev: float) -> float:
-    """Noise multiplier of the model and count queries released together."""
-    return (model_noise ** -2 + (2 * count_stddev) ** -2) ** -0.5
+def effective_noise(model_noise: float, count_stddev: float,
+                    count_sensitivity: float = COUNT_SENSITIVITY) -> float:
+    """Noise multiplier of the model query (multiplier z, sensitivity S) and the count query
+    (noise σ_b, sensitivity Δ_b) released together: (z⁻² + (σ_b/Δ_b)⁻²)^(-1/2).
+
+    Gaussian queries on the same data compose as one Gaussian mechanism: scaled to unit
+    noise, the pair (sum/(zS), count/σ_b) has L2 sensitivity √(z⁻² + (Δ_b/σ_b)²), so
+    1/z_eff² = Σ (Δ_i/σ_i)² (Andrew et al. 2021; Dwork & Roth 2014, Appendix A)."""
+    return (model_noise ** -2 + (count_stddev / count_sensitivity) ** -2) ** -0.5
 
 
 class UserLevelDPFedAvg(PrivetFedAvg):
+    """DP-FedAvg with Poisson client sampling, server-side clipping and noise, and optional
+    adaptive clipping; its `ledger` holds the user-level (σ_eff, p, rounds) spending.
+
+    `randomness` supplies every DP draw (client sampling, model noise, count noise); None
+    means `SeededRandomness(seed)`, reproducible and only fit for simulation.
+    """
+
+    count_sensitivity = COUNT_SENSITIVITY
+
     def __init__(self, *, noise_multiplier: float, clip: float, sample_rate: float,
                  num_clients: int, seed: int, adaptive: bool = False,
                  target_quantile: float = 0.5, clip_lr: float = 0.2,
-                 count_stddev: float | None = None, **kwargs) -> None:
-        super().__init__(**kwargs)
+                 count_stddev: float | None = None, randomness: Randomness | None = None,
+                 **kwargs) -> None:
+        super().__init__(seed=seed, **kwargs)
         self.noise_multiplier, self.clip = noise_multiplier, clip
         self.sample_rate, self.num_clients = sample_rate, num_clients
         self.expected_clients = sample_rate * num_clients
@@ -89,22 +174,37 @@ class UserLevelDPFedAvg(PrivetFedAvg):
         self.count_stddev, self.model_noise = 0.0, noise_multiplier
         if adaptive:
             self.count_stddev, self.model_noise = adaptive_noise(
-                noise_multiplier, self.expected_clients, count_stddev or None)
+                noise_multiplier, self.expected_clients, count_stddev or None,
+                self.count_sensitivity)
+        self.randomness = randomness if randomness is not None else SeededRandomness(seed)
         self.clip_history: list[float] = []
-        self.rng = random.Random(seed)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.released_counts: list[float] = []  # the noisy centred counts, one per round
         self.ledger = PrivacyLedger()
         self._global: StateDict | None = None
 
+    @property
+    def ledger_noise(self) -> float:
+        """The noise multiplier recorded per round: the model query alone, or with adaptive
+        clipping the joint (model, count) mechanism."""
+        if not self.adaptive:
+            return self.model_noise
+        return effective_noise(self.model_noise, self.count_stddev, self.count_sensitivity)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Poisson sampling: each node joins this round with probability p."""
+        """Poisson sampling: each node (in id order) joins this round with probability p."""
         self._global = arrays.to_torch_state_dict()
         nodes = sorted(self.reachable(grid).get_node_ids())
-        chosen = [n for n in nodes if self.rng.random() < self.sample_rate]
+        draws = self.randomness.uniform(len(nodes))
+        chosen = [n for n, u in zip(nodes, draws) if u < self.sample_rate]
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self.remember(self._construct_messages(record, chosen, MessageType.TRAIN))
+
+    def release_count(self, norms: Sequence[float]) -> float:
+        """The noisy centred count Σ(b_i − ½) + N(0, σ_b²) for this round's update norms."""
+        noise = self.randomness.gaussian((1,), self.count_stddev, torch.float64)
+        return centred_unclipped_count(norms, self.clip) + float(noise[0])
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -115,17 +215,15 @@ class UserLevelDPFedAvg(PrivetFedAvg):
         # noise then, and it is accounted like any other round.
         new_state, norms = clipped_noisy_mean(
             self._global, [m.content["arrays"].to_torch_state_dict() for m in trained],
-            self.clip, self.model_noise, self.expected_clients, self.generator)
+            self.clip, self.model_noise, self.expected_clients, self.randomness)
         self.clip_history.append(self.clip)
         if self.adaptive:
-            unclipped = sum(norm <= self.clip for norm in norms)
-            noisy = unclipped + float(torch.normal(0.0, self.count_stddev, size=(1,),
-                                                   generator=self.generator))
-            fraction = noisy / self.expected_clients
-            self.clip *= math.exp(-self.clip_lr * (fraction - self.target_quantile))
+            released = self.release_count(norms)
+            self.released_counts.append(released)
+            fraction = unclipped_fraction(released, self.expected_clients)
+            self.clip = next_clip(self.clip, fraction, self.target_quantile, self.clip_lr)
         # Both queries together are one Gaussian mechanism with the calibrated multiplier.
-        self.ledger.record(effective_noise(self.model_noise, self.count_stddev)
-                           if self.adaptive else self.model_noise, self.sample_rate, 1)
+        self.ledger.record(self.ledger_noise, self.sample_rate, 1)
         metrics = average_metrics([m.content for m in trained], self.weighted_by_key) \
             if trained else MetricRecord({})
         return ArrayRecord(new_state), metrics

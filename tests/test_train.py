@@ -6,9 +6,11 @@ import torch
 from torch import nn
 
 from clients import bookkeeping
-from clients.train import BOOKKEEPING, sample_rate, steps_per_epoch, train_local
+from clients.train import (BOOKKEEPING, expected_batch_size, sample_rate, steps_per_epoch,
+                           train_local)
 from common.config import TrainConfig
 from common.models import GRAD_SAMPLE_MODE, build_model
+from common.privacy.randomness import Randomness, SecureRandomness, SeededRandomness
 
 ROWS, FEATURES = 256, 12
 
@@ -61,17 +63,26 @@ def test_update_is_the_mean_of_clipped_per_sample_gradients(name, mode):
         assert torch.allclose(step, expected[key], atol=1e-5), key
 
 
-@pytest.mark.parametrize("mode", [BOOKKEEPING, "hooks"])
-def test_noise_has_the_calibrated_standard_deviation(mode):
-    """Inputs of zero give zero first-layer gradients: its update is the noise alone."""
+@pytest.mark.parametrize("source", ["seeded", "secure"])
+@pytest.mark.parametrize("batch_size", [ROWS, 100])
+@pytest.mark.parametrize("mode", [BOOKKEEPING, "hooks", "ghost"])
+def test_noise_has_the_calibrated_standard_deviation(mode, batch_size, source):
+    """Inputs of zero give zero first-layer gradients: its update is the noise alone, σC
+    divided by the expected batch ⌊q·n⌋ on each coordinate, each step (q = 1: one step of
+    every row; batch 100: q = 1/3, 3 steps, divided by 85)."""
     x = np.zeros((ROWS, FEATURES), dtype=np.float32)
     y = np.zeros(ROWS, dtype=np.int64)
     model, sigma, clip, lr = build_model(TrainConfig(hidden=512), (FEATURES,), 2), 1.3, 0.7, 1.0
     before = model[1].weight.detach().clone()
-    train_local(model, x, y, epochs=1, batch_size=ROWS, lr=lr, momentum=0.0, seed=3,
-                noise_multiplier=sigma, max_grad_norm=clip, grad_sample_mode=mode)
+    randomness = SecureRandomness() if source == "secure" else None
+    result = train_local(model, x, y, epochs=1, batch_size=batch_size, lr=lr, momentum=0.0,
+                         seed=3, noise_multiplier=sigma, max_grad_norm=clip,
+                         grad_sample_mode=mode, randomness=randomness)
     change = (model[1].weight.detach() - before).flatten().numpy()
-    expected = lr * sigma * clip / ROWS  # noise σC on the sum, divided by the expected batch
+    batch = expected_batch_size(ROWS, batch_size)
+    assert (batch, result.steps) == ((ROWS, 1) if batch_size == ROWS else (85, 3))
+    # each step: noise σC on the sum, divided by the expected batch; the steps' noises add
+    expected = lr * sigma * clip / batch * np.sqrt(result.steps)
     assert change.size == 512 * FEATURES
     # std of 6,144 normal draws: relative standard error ≈ 0.9%; allow 5%
     assert change.std() == pytest.approx(expected, rel=0.05)
@@ -88,24 +99,124 @@ def test_steps_and_rate_follow_opacus_poisson_loader(mode):
     assert result.steps == 2 * 3 and result.examples == ROWS
 
 
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "functorch", "ew"])
 @pytest.mark.parametrize("name", ["mlp", "logreg"])
-def test_bookkeeping_takes_the_steps_opacus_takes(name):
+def test_bookkeeping_takes_the_steps_opacus_takes(name, mode):
     """Same seed: the same Poisson batches, clipping and noise as Opacus' own DP-SGD, so the
     same model after an epoch of small batches (some of them empty) with real noise."""
     x, y = _data()
     trained = {}
-    for mode in (BOOKKEEPING, "hooks"):
+    for path in (BOOKKEEPING, mode):
         model = _model(name)
         result = train_local(model, x, y, epochs=2, batch_size=4, lr=0.1, momentum=0.5,
                              seed=7, noise_multiplier=0.8, max_grad_norm=0.3,
-                             grad_sample_mode=mode)
-        trained[mode] = (result, [p.detach() for p in model.parameters()])
-    (ours, ours_params), (opacus, opacus_params) = trained[BOOKKEEPING], trained["hooks"]
+                             grad_sample_mode=path)
+        trained[path] = (result, [p.detach() for p in model.parameters()])
+    (ours, ours_params), (opacus, opacus_params) = trained[BOOKKEEPING], trained[mode]
     assert ours.steps == opacus.steps == 2 * 64
     assert ours.accuracy == opacus.accuracy
     assert ours.loss == pytest.approx(opacus.loss, rel=1e-5)
     for a, b in zip(ours_params, opacus_params):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_opacus_path_takes_every_step_of_an_epoch():
+    """⌈n/B⌉ = 93 steps at q = 1/93: Opacus' DPDataLoader would take int(1/q) = 92 and divide
+    by ⌊n/92⌋; both paths take the 93 steps the ledger records and divide by ⌊n/93⌋."""
+    rows = 186
+    assert int(1 / sample_rate(rows, 2)) == 92 and steps_per_epoch(rows, 2) == 93
+    x, y = _data()
+    x, y = x[:rows], y[:rows]
+    trained = {}
+    for mode in (BOOKKEEPING, "hooks"):
+        model = _model("mlp")
+        result = train_local(model, x, y, epochs=1, batch_size=2, lr=0.1, momentum=0.0,
+                             seed=3, noise_multiplier=0.5, max_grad_norm=1.0,
+                             grad_sample_mode=mode)
+        trained[mode] = (result.steps, [p.detach() for p in model.parameters()])
+    assert trained[BOOKKEEPING][0] == trained["hooks"][0] == 93
+    for a, b in zip(trained[BOOKKEEPING][1], trained["hooks"][1]):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def _trained_weights(mode, randomness, seed=7, batch_size=16, sigma=0.8):
+    x, y = _data()
+    model = _model("mlp")
+    train_local(model, x, y, epochs=1, batch_size=batch_size, lr=0.1, momentum=0.5,
+                seed=seed, noise_multiplier=sigma, max_grad_norm=0.5, grad_sample_mode=mode,
+                randomness=randomness)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("mode", [BOOKKEEPING, "hooks", "ghost"])
+@pytest.mark.parametrize("drawn", ["noise", "rows", "both"])
+def test_secure_randomness_gives_different_models_seeded_the_same(mode, drawn):
+    """Same model, data and seed: secure draws differ run to run (the server cannot replay
+    them); seeded ones repeat, and None is SeededRandomness(seed). "noise": q = 1, so every
+    step takes every row; "rows": σ = 0, so only the Poisson sampling is random."""
+    kwargs = {"noise": dict(batch_size=ROWS), "rows": dict(sigma=0.0), "both": {}}[drawn]
+    secure = [_trained_weights(mode, SecureRandomness(), **kwargs) for _ in range(2)]
+    assert not torch.allclose(secure[0], secure[1], atol=1e-4)
+    seeded = [_trained_weights(mode, None, **kwargs), _trained_weights(mode, None, **kwargs),
+              _trained_weights(mode, SeededRandomness(7), **kwargs)]
+    assert torch.equal(seeded[0], seeded[1]) and torch.equal(seeded[0], seeded[2])
+
+
+class _Recording(Randomness):
+    """Delegates to `inner`, recording each call."""
+
+    kind = "recording"
+
+    def __init__(self, inner: Randomness):
+        self.inner, self.calls = inner, []
+
+    def start_epoch(self):
+        self.calls.append(("start_epoch",))
+        self.inner.start_epoch()
+
+    def poisson_masks(self, steps, rows, rate):
+        self.calls.append(("poisson_masks", steps, rows, rate))
+        return self.inner.poisson_masks(steps, rows, rate)
+
+    def gaussian(self, shape, std, dtype=torch.float32):
+        self.calls.append(("gaussian", tuple(shape), std, dtype))
+        return self.inner.gaussian(shape, std, dtype)
+
+    def gaussian_numpy(self, shape, std):
+        raise AssertionError("DP-SGD draws torch tensors")
+
+    def uniform(self, size):
+        raise AssertionError("DP-SGD samples rows with poisson_masks")
+
+
+@pytest.mark.parametrize("mode", [BOOKKEEPING, "hooks", "ghost"])
+def test_every_dp_draw_comes_from_the_randomness(mode):
+    """Given a Randomness, the DP path draws nothing from `seed` (seed 12345 with
+    SeededRandomness(7) trains the model seed 7 alone does), and each step asks it for its
+    rows (at q) and then one noise tensor per parameter, in parameter order, of std σC
+    (Opacus, which divides later) or σC/⌊q·n⌋ (book-keeping)."""
+    recording = _Recording(SeededRandomness(7))
+    assert torch.equal(_trained_weights(mode, recording, seed=12345),
+                       _trained_weights(mode, None, seed=7))
+    steps, rate = steps_per_epoch(ROWS, 16), sample_rate(ROWS, 16)
+    shapes = [tuple(p.shape) for p in _model("mlp").parameters()]
+    std = 0.8 * 0.5 / (expected_batch_size(ROWS, 16) if mode == BOOKKEEPING else 1)
+    step = [("poisson_masks", 1, ROWS, rate)] + [("gaussian", s, std, torch.float32)
+                                                  for s in shapes]
+    assert recording.calls == [("start_epoch",)] + step * steps
+
+
+@pytest.mark.parametrize("rate", [0.01, 1 / 3, 0.5, 0.97])
+def test_secure_poisson_masks_have_the_requested_rate(rate):
+    """Binomial tests at 6 standard errors: the share of rows drawn, and of rows drawn in two
+    consecutive steps (rate², as for independent steps)."""
+    steps, rows = 50, 4000
+    masks = SecureRandomness().poisson_masks(steps, rows, rate)
+    assert masks.shape == (steps, rows) and masks.dtype == torch.bool
+    for hits, trials, p in [(int(masks.sum()), steps * rows, rate),
+                            (int((masks[1:] & masks[:-1]).sum()), (steps - 1) * rows, rate**2)]:
+        assert abs(hits - trials * p) < 6 * np.sqrt(trials * p * (1 - p)), (hits, trials, p)
+    assert SecureRandomness().poisson_masks(3, 5, 1.0).all()
 
 
 def test_plain_sgd_takes_the_shuffling_dataloader_batches():
@@ -136,7 +247,7 @@ def test_bookkeeping_takes_the_layers_it_computes_exactly():
     with pytest.raises(ValueError, match="Sequential of Linear"):
         bookkeeping.BookkeepingDPSGD(
             nn.Sequential(nn.Linear(3, 3), nn.Dropout()), None, noise_multiplier=1.0,
-            max_grad_norm=1.0, expected_batch_size=1, noise_generator=torch.Generator())
+            max_grad_norm=1.0, expected_batch_size=1, randomness=SeededRandomness(0))
 
 
 def test_the_apps_do_not_import_opacus_until_asked():
