@@ -16,16 +16,19 @@ def _event(history):
 def pld_epsilon(history, delta, discretisation=1e-4):
     """dp-accounting's PLD (default: at its default, finer discretisation), pessimistic; with
     dp-accounting's own code even where privet has sped it up (common.privacy.pld_speedups)."""
-    patched = common.compute_self_convolve_bounds, pld_pmf._get_epsilon_for_delta
+    patched = (common.compute_self_convolve_bounds, pld_pmf._get_epsilon_for_delta,
+               pld_pmf._truncate_tails)
     common.compute_self_convolve_bounds = getattr(patched[0], "__wrapped__", patched[0])
     pld_pmf._get_epsilon_for_delta = getattr(patched[1], "__wrapped__", patched[1])
+    pld_pmf._truncate_tails = getattr(patched[2], "__wrapped__", patched[2])
     try:
         accountant = pld_privacy_accountant.PLDAccountant(
             value_discretization_interval=discretisation)
         accountant.compose(_event(history))
         return accountant.get_epsilon(delta)
     finally:
-        common.compute_self_convolve_bounds, pld_pmf._get_epsilon_for_delta = patched
+        (common.compute_self_convolve_bounds, pld_pmf._get_epsilon_for_delta,
+         pld_pmf._truncate_tails) = patched
 
 
 def rdp_epsilon(history, delta):

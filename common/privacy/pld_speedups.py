@@ -11,6 +11,10 @@
 2. ε for δ. dp_accounting.pld.pld_pmf._get_epsilon_for_delta walks the composed PMF point by
    point in Python (~15,000 points); this finds the same stopping point with cumulative
    sums (tests: equal to 1e-12).
+3. Tail truncation. pld_pmf._truncate_tails, which every composition of two different PLDs
+   calls (a client's preprocessing statistics, then its DP-SGD steps), sums the PMF from
+   each end point by point in Python (~4 ms a composition); cumulative sums find the same
+   cut, since both add the same numbers in the same order (tests: identical output).
 """
 
 from __future__ import annotations
@@ -102,10 +106,41 @@ def epsilon_for_delta(infinity_mass: float, reversed_losses, probs, delta: float
     return math.log((mass_upper - delta) / mass_lower)
 
 
+_original_truncate = pld_pmf._truncate_tails
+
+
+def _prefix_within(values: np.ndarray, threshold: float) -> int:
+    """Length of the longest prefix whose running sum stays ≤ threshold (the running sum of
+    the Python loop it replaces: np.cumsum adds in the same order)."""
+    over = np.cumsum(values) > threshold
+    return int(np.argmax(over)) if over.any() else len(values)
+
+
+@functools.wraps(_original_truncate)
+def truncate_tails(probs, tail_mass_truncation: float, pessimistic_estimate: bool):
+    """pld_pmf._truncate_tails with its two prefix loops as cumulative sums; the rest is
+    dp-accounting's, verbatim."""
+    if tail_mass_truncation == 0:
+        return 0, probs, 0
+    values = np.asarray(probs)
+    left_idx = _prefix_within(values, tail_mass_truncation / 2)
+    right_idx = len(values) - _prefix_within(values[::-1], tail_mass_truncation / 2)
+    right_idx = max(right_idx, left_idx + 1)
+    left_mass = np.sum(probs[:left_idx])
+    right_mass = np.sum(probs[right_idx:])
+    truncated_probs = probs[left_idx:right_idx]
+    if pessimistic_estimate:
+        truncated_probs[0] += left_mass
+        return left_idx, truncated_probs, right_mass
+    truncated_probs[-1] += right_mass
+    return left_idx, truncated_probs, 0
+
+
 def install() -> None:
     """Make dp-accounting use these (idempotent)."""
     common.compute_self_convolve_bounds = compute_self_convolve_bounds
     pld_pmf._get_epsilon_for_delta = epsilon_for_delta
+    pld_pmf._truncate_tails = truncate_tails
 
 
 def save_pld(path: Path, pld: privacy_loss_distribution.PrivacyLossDistribution) -> None:
