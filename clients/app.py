@@ -1,11 +1,14 @@
 """Flower ClientApp: unpack the message, train or evaluate locally, reply.
 
-Only weights and a few metrics leave the client: never rows. The privacy ledger
-lives in `context.state`, which Flower keeps for the node across rounds.
+Only weights, a few metrics and what the client spent leave it: never rows. Its privacy
+ledger (clients/accounting.py) is on disk next to a deployed node's data, or in
+`context.state`, which Flower keeps for a simulated node across rounds; every spend is
+recorded before the reply that carries its result leaves.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -15,7 +18,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.train import sample_rate, steps_per_epoch, train_local
+from clients import accounting as A
+from clients.preprocessing import own_transform, planned
+from clients.train import train_local
 from common import records as R
 from common.config import IMAGE_DATASETS, ExperimentConfig, from_run_config
 from common.data import federated
@@ -25,17 +30,17 @@ from common.data.datasets import (
     cleaned_client,
     client_data,
     client_holdout,
+    encoded_width,
     num_classes,
     schema,
 )
 from common.data.preprocess import FittedTransform
 from common.evaluation import evaluate as evaluate_model
 from common.models import GRAD_SAMPLE_MODE, build_model
-from common.privacy.accountants import calibrate_noise
-from common.privacy.ledger import LedgerFile, PrivacyLedger
+from common.privacy.ledger import DataLedger, Spend
+from common.privacy.randomness import make_randomness
 
-LEDGER_KEY = "privacy-ledger"
-STAGES = ("statistics", "pca")
+STAGES = ("statistics", "pca", "bounds")  # the index seeds each stage's seeded noise
 log = logging.getLogger("flwr")
 
 # One torch thread per actor: Ray gives each ClientApp one CPU (actors × threads ≤ cores).
@@ -44,72 +49,20 @@ torch.set_num_threads(max(1, int(os.environ.get("PRIVET_TORCH_THREADS", "1"))))
 app = ClientApp()
 
 
-def _client_id(context: Context) -> int:
-    """The participant's number: Flower's simulation sets it; a deployed node names it in
-    `--node-config "partition-id=<0..num-clients-1> data-path=<its file>"`."""
-    try:
-        return int(context.node_config["partition-id"])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(
-            f"node config {dict(context.node_config)}: expected partition-id=<client number> "
-            "(and data-path=<file> when the node reads its own data)") from None
+def _run(msg: Message) -> str:
+    """The run's id, sent by the server with every message: spend under it is this run's."""
+    config = msg.content.config_records.get("config")
+    return str(config.get(R.RUN, "")) if config else ""
 
 
-def _data_path(context: Context) -> str:
-    """A deployed node's own data file (`--node-config "data-path=..."`); "" in simulation."""
-    return str(context.node_config.get("data-path", ""))
-
-
-def _ledger_file(cfg: ExperimentConfig, context: Context, client_id: int) -> LedgerFile | None:
-    """On disk when the node says where (`ledger-dir`, or next to its `data-path`) or the
-    experiment sets `privacy.ledger-dir`; otherwise the ledger lives in context.state only."""
-    node = context.node_config
-    if "ledger-dir" in node:
-        directory = str(node["ledger-dir"])
-    elif "data-path" in node:
-        directory = os.path.dirname(os.path.abspath(str(node["data-path"])))
-    else:
-        directory = cfg.privacy.ledger_dir
-    return LedgerFile(directory, cfg.experiment_id(), f"client{client_id}") if directory else None
-
-
-def _load_ledger(context: Context, file: LedgerFile | None) -> PrivacyLedger:
-    if LEDGER_KEY in context.state:
-        return PrivacyLedger.from_json(str(context.state[LEDGER_KEY]["json"]))
-    return file.load() if file else PrivacyLedger()  # a restarted node resumes from disk
-
-
-def _save_ledger(context: Context, file: LedgerFile | None, ledger: PrivacyLedger) -> None:
-    if file:
-        file.save(ledger)  # disk first: a crash right after still remembers the spend
-    context.state[LEDGER_KEY] = ConfigRecord({"json": ledger.to_json()})
-
-
-def planned_noise(cfg: ExperimentConfig, num_rows: int, target_epsilon: float
-                  ) -> tuple[float, float, int]:
-    """(σ, q, steps per round) calibrated once for the whole run's horizon.
-
-    The horizon assumes the client trains in every round, the worst case under
-    client sampling, so its ε can never pass the target.
-    """
-    q = sample_rate(num_rows, cfg.train.batch_size)
-    steps = cfg.train.local_epochs * steps_per_epoch(num_rows, cfg.train.batch_size)
-    sigma = calibrate_noise(target_epsilon, cfg.privacy.delta, q, steps * cfg.rounds,
-                            cfg.privacy.accountant, prior=preprocess_spending(cfg))
-    return sigma, q, steps
-
-
-def preprocess_spending(cfg: ExperimentConfig) -> tuple[tuple[float, float, int], ...]:
-    """The ledger entries federated preprocessing adds before training: one Gaussian
-    mechanism per statistics round, (σ, q = 1, rounds)."""
-    sigma, rounds = federated.statistics_noise(cfg)
-    return ((sigma, 1.0, rounds),) if sigma else ()
-
-
-def _ledger_metrics(ledger: PrivacyLedger) -> dict:
-    return {R.LEDGER_SIGMA: [float(s) for s, _, _ in ledger.history],
-            R.LEDGER_RATE: [float(q) for _, q, _ in ledger.history],
-            R.LEDGER_STEPS: [int(n) for _, _, n in ledger.history]}
+def _privacy_record(cfg: ExperimentConfig, ledger: DataLedger, transform: str = ""
+                    ) -> ConfigRecord:
+    """What the client spent, for the server's report; with the transform it fitted with DP
+    itself (a DP release: sending it costs nothing more)."""
+    report = ledger.report(cfg.privacy.delta, cfg.privacy.accountant)
+    if ledger.current.transform and transform == ledger.current.transform:
+        report["transform"] = transform
+    return ConfigRecord({R.LEDGER: json.dumps(report)})
 
 
 def _model(cfg: ExperimentConfig, data: ClientData, arrays: ArrayRecord, data_path: str
@@ -129,23 +82,33 @@ def _transform(msg: Message) -> str:
 def describe(msg: Message, context: Context) -> Message:
     """What the server needs to build the model without holding any data: the example
     shape and the classes; and, for the partition report, rows per class and missing cells.
-    Counts only, no rows."""
+    Counts only, no rows (and no transform: the shape follows from the schema)."""
     cfg = from_run_config(context.run_config)
-    client_id = _client_id(context)
-    train_share = client_data(cfg, client_id, _transform(msg), _data_path(context))
+    client_id, data_path = A.client_id(context), A.data_path(context)
     if cfg.data.dataset in IMAGE_DATASETS:
+        train_share = client_data(cfg, client_id, "", data_path)
         labels, report = train_share.labels, train_share.cleaning
+        shape = list(train_share.features.shape[1:])
+        if cfg.evaluation.mode == "federated":
+            labels = np.concatenate([labels, client_holdout(cfg, client_id, "", data_path).labels])
     else:
-        _, labels, report = cleaned_client(cfg, client_id, _data_path(context))
-    names = classes(cfg, _data_path(context))
-    if cfg.evaluation.mode == "federated":
-        labels = np.concatenate([labels, client_holdout(
-            cfg, client_id, _transform(msg), _data_path(context)).labels])
+        cleaned, labels, report = _cleaned_all_rows(cfg, client_id, data_path)
+        shape = [encoded_width(schema(cfg, data_path))]
+    names = classes(cfg, data_path)
     reply = ConfigRecord({
         R.CLIENT_ID: client_id, "rows": report.rows_in, "missing-cells": report.missing_cells,
         "classes": list(names), "label-counts": np.bincount(labels, minlength=len(names))
-        .astype(int).tolist(), "input-shape": list(train_share.features.shape[1:])})
+        .astype(int).tolist(), "input-shape": shape})
     return Message(RecordDict({"describe": reply}), reply_to=msg)
+
+
+def _cleaned_all_rows(cfg: ExperimentConfig, client_id: int, data_path: str):
+    """Training and (federated evaluation) held-out rows together, cleaned."""
+    frame, labels, report = cleaned_client(cfg, client_id, data_path)
+    if cfg.evaluation.mode == "federated":
+        _, held, _ = cleaned_client(cfg, client_id, data_path, held_out=True)
+        labels = np.concatenate([labels, held])
+    return frame, labels, report
 
 
 @app.query()
@@ -156,106 +119,158 @@ def statistics(msg: Message, context: Context) -> Message:
     server, and its cost goes into the ledger before the reply leaves.
     """
     cfg = from_run_config(context.run_config)
-    client_id = _client_id(context)
+    client_id, data_path = A.client_id(context), A.data_path(context)
     stage = str(msg.content["config"][R.STAGE])
-    frame, labels, _ = cleaned_client(cfg, client_id, _data_path(context))
-    table = schema(cfg, _data_path(context))
     if stage not in STAGES:
         raise ValueError(f"unknown statistics stage {stage!r}")
-    if stage == "statistics":
-        stats = federated.client_statistics(frame, labels, table, cfg.preprocess.bins)
-        sensitivity = federated.stats_sensitivity(table)
-    elif stage == "pca":
-        transform = FittedTransform.from_json(str(msg.content["config"][R.TRANSFORM]))
+    ledger = A.open_ledger(cfg, context, client_id, _run(msg))
+    frame, labels, _ = cleaned_client(cfg, client_id, data_path)
+    table = schema(cfg, data_path)
+    config = msg.content["config"]
+    if stage == "bounds":
+        stats = federated.bounds_statistics(frame, federated.missing_bounds(table))
+        sensitivity = federated.bounds_sensitivity(federated.missing_bounds(table))
+    elif stage == "statistics":
+        estimated = {c: tuple(b) for c, b in json.loads(str(config.get(R.BOUNDS, "{}"))).items()}
+        estimated = federated.with_bounds(table, estimated)
+        if federated.missing_bounds(estimated):
+            raise ValueError(f"no range for numeric column(s) "
+                             f"{list(federated.missing_bounds(estimated))}: declare data.bounds")
+        stats = federated.client_statistics(frame, labels, estimated, cfg.preprocess.bins)
+        sensitivity = federated.stats_sensitivity(estimated)
+    else:
+        transform = FittedTransform.from_json(str(config[R.TRANSFORM]))
         features = transform.apply(frame)
         stats = federated.pca_statistics(features, federated.pca_clip_norm(features.shape[1]))
         sensitivity = federated.PCA_SENSITIVITY
-    sigma, _ = federated.statistics_noise(cfg)
+    sigma, _ = federated.statistics_noise(cfg, table)
+    if sigma and cfg.client_private(client_id) and not any(
+            s.purpose == stage for s in ledger.current.spends) and A.plan(
+            cfg, client_id, data_path, ledger, _training_rows(cfg, client_id, data_path)) is None:
+        log.warning("client %d declines to send preprocessing statistics: earlier runs on its "
+                    "rows spent ε = %.4f of its target %g", client_id,
+                    ledger.prior_epsilon(cfg.privacy.delta, cfg.privacy.accountant),
+                    cfg.epsilon_for(client_id))
+        return _reply({R.CLIENT_ID: client_id, R.DECLINED: 1},
+                      _privacy_record(cfg, ledger), msg=msg)
     if sigma:
-        ledger_file = _ledger_file(cfg, context, client_id)
-        ledger = _load_ledger(context, ledger_file)
-        ledger.record(sigma, 1.0, 1)
-        _save_ledger(context, ledger_file, ledger)
-    rng = np.random.default_rng([cfg.seed, client_id, STAGES.index(stage), 0x5EED])
-    noisy = federated.add_noise(stats, sigma * sensitivity, rng)
+        ledger.record(Spend(sigma, 1.0, 1, stage))  # on disk before the reply leaves
+    randomness = make_randomness(ledger.current.noise_source,
+                                 [cfg.seed, client_id, STAGES.index(stage), 0x5EED])
+    noisy = federated.add_noise(stats, sigma * sensitivity, randomness)
     arrays = ArrayRecord({name: Array(np.asarray(v, dtype=np.float64))
                           for name, v in noisy.items()})
     return Message(RecordDict({"statistics": arrays,
-                               "metrics": MetricRecord({R.CLIENT_ID: client_id})}), reply_to=msg)
+                               "metrics": MetricRecord({R.CLIENT_ID: client_id}),
+                               R.PRIVACY: _privacy_record(cfg, ledger)}), reply_to=msg)
+
+
+def _reply(metrics: dict, privacy: ConfigRecord, model: torch.nn.Module | None = None,
+           msg: Message | None = None) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics), R.PRIVACY: privacy})
+    if model is not None:
+        content["arrays"] = R.to_arrays(model)
+    return Message(content, reply_to=msg)
+
+
+def _training_rows(cfg: ExperimentConfig, client_id: int, data_path: str) -> int:
+    """How many rows the client trains on (after cleaning; without its held-out share)."""
+    if cfg.data.dataset in IMAGE_DATASETS:
+        return len(client_data(cfg, client_id, "", data_path))
+    return len(cleaned_client(cfg, client_id, data_path)[1])
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = from_run_config(context.run_config)
-    client_id = _client_id(context)
-    data = client_data(cfg, client_id, _transform(msg), _data_path(context))
+    client_id, data_path = A.client_id(context), A.data_path(context)
+    delta, accountant = cfg.privacy.delta, cfg.privacy.accountant
+    ledger = A.open_ledger(cfg, context, client_id, _run(msg))
     server_round = int(msg.content["config"]["server-round"])
-    model = _model(cfg, data, msg.content["arrays"], _data_path(context))
-    ledger_file = _ledger_file(cfg, context, client_id)
-    ledger = _load_ledger(context, ledger_file)
-    seed = cfg.seed * 1_000_003 + server_round * 1009 + client_id
-    base = {R.CLIENT_ID: client_id,
-            **{R.DATA_PREFIX + k: v for k, v in data.cleaning.as_dict().items()}}
+    private, target = cfg.client_private(client_id), cfg.epsilon_for(client_id)
+    rows = _training_rows(cfg, client_id, data_path)
+    base = {R.CLIENT_ID: client_id, R.TARGET_EPSILON: target}
 
-    if len(data) < cfg.train.batch_size:
+    def declined(transform: str = "", **flags) -> Message:
+        metrics = {**base, R.DECLINED: 1, R.NUM_EXAMPLES: 0, **flags,
+                   R.EPSILON: ledger.epsilon(delta, accountant)}
+        return _reply(metrics, _privacy_record(cfg, ledger, transform), msg=msg)
+
+    if rows < cfg.train.batch_size:
         log.warning("client %d: %d row(s) after cleaning, fewer than train.batch-size = %d; "
-                    "it is left out of training", client_id, len(data), cfg.train.batch_size)
-        metrics = {**base, R.DECLINED: 1, R.TOO_SMALL: 1, R.NUM_EXAMPLES: 0,
-                   R.EPSILON: ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant),
-                   **_ledger_metrics(ledger)}
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+                    "it is left out of training", client_id, rows, cfg.train.batch_size)
+        return declined(**{R.TOO_SMALL: 1})
+    accounting_start = time.perf_counter()  # calibration and ε queries, nothing else
+    plan = A.plan(cfg, client_id, data_path, ledger, rows) if private else None
+    accounting_seconds = time.perf_counter() - accounting_start
+    if private and plan is None:
+        log.warning("client %d declines round %d: earlier runs on its rows spent ε = %.4f "
+                    "of target %.4f", client_id, server_round,
+                    ledger.prior_epsilon(delta, accountant), target)
+        return declined()
+    transform = own_transform(cfg, client_id, data_path, _transform(msg), ledger)
+    data = client_data(cfg, client_id, transform, data_path)
+    base.update({R.DATA_PREFIX + k: v for k, v in data.cleaning.as_dict().items()})
+    model = _model(cfg, data, msg.content["arrays"], data_path)
+    seed = cfg.seed * 1_000_003 + server_round * 1009 + client_id
 
     sigma = q = None
-    private, target = cfg.client_private(client_id), cfg.epsilon_for(client_id)
-    base[R.TARGET_EPSILON] = target
-    accounting_start = time.perf_counter()
     if private:
-        sigma, q, steps = planned_noise(cfg, len(data), target)
-        if cfg.privacy.delta >= 1 / len(data):
+        sigma, q, steps = plan
+        if delta >= 1 / len(data):
             log.warning("client %d: δ = %g ≥ 1/n = 1/%d; the guarantee is weak",
-                        client_id, cfg.privacy.delta, len(data))
-        next_epsilon = ledger.epsilon_after(sigma, q, steps, cfg.privacy.delta,
-                                            cfg.privacy.accountant)
+                        client_id, delta, len(data))
+        accounting_start = time.perf_counter()
+        next_epsilon = ledger.epsilon(delta, accountant, [Spend(sigma, q, steps)])
+        accounting_seconds += time.perf_counter() - accounting_start
         if next_epsilon > target:
             log.warning("client %d declines round %d: ε would reach %.4f > target %.4f",
                         client_id, server_round, next_epsilon, target)
-            metrics = {**base, R.DECLINED: 1, R.NUM_EXAMPLES: 0,
-                       R.EPSILON: ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant),
-                       **_ledger_metrics(ledger)}
-            return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-    accounting_seconds = time.perf_counter() - accounting_start
+            return declined(transform)
 
     result = train_local(model, data.features, data.labels, epochs=cfg.train.local_epochs,
                          batch_size=cfg.train.batch_size, lr=cfg.train.lr,
                          momentum=cfg.train.momentum, seed=seed, noise_multiplier=sigma,
                          max_grad_norm=cfg.privacy.max_grad_norm,
-                         grad_sample_mode=GRAD_SAMPLE_MODE[cfg.train.model])
+                         grad_sample_mode=GRAD_SAMPLE_MODE[cfg.train.model],
+                         randomness=make_randomness(ledger.current.noise_source, seed))
     epsilon = 0.0
     if sigma is not None:
-        ledger.record(sigma, q, result.steps)
-        _save_ledger(context, ledger_file, ledger)
+        ledger.record(Spend(sigma, q, result.steps, "dp-sgd"))  # on disk before the reply
         accounting_start = time.perf_counter()
-        epsilon = ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
+        epsilon = ledger.epsilon(delta, accountant)
         accounting_seconds += time.perf_counter() - accounting_start
     metrics = {**base, R.DECLINED: 0, R.NUM_EXAMPLES: result.examples,
-               R.TRAIN_LOSS: result.loss, R.TRAIN_ACCURACY: result.accuracy,
                R.EPSILON: epsilon if private else float("inf"), R.STEPS: result.steps,
                R.NOISE_MULTIPLIER: sigma or 0.0, R.SAMPLE_RATE: q or 0.0,
-               R.TRAIN_SECONDS: result.seconds, R.ACCOUNTING_SECONDS: accounting_seconds,
-               **_ledger_metrics(ledger)}
-    content = RecordDict({"arrays": R.to_arrays(model), "metrics": MetricRecord(metrics)})
-    return Message(content, reply_to=msg)
+               R.TRAIN_SECONDS: result.seconds, R.ACCOUNTING_SECONDS: accounting_seconds}
+    if cfg.privacy.train_metrics == "clear":
+        metrics.update({R.TRAIN_LOSS: result.loss, R.TRAIN_ACCURACY: result.accuracy})
+    return _reply(metrics, _privacy_record(cfg, ledger, transform), model, msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model here: on the held-out share of this client's rows with
-    `evaluation.mode = "federated"`, else on all of them."""
+    `evaluation.mode = "federated"`, else on all of them (encoded as it encodes them for
+    training, which may spend: a client's first need of its private transform)."""
     cfg = from_run_config(context.run_config)
-    args = (cfg, _client_id(context), _transform(msg), _data_path(context))
+    client_id, data_path = A.client_id(context), A.data_path(context)
+    ledger = A.open_ledger(cfg, context, client_id, _run(msg))
+    fits_now = (cfg.client_private(client_id) and not ledger.current.transform
+                and planned(cfg, client_id, data_path))
+    if fits_now and A.plan(cfg, client_id, data_path, ledger,
+                           _training_rows(cfg, client_id, data_path)) is None:
+        log.warning("client %d declines to evaluate: earlier runs on its rows left no budget "
+                    "for the fit of its preprocessing", client_id)
+        metrics = {R.CLIENT_ID: client_id, R.NUM_EXAMPLES: 0, R.EVAL_LOSS: 0.0,
+                   R.EVAL_ACCURACY: 0.0, R.DECLINED: 1}
+        return _reply(metrics, _privacy_record(cfg, ledger), msg=msg)
+    transform = own_transform(cfg, client_id, data_path, _transform(msg), ledger)
+    args = (cfg, client_id, transform, data_path)
     data = client_holdout(*args) if cfg.evaluation.mode == "federated" else client_data(*args)
-    model = _model(cfg, data, msg.content["arrays"], _data_path(context))
+    model = _model(cfg, data, msg.content["arrays"], data_path)
     loss, accuracy = evaluate_model(model, data.features, data.labels)
-    metrics = MetricRecord({R.CLIENT_ID: _client_id(context), R.NUM_EXAMPLES: len(data),
-                            R.EVAL_LOSS: loss, R.EVAL_ACCURACY: accuracy})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    metrics = {R.CLIENT_ID: client_id, R.NUM_EXAMPLES: len(data),
+               R.EVAL_LOSS: loss, R.EVAL_ACCURACY: accuracy}
+    return _reply(metrics, _privacy_record(cfg, ledger, transform), msg=msg)

@@ -48,6 +48,7 @@ clipped at 0. What the number means:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -59,7 +60,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from common import results
 from common.config import IMAGE_DATASETS, ExperimentConfig, load_config
-from common.data import datasets
+from common.data import datasets, federated
 from common.models import build_model
 
 log = logging.getLogger(__name__)  # propagates: a violation reaches any console
@@ -228,16 +229,47 @@ def _draw(member_labels: list[np.ndarray], test_labels: np.ndarray, max_rows: in
 
 
 def _encode_test(cfg: ExperimentConfig, clients: list[int], rows: list[np.ndarray],
-                 transform_json: str) -> tuple[np.ndarray, np.ndarray]:
-    """Test rows `rows[i]` encoded as client `clients[i]` encoded its own rows."""
-    if cfg.data.dataset in IMAGE_DATASETS or transform_json:
-        test = datasets.test_data(cfg, transform_json)
+                 transforms: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
+    """Test rows `rows[i]` encoded as client `clients[i]` encoded its own rows (`transforms`:
+    each client's transform JSON; "" = its exact fit on its own rows)."""
+    shared = {transforms.get(c, "") for c in clients}
+    if cfg.data.dataset in IMAGE_DATASETS or (len(shared) == 1 and next(iter(shared))
+                                              and cfg.federated_preprocessing):
+        test = datasets.test_data(cfg, next(iter(shared)) if shared else "")
         order = np.concatenate(rows)
         return test.features[order], test.labels[order]
     frame, labels = datasets.test_rows(cfg)
-    features = [datasets.client_transform(cfg, c).apply(frame.iloc[r])
+    features = [datasets.client_transform(cfg, c, transforms.get(c, "")).apply(frame.iloc[r])
                 for c, r in zip(clients, rows) if len(r)]
     return np.concatenate(features), labels[np.concatenate(rows)]
+
+
+def client_transforms(cfg: ExperimentConfig, run_dir: Path, clients: list[int]
+                      ) -> dict[int, str]:
+    """The transform each client encoded its rows with: the shared one (transform.json), the
+    one it fitted with DP itself and sent (client_transforms.json), or "" for an exact fit on
+    its own rows (a client without sample-level DP). Raises ValueError when one is missing."""
+    if cfg.data.dataset in IMAGE_DATASETS:
+        return {c: "" for c in clients}
+    if cfg.federated_preprocessing:
+        path = run_dir / results.TRANSFORM
+        if not path.is_file():
+            raise ValueError(f"{run_dir}: preprocess.fit = \"federated\" but no "
+                             f"{results.TRANSFORM}: cannot encode rows as the clients did")
+        text = path.read_text(encoding="utf-8")
+        return {c: text for c in clients}
+    path = run_dir / results.CLIENT_TRANSFORMS
+    own = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    table = datasets.schema(cfg)
+    kinds = {c: federated.fit_kind(cfg, c, table) for c in clients}
+    missing = [c for c in clients if kinds[c] == "private" and str(c) not in own]
+    if missing:
+        raise ValueError(f"{run_dir}: no {results.CLIENT_TRANSFORMS} entry for client(s) "
+                         f"{missing}: cannot encode rows as they did")
+    public = federated.fit_public(table, cfg.preprocess).to_json() if "public" in \
+        kinds.values() else ""
+    return {c: json.dumps(own[str(c)]) if kinds[c] == "private" else
+            public if kinds[c] == "public" else "" for c in clients}
 
 
 def _test_labels(cfg: ExperimentConfig) -> np.ndarray:
@@ -304,16 +336,11 @@ def audit_run(run_dir: str | Path, *, max_rows: int = 5000, seed: int = 0) -> di
     run_dir = Path(run_dir)
     summary = _require_run(run_dir)
     cfg = load_config(run_dir / results.CONFIG)
-    transform_path = run_dir / results.TRANSFORM
-    transform_json = transform_path.read_text(encoding="utf-8") if (
-        cfg.preprocess.fit == "federated" and transform_path.is_file()) else ""
-    if cfg.preprocess.fit == "federated" and not transform_json:
-        raise ValueError(f"{run_dir}: preprocess.fit = \"federated\" but no "
-                         f"{results.TRANSFORM}: cannot encode rows as the clients did")
     clients = _member_clients(summary, run_dir)
+    transforms = client_transforms(cfg, run_dir, clients)
     rng = np.random.default_rng(seed)
 
-    member_data = [datasets.client_data(cfg, c, transform_json) for c in clients]
+    member_data = [datasets.client_data(cfg, c, transforms[c]) for c in clients]
     member_rows, scored_rows, reference_rows = _draw(
         [d.labels for d in member_data], _test_labels(cfg), max_rows, rng)
     m = sum(map(len, member_rows))
@@ -321,7 +348,7 @@ def audit_run(run_dir: str | Path, *, max_rows: int = 5000, seed: int = 0) -> di
         raise ValueError(f"{run_dir}: no test rows of the members' classes to audit with")
     member_x = np.concatenate([d.features[r] for d, r in zip(member_data, member_rows)])
     member_y = np.concatenate([d.labels[r] for d, r in zip(member_data, member_rows)])
-    scored_x, scored_y = _encode_test(cfg, clients, scored_rows, transform_json)
+    scored_x, scored_y = _encode_test(cfg, clients, scored_rows, transforms)
     n_ref = sum(map(len, reference_rows))
 
     model = _load_model(cfg, run_dir, tuple(member_x.shape[1:]))
@@ -335,7 +362,7 @@ def audit_run(run_dir: str | Path, *, max_rows: int = 5000, seed: int = 0) -> di
     found = {"loss-threshold": _attack_result(member_loss_score, non_loss_score, delta,
                                               attacks)}
     if use_reference:
-        ref_x, ref_y = _encode_test(cfg, clients, reference_rows, transform_json)
+        ref_x, ref_y = _encode_test(cfg, clients, reference_rows, transforms)
         ref_phi = _logit_confidence(_log_probs(model, ref_x), ref_y)
         found["class-calibrated"] = _attack_result(
             _calibrated(_logit_confidence(member_lp, member_y), member_y, ref_phi, ref_y),

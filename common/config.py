@@ -9,7 +9,6 @@ to the ServerApp and every ClientApp as Flower's flat `run_config`
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -88,9 +87,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    fit: str = _spec("local", choices=("local", "federated"),
-                     help="local = each client fits on its own rows; federated = clients "
-                          "send noised statistics and the server fits one shared transform")
+    fit: str = _spec("auto", choices=("auto", "federated", "local"),
+                     help="federated = clients send noised statistics and the server fits "
+                          "one shared transform; local = each client fits on its own rows "
+                          "(from noised statistics, charged to its ledger, when it trains "
+                          "with DP-SGD); auto = federated, or local with user-level DP "
+                          "(which refuses federated); tabular data only")
     missing_markers: str = _spec('["?", "NA", "N/A", "NaN", "null", "None"]', shape=list,
                                  help="cell values that mean missing (empty cells always do)")
     drop_duplicates: bool = _spec(True, help="drop exact duplicate rows (counted)")
@@ -105,8 +107,10 @@ class PreprocessConfig:
                                                "0 = the whole vocabulary (needs federated)")
     clip_quantile: float = _spec(0.0, low=0.0, high=0.25,
                                  help="clip numbers to the [q, 1-q] quantiles; 0 = off")
-    scaling: str = _spec("standard", choices=("standard", "minmax", "robust", "none"),
-                         help="numeric scaling")
+    scaling: str = _spec("standard", choices=("standard", "minmax", "robust", "bounds",
+                                              "none"),
+                         help="numeric scaling; bounds = (x - low) / (high - low) from "
+                              "data.bounds, which needs no statistics of the rows")
     select: str = _spec("none", choices=("none", "variance", "mutual-info"),
                         help="feature selection (needs fit = federated)")
     variance_threshold: float = _spec(0.0, low=0.0, help="select = variance: keep features "
@@ -115,8 +119,9 @@ class PreprocessConfig:
     pca: int = _spec(0, low=0, help="project onto this many principal components; 0 = off "
                                     "(needs fit = federated)")
     epsilon: float = _spec(0.3, low=0.0, low_open=True, allow_inf=True,
-                           help="federated: ε the noised statistics spend, out of each "
-                                "client's sample-level budget; inf = no noise")
+                           help="ε the noised preprocessing statistics spend (local or "
+                                "federated), out of each client's sample-level budget; "
+                                "inf = no noise")
     bins: int = _spec(64, low=2, high=4096, help="federated: histogram bins per numeric "
                                                  "column (quantiles, mutual information)")
 
@@ -178,6 +183,14 @@ class PrivacyConfig:
                                      " deployment keeps them next to each node's data")
     accountant: str = _spec("pld", choices=("pld", "prv", "rdp"),
                             help="privacy accountant used for calibration and reports")
+    noise_source: str = _spec("auto", choices=NOISE_SOURCES,
+                              help="where DP noise and sampling come from: seeded = from "
+                                   "`seed` (reproducible; simulation only), secure = a "
+                                   "ChaCha20 stream keyed from OS entropy; auto = seeded in "
+                                   "simulation, secure in deployment (which refuses seeded)")
+    train_metrics: str = _spec("clear", choices=("clear", "off"),
+                               help="clients' training loss and accuracy: sent in the clear "
+                                    "(outside every ε; listed in summary.json) or not at all")
 
 
 @dataclass(frozen=True)
@@ -202,22 +215,26 @@ class ExperimentConfig:
                 raise ConfigError(f"privacy.client-epsilon: client {client} does not exist; "
                                   f"expected ids 0..{self.num_clients - 1}")
         pre = self.preprocess
-        if pre.fit == "local":
+        images = self.data.dataset in IMAGE_DATASETS  # pixels: no tabular preprocessing
+        if self.fit_mode == "local":
             for key, on in (("select", pre.select != "none"), ("pca", pre.pca > 0),
                             ("max-categories", pre.max_categories > 0)):
                 if on:
                     raise ConfigError(
                         f"preprocess.{key}: needs preprocess.fit = \"federated\"; fitted on "
                         "each client's own rows it would give clients different features")
+        if pre.fit == "federated" and self.user_level and not images:
+            raise ConfigError(
+                f"preprocess.fit = \"federated\" with privacy.level = \"{self.privacy.level}\": "
+                "refused: each participant's statistics cover all of its rows, so user-level "
+                "noise would have to hide a whole participant's counts and would swamp them "
+                "below thousands of participants; use preprocess.fit = \"local\" (a "
+                "participant's own transform is part of its update, which the server clips)")
         if self.data.dataset in ("csv", "parquet"):
             for key in ("path", "label"):
                 if not getattr(self.data, key):
                     raise ConfigError(f"data.{key}: required for data.dataset = "
                                       f"{self.data.dataset!r}")
-        images = self.data.dataset in IMAGE_DATASETS
-        if images and pre.fit == "federated":
-            raise ConfigError("preprocess.fit = \"federated\": applies to tabular data; "
-                              f"{self.data.dataset!r} images have fixed pixel scaling")
         if self.train.model == "cnn" and not images:
             raise ConfigError(f"train.model = \"cnn\": expected an image dataset "
                               f"({', '.join(IMAGE_DATASETS)}), not {self.data.dataset!r}")
@@ -246,6 +263,19 @@ class ExperimentConfig:
             self.epsilon_for(client_id))
 
     @property
+    def fit_mode(self) -> str:
+        """"federated" or "local": `preprocess.fit`, with auto resolved (local at user level,
+        where each participant's statistics would need user-level noise)."""
+        if self.preprocess.fit == "auto":
+            return "local" if self.user_level else "federated"
+        return self.preprocess.fit
+
+    @property
+    def federated_preprocessing(self) -> bool:
+        """Tabular data fitted by one shared transform from clients' noised statistics."""
+        return self.fit_mode == "federated" and self.data.dataset not in IMAGE_DATASETS
+
+    @property
     def user_level(self) -> bool:
         """User-level DP: the server clips and noises client updates."""
         return self.privacy.level in ("user", "both")
@@ -257,18 +287,6 @@ class ExperimentConfig:
     def to_run_config(self) -> dict[str, Any]:
         """Flat `{"section.key": value}` mapping, as Flower's run_config holds it."""
         return _flatten(self)
-
-    def experiment_id(self) -> str:
-        """Stable identity of what is being run: the resolved config minus where results go.
-
-        Ledgers on disk are keyed by it, so re-running the same experiment (after a crash
-        or a restart) resumes the budget its clients already spent.
-        """
-        # where results and ledgers live, and what to do when budgets run out, are not
-        same = dataclasses.replace(self, out_dir="", privacy=dataclasses.replace(
-            self.privacy, on_exhausted="skip", ledger_dir=""))
-        digest = hashlib.sha256(same.to_toml().encode()).hexdigest()[:12]
-        return f"{self.name}-{digest}"
 
     def to_toml(self) -> str:
         """The resolved config as a TOML document (readable by `load_config`)."""

@@ -23,14 +23,17 @@ SAMPLE_RATE = "sample-rate"
 TRAIN_SECONDS = "train-seconds"
 ACCOUNTING_SECONDS = "accounting-seconds"  # noise calibration and ε queries this round
 DATA_PREFIX = "data-"            # + a CleaningReport field: what cleaning did to the rows
-LEDGER_SIGMA = "ledger-noise-multiplier"  # the ledger history, column by column
-LEDGER_RATE = "ledger-sample-rate"
-LEDGER_STEPS = "ledger-steps"
 EVAL_LOSS = "eval-loss"          # a client's evaluation of the global model
 EVAL_ACCURACY = "eval-accuracy"
 # Message config keys (ConfigRecord "config")
 TRANSFORM = "transform"          # the shared preprocessing transform, as JSON
 STAGE = "stage"                  # federated preprocessing: which statistics to send
+RUN = "run"                      # the run's id: spend recorded under it is "this run's"
+BOUNDS = "bounds"                # federated preprocessing: ranges estimated with DP, as JSON
+# Reply ConfigRecord "privacy", key "ledger": what the client has spent, as JSON
+# (common.privacy.report.client_report): every reply of a client that may have spent has one
+PRIVACY = "privacy"
+LEDGER = "ledger"
 # Averaged by the strategy; the rest are per-client facts, recorded not averaged.
 AVERAGED = (TRAIN_LOSS, TRAIN_ACCURACY)
 

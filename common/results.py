@@ -32,6 +32,7 @@ PLOT = "accuracy_epsilon.png"
 PARTITIONS = "partitions.csv"    # per client: rows, label balance, missing cells
 TRANSFORM = "transform.json"     # the shared transform of federated preprocessing
 AUDIT = "audit.json"             # `privet audit`: the membership-inference audit
+CLIENT_TRANSFORMS = "client_transforms.json"  # each client's own DP-fitted transform
 RUN_FILES = (CONFIG, METRICS, ROUNDS, SUMMARY, MODEL, PLOT)
 
 METRIC_COLUMNS = ["round", "client", "status", "examples", "loss", "accuracy", "epsilon",

@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from common import results
 from common.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_config
 from experiments.cli_common import ConfigFile, Overrides, console, err, exit_now, fail
 from experiments.cli_deploy import deploy_app, run_deployed
+from experiments.cli_ledger import ledger
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="privet: federated learning with differential privacy, simulated.")
@@ -65,22 +67,37 @@ class RoundWatcher(threading.Thread):
         self.poll()
 
 
+CLIENTS_SHOWN = 20  # more clients than this: a summary line and the 10 that spent most
+
+
 def print_summary(run_dir: Path) -> None:
     summary = results.read_summary(run_dir)
     privacy = summary["privacy"]
+    clients = list(privacy["clients"].items())
     table = Table(title=f"privet · {summary['name']} · {summary['status']}")
-    table.add_column("client", justify="right")
-    table.add_column("ε spent", justify="right")
-    table.add_column("target", justify="right")
-    table.add_column("rounds trained", justify="right")
-    table.add_column("stopped", justify="right")
-    for cid, c in privacy["clients"].items():
+    for column in ("client", "ε spent", "target", "rounds trained", "stopped"):
+        table.add_column(column, justify="right")
+    shown = clients
+    if len(clients) > CLIENTS_SHOWN:
+        shown = sorted(clients, key=lambda kv: -(kv[1]["epsilon"] or 0.0))[:10]
+        table.caption = (f"the 10 of {len(clients)} clients that spent most; every client is "
+                         f"in summary.json and metrics.csv")
+    for cid, c in shown:
         eps = "- (no DP-SGD)" if c["epsilon"] is None else f"{c['epsilon']:.4f}"
         target = "-" if c.get("target_epsilon") is None else f"{c['target_epsilon']:g}"
         stopped = ("left out: too few rows" if c.get("left_out") == "too-small"
                    else str(c["stopped_round"] or "-"))
         table.add_row(cid, eps, target, str(c["rounds_trained"]), stopped)
     console.print(table)
+    purposes = list(dict.fromkeys(p for _, c in clients for p in c.get("spent_on", {})))
+    if purposes:
+        console.print(f"ε spent on: {', '.join(purposes)} (per client: privacy.clients.*."
+                      f"spent_on in summary.json)")
+    spent = [c["epsilon"] for _, c in clients if c["epsilon"] is not None]
+    if len(clients) > CLIENTS_SHOWN and spent:
+        console.print(f"{len(spent)} clients spent ε: median {sorted(spent)[len(spent) // 2]:.4f}"
+                      f", max {max(spent):.4f}; "
+                      f"{sum(1 for _, c in clients if c['stopped_round'])} ran out of budget")
     parts = []
     if privacy["max_epsilon"] is not None:
         parts.append(f"sample-level max ε {privacy['max_epsilon']:.4f} of target "
@@ -96,6 +113,8 @@ def print_summary(run_dir: Path) -> None:
     console.print(f"{where} [bold]{accuracy:.4f}[/] after {summary['rounds']} round(s); "
                   f"{eps_line}; {summary['wall_seconds']:.1f}s" if accuracy is not None else
                   f"no round finished; {eps_line}")
+    for line in privacy.get("not_covered", []):
+        console.print(f"not covered by ε: {escape(line)}")
     console.print(f"results: {run_dir}")
 
 
@@ -169,8 +188,12 @@ def simulate(
     from experiments import simulation  # heavy imports (torch, flwr, ray) only now
 
     simulation.start_early(ray_address)
+    from common.privacy.ledger import LedgerError
+
     try:
         report, data_warnings = simulation.preflight(cfg)
+    except LedgerError as error:  # names its own file
+        fail(str(error))
     except (ValueError, FileNotFoundError) as error:
         fail(f"{config}: {error}")
     if (run_dir / results.SUMMARY).exists() and not overwrite:
@@ -476,6 +499,7 @@ def _mark(run_dir: Path, status: str) -> None:
 # --- deployment: SuperLink and SuperNodes on separate machines ----------------------------
 
 app.command("run")(run_deployed)
+app.command("ledger")(ledger)
 app.add_typer(deploy_app, name="deploy")
 
 

@@ -247,6 +247,12 @@ def run_deployed(
         cfg = load_config(config, extra)
     except ConfigError as error:
         fail(str(error))
+    from common.privacy.randomness import NoiseSourceError, resolve_noise_source
+
+    try:  # the nodes and the ServerApp would refuse it too; say so before submitting
+        resolve_noise_source(cfg.privacy.noise_source, True, "privet run")
+    except NoiseSourceError as error:
+        fail(str(error))
     # the ServerApp maps one node to one client: it refuses extra nodes, waits for missing
     online = deploy.online_nodes(federation)
     if online is not None and online > cfg.num_clients:

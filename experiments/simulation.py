@@ -189,15 +189,10 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
     the partition report (rows, label balance, missing cells per client) and what reading
     the files skipped or will clean (skipped lines, non-numeric cells)."""
     from common.config import IMAGE_DATASETS
-    from common.data import federated
-    from common.data.datasets import partition_report, schema, source_warnings, test_data
+    from common.data.datasets import partition_report, source_warnings, test_data
 
     report = partition_report(cfg)
-    if cfg.preprocess.fit == "federated":
-        table = schema(cfg)
-        for column in table.numeric:
-            federated.bounds_of(table, column)
-    else:
+    if not cfg.federated_preprocessing:
         test_data(cfg)
     if cfg.data.dataset not in IMAGE_DATASETS:
         small = [r["client"] for r in report if r["rows"] < cfg.train.batch_size]
@@ -205,6 +200,11 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
             raise ValueError(f"every client has fewer rows than train.batch-size = "
                              f"{cfg.train.batch_size}")
     p = cfg.privacy
+    if p.ledger_dir:  # a ledger that cannot be trusted stops the run here, in one line
+        from common.privacy.ledger import LedgerDir
+
+        for part in ("", "user-level"):
+            LedgerDir(p.ledger_dir, part=part).records()
     if cfg.user_level and p.user_clipping == "adaptive":
         from common.privacy.accountants import calibrate_noise
         from server.user_dp import adaptive_noise

@@ -10,19 +10,24 @@ import logging
 import math
 import random
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import InMemoryGrid
 
 from common import records as R
 from common.config import ExperimentConfig, from_run_config
 from common.data.datasets import num_classes, partition_report, source_warnings, test_data
 from common.evaluation import evaluate as evaluate_model
 from common.models import build_model
-from common.privacy.accountants import calibrate_noise
+from common.privacy.ledger import Spend
+from common.privacy.randomness import make_randomness, resolve_noise_source
+from server import accounting
+from server.accounting import BudgetExhausted
 from server.describe import describe_clients
 from server.preprocessing import fit_shared_transform
 from server.recorder import RunRecorder
@@ -36,15 +41,16 @@ NODE_WAIT_SECONDS = 60
 app = ServerApp()
 
 
-class BudgetExhausted(Exception):
-    """Too few clients have privacy budget left for a round (`on-exhausted = "stop"`)."""
-
-
 def run_directory(cfg: ExperimentConfig) -> Path:
     if cfg.out_dir:
         return Path(cfg.out_dir).expanduser().resolve()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return (Path("runs") / f"{cfg.name}-{stamp}").resolve()
+
+
+def deployed(grid: Grid) -> bool:
+    """True unless the ServerApp runs in Flower's simulation (its in-memory grid)."""
+    return not isinstance(grid, InMemoryGrid)
 
 
 def _wait_for_nodes(grid: Grid, expected: int) -> None:
@@ -68,60 +74,18 @@ def _wait_for_nodes(grid: Grid, expected: int) -> None:
 def main(grid: Grid, context: Context) -> None:
     cfg = from_run_config(context.run_config)
     run_dir = run_directory(cfg)
+    noise_source = resolve_noise_source(cfg.privacy.noise_source, deployed(grid),
+                                        "the ServerApp")
+    run = uuid.uuid4().hex[:16]  # spend recorded under it is this run's, on every ledger
     random.seed(cfg.seed)  # Flower samples clients with the `random` module
     torch.manual_seed(cfg.seed)
     _wait_for_nodes(grid, cfg.num_clients)
 
-    recorder = RunRecorder(run_dir, cfg)
+    recorder = RunRecorder(run_dir, cfg, run=run, noise_source=noise_source)
     log.info("privet: run directory %s", run_dir)
-    on_clients = cfg.evaluation.mode == "federated"  # then the server reads no rows at all
-    if on_clients:
-        described = describe_clients(grid)
-        recorder.write_partitions(described.report)
-        input_shape, classes = described.input_shape, described.classes
-    else:
-        recorder.write_partitions(partition_report(cfg))
-        recorder.data_warnings = list(source_warnings(cfg))
-    transform = ""
-    if cfg.preprocess.fit == "federated":
-        fitted = fit_shared_transform(grid, cfg)
-        transform = fitted.to_json()
-        recorder.write_transform(fitted)
-        input_shape = (len(fitted.feature_names()),)
-    if not on_clients:
-        test = test_data(cfg, transform)
-        input_shape, classes = test.features.shape[1:], range(num_classes(cfg))
-    model = build_model(cfg.train, tuple(input_shape), len(classes))
-    strategy = build_strategy(cfg, recorder)
-
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if on_clients:  # the clients just evaluated this round's model on held-out rows
-            if server_round == 0:
-                return None
-            held_out = strategy.last_evaluation
-            loss = float(held_out.get(R.EVAL_LOSS, math.nan))
-            accuracy = float(held_out.get(R.EVAL_ACCURACY, math.nan))
-        else:
-            R.load_arrays(model, arrays)
-            loss, accuracy = evaluate_model(model, test.features, test.labels)
-        if server_round > 0:
-            recorder.end_round(server_round, loss, accuracy, arrays.to_torch_state_dict())
-            log.info("privet: round %d/%d  test accuracy %.4f  max ε %s  user ε %s",
-                     server_round, cfg.rounds, accuracy, _eps(recorder.max_epsilon()),
-                     _eps(recorder.user_epsilon()))
-            able = cfg.num_clients - len(recorder.exhausted_clients()) \
-                - len(recorder.left_out_clients())
-            if cfg.privacy.on_exhausted == "stop" and able < cfg.clients_per_round:
-                raise BudgetExhausted(f"only {able} client(s) have budget left; "
-                                      f"clients-per-round = {cfg.clients_per_round}")
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
-
     status = "failed"
     try:
-        strategy.start(grid=grid, initial_arrays=R.to_arrays(model), num_rounds=cfg.rounds,
-                       train_config=ConfigRecord({R.TRANSFORM: transform}),
-                       evaluate_config=ConfigRecord({R.TRANSFORM: transform}),
-                       evaluate_fn=evaluate)
+        _run(grid, cfg, recorder, run, noise_source)
         status = "complete"
     except BudgetExhausted as reason:
         status = "budget-exhausted"
@@ -135,16 +99,92 @@ def main(grid: Grid, context: Context) -> None:
                  len(recorder.round_rows), run_dir)
 
 
-def build_strategy(cfg: ExperimentConfig, recorder: RunRecorder) -> PrivetFedAvg:
+def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
+         noise_source: str) -> None:
+    """Everything from the data description to the last round; raises BudgetExhausted when
+    budgets run out before the planned rounds are done."""
+    on_clients = cfg.evaluation.mode == "federated"  # then the server reads no rows at all
+    if on_clients:
+        described = describe_clients(grid)
+        recorder.write_partitions(described.report)
+        recorder.note_described(described.report)
+        input_shape, classes = described.input_shape, described.classes
+    else:
+        recorder.write_partitions(partition_report(cfg))
+        recorder.data_warnings = list(source_warnings(cfg))
+    transform = ""
+    if cfg.federated_preprocessing:
+        fitted, estimated = fit_shared_transform(grid, cfg, run, recorder.record_spend)
+        transform = fitted.to_json()
+        recorder.write_transform(fitted, estimated)
+        input_shape = (len(fitted.feature_names()),)
+    if not on_clients:
+        test = test_data(cfg, transform)
+        input_shape, classes = test.features.shape[1:], range(num_classes(cfg))
+    model = build_model(cfg.train, tuple(input_shape), len(classes))
+    user_account = None
+    if cfg.user_level:
+        user_account = accounting.user_ledger(cfg, run, deployed(grid), noise_source)
+        recorder.user_ledger = user_account
+    strategy = build_strategy(cfg, recorder, user_account, noise_source)
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if on_clients:  # the clients just evaluated this round's model on held-out rows
+            if server_round == 0:
+                return None
+            held_out = strategy.last_evaluation
+            loss = float(held_out.get(R.EVAL_LOSS, math.nan))
+            accuracy = float(held_out.get(R.EVAL_ACCURACY, math.nan))
+        else:
+            R.load_arrays(model, arrays)
+            loss, accuracy = evaluate_model(model, test.features, test.labels)
+        if server_round > 0:
+            if user_account is not None:  # this round's release, before anything reads it
+                accounting.record_round(user_account, strategy.ledger_noise,
+                                        strategy.sample_rate)
+            recorder.end_round(server_round, loss, accuracy, arrays.to_torch_state_dict())
+            log.info("privet: round %d/%d  test accuracy %.4f  max ε %s  user ε %s",
+                     server_round, cfg.rounds, accuracy, _eps(recorder.max_epsilon()),
+                     _eps(recorder.user_epsilon()))
+            able = cfg.num_clients - len(recorder.exhausted_clients()) \
+                - len(recorder.left_out_clients())
+            if cfg.privacy.on_exhausted == "stop" and able < cfg.clients_per_round:
+                raise BudgetExhausted(f"only {able} client(s) have budget left; "
+                                      f"clients-per-round = {cfg.clients_per_round}")
+            if user_account is not None and server_round < cfg.rounds:
+                next_round = Spend(strategy.ledger_noise, strategy.sample_rate, 1)
+                reached = user_account.epsilon(cfg.privacy.delta, cfg.privacy.accountant,
+                                               [next_round])
+                if reached > cfg.privacy.user_epsilon:
+                    raise BudgetExhausted(f"another round would take the participants' "
+                                          f"user-level ε to {reached:.4f} > target "
+                                          f"{cfg.privacy.user_epsilon:g}")
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    if strategy is None:
+        raise BudgetExhausted("earlier runs have spent the participants' user-level budget "
+                              f"(ε = {cfg.privacy.user_epsilon:g}) in {user_account.location}")
+    strategy.start(grid=grid, initial_arrays=R.to_arrays(model), num_rounds=cfg.rounds,
+                   train_config=ConfigRecord({R.TRANSFORM: transform, R.RUN: run}),
+                   evaluate_config=ConfigRecord({R.TRANSFORM: transform, R.RUN: run}),
+                   evaluate_fn=evaluate)
+
+
+def build_strategy(cfg: ExperimentConfig, recorder: RunRecorder,
+                   user_account=None, noise_source: str = "seeded") -> PrivetFedAvg | None:
+    """FedAvg, or DP-FedAvg at user level (None when earlier runs have spent the user-level
+    budget: there is then nothing to run)."""
     common = dict(on_train_replies=recorder.record_replies,
+                  on_evaluate_replies=recorder.record_evaluations,
                   fraction_evaluate=1.0 if cfg.evaluation.mode == "federated" else 0.0,
                   min_evaluate_nodes=1, min_available_nodes=cfg.min_clients)
     if not cfg.user_level:
         return PrivetFedAvg(fraction_train=cfg.clients_per_round / cfg.num_clients,
                             clients_per_round=cfg.clients_per_round, seed=cfg.seed, **common)
     p = cfg.privacy
-    sigma = calibrate_noise(p.user_epsilon, p.delta, cfg.client_sample_rate, cfg.rounds,
-                            p.accountant)
+    sigma = accounting.calibrate(cfg, user_account)
+    if sigma is None:
+        return None
     log.info("privet: user-level DP: σ = %.4f, S = %g, p = %.4f over %d rounds", sigma,
              p.user_clip, cfg.client_sample_rate, cfg.rounds)
     strategy = UserLevelDPFedAvg(noise_multiplier=sigma, clip=p.user_clip,
@@ -152,7 +192,9 @@ def build_strategy(cfg: ExperimentConfig, recorder: RunRecorder) -> PrivetFedAvg
                                  num_clients=cfg.num_clients, seed=cfg.seed,
                                  adaptive=p.user_clipping == "adaptive",
                                  target_quantile=p.user_clip_quantile, clip_lr=p.user_clip_lr,
-                                 count_stddev=p.user_count_stddev or None, **common)
+                                 count_stddev=p.user_count_stddev or None,
+                                 randomness=make_randomness(noise_source, [cfg.seed, 0x05E4]),
+                                 **common)
     recorder.user_strategy = strategy
     return strategy
 

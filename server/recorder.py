@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import platform
@@ -11,12 +12,13 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message
 
 from common import records as R
 from common import results
-from common.config import ExperimentConfig
+from common.config import IMAGE_DATASETS, ExperimentConfig, shaped
 from common.plots import plot_run
+from common.privacy import accountants
 
 log = logging.getLogger("flwr")
 
@@ -32,9 +34,11 @@ def versions() -> dict[str, str]:
 
 
 class RunRecorder:
-    def __init__(self, run_dir: Path, cfg: ExperimentConfig) -> None:
+    def __init__(self, run_dir: Path, cfg: ExperimentConfig, *, run: str = "",
+                 noise_source: str = "seeded") -> None:
         self.run_dir = Path(run_dir)
         self.cfg = cfg
+        self.run, self.noise_source = run, noise_source
         self.started = time.time()
         self.client_rows: list[dict] = []
         self.round_rows: list[dict] = []
@@ -42,8 +46,14 @@ class RunRecorder:
         self._pending: list[dict] = []
         self._lock = threading.Lock()
         self.user_strategy = None  # the UserLevelDPFedAvg, when user-level DP is on
+        self.user_ledger = None    # its participants' ledger over runs (server.accounting)
+        # client id -> what it reported spending (common.privacy.ledger.DataLedger.report)
+        self.spend: dict[str, dict] = {}
+        self.released: dict[str, set[str]] = {}  # client id -> what it sent in the clear
+        self.client_transforms: dict[str, str] = {}  # client id -> its own DP-fitted transform
         self.node_clients: dict[int, str] = {}  # node id -> the client it last answered for
         self.transform_features: int | None = None
+        self.estimated_bounds: dict = {}  # ranges of undeclared numeric columns, found with DP
         self.data_warnings: list[str] = []  # skipped lines, non-numeric cells in the files
         self.run_dir.mkdir(parents=True, exist_ok=True)
         results.atomic_write_text(self.run_dir / results.CONFIG, cfg.to_toml())
@@ -63,8 +73,43 @@ class RunRecorder:
         if len(report) > 50:
             log.info("privet:   ... %d more in %s", len(report) - 50, results.PARTITIONS)
 
-    def write_transform(self, transform) -> None:
+    def record_spend(self, client: str, privacy: ConfigRecord | None) -> None:
+        """What a client's reply says it has spent (every reply of a client that may have
+        spent carries it: statistics, training, evaluation)."""
+        if privacy is None or R.LEDGER not in privacy:
+            return
+        report = json.loads(str(privacy[R.LEDGER]))
+        transform = report.pop("transform", "")
+        if transform and self.client_transforms.get(client) != transform:
+            self.client_transforms[client] = transform
+            results.write_json(self.run_dir / results.CLIENT_TRANSFORMS,
+                               {c: json.loads(t) for c, t in self.client_transforms.items()})
+        self.spend[client] = report
+        self.clients.setdefault(client, {"rounds_trained": 0, "stopped_round": None})
+
+    def _released(self, client: str, keys) -> None:
+        self.released.setdefault(client, set()).update(
+            "cleaning counts" if k.startswith(R.DATA_PREFIX) else k
+            for k in keys if k != R.CLIENT_ID)
+
+    def record_evaluations(self, server_round: int, replies: list[Message]) -> None:
+        """Federated evaluation: what each client sent (metrics in the clear) and spent."""
+        for msg in replies:
+            if msg.has_error() or "metrics" not in msg.content:
+                continue
+            client = str(int(msg.content["metrics"][R.CLIENT_ID]))
+            self._released(client, msg.content["metrics"].keys())
+            self.record_spend(client, msg.content.config_records.get(R.PRIVACY))
+
+    def note_described(self, report: list[dict]) -> None:
+        """Federated evaluation: every client described its data in the clear."""
+        for row in report:
+            self._released(str(row["client"]),
+                           ["rows", "label counts", "missing cells"])
+
+    def write_transform(self, transform, estimated_bounds: dict | None = None) -> None:
         self.transform_features = len(transform.feature_names())
+        self.estimated_bounds = dict(estimated_bounds or {})
         results.atomic_write_text(self.run_dir / results.TRANSFORM, transform.to_json())
 
     def record_replies(self, server_round: int, replies: list[Message],
@@ -86,18 +131,16 @@ class RunRecorder:
             m = msg.content["metrics"]
             client = str(int(m[R.CLIENT_ID]))
             self.node_clients[msg.metadata.src_node_id] = client
+            self._released(client, m.keys())
+            self.record_spend(client, msg.content.config_records.get(R.PRIVACY))
             node = round_nodes.setdefault(client, msg.metadata.src_node_id)
             if node != msg.metadata.src_node_id:  # a restarted node may come back as a new id
                 raise RuntimeError(f"partition-id {client} is used by two nodes ({node} and "
                                    f"{msg.metadata.src_node_id}); each node needs its own")
             declined = bool(int(m.get(R.DECLINED, 0)))
             too_small = bool(int(m.get(R.TOO_SMALL, 0)))
-            history = [[float(s), float(q), int(n)] for s, q, n in
-                       zip(m.get(R.LEDGER_SIGMA, []), m.get(R.LEDGER_RATE, []),
-                           m.get(R.LEDGER_STEPS, []))]
             entry = self.clients.setdefault(client, {"rounds_trained": 0, "stopped_round": None})
-            entry.update(epsilon=float(m[R.EPSILON]), history=history,
-                         target_epsilon=float(m.get(R.TARGET_EPSILON, math.nan)),
+            entry.update(target_epsilon=float(m.get(R.TARGET_EPSILON, math.nan)),
                          data={k[len(R.DATA_PREFIX):]: int(v) for k, v in m.items()
                                if k.startswith(R.DATA_PREFIX)})
             if too_small:
@@ -156,26 +199,95 @@ class RunRecorder:
         """Largest sample-level ε over clients; None without sample-level DP."""
         if not self.cfg.private:
             return None
-        return max((c["epsilon"] for c in self.clients.values()
-                    if math.isfinite(c["epsilon"])), default=0.0)
+        return max((r["epsilon"] for c, r in self.spend.items()
+                    if self.cfg.client_private(int(c)) and r["epsilon"] is not None
+                    and math.isfinite(r["epsilon"])), default=0.0)
 
     def user_epsilon(self) -> float | None:
         """User-level ε spent so far (composed over rounds, with sampling amplification)."""
-        if self.user_strategy is None:
+        if self.user_ledger is None:
             return None
-        return self.user_strategy.ledger.epsilon(self.cfg.privacy.delta,
-                                                 self.cfg.privacy.accountant)
+        return self.user_ledger.epsilon(self.cfg.privacy.delta, self.cfg.privacy.accountant)
 
     def _user_level_summary(self) -> dict | None:
-        s = self.user_strategy
-        if s is None:
+        s, ledger = self.user_strategy, self.user_ledger
+        if ledger is None:
             return None
-        return {"epsilon": self.user_epsilon(), "delta": self.cfg.privacy.delta,
-                "target_epsilon": self.cfg.privacy.user_epsilon,
-                "history": [list(entry) for entry in s.ledger.history],
-                "clipping": self.cfg.privacy.user_clipping,
-                "model_noise_multiplier": s.model_noise, "count_stddev": s.count_stddev,
-                "clip_per_round": s.clip_history}
+        p = self.cfg.privacy
+        worst = ledger.worst(p.delta, p.accountant)
+        summary = {"epsilon": self.user_epsilon(), "delta": p.delta,
+                   "target_epsilon": p.user_epsilon,
+                   "history": [list(x.as_entry()) for x in worst],
+                   "this_run": [x.to_list() for x in ledger.current.spends],
+                   "earlier_runs_epsilon": ledger.prior_epsilon(p.delta, p.accountant),
+                   "ledger": ledger.location, "noise_source": self.noise_source,
+                   "clipping": p.user_clipping}
+        if s is not None:
+            summary.update(model_noise_multiplier=s.model_noise, count_stddev=s.count_stddev,
+                           count_sensitivity=getattr(s, "count_sensitivity", None)
+                           if s.adaptive else None,
+                           clip_per_round=s.clip_history)
+        return summary
+
+    def _client_summary(self, cid: str, c: dict, final: bool) -> dict:
+        """A client's rounds and, if it spent anything, what on, from its own report; the ε
+        of each purpose alone (`spent_on`) in the final summary only (an ε query each, every
+        round otherwise; `purposes` says the same while the run goes)."""
+        report = self.spend.get(cid)
+        out = {"rounds_trained": c["rounds_trained"], "stopped_round": c["stopped_round"],
+               "left_out": c.get("left_out"),
+               "target_epsilon": c.get("target_epsilon") if self.cfg.private else None,
+               "epsilon": None, "history": [], "spent_on": {}}
+        if report is None:
+            return out
+        history = report["history"]
+        delta, accountant = self.cfg.privacy.delta, self.cfg.privacy.accountant
+        by_purpose: dict[str, list] = {}
+        for entry in history:
+            by_purpose.setdefault(entry[3], []).append(entry[:3])
+        out.update(
+            epsilon=report["epsilon"] if history or self.cfg.client_private(int(cid)) else None,
+            history=[entry[:3] for entry in history],
+            purposes=[entry[3] for entry in history],
+            spent_on={purpose: accountants.epsilon(h, delta, accountant) if final else None
+                      for purpose, h in by_purpose.items()},
+            this_run=report["run_spends"],
+            earlier_runs_epsilon=report["prior_epsilon"],
+            noise_source=report["noise_source"],
+            ledger={"location": report["ledger"], "record": report["record"]})
+        if out["target_epsilon"] is None and self.cfg.client_private(int(cid)):
+            out["target_epsilon"] = self.cfg.epsilon_for(int(cid))
+        return out
+
+    def not_covered(self) -> list[str]:
+        """What no ε covers in this run, said in its output (summary.json, console)."""
+        cfg = self.cfg
+        lines = []
+        if not (cfg.private or cfg.user_level):
+            lines.append("no differential privacy: privacy.level = \"none\" (or ε = inf)")
+        if self.noise_source == "seeded" and (cfg.private or cfg.user_level):
+            lines.append("the DP noise is seeded from `seed` (reproducible simulation): "
+                         "whoever knows the seed can remove it; deployments use "
+                         "privacy.noise-source = \"secure\"")
+        if cfg.user_level:
+            lines.append("user level trusts the server: it sees every sampled client's update "
+                         "before clipping and noise")
+        if cfg.private and math.isinf(cfg.preprocess.epsilon) and \
+                cfg.data.dataset not in IMAGE_DATASETS:
+            lines.append("preprocessing statistics are exact (preprocess.epsilon = inf): "
+                         "each row's influence on the encoding of others is outside every ε")
+        if cfg.data.dataset in ("csv", "parquet"):
+            undeclared = [k for k in ("classes", "categories")
+                          if not shaped(getattr(cfg.data, k), None)]
+            if undeclared:
+                lines.append(f"data.{' and data.'.join(undeclared)} were inferred from every "
+                             "client's rows (possible in simulation only): the vocabulary is "
+                             "outside every ε; declare them to make them public")
+        sent = sorted(set().union(*self.released.values())) if self.released else []
+        if sent:
+            lines.append("sent by clients in the clear, outside every ε: " + ", ".join(sent)
+                         + " (per client: privacy.released_in_clear)")
+        return lines
 
     def write_summary(self, status: str, completed: int | None = None,
                       accuracy: float | None = None, loss: float | None = None) -> None:
@@ -186,7 +298,8 @@ class RunRecorder:
             loss = float(last["test_loss"]) if last else None
         privacy = self.cfg.privacy
         summary = {
-            "name": self.cfg.name, "status": status, "accuracy": accuracy, "loss": loss,
+            "name": self.cfg.name, "run_id": self.run, "status": status,
+            "accuracy": accuracy, "loss": loss,
             "rounds": completed, "planned_rounds": self.cfg.rounds,
             "wall_seconds": round(time.time() - self.started, 3), "seed": self.cfg.seed,
             "num_clients": self.cfg.num_clients,
@@ -199,22 +312,23 @@ class RunRecorder:
                 "max_grad_norm": privacy.max_grad_norm,
                 "max_epsilon": self.max_epsilon(),
                 "user_level": self._user_level_summary(),
-                "clients": {cid: {"epsilon": c["epsilon"] if self.cfg.private else None,
-                                  "target_epsilon": c.get("target_epsilon")
-                                  if self.cfg.private else None,
-                                  "history": c["history"],
-                                  "rounds_trained": c["rounds_trained"],
-                                  "stopped_round": c["stopped_round"],
-                                  "left_out": c.get("left_out")}
+                "noise_source": self.noise_source,
+                "clients": {cid: self._client_summary(cid, c, status != "running")
                             for cid, c in self._sorted_clients()},
+                "released_in_clear": {cid: sorted(keys) for cid, keys in
+                                      sorted(self.released.items(), key=lambda kv:
+                                             int(kv[0]) if kv[0].isdigit() else 1 << 30)},
+                "not_covered": self.not_covered(),
             },
             "data": {cid: c.get("data", {}) for cid, c in self._sorted_clients()},
             "data_warnings": self.data_warnings,
             "evaluation": self.cfg.evaluation.mode,
-            "preprocess": {"fit": self.cfg.preprocess.fit,
-                           "epsilon": self.cfg.preprocess.epsilon
-                           if self.cfg.preprocess.fit == "federated" else None,
-                           "features": self.transform_features},
+            "preprocess": {"fit": self.cfg.fit_mode,
+                           "epsilon": self.cfg.preprocess.epsilon if self.cfg.private
+                           and self.cfg.data.dataset not in IMAGE_DATASETS else None,
+                           "features": self.transform_features,
+                           "estimated_bounds": {c: list(b) for c, b in
+                                                self.estimated_bounds.items()}},
             "versions": versions(),
         }
         results.write_json(self.run_dir / results.SUMMARY, summary)

@@ -23,6 +23,7 @@ from common import records as R
 # (round, replies, node each message was sent to by message id): error replies made by the
 # SuperLink for a lost node carry the SuperLink as sender, so the reply alone cannot say who.
 ReplyObserver = Callable[[int, list[Message], dict[str, int]], None]
+EvaluationObserver = Callable[[int, list[Message]], None]
 
 
 def average_metrics(contents: list[RecordDict], weighting_key: str,
@@ -61,11 +62,13 @@ def _reply_order(message: Message) -> tuple[int, int]:
 
 class PrivetFedAvg(FedAvg):
     def __init__(self, *, on_train_replies: ReplyObserver | None = None,
+                 on_evaluate_replies: EvaluationObserver | None = None,
                  clients_per_round: int | None = None, seed: int = 0, **kwargs) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", average_metrics)
         kwargs.setdefault("evaluate_metrics_aggr_fn", average_evaluations)
         super().__init__(**kwargs)
         self.on_train_replies = on_train_replies
+        self.on_evaluate_replies = on_evaluate_replies
         self.clients_per_round = clients_per_round
         self.seed = seed
         self.left_out: set[int] = set()  # node ids whose data is too small to train on
@@ -119,6 +122,9 @@ class PrivetFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
+        replies = list(replies)
+        if self.on_evaluate_replies is not None:
+            self.on_evaluate_replies(server_round, replies)
         metrics = super().aggregate_evaluate(server_round, replies)
         self.last_evaluation = metrics if metrics is not None else MetricRecord({})
         return metrics

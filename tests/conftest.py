@@ -10,6 +10,8 @@ sys.path.insert(0, str(PROJECT_DIR))
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_calibration_cache(tmp_path_factory):
-    """Keep tests from reading or filling the user's calibration cache."""
+    """Keep tests from reading or filling the user's calibration cache, or writing copies of
+    ledgers into the user's state directory."""
     os.environ["PRIVET_CACHE_DIR"] = str(tmp_path_factory.mktemp("privet-cache"))
+    os.environ["PRIVET_STATE_DIR"] = str(tmp_path_factory.mktemp("privet-state"))
     yield

@@ -418,7 +418,10 @@ def test_deployment_tls_node_auth_and_no_rows_at_the_superlink(tmp_path, process
     assert summary["status"] == "complete" and summary["rounds"] == 2
     assert len(dep.online()) == 2  # the refused node never joined
     for i in range(2):  # each node keeps its ledger next to its own data
-        assert list((tmp_path / f"node{i}").glob(".privet-ledger-*-client*.json"))
+        assert list((tmp_path / f"node{i}").glob(".privet-ledger/spend/*-client*.json"))
+    # and draws its DP noise from OS entropy: the seed in the run config is the server's
+    assert summary["privacy"]["noise_source"] == "secure"
+    assert {c["noise_source"] for c in summary["privacy"]["clients"].values()} == {"secure"}
 
     # nothing from any node's file reached the SuperLink: state database, logs, run output
     superlink_side = [*(tmp_path / "link").glob("state.db*"), tmp_path / "superlink.log",
@@ -441,9 +444,9 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def ledger_steps(path: Path) -> tuple[list[list], int]:
-    """(history, total DP-SGD steps) of a node's ledger file."""
-    history = json.loads(path.read_text())["history"]
-    return history, sum(int(n) for _, _, n in history)
+    """(spends, total DP-SGD steps) of a node's ledger record."""
+    spends = json.loads(path.read_text())["spends"]
+    return spends, sum(int(n) for _, _, n, purpose in spends if purpose == "dp-sgd")
 
 
 @pytest.mark.slow
@@ -481,7 +484,7 @@ def test_deployment_node_lost_mid_run_and_restarted_resumes_its_ledger(tmp_path,
     killed = time.time()
     # the launcher (its own session) sees its SuperNode gone and exits with it
     wait_for("node 2's launcher to exit", lambda: not _alive(launcher), 30, dep.tails)
-    ledger = list(dep.data(2).parent.glob(".privet-ledger-*-client2.json"))
+    ledger = list(dep.data(2).parent.glob(".privet-ledger/spend/*-client2.json"))
     assert len(ledger) == 1, ledger
     history_at_kill, steps_at_kill = ledger_steps(ledger[0])
     assert steps_at_kill > 0

@@ -113,12 +113,13 @@ def test_federated_evaluation_averages_the_clients_held_out_rows(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["evaluation"] == "federated" and "held-out accuracy" in stdout
     cfg = load_config(out / "config.toml")
-    model = build_model(cfg.train, client_data(cfg, 0).features.shape[1:], 2)
+    shared = (out / "transform.json").read_text()  # the default: one federated fit
+    model = build_model(cfg.train, client_data(cfg, 0, shared).features.shape[1:], 2)
     model.load_state_dict(torch.load(out / "model.pt")["state_dict"])
     correct = total = 0
     for client in range(cfg.num_clients):
-        held_out = client_holdout(cfg, client)
-        train_rows = len(client_data(cfg, client))
+        held_out = client_holdout(cfg, client, shared)
+        train_rows = len(client_data(cfg, client, shared))
         assert abs(len(held_out) - 0.25 * (len(held_out) + train_rows)) <= 1
         _, accuracy = evaluate(model, held_out.features, held_out.labels)
         correct, total = correct + accuracy * len(held_out), total + len(held_out)

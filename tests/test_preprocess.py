@@ -11,6 +11,7 @@ import pytest
 from common.config import CONFIGS_DIR, ConfigError, PreprocessConfig, load_config
 from common.data import federated
 from common.data.preprocess import FittedTransform, Schema, fit_local
+from common.privacy.randomness import SeededRandomness
 
 SCHEMA = Schema(numeric=("age",), categories={"colour": ("red", "blue", "green")},
                 label="y", classes=("no", "yes"), bounds={"age": (0.0, 100.0)})
@@ -70,10 +71,23 @@ def test_feature_space_steps_need_a_federated_fit():
     for key in ("preprocess.select=\"variance\"", "preprocess.pca=2",
                 "preprocess.max-categories=3"):
         with pytest.raises(ConfigError, match="needs preprocess.fit"):
-            load_config(CONFIGS_DIR / "adult.toml", [key])
-    with pytest.raises(ConfigError, match="tabular"):
-        load_config(CONFIGS_DIR / "adult.toml", ["data.dataset=digits",
+            load_config(CONFIGS_DIR / "adult.toml", [key, "preprocess.fit=local"])
+    # images have fixed pixel scaling: no tabular preprocessing to share
+    digits = load_config(CONFIGS_DIR / "digits.toml", ["preprocess.fit=federated"])
+    assert not digits.federated_preprocessing
+
+
+@pytest.mark.parametrize("level", ["user", "both"])
+def test_user_level_refuses_federated_statistics_in_one_line(level):
+    """A participant's statistics cover all its rows: at user level they would need noise for
+    a whole participant, which swamps them; refused, saying what to use instead."""
+    with pytest.raises(ConfigError, match="refused.*preprocess.fit = \"local\"") as error:
+        load_config(CONFIGS_DIR / "adult.toml", [f"privacy.level={level}",
                                                  "preprocess.fit=federated"])
+    assert "\n" not in str(error.value)
+    # the default (auto) is federated, and local at user level
+    assert load_config(CONFIGS_DIR / "adult.toml").fit_mode == "federated"
+    assert load_config(CONFIGS_DIR / "adult.toml", [f"privacy.level={level}"]).fit_mode == "local"
 
 
 def _split(frame, labels, parts):
@@ -143,9 +157,9 @@ def test_one_row_moves_the_statistics_by_at_most_the_sensitivity():
 
 def test_noise_has_the_stated_std():
     stats = {"a": np.zeros(20_000)}
-    noisy = federated.add_noise(stats, 3.0, np.random.default_rng(0))
+    noisy = federated.add_noise(stats, 3.0, SeededRandomness(0))
     assert noisy["a"].std() == pytest.approx(3.0, rel=0.03)
-    assert federated.add_noise(stats, 0.0, np.random.default_rng(0))["a"].sum() == 0
+    assert federated.add_noise(stats, 0.0, SeededRandomness(0))["a"].sum() == 0
 
 
 def test_variance_and_mutual_information_selection():
@@ -206,7 +220,7 @@ def test_noisy_sums_never_collapse_the_scale():
     std = 11.2 * math.sqrt(33) * math.sqrt(10)
     scales = []
     for seed in range(30):
-        noisy = federated.add_noise(exact, std, np.random.default_rng(seed))
+        noisy = federated.add_noise(exact, std, SeededRandomness(seed))
         scales.append(federated.fit_federated(noisy, schema, options(fit="federated"),
                                               std).numeric[0].scale)
     assert 0.3 * loss.std() < min(scales) and max(scales) < 3 * loss.std()

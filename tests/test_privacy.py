@@ -1,8 +1,9 @@
+import numpy as np
 import pytest
 from independent import pld_epsilon, rdp_epsilon
 
 from common.privacy import accountants
-from common.privacy.ledger import PrivacyLedger
+from common.privacy.ledger import ALL_ROWS, MemoryStore, PrivacyLedger, SpendRecord
 
 DELTA = 1e-5
 HISTORIES = [
@@ -70,6 +71,30 @@ def test_vectorised_epsilon_for_delta_is_dp_accountings(sigma, q):
                 theirs = pld_speedups._original_epsilon(
                     args[0], itertools.count(top, -pmf._discretization), *args[1:])
                 assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-15), (steps, delta)
+
+
+@pytest.mark.parametrize("pessimistic", [True, False])
+def test_vectorised_tail_truncation_is_dp_accountings(pessimistic):
+    """privet's cumulative-sum tail truncation cuts where dp-accounting's loop cuts, with the
+    same masses: on real composed PMFs and on random ones, at several truncation masses."""
+    from dp_accounting.pld import pld_pmf, privacy_loss_distribution
+
+    from common.privacy import pld_speedups
+
+    assert pld_pmf._truncate_tails is pld_speedups.truncate_tails
+    rng = np.random.default_rng(0)
+    arrays = [rng.dirichlet(np.full(n, alpha)) for n, alpha in ((5, 1.0), (500, 0.1),
+                                                                 (5000, 2.0))]
+    for sigma, q, steps in ((0.93, 1 / 51, 200), (11.2, 1.0, 1), (0.7, 0.2, 30)):
+        pld = privacy_loss_distribution.from_gaussian_mechanism(
+            sigma, sampling_prob=q, value_discretization_interval=1e-3).self_compose(steps)
+        arrays.append(np.asarray(pld._pmf_remove._probs))
+    for probs in arrays:
+        for mass in (0.0, 1e-15, 1e-6, 0.3, 0.9):
+            ours = pld_speedups.truncate_tails(probs.copy(), mass, pessimistic)
+            theirs = pld_speedups._original_truncate(probs.copy(), mass, pessimistic)
+            assert ours[0] == theirs[0] and ours[2] == theirs[2]
+            assert np.array_equal(ours[1], theirs[1])
 
 
 @pytest.mark.parametrize("history, kept", [(((0.93, 1 / 37, 370),), 1),
@@ -140,8 +165,10 @@ def test_ledger_round_trips_and_predicts_the_next_round():
     ledger = PrivacyLedger()
     ledger.record(1.0, 0.02, 100)
     ledger.record(2.0, 0.02, 10)
-    restored = PrivacyLedger.from_json(ledger.to_json())
-    assert restored.history == ledger.history and restored.steps == 110
+    record = SpendRecord("r-client0", "r", "0", "adult", ALL_ROWS, "seeded", ledger.spends)
+    restored, = MemoryStore.from_json(MemoryStore([record]).to_json()).records()
+    assert restored == record and restored.history == tuple(ledger.history)
+    assert ledger.steps == 110
     predicted = ledger.epsilon_after(2.0, 0.02, 10, DELTA, "rdp")
     ledger.record(2.0, 0.02, 10)
     assert predicted == ledger.epsilon(DELTA, "rdp")

@@ -100,12 +100,14 @@ def test_reported_epsilon_is_cumulative_and_matches_an_independent_accountant(ti
         assert reference * (1 - 1e-9) <= entry["epsilon"] <= reference * 1.01
         epsilons = [float(r["epsilon"]) for r in per_round[client]]
         assert all(a < b for a, b in zip(epsilons, epsilons[1:])), epsilons
+        # the preprocessing statistics, then the DP-SGD steps of every round
+        assert entry["purposes"] == ["statistics", "dp-sgd"]
+        statistics, (sigma, q, total_steps) = history
         # the ε after round 1 covers exactly round 1's steps: no reset, no double count
-        sigma, q, _ = history[0]
         steps = int(per_round[client][0]["steps"])
-        assert epsilons[0] == pytest.approx(pld_epsilon([(sigma, q, steps)], cfg.privacy.delta),
-                                            rel=0.01)
-        assert sum(int(r["steps"]) for r in per_round[client]) == history[0][2]
+        assert epsilons[0] == pytest.approx(
+            pld_epsilon([statistics, (sigma, q, steps)], cfg.privacy.delta), rel=0.01)
+        assert sum(int(r["steps"]) for r in per_round[client]) == total_steps
 
 
 # The tiny run as the code before the speed work (commit fc936a3: Opacus ghost clipping,
@@ -119,12 +121,26 @@ BEFORE_SPEED_WORK = {
 BEFORE_SPEED_WORK_ACCURACY = 0.845218
 
 
-def test_speed_work_left_the_results_unchanged(tiny_run):
+@pytest.fixture(scope="module")
+def pinned_run(tmp_path_factory):
+    """The tiny run with preprocessing as it was then (each client fitted exactly on its own
+    rows; now only with preprocess.epsilon = inf, outside every ε)."""
+    out = tmp_path_factory.mktemp("pinned") / "run"
+    proc = privet("simulate", "--config", str(TINY), "--out", str(out),
+                  "--set", "privacy.client-epsilon={ 1 = 1.0 }", "--set", "preprocess.fit=local",
+                  "--set", "preprocess.epsilon=inf")
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout[-3000:]
+    return out
+
+
+def test_speed_work_left_the_results_unchanged(pinned_run):
     """Same seed, same results: σ and steps exactly, ε to 1e-9 (float rounding in composing
     the PLD), accuracy within 0.005 (summation order differs between clipping methods; the
     steps themselves are the same, see tests/test_train.py). If tiny.toml or the data
-    pipeline changes on purpose, re-pin these from a run of the code before the speed work."""
-    out, _, _, _ = tiny_run
+    pipeline changes on purpose, re-pin these from a run of the code before the speed work.
+    Seeded noise sources, the per-row ledger and the DP preprocessing left them unchanged."""
+    out = pinned_run
     summary = json.loads((out / "summary.json").read_text())
     for client, (sigma, q, steps, epsilon) in BEFORE_SPEED_WORK.items():
         entry = summary["privacy"]["clients"][client]

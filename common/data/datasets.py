@@ -22,6 +22,7 @@ from common.config import IMAGE_DATASETS, DataConfig, ExperimentConfig, shaped
 from common.data import adult, images, tables
 from common.data.partition import natural_groups, partition
 from common.data.preprocess import CleaningReport, FittedTransform, Schema, clean, fit_local
+from common.privacy.ledger import array_digests, row_digests
 
 log = logging.getLogger("flwr")
 
@@ -46,6 +47,10 @@ class TabularSource:
     where: str                     # the file(s), for messages
     files: tuple[pd.DataFrame, ...] = ()  # folder mode: one frame per client
     warnings: tuple[str, ...] = ()  # skipped lines, non-numeric cells: shown to the user
+    # with a held-out test share: each file whole, and the positions in it of the rows kept
+    # (in `train` order); what a row's ledger digest is computed over
+    origins: tuple[pd.DataFrame, ...] = ()
+    kept: tuple[np.ndarray, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,13 +88,15 @@ def _bounds(data: DataConfig, defaults: dict) -> dict[str, tuple[float, float]]:
     return bounds
 
 
-def _holdout(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame,
-                                                                        pd.DataFrame]:
-    """(kept, held out): a seeded share of the rows for the server's test set."""
+def _holdout(frame: pd.DataFrame, fraction: float, seed: int
+             ) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
+    """(kept, held out, positions of the kept rows): a seeded share of the rows for the
+    server's test set."""
     order = np.random.default_rng(seed).permutation(len(frame))
     cut = int(round(len(frame) * fraction))
-    return (frame.iloc[np.sort(order[cut:])].reset_index(drop=True),
-            frame.iloc[np.sort(order[:cut])].reset_index(drop=True))
+    kept = np.sort(order[cut:])
+    return (frame.iloc[kept].reset_index(drop=True),
+            frame.iloc[np.sort(order[:cut])].reset_index(drop=True), kept)
 
 
 @functools.lru_cache(maxsize=4)
@@ -116,17 +123,19 @@ def tabular_source(data: DataConfig, seed: int, markers: tuple[str, ...]) -> Tab
     columns = [*schema.numeric, *schema.categories, schema.label]
     warnings = _file_warnings(found + test_tables, schema, markers)
     frames = [t.frame[columns] for t in found]
+    origins, kept = (), ()
     if test_tables:
         test = test_tables[0].frame[columns]
     else:
         split = [_holdout(f, data.test_fraction, seed + i) for i, f in enumerate(frames)]
-        frames, test = [k for k, _ in split], pd.concat([h for _, h in split],
-                                                         ignore_index=True)
+        origins, kept = tuple(frames), tuple(k for _, _, k in split)
+        frames, test = [k for k, _, _ in split], pd.concat([h for _, h, _ in split],
+                                                            ignore_index=True)
     where = str(path)
-    if len(frames) == 1:
-        return TabularSource(frames[0], test, schema, where, warnings=warnings)
-    return TabularSource(pd.concat(frames, ignore_index=True), test, schema, where,
-                         files=tuple(frames), warnings=warnings)
+    train = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    return TabularSource(train, test, schema, where,
+                         files=tuple(frames) if len(frames) > 1 else (), warnings=warnings,
+                         origins=origins, kept=kept)
 
 
 def _file_warnings(found: list[tables.RawTable], schema: Schema,
@@ -359,6 +368,46 @@ def client_transform(cfg: ExperimentConfig, client_id: int, transform_json: str 
     return fit_local(own, _source(cfg, data_path).schema, cfg.preprocess)
 
 
+def source_name(cfg: ExperimentConfig, data_path: str = "") -> str:
+    """The data a client's rows come from, for ledgers and messages."""
+    if data_path:
+        return str(Path(data_path).expanduser().resolve())
+    if cfg.data.dataset in ("csv", "parquet"):
+        return str(Path(cfg.data.path).expanduser().resolve())
+    return f"{cfg.data.dataset} (shipped)" if cfg.data.dataset == "adult" else cfg.data.dataset
+
+
+def _frame_digests(frame: pd.DataFrame) -> np.ndarray:
+    return row_digests([cell.strip() for cell in row]
+                       for row in frame.astype(str).itertuples(index=False, name=None))
+
+
+@functools.lru_cache(maxsize=2)
+def _train_digests(data: DataConfig, seed: int, markers: tuple[str, ...]) -> np.ndarray:
+    """One ledger digest per row of the source's `train`, computed over each whole file (so
+    a row keeps its digest whatever share is held out and whatever is appended after it)."""
+    source = tabular_source(data, seed, markers)
+    if source.origins:
+        return np.concatenate([_frame_digests(whole)[kept]
+                               for whole, kept in zip(source.origins, source.kept)])
+    return np.concatenate([_frame_digests(f) for f in source.files or (source.train,)])
+
+
+@functools.lru_cache(maxsize=PARTITIONS_KEPT)
+def client_digests(cfg: ExperimentConfig, client_id: int, data_path: str = "") -> np.ndarray:
+    """The ledger digests of every raw row the client holds, sorted (`ledger.row_digests`: a
+    row's trimmed cells and which copy of them it is in its file; images: their bytes and
+    label). Its spend follows the rows whatever the split, the seed or the client's id."""
+    if data_path:
+        return np.unique(_frame_digests(node_source(cfg.data, data_path,
+                                                    missing_markers(cfg)).train))
+    rows = partitions(cfg)[client_id]
+    if cfg.data.dataset in IMAGE_DATASETS:
+        split = image_source(cfg.data, cfg.seed).train
+        return np.unique(array_digests(split.images, split.labels)[rows])
+    return np.unique(_train_digests(cfg.data, cfg.seed, missing_markers(cfg))[rows])
+
+
 def _cleaned_test(cfg: ExperimentConfig) -> tuple[pd.DataFrame, np.ndarray, CleaningReport]:
     # duplicates kept: the test set is measured as published
     return clean_rows(cfg, _source(cfg).test, f"{cfg.data.dataset} test", drop_duplicates=False)
@@ -394,6 +443,12 @@ def test_data(cfg: ExperimentConfig, transform_json: str = "") -> ClientData:
                  else fit_local(cleaned, _source(cfg).schema, cfg.preprocess))
     return ClientData(transform.apply(cleaned), labels, report,
                       tuple(transform.feature_names()))
+
+
+def encoded_width(table: Schema) -> int:
+    """Features a row has after encoding, before selection and PCA: one per numeric column,
+    and per categorical column one per vocabulary value plus `other`."""
+    return len(table.numeric) + sum(len(v) + 1 for v in table.categories.values())
 
 
 def classes(cfg: ExperimentConfig, data_path: str = "") -> tuple[str, ...]:

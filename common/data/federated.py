@@ -1,4 +1,7 @@
-"""Federated preprocessing: clients send noised aggregate statistics, never rows.
+"""DP preprocessing statistics: a client's noised aggregates, fitted into a transform by the
+server (federated) or by the client itself (local).
+
+Federated: clients send noised aggregate statistics, never rows.
 
 Each client computes, on its own cleaned rows: label counts; per numeric column the
 count, sum and sum of squares of its values (clipped to public bounds) and a per-class
@@ -12,34 +15,184 @@ sums of squares by M², M = the largest |bound|), so one row moves each componen
 most 1 and the L2 sensitivity is sqrt(number of components one row touches). The noise
 is σ times that; each round is one Gaussian mechanism, recorded in the client's ledger
 as (σ, q = 1, 1 step) and composed with its DP-SGD steps.
+
+Local (`fit = "local"`, for a client that trains with DP-SGD): the client computes the same
+statistics of its own training rows, adds the same kind of noise (one round, calibrated to
+`preprocess.epsilon`) and fits its transform from them alone (`fit_private`): its encoding
+of one row then depends on the other rows only through a DP release, which its ledger
+records ("local-fit"). Transforms that need no statistics (declared bounds, constant fills,
+missing categories to `other`: `needs_statistics`) are fitted without rows and cost nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pandas as pd
 
-from common.config import IMAGE_DATASETS, ExperimentConfig, PreprocessConfig
+from common.config import ExperimentConfig, PreprocessConfig
 from common.data.preprocess import CategoricalStep, FittedTransform, NumericStep, Schema
 from common.privacy.accountants import calibrate_noise
+from common.privacy.randomness import Randomness
 
 Statistics = dict[str, np.ndarray]
 PCA_SENSITIVITY = math.sqrt(3.0)  # count, sum and outer product, each of norm ≤ 1 per row
 
 
-def statistics_noise(cfg: ExperimentConfig) -> tuple[float, int]:
-    """(σ, rounds) of federated preprocessing: σ = 0 when it is off or noise-free.
+def missing_bounds(schema: Schema) -> tuple[str, ...]:
+    """Numeric columns without a declared public range: their range is estimated first."""
+    return tuple(c for c in schema.numeric if c not in schema.bounds)
 
-    σ is calibrated so that all statistics rounds together spend `preprocess.epsilon`.
-    """
+
+def statistics_noise(cfg: ExperimentConfig, schema: Schema) -> tuple[float, int]:
+    """(σ, rounds) of federated preprocessing: σ = 0 when it is off or noise-free (`inf`,
+    or no client trains with DP). Rounds: the range of undeclared columns, the statistics,
+    PCA. σ is calibrated so that all rounds together spend `preprocess.epsilon`."""
     pre = cfg.preprocess
-    if pre.fit != "federated" or cfg.data.dataset in IMAGE_DATASETS or math.isinf(pre.epsilon):
+    if not cfg.federated_preprocessing or math.isinf(pre.epsilon) or not cfg.private:
         return 0.0, 0
-    rounds = 2 if pre.pca else 1
+    rounds = 1 + bool(pre.pca) + bool(missing_bounds(schema))
     return calibrate_noise(pre.epsilon, cfg.privacy.delta, 1.0, rounds,
                            cfg.privacy.accountant), rounds
+
+
+def local_fit_noise(cfg: ExperimentConfig, schema: Schema) -> tuple[float, int]:
+    """(σ, rounds) of a client's own DP fit: the range of undeclared columns, then the
+    statistics, together at `preprocess.epsilon`; σ = 0 when `preprocess.epsilon` is inf
+    (exact statistics: the fit is then outside every ε)."""
+    if math.isinf(cfg.preprocess.epsilon):
+        return 0.0, 0
+    rounds = 1 + bool(missing_bounds(schema))
+    return calibrate_noise(cfg.preprocess.epsilon, cfg.privacy.delta, 1.0, rounds,
+                           cfg.privacy.accountant), rounds
+
+
+# Estimating a range with DP (undeclared data.bounds), after Google's differential-privacy
+# library's ApproxBounds: each value falls in a bin of its sign and ⌊log2 |v|⌋; the noised
+# bin counts are thresholded and the range is that of the outermost bins that pass. Values
+# beyond the bins found are clipped, as with any declared range; a range found this way is
+# a power of two at each end, so it is loose by up to 2x.
+_EXPONENTS = (-10, 40)           # |v| below 2^-9 shares the smallest bin; above 2^41, the top
+_WIDTH = _EXPONENTS[1] - _EXPONENTS[0] + 1
+MAGNITUDE_BINS = 2 * _WIDTH + 1  # negatives (large to small), zero, positives (small to large)
+BOUNDS_THRESHOLD = 4.0           # noise standard deviations a bin count must exceed
+
+
+def _magnitude_bins(values: np.ndarray) -> np.ndarray:
+    magnitude = np.abs(values)
+    exponent = np.floor(np.log2(np.where(magnitude > 0, magnitude, 1.0)))
+    k = np.clip(exponent, *_EXPONENTS).astype(np.int64) - _EXPONENTS[0]
+    return np.where(values > 0, _WIDTH + 1 + k, np.where(values < 0, _WIDTH - 1 - k, _WIDTH))
+
+
+def _bin_edges(index: int) -> tuple[float, float]:
+    if index == _WIDTH:
+        return 0.0, 0.0
+    k = abs(index - _WIDTH) - 1 + _EXPONENTS[0]
+    low = 0.0 if k == _EXPONENTS[0] else 2.0 ** k
+    high = 2.0 ** (k + 1)
+    return (low, high) if index > _WIDTH else (-high, -low)
+
+
+def bounds_statistics(frame: pd.DataFrame, columns: tuple[str, ...]) -> Statistics:
+    """Per column, how many present values fall in each magnitude bin: one row moves each
+    column's counts by 1, so the L2 sensitivity is sqrt(len(columns))."""
+    out = {}
+    for column in columns:
+        x = frame[column].to_numpy(dtype=float, na_value=np.nan)
+        x = x[~np.isnan(x)]
+        out[f"bounds:{column}"] = np.bincount(_magnitude_bins(x),
+                                              minlength=MAGNITUDE_BINS).astype(float)
+    return out
+
+
+def bounds_sensitivity(columns: tuple[str, ...]) -> float:
+    return math.sqrt(max(len(columns), 1))
+
+
+def fit_bounds(stats: Statistics, columns: tuple[str, ...], noise_std: float
+               ) -> dict[str, tuple[float, float]]:
+    """The range of each column from its (noised) magnitude-bin counts: from the lowest to the
+    highest bin whose count exceeds BOUNDS_THRESHOLD noise standard deviations (half a row
+    when exact); when none does, the fullest bin. A function of the noised counts only."""
+    threshold = BOUNDS_THRESHOLD * noise_std if noise_std > 0 else 0.5
+    found = {}
+    for column in columns:
+        counts = stats[f"bounds:{column}"]
+        passed = np.flatnonzero(counts > threshold)
+        if not len(passed):
+            passed = np.array([int(np.argmax(counts))])
+        low, high = _bin_edges(int(passed.min()))[0], _bin_edges(int(passed.max()))[1]
+        found[column] = (low, high if high > low else low + 1.0)
+    return found
+
+
+def with_bounds(schema: Schema, bounds: dict[str, tuple[float, float]]) -> Schema:
+    return dataclasses.replace(schema, bounds={**schema.bounds, **bounds})
+
+
+def needs_statistics(schema: Schema, options: PreprocessConfig) -> bool:
+    """Whether fitting the transform needs statistics of the rows. Without: scaling from
+    declared bounds (or none), constant numeric fill, no quantile clipping, and missing
+    categories sent to `other` — a transform known before any row is read."""
+    numeric = bool(schema.numeric) and (
+        options.scaling not in ("bounds", "none") or options.impute_numeric != "constant"
+        or options.clip_quantile > 0 or (options.scaling == "bounds"
+                                         and bool(missing_bounds(schema))))
+    categorical = bool(schema.categories) and options.impute_categorical == "most-frequent"
+    return numeric or categorical
+
+
+def fit_kind(cfg: ExperimentConfig, client_id: int, schema: Schema | None) -> str:
+    """How a client's transform is fitted: "shared" (federated), "public" (no statistics
+    needed), "private" (its own noised statistics, charged to its ledger), "exact" (its own
+    rows as they are: a client without sample-level DP, or preprocess.epsilon = inf), or
+    "none" (images)."""
+    if schema is None:
+        return "none"
+    if cfg.federated_preprocessing:
+        return "shared"
+    if not needs_statistics(schema, cfg.preprocess):
+        return "public"
+    if cfg.client_private(client_id) and not math.isinf(cfg.preprocess.epsilon):
+        return "private"
+    return "exact"
+
+
+def fit_public(schema: Schema, options: PreprocessConfig) -> FittedTransform:
+    """The transform that needs no rows (see `needs_statistics`); raises ValueError when the
+    options ask for statistics, or `bounds` scaling lacks a column's data.bounds."""
+    if needs_statistics(schema, options):
+        raise ValueError("fit_public: the preprocessing options need statistics of the rows")
+    numeric = []
+    for column in schema.numeric:
+        center, scale = 0.0, 1.0
+        if options.scaling == "bounds":
+            low, high = bounds_of(schema, column)
+            center, scale = low, high - low
+        numeric.append(NumericStep(column, -math.inf, math.inf, float(options.fill_value),
+                                   center, scale))
+    categorical = tuple(CategoricalStep(c, tuple(v), None) for c, v in schema.categories.items())
+    return FittedTransform(tuple(numeric), categorical)
+
+
+def fit_private(frame: pd.DataFrame, labels: np.ndarray, schema: Schema,
+                options: PreprocessConfig, sigma: float, randomness: Randomness
+                ) -> FittedTransform:
+    """A client's own transform from its noised statistics: first the range of undeclared
+    numeric columns (`bounds_statistics`), then `client_statistics`, each with Gaussian noise
+    of std σ × its sensitivity: (ε, δ)-DP in each row for the σ `local_fit_noise` calibrates
+    (one Gaussian mechanism per round, composed)."""
+    missing = missing_bounds(schema)
+    if missing:
+        std = sigma * bounds_sensitivity(missing)
+        noisy = add_noise(bounds_statistics(frame, missing), std, randomness)
+        schema = with_bounds(schema, fit_bounds(noisy, missing, std))
+    std = sigma * stats_sensitivity(schema)
+    noisy = add_noise(client_statistics(frame, labels, schema, options.bins), std, randomness)
+    return fit_federated(noisy, schema, options, std)
 
 
 def bounds_of(schema: Schema, column: str) -> tuple[float, float]:
@@ -47,8 +200,8 @@ def bounds_of(schema: Schema, column: str) -> tuple[float, float]:
         low, high = schema.bounds[column]
     except KeyError:
         raise ValueError(
-            f"data.bounds: no public range for numeric column {column!r}; federated "
-            f"preprocessing clips to one, e.g. {{ {column} = [0, 100] }}") from None
+            f"data.bounds: no public range for numeric column {column!r}; DP preprocessing "
+            f"statistics clip to one, e.g. {{ {column} = [0, 100] }}") from None
     if not high > low:
         raise ValueError(f"data.bounds: {column} = [{low}, {high}]: expected low < high")
     return float(low), float(high)
@@ -102,10 +255,12 @@ def client_statistics(frame: pd.DataFrame, labels: np.ndarray, schema: Schema, b
     return stats
 
 
-def add_noise(stats: Statistics, std: float, rng: np.random.Generator) -> Statistics:
+def add_noise(stats: Statistics, std: float, randomness: Randomness) -> Statistics:
+    """Gaussian noise of std `std` on every component, drawn in the statistics' order."""
     if std == 0:
         return {name: value.copy() for name, value in stats.items()}
-    return {name: value + rng.normal(0.0, std, value.shape) for name, value in stats.items()}
+    return {name: value + randomness.gaussian_numpy(value.shape, std)
+            for name, value in stats.items()}
 
 
 def sum_statistics(replies: list[Statistics]) -> Statistics:
@@ -190,6 +345,8 @@ def _numeric_step(stats: Statistics, schema: Schema, column: str, rows: float,
     elif options.scaling == "robust":
         q25, q50, q75 = (_quantile(filled_hist, edges, q) for q in (0.25, 0.5, 0.75))
         center, scale = q50, q75 - q25
+    elif options.scaling == "bounds":
+        center, scale = low, high - low
     else:
         center, scale = 0.0, 1.0
     return NumericStep(column, clip_low, clip_high, fill, float(center),

@@ -180,14 +180,15 @@ def _scale(values: np.ndarray, scaling: str) -> tuple[float, float]:
     elif scaling == "robust":
         q25, q50, q75 = np.quantile(values, [0.25, 0.5, 0.75])
         center, scale = float(q50), float(q75 - q25)
-    else:
+    else:  # none; "bounds" is set by the caller from the declared bounds
         center, scale = 0.0, 1.0
     return center, (scale if scale > 1e-12 else 1.0)
 
 
 def fit_local(frame: pd.DataFrame, schema: Schema, options: PreprocessConfig
               ) -> FittedTransform:
-    """Fit on one client's own rows, exactly (the default `fit = "local"`).
+    """Fit on one client's own rows, exactly: for a client without sample-level DP, and for
+    the server's own test rows (a DP-SGD client fits with `federated.fit_private`).
 
     The vocabulary is the schema's, so every client produces the same feature columns.
     """
@@ -203,6 +204,12 @@ def fit_local(frame: pd.DataFrame, schema: Schema, options: PreprocessConfig
         fill = _fill_value(seen, options)
         filled = np.where(np.isnan(raw), fill, np.clip(raw, low, high))
         center, scale = _scale(filled, options.scaling) if len(filled) else (0.0, 1.0)
+        if options.scaling == "bounds":
+            if column not in schema.bounds:
+                raise ValueError(f"preprocess.scaling = \"bounds\": data.bounds has no range "
+                                 f"for numeric column {column!r}")
+            low_bound, high_bound = schema.bounds[column]
+            center, scale = float(low_bound), float(high_bound - low_bound)
         numeric.append(NumericStep(column, low, high, fill, center, scale))
     categorical = []
     for column, vocabulary in schema.categories.items():

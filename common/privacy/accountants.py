@@ -206,3 +206,26 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
             low = mid
     _write_cache(key, high)
     return high
+
+
+def calibrate_after(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                    accountant: str, priors, before: History = ()) -> float | None:
+    """The σ for `steps` more steps at `sample_rate` that keeps every one of `priors` (the
+    histories earlier spending left on different groups of rows or participants), each
+    followed by `before`, within the target: the largest such σ over the groups. None when
+    a group has no budget left for any noise level. Raises ValueError (see calibrate_noise)
+    when `before` alone is too much: a config error, not earlier spending."""
+    before = tuple(before)
+    sigmas = []
+    for prior in priors:
+        prior = tuple(prior)
+        if prior and epsilon(prior + before, delta, accountant) >= target_epsilon:
+            return None
+        try:
+            sigmas.append(calibrate_noise(target_epsilon, delta, sample_rate, steps,
+                                          accountant, prior=prior + before))
+        except ValueError:
+            if not prior:
+                raise
+            return None  # what earlier spending left is too little for any noise level
+    return max(sigmas)
