@@ -47,6 +47,7 @@ log = logging.getLogger("flwr")
 torch.set_num_threads(max(1, int(os.environ.get("PRIVET_TORCH_THREADS", "1"))))
 
 app = ClientApp()
+_WARNED: set[tuple[int, float]] = set()
 
 
 def _run(msg: Message) -> str:
@@ -217,7 +218,8 @@ def train(msg: Message, context: Context) -> Message:
     sigma = q = None
     if private:
         sigma, q, steps = plan
-        if delta >= 1 / len(data):
+        if delta >= 1 / len(data) and (client_id, delta) not in _WARNED:
+            _WARNED.add((client_id, delta))  # once per client in this process, not per round
             log.warning("client %d: δ = %g ≥ 1/n = 1/%d; the guarantee is weak",
                         client_id, delta, len(data))
         accounting_start = time.perf_counter()

@@ -75,20 +75,40 @@ def print_summary(run_dir: Path) -> None:
     privacy = summary["privacy"]
     clients = list(privacy["clients"].items())
     table = Table(title=f"privet · {summary['name']} · {summary['status']}")
-    for column in ("client", "ε spent", "target", "rounds trained", "stopped"):
+    earlier = any((c.get("earlier_runs_epsilon") or 0) > 0 for _, c in clients)
+    columns = ("client", "ε spent", *(("of it earlier runs",) if earlier else ()), "target",
+               "rounds trained", "stopped")
+    for column in columns:
         table.add_column(column, justify="right")
     shown = clients
     if len(clients) > CLIENTS_SHOWN:
         shown = sorted(clients, key=lambda kv: -(kv[1]["epsilon"] or 0.0))[:10]
         table.caption = (f"the 10 of {len(clients)} clients that spent most; every client is "
-                         f"in summary.json and metrics.csv")
+                         f"in summary.json")
     for cid, c in shown:
         eps = "- (no DP-SGD)" if c["epsilon"] is None else f"{c['epsilon']:.4f}"
         target = "-" if c.get("target_epsilon") is None else f"{c['target_epsilon']:g}"
-        stopped = ("left out: too few rows" if c.get("left_out") == "too-small"
-                   else str(c["stopped_round"] or "-"))
-        table.add_row(cid, eps, target, str(c["rounds_trained"]), stopped)
+        stopped = {"too-small": "left out: too few rows", "failed": "left out: failed"}.get(
+            c.get("left_out"), "before round 1" if c["stopped_round"] == 0
+            else str(c["stopped_round"] or "-"))
+        before = (f"{c.get('earlier_runs_epsilon') or 0:.4f}",) if earlier else ()
+        table.add_row(cid, eps, *before, target, str(c["rounds_trained"]), stopped)
     console.print(table)
+    if earlier:
+        console.print("ε spent composes every earlier run on the same rows (privacy.ledger-dir)")
+    per_client = summary.get("preprocess", {}).get("estimated_bounds_per_client")
+    if per_client:
+        shown = "; ".join(f"client {cid}: " + ", ".join(f"{c} [{lo:g}, {hi:g}]"
+                                                      for c, (lo, hi) in ranges.items())
+                          for cid, ranges in list(per_client.items())[:3])
+        console.print(f"ranges each client estimated with DP (values beyond them are clipped; "
+                      f"declare data.bounds for exact ones): {shown}"
+                      + (" …" if len(per_client) > 3 else ""))
+    estimated = summary.get("preprocess", {}).get("estimated_bounds")
+    if estimated:
+        console.print("ranges estimated with DP (values beyond them are clipped; declare "
+                      "data.bounds for exact ones): " + ", ".join(
+                          f"{c} [{lo:g}, {hi:g}]" for c, (lo, hi) in estimated.items()))
     purposes = list(dict.fromkeys(p for _, c in clients for p in c.get("spent_on", {})))
     if purposes:
         console.print(f"ε spent on: {', '.join(purposes)} (per client: privacy.clients.*."
@@ -209,8 +229,9 @@ def simulate(
                          if cfg.privacy.client_epsilon else ""))
     if cfg.user_level:
         levels.append(f"user-level ε = {cfg.privacy.user_epsilon:g}")
-    privacy = (", ".join(levels) + f", δ = {cfg.privacy.delta:g}" if levels
-               else "no differential privacy")
+    privacy = (", ".join(levels) + f", δ = {cfg.privacy.delta:g}, "
+               f"{'seeded' if cfg.privacy.noise_source != 'secure' else 'secure'} noise"
+               if levels else "no differential privacy")
     console.print(f"privet: {cfg.name}: {cfg.num_clients} clients, {cfg.clients_per_round} "
                   f"per round, {cfg.rounds} rounds, {privacy} → {run_dir}")
 

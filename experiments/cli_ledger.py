@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from experiments.cli_common import console, fail
@@ -25,7 +24,11 @@ def ledger(
     forget: Annotated[Optional[list[str]], typer.Option(
         "--forget", help="a run id or record id whose spend to forget (repeatable); "
                          "with --yes")] = None,
-    yes: Annotated[bool, typer.Option("--yes", help="confirm --forget")] = False,
+    forget_orphans: Annotated[bool, typer.Option(
+        "--forget-orphans", help="delete row sets whose records were deleted (their spend "
+                                 "is forgotten); with --yes")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="confirm --forget / --forget-orphans")
+                   ] = False,
 ) -> None:
     """List the privacy spend kept in a ledger folder, per data source, over every run.
 
@@ -43,8 +46,8 @@ def ledger(
     root = directory if directory.name == LEDGER_FOLDER else directory / LEDGER_FOLDER
     if not directory.is_dir():
         fail(f"{directory}: not a folder")
-    if forget:
-        _forget(directory, forget, yes)
+    if forget or forget_orphans:
+        _forget(directory, forget or [], yes, forget_orphans)
         return
     try:
         sample = spend_by_source(directory, delta, accountant)
@@ -53,11 +56,11 @@ def ledger(
         fail(str(error))
     except ValueError as error:
         fail(f"{directory}: {error}")
-    if not sample and not user:
-        console.print(f"{root}: no privacy spend recorded"
-                      + ("" if root.is_dir() else " (no ledger folder here)"))
-        return
-    if as_json:
+    if as_json or not (sample or user):
+        if not as_json:
+            console.print(f"{root}: no privacy spend recorded"
+                          + ("" if root.is_dir() else " (no ledger folder here)"))
+            return
         console.print_json(json.dumps({"ledger": str(LedgerDir(directory).root),
                                        "delta": delta, "accountant": accountant,
                                        "sample_level": [s.as_dict() for s in sample],
@@ -68,35 +71,50 @@ def ledger(
         if not entries:
             continue
         table = Table(title=f"{root}: {title}, ε at δ = {delta:g} ({accountant})")
-        for column in ("source", unit, "runs", "max ε", f"{unit} at max", "steps spent on"):
-            table.add_column(column, justify="left" if column in ("source", "steps spent on")
+        for column in ("source", unit, "max ε", f"{unit} at max", "spent on", "runs"):
+            table.add_column(column, justify="left" if column in ("source", "spent on", "runs")
                              else "right")
         for s in entries:
-            table.add_row(escape(s.source), "all" if s.rows is None else str(s.rows),
-                          str(len(s.runs)), f"{s.epsilon:.4f}",
+            runs = ", ".join(s.runs[:3]) + (f" … ({len(s.runs)})" if len(s.runs) > 3 else "")
+            table.add_row(s.source, "all" if s.rows is None else str(s.rows),
+                          f"{s.epsilon:.4f}",
                           "all" if s.rows_at_max is None else str(s.rows_at_max),
-                          escape(", ".join(f"{k} {v}" for k, v in s.spent_on.items())))
+                          ", ".join(s.spent_on), runs)
         console.print(table)
+    console.print("max ε composes every run in this folder that touched those rows; "
+                  "`--json` lists each source's records (what --forget takes)")
 
 
-def _forget(directory: Path, ids: list[str], yes: bool) -> None:
+def _forget(directory: Path, ids: list[str], yes: bool, orphans: bool) -> None:
+    """Delete the named records (a run id names all of its records), or the row sets no
+    record names, from the folder and its copy. Anything else is refused in one line."""
     from common.privacy.ledger import LedgerDir, LedgerError
 
     for part in ("", "user-level"):
         store = LedgerDir(directory, part=part)
+        if orphans and not ids:
+            if not yes:
+                fail(f"would forget the row sets no record names in {store.root}; their spend "
+                     "is then lost for good; add --yes")
+            for rowset in store.forget_orphans():
+                console.print(f"forgot row set {rowset} in {store.root} and its copy")
+            continue
         try:
-            records = store.records()
-        except LedgerError:  # forgetting is how a damaged record is cleared: list files
-            records = None
-        names = {r.id: r for r in records} if records is not None else None
-        chosen = ([r.id for r in records if r.run in ids or r.id in ids]
-                  if records is not None else [i for i in ids])
-        if records is not None and not chosen:
+            known = {r.id: r for r in store.records()}
+        except LedgerError:  # a damaged record is forgotten by its file name
+            known = {p.stem: None for p in (store.root / "spend").glob("*.json")}
+        chosen = [i for i, r in known.items() if i in ids or (r is not None and r.run in ids)]
+        if not chosen:
             continue
         if not yes:
-            fail(f"would forget {len(chosen)} record(s) in {store.root}: "
-                 f"{', '.join(chosen)}; their spend is then lost for good; add --yes")
+            fail(f"would forget {len(chosen)} record(s) in {store.root}: {', '.join(chosen)}; "
+                 "their spend is then lost for good; add --yes")
         store.forget(chosen)
+        ids = [i for i in ids if i not in chosen and not any(
+            known[c] is not None and known[c].run == i for c in chosen)]
         for record_id in chosen:
-            what = names[record_id].source if names else "?"
-            console.print(f"forgot {record_id} ({escape(what)}) in {store.root} and its copy")
+            what = known[record_id].source if known[record_id] else "an unreadable record"
+            console.print(f"forgot {record_id} ({what}) in {store.root} and its copy")
+    if ids:
+        fail(f"{directory}: no record or run {', '.join(ids)} in this ledger; "
+             "`privet ledger DIR --json` lists them")

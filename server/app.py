@@ -114,7 +114,7 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
         recorder.data_warnings = list(source_warnings(cfg))
     transform = ""
     if cfg.federated_preprocessing:
-        fitted, estimated = fit_shared_transform(grid, cfg, run, recorder.record_spend)
+        fitted, estimated = fit_shared_transform(grid, cfg, run, recorder.record_statistics)
         transform = fitted.to_json()
         recorder.write_transform(fitted, estimated)
         input_shape = (len(fitted.feature_names()),)

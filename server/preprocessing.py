@@ -10,7 +10,7 @@ import json
 import logging
 from typing import Callable
 
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from common import records as R
@@ -24,8 +24,8 @@ from server.queries import ask_every_client
 log = logging.getLogger("flwr")
 
 
-# (client id, its reply's "privacy" record): what answering cost it, for the run's report
-SpendObserver = Callable[[str, ConfigRecord], None]
+# (client id, its reply): what answering cost it, or that it declined, for the run's report
+SpendObserver = Callable[[str, Message], None]
 
 
 def _collect(grid: Grid, stage: str, run: str, on_spend: SpendObserver | None,
@@ -37,7 +37,7 @@ def _collect(grid: Grid, stage: str, run: str, on_spend: SpendObserver | None,
                                f"federated preprocessing ({stage})")
     if on_spend is not None:
         for r in replies:
-            on_spend(str(int(r.content["metrics"][R.CLIENT_ID])), r.content[R.PRIVACY])
+            on_spend(str(int(r.content["metrics"][R.CLIENT_ID])), r)
     answered = [r for r in replies if "statistics" in r.content]
     if not answered:
         raise BudgetExhausted(f"no client has budget left to send preprocessing statistics "

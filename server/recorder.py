@@ -17,6 +17,7 @@ from flwr.app import ConfigRecord, Message
 from common import records as R
 from common import results
 from common.config import IMAGE_DATASETS, ExperimentConfig, shaped
+from common.data import adult
 from common.plots import plot_run
 from common.privacy import accountants
 
@@ -51,12 +52,16 @@ class RunRecorder:
         self.spend: dict[str, dict] = {}
         self.released: dict[str, set[str]] = {}  # client id -> what it sent in the clear
         self.client_transforms: dict[str, str] = {}  # client id -> its own DP-fitted transform
+        self.client_ranges: dict[str, dict] = {}  # fit = local: ranges each estimated, DP
         self.node_clients: dict[int, str] = {}  # node id -> the client it last answered for
         self.transform_features: int | None = None
         self.estimated_bounds: dict = {}  # ranges of undeclared numeric columns, found with DP
         self.data_warnings: list[str] = []  # skipped lines, non-numeric cells in the files
         self.run_dir.mkdir(parents=True, exist_ok=True)
         results.atomic_write_text(self.run_dir / results.CONFIG, cfg.to_toml())
+        # headers now: a run that ends before round 1 still leaves files a program can read
+        results.write_csv(self.run_dir / results.METRICS, results.METRIC_COLUMNS, [])
+        results.write_csv(self.run_dir / results.ROUNDS, results.ROUND_COLUMNS, [])
 
     def write_partitions(self, report: list[dict]) -> None:
         """The split over clients, in the run directory and the log."""
@@ -73,6 +78,14 @@ class RunRecorder:
         if len(report) > 50:
             log.info("privet:   ... %d more in %s", len(report) - 50, results.PARTITIONS)
 
+    def record_statistics(self, client: str, msg: Message) -> None:
+        """A client's reply to a preprocessing statistics query: what it spent, and whether
+        it declined (no budget left: it stops before round 1, `stopped_round` 0)."""
+        self.record_spend(client, msg.content.config_records.get(R.PRIVACY))
+        entry = self.clients.setdefault(client, {"rounds_trained": 0, "stopped_round": None})
+        if int(msg.content["metrics"].get(R.DECLINED, 0)) and entry["stopped_round"] is None:
+            entry["stopped_round"] = 0
+
     def record_spend(self, client: str, privacy: ConfigRecord | None) -> None:
         """What a client's reply says it has spent (every reply of a client that may have
         spent carries it: statistics, training, evaluation)."""
@@ -82,6 +95,14 @@ class RunRecorder:
         transform = report.pop("transform", "")
         if transform and self.client_transforms.get(client) != transform:
             self.client_transforms[client] = transform
+            declared = set(shaped(self.cfg.data.bounds, {}))
+            if self.cfg.data.dataset == "adult":
+                declared |= set(adult.BOUNDS)
+            ranges = {step["column"]: [step["clip_low"], step["clip_high"]]
+                      for step in json.loads(transform)["numeric"]
+                      if step["column"] not in declared and step["clip_low"] is not None}
+            if ranges:
+                self.client_ranges[client] = ranges
             results.write_json(self.run_dir / results.CLIENT_TRANSFORMS,
                                {c: json.loads(t) for c, t in self.client_transforms.items()})
         self.spend[client] = report
@@ -328,7 +349,8 @@ class RunRecorder:
                            and self.cfg.data.dataset not in IMAGE_DATASETS else None,
                            "features": self.transform_features,
                            "estimated_bounds": {c: list(b) for c, b in
-                                                self.estimated_bounds.items()}},
+                                                self.estimated_bounds.items()},
+                           "estimated_bounds_per_client": self.client_ranges},
             "versions": versions(),
         }
         results.write_json(self.run_dir / results.SUMMARY, summary)
@@ -340,6 +362,8 @@ class RunRecorder:
     def finish(self, status: str) -> None:
         self.write_summary(status)
         plot_run(self.run_dir)
+        for line in self.not_covered():  # a deployment's operator reads the streamed log
+            log.info("privet: not covered by ε: %s", line)
 
 
 def _fmt(value) -> str:

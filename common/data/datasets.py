@@ -377,9 +377,32 @@ def source_name(cfg: ExperimentConfig, data_path: str = "") -> str:
     return f"{cfg.data.dataset} (shipped)" if cfg.data.dataset == "adult" else cfg.data.dataset
 
 
-def _frame_digests(frame: pd.DataFrame) -> np.ndarray:
-    return row_digests([cell.strip() for cell in row]
-                       for row in frame.astype(str).itertuples(index=False, name=None))
+def _canonical_number(text: str) -> str:
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    if not np.isfinite(value):
+        return text
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def _frame_digests(frame: pd.DataFrame, table: Schema) -> np.ndarray:
+    """Ledger digests of a frame's rows, from each row's cells in canonical form, so that a
+    row is the same row however its file is laid out or its numbers written: the schema's
+    columns by name in sorted order (column order and extra columns do not matter), numbers
+    as numbers ("39.0" is "39"), text trimmed, the label as class inference reads it."""
+    columns = sorted(c for c in (*table.numeric, *table.categories, table.label)
+                     if c in frame.columns)
+    cells = []
+    for column in columns:
+        text = frame[column].astype(str).str.strip()
+        if column in table.numeric:
+            text = text.map(_canonical_number)
+        elif column == table.label:
+            text = pd.Series(normalise_labels(text), index=text.index)
+        cells.append((column + "=" + text).tolist())
+    return row_digests(zip(*cells)) if cells else row_digests([] for _ in range(len(frame)))
 
 
 @functools.lru_cache(maxsize=2)
@@ -388,9 +411,10 @@ def _train_digests(data: DataConfig, seed: int, markers: tuple[str, ...]) -> np.
     a row keeps its digest whatever share is held out and whatever is appended after it)."""
     source = tabular_source(data, seed, markers)
     if source.origins:
-        return np.concatenate([_frame_digests(whole)[kept]
+        return np.concatenate([_frame_digests(whole, source.schema)[kept]
                                for whole, kept in zip(source.origins, source.kept)])
-    return np.concatenate([_frame_digests(f) for f in source.files or (source.train,)])
+    return np.concatenate([_frame_digests(f, source.schema)
+                           for f in source.files or (source.train,)])
 
 
 @functools.lru_cache(maxsize=PARTITIONS_KEPT)
@@ -399,8 +423,8 @@ def client_digests(cfg: ExperimentConfig, client_id: int, data_path: str = "") -
     row's trimmed cells and which copy of them it is in its file; images: their bytes and
     label). Its spend follows the rows whatever the split, the seed or the client's id."""
     if data_path:
-        return np.unique(_frame_digests(node_source(cfg.data, data_path,
-                                                    missing_markers(cfg)).train))
+        node = node_source(cfg.data, data_path, missing_markers(cfg))
+        return np.unique(_frame_digests(node.train, node.schema))
     rows = partitions(cfg)[client_id]
     if cfg.data.dataset in IMAGE_DATASETS:
         split = image_source(cfg.data, cfg.seed).train

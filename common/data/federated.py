@@ -169,11 +169,11 @@ def fit_public(schema: Schema, options: PreprocessConfig) -> FittedTransform:
     numeric = []
     for column in schema.numeric:
         center, scale = 0.0, 1.0
+        clip = (-math.inf, math.inf)
         if options.scaling == "bounds":
             low, high = bounds_of(schema, column)
-            center, scale = low, high - low
-        numeric.append(NumericStep(column, -math.inf, math.inf, float(options.fill_value),
-                                   center, scale))
+            center, scale, clip = low, high - low, (low, high)
+        numeric.append(NumericStep(column, *clip, float(options.fill_value), center, scale))
     categorical = tuple(CategoricalStep(c, tuple(v), None) for c, v in schema.categories.items())
     return FittedTransform(tuple(numeric), categorical)
 
@@ -349,7 +349,9 @@ def _numeric_step(stats: Statistics, schema: Schema, column: str, rows: float,
         center, scale = low, high - low
     else:
         center, scale = 0.0, 1.0
-    return NumericStep(column, clip_low, clip_high, fill, float(center),
+    # the statistics saw values clipped to [low, high]: the transform clips alike, so a
+    # value beyond a range (declared, or estimated with DP) is encoded as the fit saw it
+    return NumericStep(column, max(clip_low, low), min(clip_high, high), fill, float(center),
                        float(scale) if scale > 1e-12 else 1.0)
 
 

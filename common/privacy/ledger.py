@@ -227,6 +227,18 @@ def row_groups(rows: np.ndarray, rowsets: Sequence[np.ndarray | None]
             for key, count in zip(keys, counts)]
 
 
+MAX_GROUPS = 32  # distinct histories over one client's rows accounted exactly
+
+
+def maximal(patterns: list[np.ndarray]) -> list[np.ndarray]:
+    """The patterns (bool per record) not contained in another: composing more records never
+    lowers ε, so a group of rows whose records are a subset of another group's is never the
+    most spent one."""
+    unique = list({p.tobytes(): p for p in patterns}.values())
+    return [p for p in unique
+            if not any(q is not p and (q >= p).all() and (q != p).any() for q in unique)]
+
+
 def rowset_id(digests: np.ndarray) -> str:
     return hashlib.blake2b(np.asarray(digests, dtype="<u8").tobytes(),
                            digest_size=12).hexdigest()
@@ -274,10 +286,13 @@ def state_dir() -> Path:
 
 class LedgerDir:
     """Records on disk: `<directory>/.privet-ledger/spend/<record>.json` and the row sets they
-    name, `rows/<id>.u64`; the server's user-level records under `.privet-ledger/user-level/` (sorted little-endian uint64 digests). Every write goes to this
-    folder first, then to its copy under `state_dir()/ledger-copies/`; reading checks the two
-    against each other. Each record has one writer (its client), row sets are named by their
-    content: concurrent clients sharing one folder never write the same file differently."""
+    name, `rows/<id>.u64` (sorted little-endian uint64 digests); the server's user-level
+    records under `.privet-ledger/user-level/`. Every write goes to this folder first, then
+    to its copy under `state_dir()/ledger-copies/<ledger id>/`; reading checks the two
+    against each other. The ledger's id is in the folder (`id`), so a moved folder finds its
+    copy, and the state directory remembers which id each path had, so a deleted folder is
+    noticed. Each record has one writer (its client), row sets are named by their content:
+    concurrent clients sharing one folder never write the same file differently."""
 
     def __init__(self, directory: str | Path, part: str = "",
                  copy_root: Path | None = None) -> None:
@@ -285,9 +300,39 @@ class LedgerDir:
         base = directory if directory.name == LEDGER_FOLDER else directory / LEDGER_FOLDER
         self.root = base / part if part else base  # part: "user-level" for the server's
         self._legacy_dir = None if part else base.parent
-        key = hashlib.sha256(str(self.root).encode()).hexdigest()[:16]
-        self.copy = (copy_root or state_dir() / "ledger-copies") / key
+        self._copies = copy_root or state_dir() / "ledger-copies"
+        self._path_key = hashlib.sha256(str(self.root).encode()).hexdigest()[:16]
         self._rows: dict[str, np.ndarray] = {}
+
+    # -- which copy is this folder's
+    def _known_id(self) -> str:
+        """The ledger's id: from the folder, else what the state directory remembers for
+        this path (the folder was deleted), else "" (a new ledger)."""
+        try:
+            return (self.root / "id").read_text(encoding="utf-8").strip()
+        except OSError:
+            pass
+        try:
+            return (self._copies / "paths" / self._path_key).read_text(encoding="utf-8").strip()
+        except OSError:
+            return ""
+
+    @property
+    def copy(self) -> Path:
+        known = self._known_id()
+        return self._copies / (known or f"new-{self._path_key}")
+
+    def _ensure_id(self) -> str:
+        known = self._known_id()
+        if not known:
+            known = os.urandom(12).hex()
+        if not (self.root / "id").is_file():
+            atomic_write_text(self.root / "id", known + "\n")
+        index = self._copies / "paths" / self._path_key
+        if not index.is_file() or index.read_text(encoding="utf-8").strip() != known:
+            atomic_write_text(index, known + "\n")
+            atomic_write_text(self._copies / known / "origin", str(self.root) + "\n")
+        return known
 
     @property
     def location(self) -> str:
@@ -314,10 +359,12 @@ class LedgerDir:
         return {p.name: p for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
 
     def records(self) -> list[SpendRecord]:
-        """Every record, checked against the copy; none when neither exists yet. Raises LedgerError, naming the file, when
-        a record is unreadable or empty, or the copy holds a record, or steps, that this
-        folder has lost."""
-        primary, copies = self._listed(self.root), self._listed(self.copy)
+        """Every record, checked against the copy; none when neither exists yet. Raises
+        LedgerError, naming the file, when a record is unreadable or empty, its rows are
+        missing or damaged, the copy holds a record, steps or rows that this folder has lost,
+        or a row set remains that no record names (its record was deleted)."""
+        copy = self.copy
+        primary, copies = self._listed(self.root), self._listed(copy)
         missing = sorted(set(copies) - set(primary))
         if missing:
             where = self.root / "spend" / missing[0]
@@ -329,7 +376,19 @@ class LedgerDir:
             record = self._read(path)
             if name in copies:
                 self._check_against_copy(record, path, copies[name])
+            self.rows(record.rows)  # present and whole, or LedgerError
             found.append(record)
+        named = {r.rows for r in found}
+        orphans = sorted(p.stem for p in (self.root / "rows").glob("*.u64")
+                         if p.stem not in named) if (self.root / "rows").is_dir() else []
+        if orphans:
+            folder = self.root.parent if self.root.name == LEDGER_FOLDER else \
+                self.root.parent.parent
+            raise LedgerError(
+                f"{self.root / 'rows' / (orphans[0] + '.u64')}: rows that no privacy ledger "
+                f"record names ({len(orphans)} row set(s)): the record of their spend was "
+                f"deleted; restore it from a copy, or forget that spend knowingly with "
+                f"`privet ledger {folder} --forget-orphans --yes`")
         found += self._legacy()
         return found
 
@@ -343,10 +402,13 @@ class LedgerDir:
         if len(record.spends) < len(kept.spends) or any(
                 (a.sigma, a.rate, a.purpose) != (b.sigma, b.rate, b.purpose) or a.steps < b.steps
                 for a, b in zip(record.spends, kept.spends)):
-            raise LedgerError(
-                f"{path}: privacy ledger holds less spend than its copy "
-                f"({sum(s.steps for s in record.spends)} vs "
-                f"{sum(s.steps for s in kept.spends)} steps)" + self._remedy(path.name))
+            raise LedgerError(f"{path}: privacy ledger differs from its copy: its spend is "
+                              "not the copy's, or less" + self._remedy(path.name))
+        if record.rows != kept.rows:  # rows may only grow within a run (the data did)
+            ours, theirs = self.rows(record.rows), self.rows_of_copy(kept.rows)
+            if ours is None or theirs is None or not np.isin(theirs, ours).all():
+                raise LedgerError(f"{path}: privacy ledger names other rows than its copy"
+                                  + self._remedy(path.name))
 
     def _legacy(self) -> list[SpendRecord]:
         """Ledgers of privet before format 2 (one history per experiment and client, no
@@ -368,6 +430,16 @@ class LedgerDir:
             out.append(SpendRecord(f"legacy-{path.stem}", "legacy", path.stem, str(path),
                                    ALL_ROWS, "seeded", spends))
         return out
+
+    def rows_of_copy(self, rowset: str) -> np.ndarray | None:
+        """A row set as the copy holds it (None: missing there too, or ALL_ROWS)."""
+        if rowset == ALL_ROWS:
+            return None
+        try:
+            return np.frombuffer((self.copy / "rows" / f"{rowset}.u64").read_bytes(),
+                                 dtype="<u8").astype(np.uint64)
+        except OSError:
+            return None
 
     def rows(self, rowset: str) -> np.ndarray | None:
         """The digests of a row set (None for ALL_ROWS). Raises LedgerError when it is gone."""
@@ -392,6 +464,7 @@ class LedgerDir:
             return ALL_ROWS
         rowset = rowset_id(digests)
         data = np.asarray(digests, dtype="<u8").tobytes()
+        self._ensure_id()
         for root in (self.root, self.copy):
             path = root / "rows" / f"{rowset}.u64"
             if not path.exists():
@@ -401,18 +474,40 @@ class LedgerDir:
 
     def save(self, record: SpendRecord) -> None:
         text = json.dumps(record.to_dict(), indent=1)
+        self._ensure_id()
         atomic_write_text(self.root / "spend" / record.file_name, text)  # first: the truth
         atomic_write_text(self.copy / "spend" / record.file_name, text)
 
     def forget(self, record_ids: Iterable[str]) -> list[str]:
-        """Delete records from this folder and its copy: the explicit way to forget spend."""
+        """Delete records, and the row sets no other record names, from this folder and its
+        copy: the explicit way to forget spend."""
         gone = []
         for record_id in record_ids:
             name = _SAFE.sub("_", record_id) + ".json"
             for root in (self.root, self.copy):
                 (root / "spend" / name).unlink(missing_ok=True)
             gone.append(record_id)
+        self.forget_orphans()
         return gone
+
+    def forget_orphans(self) -> list[str]:
+        """Delete the row sets no readable record names (their records were deleted)."""
+        named = set()
+        for root in (self.root, self.copy):
+            for path in self._listed(root).values():
+                try:
+                    named.add(str(json.loads(path.read_text(encoding="utf-8"))["rows"]))
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+        removed = []
+        for root in (self.root, self.copy):
+            folder = root / "rows"
+            for path in sorted(folder.glob("*.u64")) if folder.is_dir() else []:
+                if path.stem not in named:
+                    path.unlink()
+                    removed.append(path.stem)
+        self._rows.clear()
+        return sorted(set(removed))
 
 
 # ------------------------------------------------------------------ one client's view
@@ -426,6 +521,7 @@ class DataLedger:
 
     def __init__(self, store, current: SpendRecord, digests: np.ndarray | None) -> None:
         self.store, self.digests = store, digests
+        self.conservative = False  # rows charged with more than they spent (MAX_GROUPS)
         found = store.records()
         self.current = next((r for r in found if r.id == current.id), current)
         others = sorted((r for r in found if r.id != current.id), key=lambda r: r.id)
@@ -436,9 +532,16 @@ class DataLedger:
         by the same records), each composed in record order; [()] when nothing touched."""
         if self.digests is None or not len(self.digests):
             return [tuple(s for r in records for s in r.spends)]
+        patterns = maximal([touched for touched, _ in row_groups(
+            self.digests, [self.store.rows(r.rows) for r in records])])
+        if len(patterns) > MAX_GROUPS:
+            # Many distinct mixes of earlier runs (rows re-split again and again): each would
+            # cost an ε query every round. Every row is then charged with every record that
+            # touched any of this client's rows: never less than its true spend.
+            self.conservative = True
+            patterns = [np.logical_or.reduce(patterns)]
         return [tuple(s for r, on in zip(records, touched) if on for s in r.spends)
-                for touched, _ in row_groups(self.digests,
-                                             [self.store.rows(r.rows) for r in records])]
+                for touched in patterns]
 
     def prior_histories(self) -> list[History]:
         """What earlier runs (and other records) spent, per group of rows."""
@@ -471,8 +574,9 @@ class DataLedger:
                 "history": [s.to_list() for s in worst],
                 "run_spends": [s.to_list() for s in self.current.spends],
                 "prior_epsilon": self.prior_epsilon(delta, accountant),
-                "row_groups": len(self._prior), "noise_source": self.current.noise_source,
-                "ledger": self.location, "record": self.current.id}
+                "row_groups": len(self._prior), "conservative": self.conservative,
+                "noise_source": self.current.noise_source, "ledger": self.location,
+                "record": self.current.id if self.current.spends else None}
 
     def record(self, spend: Spend) -> None:
         """Add spend to this run's record and save it (disk first, before any reply)."""

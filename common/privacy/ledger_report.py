@@ -32,38 +32,41 @@ class SourceSpend:
                 "noise_sources": sorted({r.noise_source for r in self.records})}
 
 
-def _worst(store: LedgerDir, records: list[SpendRecord], delta: float, accountant: str
-           ) -> tuple[float, int | None, int | None]:
-    """(ε of the most spent rows, how many rows reach it, rows named) over `records`; row
-    counts are None when a record covers every row."""
-    sets = [store.rows(r.rows) for r in records]
-    if any(s is None for s in sets):
+def _worst(store: LedgerDir, rows: np.ndarray | None, records: list[SpendRecord],
+           delta: float, accountant: str) -> tuple[float, int | None]:
+    """(ε of the most spent of `rows`, how many rows reach it) composing every record in
+    `records` that touches them; `rows` None: a record covers all rows (count unknown)."""
+    if rows is None:
         history = history_of(s for r in records for s in r.spends)
-        return accountants.epsilon(history, delta, accountant), None, None
-    rows = np.unique(np.concatenate(sets)) if sets else np.zeros(0, np.uint64)
+        return accountants.epsilon(history, delta, accountant), None
     best, at = 0.0, 0
-    for touched, count in row_groups(rows, sets):
+    for touched, count in row_groups(rows, [store.rows(r.rows) for r in records]):
         history = history_of(s for r, on in zip(records, touched) if on for s in r.spends)
         eps = accountants.epsilon(history, delta, accountant)
         if eps > best + 1e-12:
             best, at = eps, count
         elif abs(eps - best) <= 1e-12:
             at += count
-    return best, at, len(rows)
+    return best, at
 
 
 def spend_by_source(directory, delta: float = 1e-5, accountant: str = "pld",
                     part: str = "") -> list[SourceSpend]:
-    """Every data source a ledger folder (`part` "user-level": the server's) holds spend on.
-    Raises LedgerError when the folder cannot be trusted."""
+    """Every data source a ledger folder (`part` "user-level": the server's) holds spend on;
+    each source's ε composes every record of the folder that touched its rows, whatever
+    source that record names (a row split into another file, or appended to one, keeps its
+    spend). Raises LedgerError when the folder cannot be trusted."""
     store = LedgerDir(directory, part=part)
+    records = store.records()
     by_source: dict[str, SourceSpend] = {}
-    for record in store.records():
+    for record in records:
         entry = by_source.setdefault(record.source, SourceSpend(record.source))
         entry.records.append(record)
         for spend in record.spends:
             entry.spent_on[spend.purpose] = entry.spent_on.get(spend.purpose, 0) + spend.steps
     for entry in by_source.values():
-        entry.epsilon, entry.rows_at_max, entry.rows = _worst(store, entry.records, delta,
-                                                              accountant)
+        sets = [store.rows(r.rows) for r in entry.records]
+        rows = None if any(s is None for s in sets) else np.unique(np.concatenate(sets))
+        entry.epsilon, entry.rows_at_max = _worst(store, rows, records, delta, accountant)
+        entry.rows = None if rows is None else len(rows)
     return sorted(by_source.values(), key=lambda e: e.source)
