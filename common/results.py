@@ -33,14 +33,14 @@ PARTITIONS = "partitions.csv"    # per client: rows, label balance, missing cell
 TRANSFORM = "transform.json"     # the shared transform of federated preprocessing
 AUDIT = "audit.json"             # `privet audit`: the membership-inference audit
 CLIENT_TRANSFORMS = "client_transforms.json"  # each client's own DP-fitted transform
-RUN_FILES = (CONFIG, METRICS, ROUNDS, SUMMARY, MODEL, PLOT)
+RUN_FILES = (CONFIG, METRICS, ROUNDS, SUMMARY, MODEL, PLOT, PARTITIONS, TRANSFORM,
+             CLIENT_TRANSFORMS, AUDIT)  # what a run writes: replaced by the next run there
 
 METRIC_COLUMNS = ["round", "client", "status", "examples", "loss", "accuracy", "epsilon",
                   "steps", "noise_multiplier", "sample_rate", "train_seconds",
                   "accounting_seconds"]
 ROUND_COLUMNS = ["round", "test_accuracy", "test_loss", "max_epsilon", "user_epsilon",
-                 "clients_trained",
-                 "clients_declined", "elapsed_seconds"]
+                 "clients_trained", "clients_declined", "clients_failed", "elapsed_seconds"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -4,16 +4,35 @@ that a worker imports only this and the ClientApp."""
 from __future__ import annotations
 
 import importlib
+import os
 import signal
+import threading
+import time
 import traceback
 
 _app = None
 
 
-def ignore_interrupts() -> None:
-    """Ctrl-C in a terminal signals the whole process group: the parent handles it and stops
-    the pool, a worker finishes the message it has (without a KeyboardInterrupt traceback)."""
+def start(parent: int) -> None:
+    """Pool worker initializer. Ctrl-C in a terminal signals the whole process group: the
+    parent handles it and stops the pool, a worker finishes the message it has (without a
+    KeyboardInterrupt traceback). And a worker ends when the `privet` process (`parent`)
+    is gone, even killed with SIGKILL: its own parent is the fork server, which in turn
+    exits only once no worker holds its pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True,
+                     name="privet-parent-watch").start()
+
+
+def _exit_with(parent: int, every: float = 1.0) -> None:
+    while True:
+        time.sleep(every)
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:  # a process of someone else's now has that pid
+            os._exit(0)
 
 
 def load_app(reference: str):
