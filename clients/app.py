@@ -8,15 +8,18 @@ recorded before the reply that carries its result leaves.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import sys
 import time
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import update_console_handler
 
 from clients import accounting as A
 from clients.preprocessing import own_transform, planned
@@ -42,12 +45,38 @@ from common.privacy.randomness import make_randomness
 
 STAGES = ("statistics", "pca", "bounds")  # the index seeds each stage's seeded noise
 log = logging.getLogger("flwr")
+# Flower colours its log lines; not where they go to a file or a pipe
+update_console_handler(colored=sys.stderr.isatty())
 
 # One torch thread per actor: Ray gives each ClientApp one CPU (actors × threads ≤ cores).
 torch.set_num_threads(max(1, int(os.environ.get("PRIVET_TORCH_THREADS", "1"))))
 
 app = ClientApp()
 _WARNED: set[tuple[int, float]] = set()
+
+
+def _failures_named(**defaults):
+    """Make a ClientApp function reply, when its work raises, with what went wrong under the
+    client's id (metrics `failed`, ConfigRecord `failure`: the reason) instead of Flower's
+    anonymous error: the server names the client, leaves it out of later rounds and says the
+    run finished with failures. `defaults`: metric values the reply needs (weights 0)."""
+    def decorate(handler):
+        @functools.wraps(handler)
+        def wrapped(msg: Message, context: Context) -> Message:
+            try:
+                return handler(msg, context)
+            except Exception as error:  # noqa: BLE001 - reported, under the client's id
+                client_id = A.client_id(context)  # without an id: Flower's own error
+                reason = f"{type(error).__name__}: {error}"
+                if A.deployed(context):  # a node's own console; a simulation's summary says it
+                    log.error("privet: client %d failed: %s", client_id, reason)
+                metrics = MetricRecord({R.CLIENT_ID: client_id, R.FAILED: 1, R.DECLINED: 1,
+                                        R.NUM_EXAMPLES: 0, **defaults})
+                failure = ConfigRecord({"reason": reason[:2000]})
+                return Message(RecordDict({"metrics": metrics, R.FAILURE: failure}),
+                               reply_to=msg)
+        return wrapped
+    return decorate
 
 
 def _run(msg: Message) -> str:
@@ -113,6 +142,7 @@ def _cleaned_all_rows(cfg: ExperimentConfig, client_id: int, data_path: str):
 
 
 @app.query()
+@_failures_named()
 def statistics(msg: Message, context: Context) -> Message:
     """Federated preprocessing: noised aggregate statistics of this client's rows.
 
@@ -182,6 +212,7 @@ def _training_rows(cfg: ExperimentConfig, client_id: int, data_path: str) -> int
 
 
 @app.train()
+@_failures_named()
 def train(msg: Message, context: Context) -> Message:
     cfg = from_run_config(context.run_config)
     client_id, data_path = A.client_id(context), A.data_path(context)
@@ -198,8 +229,9 @@ def train(msg: Message, context: Context) -> Message:
         return _reply(metrics, _privacy_record(cfg, ledger, transform), msg=msg)
 
     if rows < cfg.train.batch_size:
-        log.warning("client %d: %d row(s) after cleaning, fewer than train.batch-size = %d; "
-                    "it is left out of training", client_id, rows, cfg.train.batch_size)
+        if A.deployed(context):  # a simulation says it once for all, before the run
+            log.warning("client %d: %d row(s) after cleaning, fewer than train.batch-size = %d; "
+                        "it is left out of training", client_id, rows, cfg.train.batch_size)
         return declined(**{R.TOO_SMALL: 1})
     accounting_start = time.perf_counter()  # calibration and ε queries, nothing else
     plan = A.plan(cfg, client_id, data_path, ledger, rows) if private else None
@@ -213,7 +245,7 @@ def train(msg: Message, context: Context) -> Message:
     data = client_data(cfg, client_id, transform, data_path)
     base.update({R.DATA_PREFIX + k: v for k, v in data.cleaning.as_dict().items()})
     model = _model(cfg, data, msg.content["arrays"], data_path)
-    seed = cfg.seed * 1_000_003 + server_round * 1009 + client_id
+    seed = (cfg.seed * 1_000_003 + server_round * 1009 + client_id) % (1 << 63)
 
     sigma = q = None
     if private:
@@ -252,6 +284,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_failures_named(**{R.EVAL_LOSS: 0.0, R.EVAL_ACCURACY: 0.0})
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model here: on the held-out share of this client's rows with
     `evaluation.mode = "federated"`, else on all of them (encoded as it encodes them for

@@ -51,9 +51,10 @@ def sample_rate(num_rows: int, batch_size: int) -> float:
 
 
 def expected_batch_size(num_rows: int, batch_size: int) -> int:
-    """⌊q·n⌋ rows, q = `sample_rate`: the divisor of DP-SGD's noisy sum, Opacus' int(n·q) for
-    Poisson sampling."""
-    return int(num_rows * sample_rate(num_rows, batch_size))
+    """⌊q·n⌋ = ⌊n / ⌈n/B⌉⌋ rows (q = `sample_rate`), in integers: the divisor of DP-SGD's
+    noisy sum. Opacus computes int(n · (1/k)) in floating point, one short where n·(1/k)
+    rounds below a whole number (0 for n = 49, B = 1, where every step would fail)."""
+    return num_rows // steps_per_epoch(num_rows, batch_size)
 
 
 def train_local(model: nn.Module, features: np.ndarray, labels: np.ndarray, *, epochs: int,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -62,6 +63,12 @@ class DataConfig:
     bounds: str = _spec("", shape=dict, help="public [low, high] per numeric column, e.g. "
                                              "{ age = [0, 120] }; federated preprocessing "
                                              "clips to them to bound each row's influence")
+    decimal: str = _spec("", choices=("", ".", ","),
+                         help="csv: the decimal mark of every numeric column; empty = found "
+                              "per column (25,165 in a ;-separated file is 25.165)")
+    thousands: str = _spec("", choices=("", "none", ",", ".", " ", "'"),
+                           help="csv: the thousands separator of every numeric column; empty "
+                                "= found per column (1,234.5 is 1234.5)")
     bad_lines: str = _spec("error", choices=("error", "skip"),
                            help="csv: a line with the wrong number of fields stops the run "
                                 "(error) or is skipped and counted (skip)")
@@ -196,7 +203,8 @@ class PrivacyConfig:
 @dataclass(frozen=True)
 class ExperimentConfig:
     name: str = _spec("adult", help="run name; the run directory starts with it")
-    seed: int = _spec(42, low=0, help="seed for partitioning, init and sampling")
+    seed: int = _spec(42, low=0, high=2 ** 63 - 1,
+                      help="seed for partitioning, init, sampling and seeded DP noise")
     rounds: int = _spec(20, low=1, high=10_000, help="federated rounds")
     num_clients: int = _spec(10, low=1, high=100_000, help="simulated clients")
     clients_per_round: int = _spec(10, low=1, help="clients sampled each round")
@@ -288,15 +296,19 @@ class ExperimentConfig:
         """Flat `{"section.key": value}` mapping, as Flower's run_config holds it."""
         return _flatten(self)
 
-    def to_toml(self) -> str:
-        """The resolved config as a TOML document (readable by `load_config`)."""
+    def to_toml(self, run_config: bool = False) -> str:
+        """The resolved config as a TOML document (readable by `load_config`); with
+        `run_config`, tables and arrays as the text Flower's run config carries (it takes
+        scalars only), for `flwr run --run-config FILE`."""
         lines: list[str] = []
         tables: list[str] = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 tables.append(f"\n[{_key(f.name)}]")
-                tables += [f"{_key(g.name)} = {_toml_value(getattr(value, g.name))}"
+                tables += [f"{_key(g.name)} = "
+                           + (_toml_value(getattr(value, g.name)) if run_config
+                              else _field_toml(g, getattr(value, g.name)))
                            for g in dataclasses.fields(value)]
             else:
                 lines.append(f"{_key(f.name)} = {_toml_value(value)}")
@@ -305,6 +317,31 @@ class ExperimentConfig:
 
 def _key(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _field_toml(f: dataclasses.Field, value: Any) -> str:
+    """A field as TOML: tables and arrays (kept as JSON text, or "0:1.0" pairs) written as
+    TOML tables and arrays again, empty ones included, so the file reads like the one the
+    user wrote."""
+    if f.name == "client_epsilon":
+        return _inline({str(c): e for c, e in parse_client_epsilon(value)})
+    if f.metadata.get("shape"):
+        return _inline(shaped(value, f.metadata["shape"]()))
+    return _toml_value(value)
+
+
+def _inline(value: Any) -> str:
+    """A TOML inline value for JSON-shaped data (tables, arrays, strings, numbers)."""
+    if isinstance(value, Mapping):
+        items = ", ".join(f"{_toml_key(k)} = {_inline(v)}" for k, v in value.items())
+        return "{ " + items + " }" if items else "{}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_inline(v) for v in value) + "]"
+    return _toml_value(value)
+
+
+def _toml_key(name: str) -> str:
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
 
 
 def _toml_value(value: Any) -> str:
@@ -354,7 +391,8 @@ def _check_value(key: str, value: Any, f: dataclasses.Field) -> Any:
         raise ConfigError(f"{key} = {value!r}: expected a value {bound}"
                           + (f" and ≤ {high}" if high is not None else ""))
     if high is not None and value > high:
-        raise ConfigError(f"{key} = {value!r}: expected a value ≤ {high}")
+        shown = "< 2**63" if high == 2 ** 63 - 1 else f"≤ {high}"
+        raise ConfigError(f"{key} = {value!r}: expected a value {shown}")
     return value
 
 
@@ -483,21 +521,47 @@ def _deep_merge(into: dict[str, Any], key: str, value: Any) -> None:
 
 def load_config(path: str | Path = DEFAULT_CONFIG, overrides: list[str] | None = None
                 ) -> ExperimentConfig:
-    """Read an experiment TOML file and apply `key=value` overrides."""
+    """Read an experiment TOML file and apply `key=value` overrides. Raises ConfigError, one
+    line naming the file (or the `--set` override) and what was expected."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a config file (--config)")
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror or err})"
+                          ) from None
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark from a Windows editor is fine
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}, line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); "
+                          "save the config as UTF-8") from None
     try:
         values = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
-    parsed = dict(parse_override(o) for o in overrides or [])
+    assignments = list(overrides or [])
+    parsed = dict(parse_override(o) for o in assignments)
+    try:
+        from_mapping(values)
+    except ConfigError as err:
+        if not any(key_named(key, str(err)) for key in parsed):
+            raise ConfigError(f"{path}: {err}") from None
     try:
         return from_mapping(values, parsed)
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        named = [a for a, key in zip(assignments, parsed) if key_named(key, str(err))]
+        where = ", ".join(f"--set {a}" for a in named) if named else str(path)
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def key_named(key: str, message: str) -> bool:
+    """Whether a ConfigError message is about `key` (it starts with, or quotes, the key)."""
+    return message.startswith(f"{key} ") or message.startswith(f"{key}:") or \
+        f" {key} " in message or f" {key}:" in message
 
 
 def from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:

@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: the process's umask, which only a read that sets it can tell
 CONFIG = "config.toml"
 METRICS = "metrics.csv"
 ROUNDS = "rounds.csv"
@@ -33,14 +35,14 @@ PARTITIONS = "partitions.csv"    # per client: rows, label balance, missing cell
 TRANSFORM = "transform.json"     # the shared transform of federated preprocessing
 AUDIT = "audit.json"             # `privet audit`: the membership-inference audit
 CLIENT_TRANSFORMS = "client_transforms.json"  # each client's own DP-fitted transform
-RUN_FILES = (CONFIG, METRICS, ROUNDS, SUMMARY, MODEL, PLOT)
+RUN_FILES = (CONFIG, METRICS, ROUNDS, SUMMARY, MODEL, PLOT, PARTITIONS, TRANSFORM,
+             CLIENT_TRANSFORMS, AUDIT)  # what a run writes: replaced by the next run there
 
 METRIC_COLUMNS = ["round", "client", "status", "examples", "loss", "accuracy", "epsilon",
                   "steps", "noise_multiplier", "sample_rate", "train_seconds",
                   "accounting_seconds"]
 ROUND_COLUMNS = ["round", "test_accuracy", "test_loss", "max_epsilon", "user_epsilon",
-                 "clients_trained",
-                 "clients_declined", "elapsed_seconds"]
+                 "clients_trained", "clients_declined", "clients_failed", "elapsed_seconds"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -48,6 +50,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes 0600; results are as readable as any file the user makes (the
+        # plots, written by matplotlib, are): 0666 less the umask
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -58,11 +58,14 @@ def _plot_per_accountant(series: dict[str, list[tuple[float, float]]], path: Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, points in series.items():
         ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=name)
     ax.set(**axes)
+    if "xticks" in axes:
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
@@ -77,6 +80,10 @@ def plot_epsilon(curves: dict[str, list[tuple[int, float]]], sigma: float, path:
 
 
 def plot_sigma(table: dict[str, list[tuple[float, float]]], path: Path) -> Path:
+    targets = sorted({t for points in table.values() for t, _ in points})
+    # a log axis labels its own ticks as 3×10⁰, 4×10⁰, which run together: the targets
+    # themselves are the ticks, written plainly
     return _plot_per_accountant(table, path, xscale="log", xlabel="target ε",
-                                ylabel="noise multiplier σ",
+                                ylabel="noise multiplier σ", xticks=targets,
+                                xticklabels=[f"{t:g}" for t in targets],
                                 title="Noise needed for the whole run")

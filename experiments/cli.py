@@ -14,9 +14,13 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from common import results
 from common.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_config
+from common.run_dir import RunDirError
+from experiments.lifetime import exit_code, stop_signals
+from common.run_dir import claim as run_dir_claim
 from experiments.cli_common import ConfigFile, Overrides, console, err, exit_now, fail
 from experiments.cli_deploy import deploy_app, run_deployed
 from experiments.cli_ledger import ledger
@@ -42,7 +46,6 @@ class RoundWatcher(threading.Thread):
         self.run_dir, self.cfg = run_dir, cfg
         self.stop = threading.Event()
         self.reported = 0
-        self.started = time.time()
 
     def poll(self) -> None:
         try:
@@ -58,7 +61,9 @@ class RoundWatcher(threading.Thread):
             console.print(f"round {int(row['round']):>3}/{self.cfg.rounds}  "
                           f"test accuracy {float(row['test_accuracy']):.4f}  {privacy}"
                           f"clients {row['clients_trained']:>3}  "
-                          f"{time.time() - self.started:6.1f}s")
+                          f"{float(row['elapsed_seconds']):6.1f}s"  # rounds.csv's clock
+                          + ("  no client trained: the model is unchanged"
+                             if int(row["clients_trained"]) == 0 else ""))
         self.reported = len(rows)
 
     def run(self) -> None:
@@ -67,6 +72,7 @@ class RoundWatcher(threading.Thread):
         self.poll()
 
 
+EXIT_FAILURES = 3  # the run finished, but some clients failed (named in the summary)
 CLIENTS_SHOWN = 20  # more clients than this: a summary line and the 10 that spent most
 
 
@@ -131,10 +137,17 @@ def print_summary(run_dir: Path) -> None:
     where = ("held-out accuracy (clients' own rows)" if summary.get("evaluation") == "federated"
              else "test accuracy")
     console.print(f"{where} [bold]{accuracy:.4f}[/] after {summary['rounds']} round(s); "
-                  f"{eps_line}; {summary['wall_seconds']:.1f}s" if accuracy is not None else
-                  f"no round finished; {eps_line}")
+                  f"{escape(eps_line)}; {summary['wall_seconds']:.1f}s" if accuracy is not None
+                  else f"no round finished; {escape(eps_line)}", markup=True)
+    failures = summary.get("failures", {}).get("clients", {})
+    for cid, failure in failures.items():
+        err.print(f"privet: client {cid} failed in {failure['stage']} (round "
+                  f"{failure['round']}) and was left out: {failure['reason']}", soft_wrap=True)
+    if failures:
+        err.print(f"privet: the run finished with failures: {len(failures)} of "
+                  f"{summary['num_clients']} clients failed", soft_wrap=True)
     for line in privacy.get("not_covered", []):
-        console.print(f"not covered by ε: {escape(line)}")
+        console.print(f"not covered by ε: {line}")
     console.print(f"results: {run_dir}")
 
 
@@ -205,23 +218,26 @@ def simulate(
         cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(
             cfg.privacy, ledger_dir=str(Path(cfg.privacy.ledger_dir).expanduser().resolve())))
     run_dir = (out or default_run_dir(cfg)).resolve()
+    try:  # before any data is read: a second run into one --out is refused at once
+        run_dir_claim(run_dir, finished=results.SUMMARY, stale=results.RUN_FILES,
+                      overwrite=overwrite)
+        results.atomic_write_text(run_dir / results.CONFIG, cfg.to_toml())
+    except RunDirError as error:
+        fail(str(error))
+    except OSError as error:
+        fail(f"--out {run_dir}: cannot write the run directory ({error.strerror or error})")
     from experiments import simulation  # heavy imports (torch, flwr, ray) only now
 
     simulation.start_early(ray_address)
+    from common.data.tables import DataError
     from common.privacy.ledger import LedgerError
 
     try:
         report, data_warnings = simulation.preflight(cfg)
-    except LedgerError as error:  # names its own file
+    except (LedgerError, DataError) as error:  # they name their own file
         fail(str(error))
     except (ValueError, FileNotFoundError) as error:
         fail(f"{config}: {error}")
-    if (run_dir / results.SUMMARY).exists() and not overwrite:
-        fail(f"{run_dir} already holds a run; pass another --out or --overwrite")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in results.RUN_FILES:
-        (run_dir / stale).unlink(missing_ok=True)
-    results.atomic_write_text(run_dir / results.CONFIG, cfg.to_toml())
     levels = []
     if cfg.private:
         levels.append(f"sample-level ε = {cfg.privacy.epsilon:g} per client"
@@ -236,7 +252,7 @@ def simulate(
                   f"per round, {cfg.rounds} rounds, {privacy} → {run_dir}")
 
     for line in data_warnings:
-        err.print(f"privet: warning: {line}")
+        err.print(f"privet: warning: {line}", soft_wrap=True)
     print_partitions(report, cfg)
     watcher = RoundWatcher(run_dir, cfg)
     watcher.start()
@@ -246,14 +262,14 @@ def simulate(
     except simulation.RayAddressError as error:
         code = 2
         err.print(f"privet: error: {error}", markup=False, soft_wrap=True)
-    except KeyboardInterrupt:
-        code = 130
-        err.print("privet: interrupted; finished rounds are kept")
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM (experiments.lifetime)
+        code = exit_code(stop)
+        err.print(f"privet: interrupted ({stop}); finished rounds are kept")
         _mark(run_dir, "interrupted")
     except Exception as error:  # noqa: BLE001 - one line for the user, details with -v
         code = 1
         _mark(run_dir, "failed")
-        err.print(f"privet: error: the simulation failed: {error}")
+        err.print(f"privet: error: the simulation failed: {error}", soft_wrap=True)
         if verbose:
             raise
     finally:
@@ -261,6 +277,8 @@ def simulate(
         watcher.join(timeout=5)
     if (run_dir / results.SUMMARY).exists():
         print_summary(run_dir)
+        if not code and results.read_summary(run_dir)["status"] == "complete-with-failures":
+            code = EXIT_FAILURES
     exit_now(code)
 
 
@@ -378,6 +396,10 @@ def compare(
     except ValueError as error:  # ConfigError included
         fail(str(error))
     out = (out or Path("runs") / f"compare-{base.name}").resolve()
+    try:  # one comparison at a time in a folder; re-running it resumes (nothing is cleared)
+        run_dir_claim(out)
+    except RunDirError as error:
+        fail(str(error))
     cores = simulation_cpus()
     cpus = max(1, cores // jobs)
     cells = grid.Grid(config.resolve(), overrides or [], out, runs, expected, jobs, cpus, audit)
@@ -390,10 +412,11 @@ def compare(
     started = time.time()
     code = 0
     try:
-        if not grid.run_grid(cells, console):
-            code = 1
-    except KeyboardInterrupt:
-        code = 130
+        with stop_signals():
+            if not grid.run_grid(cells, console):
+                code = 1
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the runs were stopped
+        code = exit_code(stop)
     dirs = [cells.run_dir(r) for r in runs if (cells.run_dir(r) / results.CONFIG).is_file()]
     if dirs:
         built = report.build(dirs, out)
@@ -480,7 +503,7 @@ def audit(
                         ("ε accounted", found.get("theoretical_epsilon"))):
         table.add_row(name, "-" if value is None else f"{value:.4g}")
     violation = bool(found.get("violation"))
-    table.add_row("violation", "[bold red]YES[/]" if violation else "no")
+    table.add_row("violation", Text("YES", style="bold red") if violation else "no")
     console.print(table)
     if found.get("message"):
         console.print(str(found["message"]), markup=False,
@@ -505,16 +528,20 @@ def print_comparison(built) -> None:
 
 
 def _mark(run_dir: Path, status: str) -> None:
-    """Record how a run ended when the server could not (it was cut off)."""
+    """Record how a run ended when the server could not (it was cut off). Best effort: on a
+    full disk the finished rounds stay as they were written."""
     from common.plots import plot_run
 
     path = run_dir / results.SUMMARY
-    if path.exists():
-        summary = json.loads(path.read_text())
-        if summary.get("status") == "running":
-            summary["status"] = status
-            results.write_json(path, summary)
-    plot_run(run_dir)
+    try:
+        if path.exists():
+            summary = json.loads(path.read_text())
+            if summary.get("status") == "running":
+                summary["status"] = status
+                results.write_json(path, summary)
+        plot_run(run_dir)
+    except (OSError, ValueError) as error:
+        err.print(f"privet: warning: could not mark {path} {status}: {error}", soft_wrap=True)
 
 
 # --- deployment: SuperLink and SuperNodes on separate machines ----------------------------

@@ -9,9 +9,12 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-console = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# Markup off: what comes from data, files and configs ("[kg]", "[/quote]") prints as it is;
+# the few styled lines say markup=True and escape what they embed.
+console = Console(highlight=False, markup=False)
+err = Console(stderr=True, highlight=False, markup=False)
 
 # Options several commands share.
 ConfigFile = Annotated[Path, typer.Option(
@@ -22,7 +25,7 @@ Overrides = Annotated[Optional[list[str]], typer.Option(
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]privet: error:[/] {message}", markup=True, soft_wrap=True)
+    err.print(f"[bold red]privet: error:[/] {escape(message)}", markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 from rich.markup import escape
 
 from common import results
+from experiments.lifetime import die_with_parent
+from common import run_dir as run_dirs
 from common.config import ExperimentConfig, load_config
 from experiments import report
 from experiments.simulation import CPUS_ENV
@@ -136,8 +138,10 @@ class Grid:
             if self.stopping.is_set():
                 return 130
             with open(log, "w", encoding="utf-8") as handle:
+                # a run ends with this process, even if this one is killed (SIGKILL)
                 proc = subprocess.Popen(self.command(*args), stdout=handle,
-                                        stderr=subprocess.STDOUT, env=self.env)
+                                        stderr=subprocess.STDOUT, env=self.env,
+                                        preexec_fn=die_with_parent)
             self.procs[run] = proc
         try:
             return proc.wait()
@@ -146,8 +150,7 @@ class Grid:
                 self.procs.pop(run, None)
 
     def simulate(self, run: GridRun) -> bool:
-        run_dir = self.run_dir(run)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = run_dirs.mark(self.run_dir(run))  # privet's: its simulate may claim it
         for stale in (results.ROUNDS, results.SUMMARY, results.AUDIT):  # a redo starts clean
             (run_dir / stale).unlink(missing_ok=True)
         sets = [a for o in [*self.overrides, *run.overrides()] for a in ("--set", o)]
@@ -175,12 +178,13 @@ class Grid:
         started = time.time()
         if not reuse and not self.simulate(run):
             self.state[run] = "interrupted" if self.stopping.is_set() else "failed"
-            self.outcome[run] = f"[red]✗ {run.name} {self.state[run]}[/] (log: {run_dir / LOG})"
+            self.outcome[run] = (f"[red]✗ {run.name} {self.state[run]}[/] "
+                                 f"(log: {escape(str(run_dir / LOG))})")
             return
         audit_note = ""
         if self.audit and not (run_dir / results.AUDIT).is_file() and not self.stopping.is_set():
             if not self.run_audit(run):
-                audit_note = f"  [yellow]audit failed (log: {run_dir / AUDIT_LOG})[/]"
+                audit_note = f"  [yellow]audit failed (log: {escape(str(run_dir / AUDIT_LOG))})[/]"
         row = report.audit_columns(run_dir)
         summary = results.read_summary(run_dir)
         verb = "reused" if reuse else f"done in {time.time() - started:.0f}s"
@@ -225,7 +229,8 @@ def run_grid(grid_: Grid, console) -> bool:
                         run = futures.pop(future)
                         if run in current:
                             progress.remove_task(current.pop(run))
-                        progress.console.print(grid_.outcome.get(run, run.name))
+                        progress.console.print(grid_.outcome.get(run, escape(run.name)),
+                                               markup=True)
                         progress.advance(overall)
                     _show_current(progress, grid_, current)
                     time.sleep(0.3)

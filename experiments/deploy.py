@@ -326,7 +326,7 @@ def run_config_file(cfg: ExperimentConfig, directory: Path) -> Path:
     flattens a file's tables itself, while its `key=value` string form cannot carry values
     with quotes (e.g. `preprocess.missing-markers`)."""
     path = directory / "run-config.toml"
-    path.write_text(cfg.to_toml(), encoding="utf-8")
+    path.write_text(cfg.to_toml(run_config=True), encoding="utf-8")
     return path
 
 

@@ -4,16 +4,44 @@ that a worker imports only this and the ClientApp."""
 from __future__ import annotations
 
 import importlib
+import os
 import signal
+import threading
+import time
 import traceback
 
 _app = None
 
 
-def ignore_interrupts() -> None:
-    """Ctrl-C in a terminal signals the whole process group: the parent handles it and stops
-    the pool, a worker finishes the message it has (without a KeyboardInterrupt traceback)."""
+def start(parent: int) -> None:
+    """Pool worker initializer. Ctrl-C in a terminal signals the whole process group: the
+    parent handles it and stops the pool, a worker finishes the message it has (without a
+    KeyboardInterrupt traceback). And a worker ends when the `privet` process (`parent`)
+    is gone, even killed with SIGKILL: its own parent is the fork server, which in turn
+    exits only once no worker holds its pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True,
+                     name="privet-parent-watch").start()
+
+
+def _exit_with(parent: int, every: float = 1.0) -> None:
+    while _alive(parent):
+        time.sleep(every)
+    os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs: not gone, not someone else's by now, not a zombie waiting for its
+    own parent to reap it (a killed `privet` is one until then)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:  # no /proc (not Linux): the signal test is what there is
+        return True
 
 
 def load_app(reference: str):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import os
 import multiprocessing.forkserver
 import threading
 from collections.abc import Callable
@@ -57,7 +58,7 @@ class ProcessPoolBackend(Backend):
         start_fork_server(self.reference)
         self.pool = concurrent.futures.ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context("forkserver"),
-            initializer=pool_worker.ignore_interrupts)
+            initializer=pool_worker.start, initargs=(os.getpid(),))
         # start every worker now (each loads the app), not at the first message
         for future in [self.pool.submit(pool_worker.load_app, self.reference)
                        for _ in range(self.workers)]:

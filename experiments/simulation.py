@@ -11,14 +11,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import signal
 import socket
 import sys
-import threading
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from common.config import PROJECT_DIR, ExperimentConfig
+from experiments.lifetime import stop_signals
 
 SERVER_APP = "server.app:app"
 CLIENT_APP = "clients.app:app"
@@ -151,24 +150,6 @@ def _join_cluster(init_args: dict) -> None:
 
 
 @contextmanager
-def _quiet_on_interrupt():
-    """On Ctrl-C the terminal signals Ray's actors too; Flower then logs each dead actor
-    with a traceback. The user asked to stop: mute Flower first, then interrupt."""
-    def on_sigint(signum, frame):
-        logging.getLogger("flwr").setLevel(logging.CRITICAL + 1)
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-@contextmanager
 def _ray_stopped_on_exit():
     """Shut Ray down however we leave (normal end, error, Ctrl-C). On a cluster this process
     only disconnects: the cluster keeps running, and Ray removes this run's actors."""
@@ -194,11 +175,19 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
     report = partition_report(cfg)
     if not cfg.federated_preprocessing:
         test_data(cfg)
+    notes: tuple[str, ...] = ()
     if cfg.data.dataset not in IMAGE_DATASETS:
         small = [r["client"] for r in report if r["rows"] < cfg.train.batch_size]
         if len(small) == cfg.num_clients:
             raise ValueError(f"every client has fewer rows than train.batch-size = "
                              f"{cfg.train.batch_size}")
+        able = cfg.num_clients - len(small)
+        if 2 * len(small) > cfg.num_clients or able < cfg.clients_per_round:
+            notes = (f"{len(small)} of {cfg.num_clients} clients have fewer rows than "
+                     f"train.batch-size = {cfg.train.batch_size} and will never train"
+                     + (f"; only {able} can, fewer than clients-per-round = "
+                        f"{cfg.clients_per_round}" if able < cfg.clients_per_round else "")
+                     + "; lower train.batch-size or num-clients",)
     p = cfg.privacy
     if p.ledger_dir:  # a ledger that cannot be trusted stops the run here, in one line
         from common.privacy.ledger import LedgerDir
@@ -220,7 +209,7 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
                 f"small for adaptive clipping at user-level σ = {sigma:.3f}: it must exceed "
                 f"σ/2 = {sigma / 2:.3f}; raise it, or the cohort, or privacy.user-epsilon"
             ) from None
-    return report, source_warnings(cfg)
+    return report, source_warnings(cfg) + notes
 
 
 def _nodes_in_order(register):
@@ -294,7 +283,7 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False,
 
     if not hasattr(vce_api._register_nodes, "original"):
         vce_api._register_nodes = _nodes_in_order(vce_api._register_nodes)
-    with (_quiet_on_interrupt(), _ray_stopped_on_exit(),
+    with (stop_signals("flwr"), _ray_stopped_on_exit(),
           nullcontext() if on_ray else process_backend.installed()):
         if ray_address:
             _join_cluster(config["init_args"])

@@ -9,13 +9,16 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sys
 import time
 import uuid
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common.logger import update_console_handler
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
@@ -31,10 +34,12 @@ from server.accounting import BudgetExhausted
 from server.describe import describe_clients
 from server.preprocessing import fit_shared_transform
 from server.recorder import RunRecorder
-from server.strategy import PrivetFedAvg
+from server.strategy import NoClientsLeft, PrivetFedAvg
 from server.user_dp import UserLevelDPFedAvg
 
 log = logging.getLogger("flwr")
+# Flower colours its log lines; not where they go to a file or a pipe
+update_console_handler(colored=sys.stderr.isatty())
 log.propagate = False  # Flower has its own handler; see experiments/simulation.py
 NODE_WAIT_SECONDS = 60
 
@@ -46,6 +51,10 @@ def run_directory(cfg: ExperimentConfig) -> Path:
         return Path(cfg.out_dir).expanduser().resolve()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return (Path("runs") / f"{cfg.name}-{stamp}").resolve()
+
+
+class RunFailed(Exception):
+    """The run cannot go on (a non-finite global model, no client left to train)."""
 
 
 def deployed(grid: Grid) -> bool:
@@ -86,15 +95,29 @@ def main(grid: Grid, context: Context) -> None:
     status = "failed"
     try:
         _run(grid, cfg, recorder, run, noise_source)
-        status = "complete"
+        status = "complete-with-failures" if recorder.failures else "complete"
     except BudgetExhausted as reason:
         status = "budget-exhausted"
         log.warning("privet: stopping after round %d: %s", len(recorder.round_rows), reason)
+    except (NoClientsLeft, RunFailed) as reason:
+        # a deployment's operator reads it in the streamed log; `privet simulate` prints it
+        log.warning("privet: the run failed after round %d: %s", len(recorder.round_rows),
+                    reason)
+        raise RunFailed(str(reason)) from None
+    except OSError as error:  # the disk filled up, the folder went away: what is kept
+        done = len(recorder.round_rows)
+        raise RunFailed(f"{run_dir}: {(error.strerror or str(error)).lower()} while writing the "
+                        f"results of round {done + 1}; "
+                        + (f"rounds 1-{done} are kept" if done else "no round was finished")
+                        ) from None
     except KeyboardInterrupt:
         status = "interrupted"
         raise
     finally:
-        recorder.finish(status)
+        try:
+            recorder.finish(status)
+        except OSError as error:  # a full disk: the last summary written stays
+            log.warning("privet: could not write the final summary: %s", error)
         log.info("privet: %s after %d round(s); results in %s", status,
                  len(recorder.round_rows), run_dir)
 
@@ -138,6 +161,9 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
         else:
             R.load_arrays(model, arrays)
             loss, accuracy = evaluate_model(model, test.features, test.labels)
+        if server_round > 0 and not all(np.isfinite(a.numpy()).all() for a in arrays.values()):
+            raise RunFailed(f"round {server_round}: the global model's weights are not finite "
+                            "(NaN or infinite): training diverged (lower train.lr?)")
         if server_round > 0:
             if user_account is not None:  # this round's release, before anything reads it
                 accounting.record_round(user_account, strategy.ledger_noise,

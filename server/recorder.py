@@ -19,6 +19,7 @@ from common import results
 from common.config import IMAGE_DATASETS, ExperimentConfig, shaped
 from common.data import adult
 from common.plots import plot_run
+from common.run_dir import claim as run_dir_claim
 from common.privacy import accountants
 
 log = logging.getLogger("flwr")
@@ -53,11 +54,14 @@ class RunRecorder:
         self.released: dict[str, set[str]] = {}  # client id -> what it sent in the clear
         self.client_transforms: dict[str, str] = {}  # client id -> its own DP-fitted transform
         self.client_ranges: dict[str, dict] = {}  # fit = local: ranges each estimated, DP
+        self.failures: dict[str, dict] = {}  # client id -> its first failure (round, reason)
         self.node_clients: dict[int, str] = {}  # node id -> the client it last answered for
         self.transform_features: int | None = None
         self.estimated_bounds: dict = {}  # ranges of undeclared numeric columns, found with DP
         self.data_warnings: list[str] = []  # skipped lines, non-numeric cells in the files
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # privet simulate claimed it already (a no-op then); a deployed ServerApp claims it
+        run_dir_claim(self.run_dir, option="out-dir", finished=results.SUMMARY,
+                      stale=results.RUN_FILES)
         results.atomic_write_text(self.run_dir / results.CONFIG, cfg.to_toml())
         # headers now: a run that ends before round 1 still leaves files a program can read
         results.write_csv(self.run_dir / results.METRICS, results.METRIC_COLUMNS, [])
@@ -114,13 +118,29 @@ class RunRecorder:
             for k in keys if k != R.CLIENT_ID)
 
     def record_evaluations(self, server_round: int, replies: list[Message]) -> None:
-        """Federated evaluation: what each client sent (metrics in the clear) and spent."""
+        """Federated evaluation: what each client sent (metrics in the clear), spent, or
+        failed at."""
         for msg in replies:
             if msg.has_error() or "metrics" not in msg.content:
                 continue
             client = str(int(msg.content["metrics"][R.CLIENT_ID]))
             self._released(client, msg.content["metrics"].keys())
             self.record_spend(client, msg.content.config_records.get(R.PRIVACY))
+            self.note_failure(client, msg, server_round, "evaluation")
+
+    def note_failure(self, client: str, msg: Message, server_round: int,
+                     stage: str = "training") -> str:
+        """The reason a client's reply says it failed ("" if it did not), kept for the
+        summary: the first failure of each client, with its round and stage."""
+        failure = msg.content.config_records.get(R.FAILURE)
+        if not int(msg.content["metrics"].get(R.FAILED, 0)) or failure is None:
+            return ""
+        reason = str(failure.get("reason", "unknown"))
+        if client not in self.failures:
+            self.failures[client] = {"round": server_round, "stage": stage, "reason": reason}
+            entry = self.clients.setdefault(client, {"rounds_trained": 0, "stopped_round": None})
+            entry["left_out"] = "failed"
+        return reason
 
     def note_described(self, report: list[dict]) -> None:
         """Federated evaluation: every client described its data in the clear."""
@@ -160,11 +180,15 @@ class RunRecorder:
                                    f"{msg.metadata.src_node_id}); each node needs its own")
             declined = bool(int(m.get(R.DECLINED, 0)))
             too_small = bool(int(m.get(R.TOO_SMALL, 0)))
+            failure = self.note_failure(client, msg, server_round)
             entry = self.clients.setdefault(client, {"rounds_trained": 0, "stopped_round": None})
-            entry.update(target_epsilon=float(m.get(R.TARGET_EPSILON, math.nan)),
-                         data={k[len(R.DATA_PREFIX):]: int(v) for k, v in m.items()
-                               if k.startswith(R.DATA_PREFIX)})
-            if too_small:
+            entry.update(target_epsilon=float(m.get(R.TARGET_EPSILON, math.nan)))
+            if any(k.startswith(R.DATA_PREFIX) for k in m.keys()):
+                entry["data"] = {k[len(R.DATA_PREFIX):]: int(v) for k, v in m.items()
+                                 if k.startswith(R.DATA_PREFIX)}
+            if failure:
+                entry["left_out"] = "failed"
+            elif too_small:
                 entry["left_out"] = "too-small"
             elif declined:
                 entry["stopped_round"] = entry["stopped_round"] or server_round
@@ -172,7 +196,8 @@ class RunRecorder:
                 entry["rounds_trained"] += 1
             rows.append({
                 "round": server_round, "client": client,
-                "status": "too-small" if too_small else "declined" if declined else "trained",
+                "status": f"failed: {failure}" if failure else "too-small" if too_small
+                else "declined" if declined else "trained",
                 "examples": int(m[R.NUM_EXAMPLES]),
                 "loss": _fmt(m.get(R.TRAIN_LOSS)), "accuracy": _fmt(m.get(R.TRAIN_ACCURACY)),
                 "epsilon": _fmt(m.get(R.EPSILON)), "steps": m.get(R.STEPS, 0),
@@ -195,11 +220,17 @@ class RunRecorder:
         self.client_rows.extend(pending)
         trained = sum(r["status"] == "trained" for r in pending)
         declined = sum(r["status"] == "declined" for r in pending)
+        failed = sum(r["status"].startswith(("failed", "error")) for r in pending)
+        if not trained:
+            log.warning("privet: round %d: no client trained (%d declined, %d failed, %d "
+                        "left out); the global model is unchanged", server_round, declined,
+                        failed, sum(r["status"] == "too-small" for r in pending))
         self.round_rows.append({
             "round": server_round, "test_accuracy": f"{accuracy:.6f}",
             "test_loss": f"{loss:.6f}", "max_epsilon": _fmt(self.max_epsilon()),
             "user_epsilon": _fmt(self.user_epsilon()),
             "clients_trained": trained, "clients_declined": declined,
+            "clients_failed": failed,
             "elapsed_seconds": f"{time.time() - self.started:.3f}"})
         results.write_csv(self.run_dir / results.METRICS, results.METRIC_COLUMNS,
                           self.client_rows)
@@ -213,7 +244,7 @@ class RunRecorder:
         return [cid for cid, c in self.clients.items() if c["stopped_round"] is not None]
 
     def left_out_clients(self) -> list[str]:
-        """Clients whose data is too small to train on."""
+        """Clients whose data is too small to train on, or that failed."""
         return [cid for cid, c in self.clients.items() if c.get("left_out")]
 
     def max_epsilon(self) -> float | None:
@@ -341,6 +372,8 @@ class RunRecorder:
                                              int(kv[0]) if kv[0].isdigit() else 1 << 30)},
                 "not_covered": self.not_covered(),
             },
+            "failures": {"count": len(self.failures), "clients": dict(sorted(
+                self.failures.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 1 << 30))},
             "data": {cid: c.get("data", {}) for cid, c in self._sorted_clients()},
             "data_warnings": self.data_warnings,
             "evaluation": self.cfg.evaluation.mode,

@@ -6,7 +6,9 @@ Decentralized Data") with two additions that privet needs and Flower's FedAvg la
 - replies from clients that declined to train (privacy budget spent) are left out of
   the average instead of failing the round;
 - a client whose data is too small to train on says so once and is left out of
-  sampling from then on.
+  sampling from then on; so is a client that failed (its reply names the reason) or
+  whose update is not finite (rejected here, whatever the client says, and marked failed
+  so that the run's records name it).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import random
 from typing import Callable, Iterable
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -54,6 +57,28 @@ class _Reachable:
         return getattr(self._grid, name)
 
 
+class NoClientsLeft(Exception):
+    """Too few clients remain to train once the failed and too-small ones are left out."""
+
+
+NON_FINITE = "non-finite update: NaN or infinite weights (rejected by the server)"
+
+
+def non_finite(message: Message) -> bool:
+    """True for a training reply whose weights are not all finite."""
+    if message.has_error() or "arrays" not in message.content:
+        return False
+    return any(not np.isfinite(array.numpy()).all()
+               for array in message.content["arrays"].values())
+
+
+def mark_failed(message: Message, reason: str) -> None:
+    """Turn a reply into a failure the recorder and sampling treat as such."""
+    metrics = message.content["metrics"]
+    metrics[R.FAILED], metrics[R.DECLINED] = 1, 1
+    message.content[R.FAILURE] = ConfigRecord({"reason": reason})
+
+
 def _reply_order(message: Message) -> tuple[int, int]:
     if message.has_error() or "metrics" not in message.content:
         return (1, message.metadata.src_node_id)
@@ -77,7 +102,17 @@ class PrivetFedAvg(FedAvg):
         self.last_evaluation: MetricRecord = MetricRecord({})
 
     def reachable(self, grid: Grid) -> Grid:
-        return _Reachable(grid, self.left_out)  # type: ignore[return-value]
+        """The grid without the left-out nodes; raises NoClientsLeft when leaving them out is
+        what keeps a round from having min-clients (waiting would never end)."""
+        view = _Reachable(grid, self.left_out)
+        connected = list(grid.get_node_ids())
+        if (len(view.get_node_ids()) < self.min_available_nodes
+                and len(connected) >= self.min_available_nodes):
+            raise NoClientsLeft(
+                f"{len(self.left_out)} of {len(connected)} clients failed or are too small "
+                f"and are left out: fewer than min-clients = {self.min_available_nodes} "
+                "remain to train")
+        return view  # type: ignore[return-value]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -108,11 +143,15 @@ class PrivetFedAvg(FedAvg):
         client order: the weighted sums then do not depend on which client finished first
         (float addition is not associative), so the same seed gives the same model."""
         replies = sorted(replies, key=_reply_order)
+        for message in replies:
+            if non_finite(message):
+                mark_failed(message, NON_FINITE)
         if self.on_train_replies is not None:
             sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
             self.on_train_replies(server_round, replies, sent_to)
         self.left_out.update(m.metadata.src_node_id for m in replies if not m.has_error()
-                             and int(m.content["metrics"].get(R.TOO_SMALL, 0)))
+                             and (int(m.content["metrics"].get(R.TOO_SMALL, 0))
+                                  or int(m.content["metrics"].get(R.FAILED, 0))))
         return [m for m in replies
                 if m.has_error() or not int(m.content["metrics"].get(R.DECLINED, 0))]
 

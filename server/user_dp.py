@@ -170,6 +170,7 @@ class UserLevelDPFedAvg(PrivetFedAvg):
         self.noise_multiplier, self.clip = noise_multiplier, clip
         self.sample_rate, self.num_clients = sample_rate, num_clients
         self.expected_clients = sample_rate * num_clients
+        self.round_expected = self.expected_clients  # p × the nodes not left out, per round
         self.adaptive, self.target_quantile, self.clip_lr = adaptive, target_quantile, clip_lr
         self.count_stddev, self.model_noise = 0.0, noise_multiplier
         if adaptive:
@@ -195,6 +196,11 @@ class UserLevelDPFedAvg(PrivetFedAvg):
         """Poisson sampling: each node (in id order) joins this round with probability p."""
         self._global = arrays.to_torch_state_dict()
         nodes = sorted(self.reachable(grid).get_node_ids())
+        # Left-out (failed, too small) nodes are never sampled; each remaining one still joins
+        # with probability p, the rate the ledger records. The sum is then divided by the
+        # cohort expected of them, p·(remaining): the privacy is in the noise on the sum,
+        # the divisor only keeps the average unbiased.
+        self.round_expected = self.sample_rate * max(len(nodes), 1)
         draws = self.randomness.uniform(len(nodes))
         chosen = [n for n, u in zip(nodes, draws) if u < self.sample_rate]
         config["server-round"] = server_round
@@ -215,12 +221,12 @@ class UserLevelDPFedAvg(PrivetFedAvg):
         # noise then, and it is accounted like any other round.
         new_state, norms = clipped_noisy_mean(
             self._global, [m.content["arrays"].to_torch_state_dict() for m in trained],
-            self.clip, self.model_noise, self.expected_clients, self.randomness)
+            self.clip, self.model_noise, self.round_expected, self.randomness)
         self.clip_history.append(self.clip)
         if self.adaptive:
             released = self.release_count(norms)
             self.released_counts.append(released)
-            fraction = unclipped_fraction(released, self.expected_clients)
+            fraction = unclipped_fraction(released, self.round_expected)
             self.clip = next_clip(self.clip, fraction, self.target_quantile, self.clip_lr)
         # Both queries together are one Gaussian mechanism with the calibrated multiplier.
         self.ledger.record(self.ledger_noise, self.sample_rate, 1)

@@ -5,6 +5,16 @@ from pathlib import Path
 import pytest
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, chosen by the OS: tests never use Flower's fixed
+    defaults (8000, 9091-9094, 39091, 39093), which someone else's SuperLink may hold."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 sys.path.insert(0, str(PROJECT_DIR))
 
 

@@ -7,6 +7,8 @@ import time
 def app(message, context):
     if message == "fail":
         raise ValueError("the client says no")
+    started = time.monotonic()
     time.sleep(0.4)
     context["pid"] = os.getpid()  # the context goes back to the engine, as Flower's does
+    context["ran"] = (started, time.monotonic())  # CLOCK_MONOTONIC: one clock for all
     return f"{message} done"

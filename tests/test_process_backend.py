@@ -1,7 +1,6 @@
 """privet's process-pool backend for Flower's simulation runtime (experiments/process_backend)."""
 
 import threading
-import time
 
 import pytest
 from flwr.clientapp.client_app import ClientAppException
@@ -30,18 +29,19 @@ def test_messages_run_side_by_side_in_separate_workers(backend):
     def send(name):
         replies[name] = backend.process_message(name, {})
 
-    started = time.perf_counter()
     threads = [threading.Thread(target=send, args=(f"m{i}",)) for i in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    elapsed = time.perf_counter() - started
     assert {name: reply for name, (reply, _) in replies.items()} == {"m0": "m0 done",
                                                                        "m1": "m1 done"}
     pids = {context["pid"] for _, context in replies.values()}
     assert len(pids) == 2, "both workers should have taken a message"
-    assert elapsed < 0.75, f"two 0.4 s messages took {elapsed:.2f} s: not side by side"
+    # side by side: each began before the other ended (an order, not a duration: it holds
+    # however loaded the machine is)
+    (a_start, a_end), (b_start, b_end) = (c["ran"] for _, c in replies.values())
+    assert a_start < b_end and b_start < a_end, "the two messages ran one after the other"
 
 
 def test_a_failing_client_is_reported_as_its_error(backend):

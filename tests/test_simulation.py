@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROJECT_DIR
+from conftest import PROJECT_DIR, free_port
 from independent import pld_epsilon
 
 from common.config import CONFIGS_DIR, load_config
@@ -23,6 +23,22 @@ def ray_pids() -> set[int]:
     done = subprocess.run(["pgrep", "-f", "raylet|gcs_server|ray::"], capture_output=True,
                           text=True)
     return {int(p) for p in done.stdout.split()}
+
+
+def processes_with_env(name: str, value: str) -> list[int]:
+    """PIDs of this user's processes whose environment sets `name` to `value` (a value unique
+    to a test, such as its temporary FLWR_HOME): ours, whatever they are called."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"{name}={value}".encode() in environ:
+            found.append(int(entry.name))
+    return found
 
 
 def privet(*args: str, **kwargs) -> subprocess.Popen:
@@ -184,8 +200,12 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_rounds(tmp_path):
 def test_flwr_run_runs_the_app_on_a_local_simulation_federation(tmp_path):
     """The repository is a Flower App: `flwr run .` works, as the README says."""
     home = tmp_path / "flwr-home"
+    # Flower's local SuperLink listens on fixed ports (39091, 39093) unless told otherwise:
+    # free ones, so that this never submits to someone else's SuperLink
     env = {**os.environ, "FLWR_HOME": str(home),
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     out = tmp_path / "run"
     try:
@@ -198,5 +218,6 @@ def test_flwr_run_runs_the_app_on_a_local_simulation_federation(tmp_path):
         summary = json.loads((out / "summary.json").read_text())
         assert summary["status"] == "complete" and summary["rounds"] == 1
         assert len(summary["privacy"]["clients"]) == 3
-    finally:  # `flwr run` leaves its local SuperLink running: stop ours
-        subprocess.run(["pkill", "-f", f"flower-superlink.*{home}"], check=False)
+    finally:  # `flwr run` leaves its local SuperLink running: stop ours, by its PID
+        for pid in processes_with_env("FLWR_HOME", str(home)):
+            os.kill(pid, signal.SIGTERM)

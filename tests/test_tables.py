@@ -141,7 +141,7 @@ def test_non_numeric_cells_reported_by_line_and_column_then_missing(tmp_path):
                  "age,hours,y\n39,40,yes\nabc,40,no\n?,x,no\n 41 ,,yes\n50,1e1,no\n")
     table = read_table(path, label="y")
     bad = check_numeric(table, ["age", "hours"], MARKERS)
-    assert bad == {"age": [(3, "abc")], "hours": [(4, "x")]}
+    assert bad == {"age": {"non-numeric": [(3, "abc")]}, "hours": {"non-numeric": [(4, "x")]}}
     text = describe_bad_numbers(table, bad)
     assert text.splitlines() == [
         "adult.csv: column 'age': 1 non-numeric value(s), e.g. line 3: 'abc'; treated as missing",

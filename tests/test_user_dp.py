@@ -199,7 +199,8 @@ def released_count(updates):
     (count,) = strategy.released_counts
     # the clip moved by exp(-η (count / E[m] + ½ - γ)): read the count back from it
     fraction = strategy.target_quantile - math.log(strategy.clip / S) / strategy.clip_lr
-    assert (fraction - 0.5) * strategy.expected_clients == pytest.approx(count, abs=1e-9)
+    # E[m]: the cohort expected of the nodes that could be sampled (p × connected, not left out)
+    assert (fraction - 0.5) * strategy.round_expected == pytest.approx(count, abs=1e-9)
     return count
 
 

@@ -102,5 +102,8 @@ def load_raw(split: str) -> pd.DataFrame:
 
 
 def normalise_label(value: str) -> str:
-    """The test file writes labels with a trailing dot (">50K.")."""
-    return value.strip().rstrip(".")
+    """The test file writes labels with a trailing dot (">50K."): privet's one label
+    normalisation (common.data.tables.normalise_label) drops it."""
+    from common.data.tables import normalise_label as normalise
+
+    return normalise(value)

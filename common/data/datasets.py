@@ -21,6 +21,7 @@ import pandas as pd
 from common.config import IMAGE_DATASETS, DataConfig, ExperimentConfig, shaped
 from common.data import adult, images, tables
 from common.data.partition import natural_groups, partition
+from common.data.numbers import PLAIN, NumberFormat
 from common.data.preprocess import CleaningReport, FittedTransform, Schema, clean, fit_local
 from common.privacy.ledger import array_digests, row_digests
 
@@ -60,8 +61,9 @@ class ImageSource:
 
 
 def normalise_labels(values) -> list[str]:
-    """Trimmed label text; Adult's test file also ends its labels with a dot (">50K.")."""
-    return [adult.normalise_label(str(v)) for v in values]
+    """Labels as class inference reads them (tables.normalise_label): trimmed, without
+    trailing dots (Adult's test file writes ">50K."), numbers written one way."""
+    return [tables.normalise_label(v) for v in values]
 
 
 def encode_labels(values, classes, where: str) -> np.ndarray:
@@ -76,6 +78,18 @@ def encode_labels(values, classes, where: str) -> np.ndarray:
 
 def missing_markers(cfg: ExperimentConfig) -> tuple[str, ...]:
     return tuple(shaped(cfg.preprocess.missing_markers, []))
+
+
+def declared_format(data: DataConfig) -> NumberFormat | None:
+    """The number format data.decimal / data.thousands declare, or None (found per column)."""
+    if not data.decimal and not data.thousands:
+        return None
+    decimal = data.decimal or ("," if data.thousands == "." else ".")
+    thousands = "" if data.thousands in ("", "none") else data.thousands
+    if decimal == thousands:
+        raise ValueError(f"data.decimal = {decimal!r} and data.thousands = {thousands!r}: "
+                         "expected different marks")
+    return NumberFormat(decimal, thousands)
 
 
 def _bounds(data: DataConfig, defaults: dict) -> dict[str, tuple[float, float]]:
@@ -117,11 +131,11 @@ def tabular_source(data: DataConfig, seed: int, markers: tuple[str, ...]) -> Tab
     inferred = tables.infer_schema(
         found + test_tables, label=data.label, column_types=shaped(data.column_types, {}),
         categories=shaped(data.categories, {}), classes=shaped(data.classes, []),
-        missing_markers=list(markers))
+        missing_markers=list(markers), number_format=declared_format(data))
     schema = Schema(tuple(inferred.numeric), dict(inferred.categories), inferred.label,
-                    tuple(inferred.classes), _bounds(data, {}))
+                    tuple(inferred.classes), _bounds(data, {}), dict(inferred.formats))
     columns = [*schema.numeric, *schema.categories, schema.label]
-    warnings = _file_warnings(found + test_tables, schema, markers)
+    warnings = inferred.fallbacks + _file_warnings(found + test_tables, schema, markers)
     frames = [t.frame[columns] for t in found]
     origins, kept = (), ()
     if test_tables:
@@ -140,7 +154,9 @@ def tabular_source(data: DataConfig, seed: int, markers: tuple[str, ...]) -> Tab
 
 def _file_warnings(found: list[tables.RawTable], schema: Schema,
                    markers: tuple[str, ...]) -> tuple[str, ...]:
-    """What reading and cleaning will do to the files, said once, before the run."""
+    """What reading and cleaning will do to the files. Returned, not logged: the CLI prints
+    them once before the run and the run's summary keeps them (every process that reads the
+    files computes them again); a deployed node logs its own (node_source)."""
     out = []
     for table in found:
         if table.skipped_lines:
@@ -149,10 +165,8 @@ def _file_warnings(found: list[tables.RawTable], schema: Schema,
                        f"wrong number of fields (data.bad-lines = \"skip\"): {shown}"
                        + (" …" if len(table.skipped_lines) > 5 else ""))
         bad = tables.describe_bad_numbers(
-            table, tables.check_numeric(table, schema.numeric, list(markers)))
+            table, tables.check_numeric(table, schema.numeric, list(markers), schema.formats))
         out += [line for line in bad.splitlines() if line]
-    for line in out:
-        log.warning("privet: %s", line)
     return tuple(out)
 
 
@@ -175,13 +189,15 @@ def node_source(data: DataConfig, data_path: str, markers: tuple[str, ...]) -> T
                          f"datasets; {data.dataset!r} is not one")
     label = adult.LABEL if data.dataset == "adult" else data.label
     table = tables.read_table(data_path, label=label, bad_lines=data.bad_lines)
+    fallbacks: tuple[str, ...] = ()
     if data.dataset == "adult":
         schema = tabular_source(data, 0, markers).schema
     else:
         declared, classes = shaped(data.categories, {}), shaped(data.classes, [])
         inferred = tables.infer_schema(
             [table], label=label, column_types=shaped(data.column_types, {}),
-            categories=declared, classes=classes, missing_markers=list(markers))
+            categories=declared, classes=classes, missing_markers=list(markers),
+            number_format=declared_format(data))
         undeclared = [c for c in inferred.categories if c not in declared]
         if undeclared or not classes:
             raise ValueError(
@@ -189,14 +205,17 @@ def node_source(data: DataConfig, data_path: str, markers: tuple[str, ...]) -> T
                 f"depend on its rows: declare data.classes and data.categories for "
                 f"{undeclared or 'every categorical column'}")
         schema = Schema(tuple(inferred.numeric), dict(inferred.categories), label,
-                        tuple(classes), _bounds(data, {}))
+                        tuple(classes), _bounds(data, {}), dict(inferred.formats))
+        fallbacks = inferred.fallbacks
     columns = [*schema.numeric, *schema.categories, schema.label]
     absent = [c for c in columns if c not in table.frame.columns]
     if absent:
         raise ValueError(f"{data_path}: column(s) {absent} missing; expected {columns}")
     frame = table.frame[columns]
-    return TabularSource(frame, frame.iloc[:0], schema, data_path,
-                         warnings=_file_warnings([table], schema, markers))
+    warnings = fallbacks + _file_warnings([table], schema, markers)
+    for line in warnings:  # the node's own console: once per process (this is cached)
+        log.warning("privet: %s", line)
+    return TabularSource(frame, frame.iloc[:0], schema, data_path, warnings=warnings)
 
 
 def _source(cfg: ExperimentConfig, data_path: str = "") -> TabularSource:
@@ -274,10 +293,11 @@ def clean_rows(cfg: ExperimentConfig, frame: pd.DataFrame, where: str, *,
     table = _source(cfg, data_path).schema
     cleaned, report = clean(frame, numeric=list(table.numeric), label=table.label,
                             missing_markers=list(missing_markers(cfg)),
-                            drop_duplicates=drop_duplicates)
-    if report.unparseable_numbers:
-        log.warning("%s: %d non-numeric value(s) in numeric columns, treated as missing",
-                    where, report.unparseable_numbers)
+                            drop_duplicates=drop_duplicates, formats=table.formats)
+    if data_path and report.unparseable_numbers + report.non_finite_numbers:
+        # a deployed node's own console (a simulation names the cells before the run)
+        log.warning("%s: %d non-numeric and %d non-finite value(s) in numeric columns, treated "
+                    "as missing", where, report.unparseable_numbers, report.non_finite_numbers)
     if len(cleaned) == 0:
         raise ValueError(f"{where}: no rows left after cleaning ({report.as_dict()})")
     labels = encode_labels(cleaned[table.label], table.classes, where)
@@ -377,14 +397,15 @@ def source_name(cfg: ExperimentConfig, data_path: str = "") -> str:
     return f"{cfg.data.dataset} (shipped)" if cfg.data.dataset == "adult" else cfg.data.dataset
 
 
-def _canonical_number(text: str) -> str:
-    try:
-        value = float(text)
-    except ValueError:
-        return text
-    if not np.isfinite(value):
-        return text
-    return str(int(value)) if value.is_integer() else repr(value)
+def _canonical_numbers(text: pd.Series, fmt: NumberFormat) -> pd.Series:
+    """A numeric column's cells as numbers written one way ("39.0", "39" and, in a file of
+    decimal commas, "39,0" are "39"); cells that are not finite numbers stay as written."""
+    values = fmt.parse(text).to_numpy(dtype=float)
+    out = text.to_numpy(dtype=object).copy()
+    for i in np.flatnonzero(np.isfinite(values)):
+        value = values[i]
+        out[i] = str(int(value)) if value.is_integer() else repr(float(value))
+    return pd.Series(out, index=text.index)
 
 
 def _frame_digests(frame: pd.DataFrame, table: Schema) -> np.ndarray:
@@ -398,7 +419,7 @@ def _frame_digests(frame: pd.DataFrame, table: Schema) -> np.ndarray:
     for column in columns:
         text = frame[column].astype(str).str.strip()
         if column in table.numeric:
-            text = text.map(_canonical_number)
+            text = _canonical_numbers(text, table.formats.get(column, PLAIN))
         elif column == table.label:
             text = pd.Series(normalise_labels(text), index=text.index)
         cells.append((column + "=" + text).tolist())

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from common.config import PreprocessConfig
+from common.data.numbers import PLAIN, NumberFormat
 
 
 @dataclass(frozen=True)
@@ -28,27 +29,34 @@ class CleaningReport:
     duplicates_dropped: int
     missing_label_dropped: int
     rows_out: int
+    non_finite_numbers: int = 0  # inf, -inf, 1e309, nan in numeric columns: made missing
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
 
 def clean(frame: pd.DataFrame, *, numeric: list[str], label: str,
-          missing_markers: list[str], drop_duplicates: bool = True
+          missing_markers: list[str], drop_duplicates: bool = True,
+          formats: dict[str, NumberFormat] | None = None
           ) -> tuple[pd.DataFrame, CleaningReport]:
-    """Trim text, turn missing markers into NaN, parse numbers, drop exact duplicates."""
+    """Trim text, turn missing markers into NaN, parse numbers (each numeric column in its
+    `formats` entry, else plainly), drop exact duplicates. Cells that are not numbers, and
+    numbers that are not finite (inf, -inf, 1e309, nan), become missing, counted."""
     rows_in = len(frame)
     text = frame.astype("string")
     trimmed = text.apply(lambda col: col.str.strip())
     cells_trimmed = int((trimmed != text).fillna(False).to_numpy().sum())
     cleaned = trimmed.mask(trimmed.isin(missing_markers) | (trimmed == ""))
     missing_cells = int(cleaned.drop(columns=[label]).isna().to_numpy().sum())
-    unparseable = 0
+    unparseable = non_finite = 0
     out = cleaned.astype(object).where(cleaned.notna(), np.nan)
     for col in numeric:
-        parsed = pd.to_numeric(cleaned[col], errors="coerce")
-        unparseable += int((parsed.isna() & cleaned[col].notna()).sum())
-        out[col] = parsed.astype(float)
+        parsed = (formats or {}).get(col, PLAIN).parse(cleaned[col])
+        text_nan = cleaned[col].str.lower().isin(["nan", "+nan", "-nan"]).fillna(False)
+        infinite = np.isinf(parsed.to_numpy(dtype=float))
+        non_finite += int(infinite.sum() + text_nan.sum())
+        unparseable += int((parsed.isna() & cleaned[col].notna() & ~text_nan).sum())
+        out[col] = parsed.astype(float).mask(infinite)
     duplicates = 0
     if drop_duplicates:
         dup = out.duplicated(keep="first")
@@ -57,7 +65,7 @@ def clean(frame: pd.DataFrame, *, numeric: list[str], label: str,
     no_label = out[label].isna()
     out = out[~no_label].reset_index(drop=True)
     report = CleaningReport(rows_in, cells_trimmed, missing_cells, unparseable, duplicates,
-                            int(no_label.sum()), len(out))
+                            int(no_label.sum()), len(out), non_finite)
     return out, report
 
 
@@ -73,6 +81,7 @@ class Schema:
     label: str
     classes: tuple[str, ...]
     bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    formats: dict[str, NumberFormat] = field(default_factory=dict)  # see common.data.numbers
 
     @property
     def categorical(self) -> tuple[str, ...]:

@@ -24,6 +24,8 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from common.data.numbers import PLAIN, NumberFormat, infer_format
+
 TEXT_SUFFIXES = (".csv", ".tsv", ".txt")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 DELIMITERS = (",", ";", "\t", "|")  # sniffing order doubles as the tie-break
@@ -44,6 +46,7 @@ class RawTable:
     path: Path
     skipped_lines: tuple[int, ...] = ()  # lines skipped because of bad_lines="skip"
     unit: str = "line"  # what `lines` counts: "line" (text files) or "row" (Parquet)
+    delimiter: str = ""  # of a text file ("" for Parquet): a hint for how numbers are written
 
     def at(self, line: int) -> str:
         """Where a row came from, for messages: "data.csv, line 17"."""
@@ -58,6 +61,10 @@ class TableSchema:
     classes: tuple[str, ...]
     # Columns left out: typed "ignore" in data.column-types, or with no value at all.
     ignored: tuple[str, ...] = ()
+    # numeric columns whose numbers are not written plainly (1,234.5; 25,165 in a ; file)
+    formats: dict[str, NumberFormat] = dataclasses.field(default_factory=dict)
+    # one line per column whose type fell back to categorical, for the user, before the run
+    fallbacks: tuple[str, ...] = ()
 
 
 # --- reading ----------------------------------------------------------------------------
@@ -81,11 +88,17 @@ def read_table(path: str | Path, *, label: str, bad_lines: str = "error") -> Raw
                         "(data.path)")
     if not path.is_file():
         raise DataError(f"{path}: no such file; expected a CSV or Parquet file (data.path)")
-    with path.open("rb") as f:
-        head = f.read(4)
-    if head == b"PAR1" or (path.suffix.lower() in PARQUET_SUFFIXES and head[:2] != b"\x1f\x8b"):
-        return _read_parquet(path, label)
-    return _read_text(path, head, label, bad_lines)
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+        if head == b"PAR1" or (path.suffix.lower() in PARQUET_SUFFIXES
+                               and head[:2] != b"\x1f\x8b"):
+            return _read_parquet(path, label)
+        return _read_text(path, head, label, bad_lines)
+    except OSError as error:  # permission denied, a vanished file, an I/O error
+        reason = (error.strerror or str(error)).lower()
+        raise DataError(f"{path}: {reason}; expected a readable CSV or Parquet file "
+                        "(data.path)") from None
 
 
 def read_folder(path: str | Path, *, label: str, bad_lines: str = "error") -> list[RawTable]:
@@ -179,7 +192,8 @@ def _read_text(path: Path, head: bytes, label: str, bad_lines: str) -> RawTable:
     assert names is not None
     frame = pd.DataFrame(rows, columns=names, dtype=str)
     skipped = tuple(n for first, last, _ in bad for n in range(first, last + 1))
-    return RawTable(frame, np.asarray(lines, dtype=np.int64), path, skipped)
+    return RawTable(frame, np.asarray(lines, dtype=np.int64), path, skipped,
+                    delimiter=delimiter)
 
 
 def _sniff(text: str) -> str:
@@ -309,12 +323,16 @@ def _check_same_columns(reference: RawTable, table: RawTable) -> None:
 
 def infer_schema(tables: list[RawTable], *, label: str, column_types: dict[str, str],
                  categories: dict[str, list[str]], classes: list[str],
-                 missing_markers: list[str], max_vocabulary: int = 1000) -> TableSchema:
+                 missing_markers: list[str], max_vocabulary: int = 1000,
+                 number_format: NumberFormat | None = None) -> TableSchema:
     """Column types, vocabularies and classes: the settings where given, else from `tables`.
 
     A column is numeric when at least 95% of its present cells (stripped; missing = ""
-    or a marker) parse as numbers, else categorical; a column with no value at all is
-    ignored. Vocabularies and classes found here come from the rows in `tables`: give
+    or a marker) parse as numbers, written plainly or in one locale's format
+    (`numbers.infer_format`; `number_format` declares one for every column), else
+    categorical; a column with no value at all is ignored. A column that falls back to
+    categorical although many of its cells are numbers, or dates, is described in
+    `fallbacks`. Vocabularies and classes found here come from the rows in `tables`: give
     data.categories and data.classes to keep them from depending on anyone's data.
     """
     if not tables:
@@ -331,6 +349,9 @@ def infer_schema(tables: list[RawTable], *, label: str, column_types: dict[str, 
     numeric: list[str] = []
     vocabularies: dict[str, tuple[str, ...]] = {}
     ignored: list[str] = []
+    formats: dict[str, NumberFormat] = {}
+    fallbacks: list[str] = []
+    delimiter = first.delimiter
     for column in columns:
         if column == label:
             continue
@@ -342,13 +363,18 @@ def infer_schema(tables: list[RawTable], *, label: str, column_types: dict[str, 
             vocabularies[column] = given[column]
             continue
         counts = _value_counts(tables, column, markers)
+        fmt, share = infer_format(counts, delimiter, NUMERIC_SHARE, number_format)
         if kind is None:
             if not len(counts):
                 ignored.append(column)
                 continue
-            kind = "numeric" if _number_share(counts) >= NUMERIC_SHARE else "categorical"
+            kind = "numeric" if share >= NUMERIC_SHARE else "categorical"
+            if kind == "categorical":
+                fallbacks += _fallback(tables, column, counts, share, fmt, markers)
         if kind == "numeric":
             numeric.append(column)
+            if not fmt.plain:
+                formats[column] = fmt
             continue
         vocabulary = sorted(counts.index.tolist())
         if len(vocabulary) > max_vocabulary:
@@ -359,7 +385,46 @@ def infer_schema(tables: list[RawTable], *, label: str, column_types: dict[str, 
                 f"data.column-types = {{ {key} = \"ignore\" }} (or \"numeric\")")
         vocabularies[column] = tuple(vocabulary)
     found = _classes(tables, label, classes, markers, max_vocabulary, where)
-    return TableSchema(tuple(numeric), vocabularies, label, found, tuple(ignored))
+    fallbacks += _label_notes(tables, label, markers, where)
+    return TableSchema(tuple(numeric), vocabularies, label, found, tuple(ignored), formats,
+                       tuple(fallbacks))
+
+
+FALLBACK_SHARE = 0.5  # a categorical column with at least this share of numbers is reported
+_DATE_LIKE = re.compile(r"^\d{4}-\d{1,2}-\d{1,2}([ T]\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?)?"
+                        r"(Z|[+-]\d{2}:?\d{2})?$|^\d{1,2}[./]\d{1,2}[./]\d{2,4}"
+                        r"( \d{1,2}:\d{2}(:\d{2})?)?$")
+
+
+def _fallback(tables: list[RawTable], column: str, counts: pd.Series, share: float,
+              fmt: NumberFormat, markers: list[str]) -> list[str]:
+    """A line for a column that became categorical though its cells look like numbers (a
+    share of them) or dates: what was found, examples of the cells that are not numbers,
+    and the setting that changes it."""
+    key = _toml_key(column)
+    dates = counts.index.to_series().astype(str).str.match(_DATE_LIKE)
+    date_share = float(counts.to_numpy()[dates.to_numpy()].sum() / counts.sum())
+    if date_share >= NUMERIC_SHARE:
+        return [f"{_where(tables)}: column {column!r} looks like dates or times (e.g. "
+                f"{_show(str(counts.index[0]))}): treated as categorical with {len(counts)} "
+                f"value(s); privet does not read dates: set data.column-types = "
+                f"{{ {key} = \"ignore\" }} or write it as a number"]
+    if share < FALLBACK_SHARE:
+        return []
+    bad = []
+    for table in tables:
+        values = _stripped(table.frame[column])
+        present = ~_missing(values, markers)
+        wrong = np.flatnonzero(present & fmt.parse(values).isna().to_numpy())
+        bad += [(table, int(table.lines[i]), str(values.iloc[i])) for i in wrong[:3]]
+        if len(bad) >= 3:
+            break
+    examples = ", ".join(f"{t.path.name} {t.unit} {line}: {_show(v)}" for t, line, v in bad[:3])
+    written = "" if fmt.plain else f" ({fmt.describe()})"
+    return [f"{_where(tables)}: column {column!r} treated as categorical ({len(counts)} "
+            f"value(s)): {share:.0%} of its cells are numbers{written}, {NUMERIC_SHARE:.0%} "
+            f"needed; not numbers: {examples}; set data.column-types = {{ {key} = "
+            f"\"numeric\" }} to read it as numbers (the others then count as missing)"]
 
 
 def _check_types(column_types: Any, columns: list[str], label: str,
@@ -422,17 +487,63 @@ def _text_list(values: Any, setting: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def normalise_label(text: Any) -> str:
+    """A label as privet compares it, in class inference and encoding alike: trimmed,
+    trailing dots dropped (Adult's test file writes ">50K."), and a number written one way
+    ("0.0", "1.00", "+1" are "0", "1", "1"; "0.50" is "0.5")."""
+    value = str(text).strip().rstrip(".")
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    if not np.isfinite(number):
+        return value
+    return str(int(number)) if number.is_integer() else repr(number)
+
+
+def _normalised(values: pd.Series) -> pd.Series:
+    return values.map(normalise_label, na_action="ignore")
+
+
+def _label_notes(tables: list[RawTable], label: str, markers: list[str], where: str
+                 ) -> list[str]:
+    """Warnings about labels written more than one way: the same class written differently
+    (merged: "0" and "0.0"), and classes that differ only by case or spacing (kept apart)."""
+    counts = _value_counts(tables, label, markers)
+    spellings: dict[str, list[str]] = {}
+    for raw in counts.index:
+        spellings.setdefault(normalise_label(raw), []).append(str(raw))
+    notes = []
+    merged = {k: sorted(v) for k, v in spellings.items() if len(v) > 1}
+    if merged:
+        shown = "; ".join(f"{_listing(v)} as {k!r}" for k, v in list(merged.items())[:3])
+        notes.append(f"{where}: label column {label!r}: the same class written differently, "
+                     f"read as one: {shown}")
+    folded: dict[str, list[str]] = {}
+    for value in spellings:
+        folded.setdefault(" ".join(value.casefold().split()), []).append(value)
+    alike = [sorted(v) for v in folded.values() if len(v) > 1]
+    if alike:
+        notes.append(f"{where}: label column {label!r}: classes that differ only by case or "
+                     f"spacing: {'; '.join(_listing(v) for v in alike[:3])}; they are "
+                     "different classes: write each one way, or list data.classes")
+    return notes
+
+
 def _classes(tables: list[RawTable], label: str, classes: Any, markers: list[str],
              max_vocabulary: int, where: str) -> tuple[str, ...]:
     if classes:
-        given = _text_list(classes, "data.classes")
+        given = tuple(normalise_label(c) for c in _text_list(classes, "data.classes"))
+        if len(set(given)) < len(given):
+            raise DataError(f"data.classes = {list(classes)}: the same class twice, written "
+                            "differently")
         if len(given) < 2:
             raise DataError(f"data.classes = {list(given)}: a classifier needs at least 2 "
                             "classes")
         for table in tables:
             values = _stripped(table.frame[label])
             present = ~_missing(values, markers)
-            unknown = present & ~values.isin(given).to_numpy()
+            unknown = present & ~_normalised(values).isin(given).to_numpy()
             if unknown.any():
                 rows = np.flatnonzero(unknown)
                 seen = list(dict.fromkeys(values.iloc[rows].tolist()))
@@ -444,7 +555,7 @@ def _classes(tables: list[RawTable], label: str, classes: Any, markers: list[str
                                 + _listing(seen))
                 raise DataError(message)
         return given
-    found = sorted(_value_counts(tables, label, markers).index.tolist())
+    found = sorted({normalise_label(v) for v in _value_counts(tables, label, markers).index})
     if all(_is_number(v) for v in found):  # "2" before "10"
         found.sort(key=float)
     if len(found) > max_vocabulary:
@@ -460,38 +571,45 @@ def _classes(tables: list[RawTable], label: str, classes: Any, markers: list[str
 # --- numbers ----------------------------------------------------------------------------
 
 
-def check_numeric(table: RawTable, numeric: Iterable[str],
-                  missing_markers: list[str]) -> dict[str, list[tuple[int, str]]]:
-    """The cells of numeric columns that do not parse: {column: [(line, value), ...]}.
+def check_numeric(table: RawTable, numeric: Iterable[str], missing_markers: list[str],
+                  formats: dict[str, NumberFormat] | None = None
+                  ) -> dict[str, dict[str, list[tuple[int, str]]]]:
+    """The cells of numeric columns that are not finite numbers, by kind:
+    {column: {"non-numeric": [(line, value), ...], "non-finite": [...]}}.
 
-    The same test `preprocess.clean` applies (stripped, missing = "" or a marker,
-    pd.to_numeric), so these are exactly the cells it turns into missing values.
+    The same test `preprocess.clean` applies (stripped, missing = "" or a marker, parsed
+    in the column's format; inf, -inf, 1e309 and nan are not finite), so these are exactly
+    the cells it turns into missing values.
     """
     markers = list(missing_markers)
-    out: dict[str, list[tuple[int, str]]] = {}
+    out: dict[str, dict[str, list[tuple[int, str]]]] = {}
     for column in numeric:
         if column not in table.frame.columns:
             raise DataError(f"{table.path}: numeric column {column!r} not found")
         values = _stripped(table.frame[column])
         missing = _missing(values, markers)
-        parsed = pd.to_numeric(values.mask(missing), errors="coerce")
-        bad = np.flatnonzero(parsed.isna().to_numpy() & ~missing)
-        if len(bad):
-            out[column] = [(int(table.lines[i]), str(values.iloc[i])) for i in bad]
+        text_nan = values.str.lower().isin(["nan", "+nan", "-nan"]).fillna(False).to_numpy()
+        parsed = (formats or {}).get(column, PLAIN).parse(values.mask(missing)).to_numpy()
+        found = {"non-numeric": np.flatnonzero(np.isnan(parsed) & ~missing & ~text_nan),
+                 "non-finite": np.flatnonzero((np.isinf(parsed) | text_nan) & ~missing)}
+        cells = {kind: [(int(table.lines[i]), str(values.iloc[i])) for i in rows]
+                 for kind, rows in found.items() if len(rows)}
+        if cells:
+            out[column] = cells
     return out
 
 
-def describe_bad_numbers(table: RawTable, bad: dict[str, list[tuple[int, str]]]) -> str:
-    """One warning line per column, e.g. "adult.csv: column 'age': 3 non-numeric value(s),
-    e.g. line 12: 'abc'; treated as missing"; "" when there is nothing to say."""
+def describe_bad_numbers(table: RawTable, bad: dict[str, dict[str, list[tuple[int, str]]]]
+                         ) -> str:
+    """One warning line per column and kind, e.g. "adult.csv: column 'age': 3 non-numeric
+    value(s), e.g. line 12: 'abc'; treated as missing"; "" when there is nothing to say."""
     out = []
-    for column, cells in bad.items():
-        if not cells:
-            continue
-        examples = ", ".join(f"{table.unit} {line}: {_show(value)}"
-                             for line, value in cells[:3])
-        out.append(f"{table.path.name}: column {column!r}: {len(cells)} non-numeric "
-                   f"value(s), e.g. {examples}; treated as missing")
+    for column, kinds in bad.items():
+        for kind, cells in kinds.items():
+            examples = ", ".join(f"{table.unit} {line}: {_show(value)}"
+                                 for line, value in cells[:3])
+            out.append(f"{table.path.name}: column {column!r}: {len(cells)} {kind} "
+                       f"value(s), e.g. {examples}; treated as missing")
     return "\n".join(out)
 
 
@@ -516,11 +634,6 @@ def _value_counts(tables: list[RawTable], column: str, markers: list[str]) -> pd
         values = _stripped(table.frame[column])
         parts.append(values[~_missing(values, markers)])
     return pd.concat(parts).value_counts(sort=False)
-
-
-def _number_share(counts: pd.Series) -> float:
-    parsed = pd.to_numeric(pd.Series(counts.index, dtype=object), errors="coerce")
-    return float(counts.to_numpy()[parsed.notna().to_numpy()].sum() / counts.sum())
 
 
 def _is_number(text: str) -> bool:
