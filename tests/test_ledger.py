@@ -16,6 +16,7 @@ from common.data import adult
 from common.data.datasets import partitions
 from common.privacy.ledger import (
     ALL_ROWS,
+    history_of,
     DataLedger,
     LedgerDir,
     LedgerError,
@@ -221,6 +222,33 @@ def test_too_many_mixes_of_earlier_runs_are_charged_conservatively(store):
     assert ledger.conservative and len(ledger.prior_histories()) == 1
     everything = sorted(s.as_entry() for r in records for s in r.spends)
     assert sorted(ledger.prior_histories()[0]) == everything
+
+
+def test_the_dominating_history_bounds_every_rows_and_stays_close():
+    """One run split rows over three clients: every row was in one record, so one mechanism
+    per purpose (smallest σ, largest q, most steps) bounds each; a run whose records share
+    a row is charged with all of them."""
+    from common.privacy import accountants
+    from common.privacy.ledger import dominating_history
+
+    rows = np.arange(30, dtype=np.uint64)
+    sets = [rows[:10], rows[10:20], rows[20:]]
+    spends = [((1.1, 0.02, 300),), ((0.9, 0.05, 100),), ((1.0, 0.03, 200),)]
+    records = [_record(run="r", client=str(i), spends=sp) for i, sp in enumerate(spends)]
+    truths = [pld_epsilon(list(sp), DELTA) for sp in spends]
+    union = pld_epsilon([e for sp in spends for e in sp], DELTA)
+    alike = [((1.0, 0.03, 200),), ((1.02, 0.03, 190),), ((1.01, 0.029, 200),)]
+    records_alike = [_record(run="s", client=str(i), spends=sp) for i, sp in enumerate(alike)]
+    bound = dominating_history(records_alike, sets, rows)
+    assert history_of(bound) == ((1.0, 0.03, 200),)  # clients alike: one mechanism, tight
+    assert accountants.epsilon(history_of(bound), DELTA, "pld") >= max(
+        pld_epsilon(list(sp), DELTA) for sp in alike)
+    bound = dominating_history(records, sets, rows)  # clients unlike: the tighter of the two
+    eps = accountants.epsilon(history_of(bound), DELTA, "pld")
+    assert all(eps >= t for t in truths) and eps <= union * 1.01
+    shared = [rows[:15], rows[10:20], rows[20:]]  # rows 10..14 were in two records
+    assert sorted(history_of(dominating_history(records, shared, rows))) == sorted(
+        e for sp in spends for e in sp)
 
 
 def test_a_ledger_moved_or_stripped_of_records_is_noticed(tmp_path, store):

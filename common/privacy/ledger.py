@@ -234,9 +234,51 @@ def maximal(patterns: list[np.ndarray]) -> list[np.ndarray]:
     """The patterns (bool per record) not contained in another: composing more records never
     lowers ε, so a group of rows whose records are a subset of another group's is never the
     most spent one."""
-    unique = list({p.tobytes(): p for p in patterns}.values())
-    return [p for p in unique
-            if not any(q is not p and (q >= p).all() and (q != p).any() for q in unique)]
+    if not patterns:
+        return []
+    unique = np.unique(np.stack(patterns), axis=0)  # (patterns, records), bool
+    keep = [not ((unique >= row).all(axis=1) & (unique != row).any(axis=1)).any()
+            for row in unique]
+    return list(unique[np.asarray(keep)])
+
+
+def dominating_history(records: list[SpendRecord], rowsets: list[np.ndarray | None],
+                       rows: np.ndarray) -> tuple[Spend, ...]:
+    """A history whose ε is at least that of every one of `rows`, whichever of `records` it
+    was in. Within a run whose records share none of `rows` (a run splits rows over its
+    clients), a row was in one record only: per purpose, one mechanism with the smallest σ,
+    the largest q and the most steps of any record dominates each record's (a Gaussian with
+    less noise, Poisson sampling at a higher rate and more compositions each never lose
+    privacy loss). A run whose records share a row is charged with all of them."""
+    by_run: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        by_run.setdefault(record.run, []).append(i)
+    history: list[Spend] = []
+    for run in sorted(by_run):
+        members = by_run[run]
+        covered = [rowsets[i] if rowsets[i] is not None else rows for i in members]
+        mine = [np.intersect1d(rows, c, assume_unique=True) for c in covered]
+        if len(members) > 1 and sum(map(len, mine)) > len(np.unique(np.concatenate(mine))):
+            history += [s for i in members for s in records[i].spends]  # a row in two
+            continue
+        by_purpose: dict[str, list[tuple[float, float, int]]] = {}
+        for i in members:
+            totals: dict[str, list[Spend]] = {}
+            for spend in records[i].spends:
+                totals.setdefault(spend.purpose, []).append(spend)
+            for purpose, spends in totals.items():
+                by_purpose.setdefault(purpose, []).append(
+                    (min(x.sigma for x in spends), max(x.rate for x in spends),
+                     sum(x.steps for x in spends)))
+        one = [Spend(min(o[0] for o in options), max(o[1] for o in options),
+                     max(o[2] for o in options), purpose)
+               for purpose, options in by_purpose.items()]
+        every = [s for i in members for s in records[i].spends]
+        # both bound each row's spend in this run; the smaller ε bounds it more tightly
+        # (the one mechanism is loose when the records differ a lot: then all of them is)
+        history += min((one, every), key=lambda h: accountants.epsilon(
+            history_of(h), 1e-5, "pld"))
+    return tuple(history)
 
 
 def rowset_id(digests: np.ndarray) -> str:
@@ -532,16 +574,21 @@ class DataLedger:
         by the same records), each composed in record order; [()] when nothing touched."""
         if self.digests is None or not len(self.digests):
             return [tuple(s for r in records for s in r.spends)]
-        patterns = maximal([touched for touched, _ in row_groups(
-            self.digests, [self.store.rows(r.rows) for r in records])])
-        if len(patterns) > MAX_GROUPS:
+        rowsets = [self.store.rows(r.rows) for r in records]
+        patterns = maximal([touched for touched, _ in row_groups(self.digests, rowsets)])
+        histories = list(dict.fromkeys(
+            tuple(s for r, on in zip(records, touched) if on for s in r.spends)
+            for touched in patterns))  # runs that spent alike on each client give one
+        if len(histories) > MAX_GROUPS:
             # Many distinct mixes of earlier runs (rows re-split again and again): each would
-            # cost an ε query every round. Every row is then charged with every record that
-            # touched any of this client's rows: never less than its true spend.
+            # cost ε queries every round. One history that dominates every row's is charged
+            # instead (never less than any row's true spend; see `dominating_history`).
             self.conservative = True
-            patterns = [np.logical_or.reduce(patterns)]
-        return [tuple(s for r, on in zip(records, touched) if on for s in r.spends)
-                for touched in patterns]
+            touched = np.logical_or.reduce(patterns)
+            return [dominating_history([r for r, on in zip(records, touched) if on],
+                                       [c for c, on in zip(rowsets, touched) if on],
+                                       self.digests)]
+        return histories
 
     def prior_histories(self) -> list[History]:
         """What earlier runs (and other records) spent, per group of rows."""
