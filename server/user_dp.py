@@ -12,10 +12,10 @@ with rate p and noise multiplier σ.
 With adaptive clipping (Andrew et al., 2021, "Differentially Private Learning with
 Adaptive Clipping", Algorithm 1 and its privacy analysis; TF-Privacy's
 `QuantileEstimatorQuery`) S follows a target quantile γ of the update norms, steered by a
-noisy count of unclipped updates. That count is a second Gaussian query on the same clients, and it is *centred*: each
-sampled client contributes b_i − ½ ∈ {−½, +½} (b_i = 1 when its update norm is ≤ S), the
-server adds N(0, σ_b²) to the sum, and estimates the unclipped fraction as
-noisy_sum / (p·N) + ½. One participant more or less then moves the count by exactly ½:
+noisy count of unclipped updates. That count is a second Gaussian query on the same
+clients, and it is *centred*: each sampled client contributes b_i − ½ ∈ {−½, +½} (b_i = 1
+when its update norm is ≤ S), the server adds N(0, σ_b²) to the sum, and estimates the
+unclipped fraction as noisy_sum / (p·N') + ½, N' the clients not left out. One participant more or less then moves the count by exactly ½:
 its L2 sensitivity is Δ_b = ½ (`COUNT_SENSITIVITY`), against S for the model sum. The
 clip then follows S ← S·exp(−η (fraction − γ)).
 

@@ -54,6 +54,13 @@ def adult_csv(path: Path, start: int, stop: int, change=None) -> Path:
 CSV = ["data.dataset=csv", "data.label=income", "data.partition=iid"]
 
 
+def schema_of(*paths: Path, label: str, markers=()) -> tables.TableSchema:
+    """What privet infers from these files, with nothing declared."""
+    found = [tables.read_table(p, label=label) for p in paths]
+    return tables.infer_schema(found, label=label, column_types={}, categories={},
+                               classes=[], missing_markers=list(markers))
+
+
 # --- 1. non-finite numbers ---------------------------------------------------------------
 
 def test_non_finite_cells_are_missing_values_counted_and_shown(tmp_path):
@@ -105,8 +112,7 @@ def test_decimal_commas_and_thousands_separators_are_numbers(tmp_path):
         f"{20 + i % 50};{10 + i % 30},{i % 1000:03d};{'red' if i % 2 else 'blue'};"
         f"{'yes' if i % 3 else 'no'}\n" for i in range(200)))
     table = tables.read_table(semicolon, label="outcome")
-    schema = tables.infer_schema([table], label="outcome", column_types={}, categories={},
-                                 classes=[], missing_markers=["?"])
+    schema = schema_of(semicolon, label="outcome", markers=["?"])
     assert schema.numeric == ("age", "hours") and schema.formats["hours"] == NumberFormat(",")
     cleaned, report = clean(table.frame, numeric=list(schema.numeric), label="outcome",
                             missing_markers=["?"], formats=schema.formats)
@@ -117,8 +123,7 @@ def test_decimal_commas_and_thousands_separators_are_numbers(tmp_path):
         f'{30 + i % 40},"{i * 1013 % 900 + 1},{i % 1000:03d}.5",{"no" if i % 2 else "yes"}\n'
         for i in range(200)))
     table = tables.read_table(comma, label="label")
-    schema = tables.infer_schema([table], label="label", column_types={}, categories={},
-                                 classes=[], missing_markers=[])
+    schema = schema_of(comma, label="label")
     assert schema.formats["score"] == NumberFormat(".", ",")
     cleaned, _ = clean(table.frame, numeric=list(schema.numeric), label="label",
                        missing_markers=[], formats=schema.formats)
@@ -138,10 +143,7 @@ def test_a_column_that_falls_back_to_categories_is_reported_before_the_run(tmp_p
     path.write_text("weight,when,label\n" + "".join(
         f"{'unknown' if i % 5 == 0 else 60 + i % 30},2024-01-{1 + i % 28:02d} 10:{i % 60:02d},"
         f"{'a' if i % 2 else 'b'}\n" for i in range(300)))
-    table = tables.read_table(path, label="label")
-    schema = tables.infer_schema([table], label="label", column_types={}, categories={},
-                                 classes=[], missing_markers=[])
-    notes = " ".join(schema.fallbacks)
+    notes = " ".join(schema_of(path, label="label").fallbacks)
     assert "column 'weight' treated as categorical" in notes and "80% of its cells" in notes
     assert "'unknown'" in notes and "data.column-types = { weight = \"numeric\" }" in notes
     assert "column 'when' looks like dates or times" in notes
@@ -162,15 +164,11 @@ def test_labels_are_normalised_once_for_classes_and_encoding(tmp_path):
     dotted = tmp_path / "dots.csv"
     dotted.write_text("x,label\n" + "".join(f"{i},{'yes.' if i % 2 else 'no'}\n"
                                             for i in range(50)))
-    table = tables.read_table(dotted, label="label")
-    assert tables.infer_schema([table], label="label", column_types={}, categories={},
-                               classes=[], missing_markers=[]).classes == ("no", "yes")
+    assert schema_of(dotted, label="label").classes == ("no", "yes")
     cased = tmp_path / "cased.csv"
     cased.write_text("x,label\n" + "".join(f"{i},{['Yes', 'yes', 'no'][i % 3]}\n"
                                            for i in range(60)))
-    table = tables.read_table(cased, label="label")
-    notes = tables.infer_schema([table], label="label", column_types={}, categories={},
-                                classes=[], missing_markers=[]).fallbacks
+    notes = schema_of(cased, label="label").fallbacks
     assert any("differ only by case or spacing: 'Yes', 'yes'" in n for n in notes)
 
 
@@ -429,6 +427,7 @@ def test_the_suite_uses_no_fixed_flower_port_and_no_wall_clock_bound():
         if path.name == "test_inputs.py":
             continue
         assert not re.search(r"\bpkill\b", text), path
-        assert not re.search(r"(elapsed|time\.time\(\) - \w+|perf_counter\(\) - \w+) *<", text), path
+        duration = r"(elapsed|time\.time\(\) - \w+|perf_counter\(\) - \w+) *<"
+        assert not re.search(duration, text), path
     assert "pkill" not in (PROJECT_DIR / "README.md").read_text()
     assert sys.executable  # the suite runs in the project's environment

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from test_simulation import privet
+from test_user_dp import task_identity  # noqa: F401 (a fixture)
 
 from clients import accounting as client_accounting
 from clients import app as client_app
@@ -23,14 +23,6 @@ from common.models import build_model
 from common.privacy.randomness import NoiseSourceError, resolve_noise_source
 
 TINY = CONFIGS_DIR / "tiny.toml"
-
-
-@pytest.fixture
-def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
 def _ctx(node_config):
