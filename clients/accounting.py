@@ -11,6 +11,7 @@ import os
 
 from flwr.app import ConfigRecord, Context
 
+from clients import metrics
 from clients.preprocessing import planned
 from clients.train import sample_rate, steps_per_epoch
 from common.config import ExperimentConfig
@@ -109,6 +110,7 @@ def planned_noise(cfg: ExperimentConfig, num_rows: int, target_epsilon: float,
 def plan(cfg: ExperimentConfig, client: int, path: str, ledger: DataLedger, rows: int
          ) -> tuple[float, float, int] | None:
     """The run's DP-SGD plan for a private client with `rows` training rows, after its
-    planned preprocessing; None when earlier runs on its rows left no budget for it (nothing
-    may then be spent: not even its preprocessing fit)."""
-    return planned_noise(cfg, rows, cfg.epsilon_for(client), ledger, planned(cfg, client, path))
+    planned preprocessing and noised training metrics; None when earlier runs on its rows
+    left no budget for it (nothing may then be spent: not even its preprocessing fit)."""
+    return planned_noise(cfg, rows, cfg.epsilon_for(client), ledger,
+                         planned(cfg, client, path) + metrics.planned(cfg, client))

@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import update_console_handler
 
 from clients import accounting as A
+from clients import metrics as metrics_dp
 from clients.preprocessing import own_transform, planned
 from clients.train import train_local
 from common import records as R
@@ -237,9 +238,12 @@ def train(msg: Message, context: Context) -> Message:
     plan = A.plan(cfg, client_id, data_path, ledger, rows) if private else None
     accounting_seconds = time.perf_counter() - accounting_start
     if private and plan is None:
-        log.warning("client %d declines round %d: earlier runs on its rows spent ε = %.4f "
-                    "of target %.4f", client_id, server_round,
-                    ledger.prior_epsilon(delta, accountant), target)
+        earlier = ledger.prior_epsilon(delta, accountant)
+        log.warning("client %d declines round %d: %s", client_id, server_round,
+                    f"earlier runs on its rows spent ε = {earlier:.4f} of target {target:.4f}"
+                    if earlier > 0 else f"its preprocessing and noised metrics alone "
+                    f"(preprocess.epsilon, privacy.train-metrics-epsilon) would pass target "
+                    f"{target:.4f}")
         return declined()
     transform = own_transform(cfg, client_id, data_path, _transform(msg), ledger)
     data = client_data(cfg, client_id, transform, data_path)
@@ -255,7 +259,9 @@ def train(msg: Message, context: Context) -> Message:
             log.warning("client %d: δ = %g ≥ 1/n = 1/%d; the guarantee is weak",
                         client_id, delta, len(data))
         accounting_start = time.perf_counter()
-        next_epsilon = ledger.epsilon(delta, accountant, [Spend(sigma, q, steps)])
+        this_round = [Spend(sigma, q, steps)] + (
+            [metrics_dp.one_round(cfg)] if metrics_dp.noised(cfg, client_id) else [])
+        next_epsilon = ledger.epsilon(delta, accountant, this_round)
         accounting_seconds += time.perf_counter() - accounting_start
         if next_epsilon > target:
             log.warning("client %d declines round %d: ε would reach %.4f > target %.4f",
@@ -278,7 +284,16 @@ def train(msg: Message, context: Context) -> Message:
                R.EPSILON: epsilon if private else float("inf"), R.STEPS: result.steps,
                R.NOISE_MULTIPLIER: sigma or 0.0, R.SAMPLE_RATE: q or 0.0,
                R.TRAIN_SECONDS: result.seconds, R.ACCOUNTING_SECONDS: accounting_seconds}
-    if cfg.privacy.train_metrics == "clear":
+    if metrics_dp.noised(cfg, client_id):
+        spend = metrics_dp.one_round(cfg)
+        ledger.record(spend)  # on disk before the reply, like the steps
+        randomness = make_randomness(ledger.current.noise_source,
+                                     [cfg.seed, server_round, client_id, metrics_dp.STREAM])
+        loss, accuracy = metrics_dp.release(model, data.features, data.labels, spend.sigma,
+                                            randomness)
+        metrics.update({R.TRAIN_LOSS: loss, R.TRAIN_ACCURACY: accuracy,
+                        R.EPSILON: ledger.epsilon(delta, accountant)})
+    elif cfg.privacy.train_metrics != "off":  # clear; or a client without sample-level DP
         metrics.update({R.TRAIN_LOSS: result.loss, R.TRAIN_ACCURACY: result.accuracy})
     return _reply(metrics, _privacy_record(cfg, ledger, transform), model, msg)
 

@@ -195,9 +195,14 @@ class PrivacyConfig:
                                    "`seed` (reproducible; simulation only), secure = a "
                                    "ChaCha20 stream keyed from OS entropy; auto = seeded in "
                                    "simulation, secure in deployment (which refuses seeded)")
-    train_metrics: str = _spec("clear", choices=("clear", "off"),
+    train_metrics: str = _spec("clear", choices=("clear", "noised", "off"),
                                help="clients' training loss and accuracy: sent in the clear "
-                                    "(outside every ε; listed in summary.json) or not at all")
+                                    "(outside every ε; listed in summary.json), noised "
+                                    "(sample level; costs train-metrics-epsilon) or not at all")
+    train_metrics_epsilon: float = _spec(0.3, low=0.0, low_open=True,
+                                         help="train-metrics = \"noised\": ε of all rounds' "
+                                              "metrics together, out of each client's "
+                                              "sample-level budget")
 
 
 @dataclass(frozen=True)
@@ -238,6 +243,18 @@ class ExperimentConfig:
                 "noise would have to hide a whole participant's counts and would swamp them "
                 "below thousands of participants; use preprocess.fit = \"local\" (a "
                 "participant's own transform is part of its update, which the server clips)")
+        if self.privacy.train_metrics == "noised" and self.privacy.level != "sample":
+            raise ConfigError(
+                f"privacy.train-metrics = \"noised\" with privacy.level = "
+                f"\"{self.privacy.level}\": refused: the noise is sized for one row, not for "
+                "a whole participant; use \"off\" (or \"clear\", listed as outside every ε)")
+        lowest = min([self.privacy.epsilon,
+                      *(e for _, e in parse_client_epsilon(self.privacy.client_epsilon))])
+        if self.privacy.train_metrics == "noised" and \
+                self.privacy.train_metrics_epsilon >= lowest:
+            raise ConfigError(
+                f"privacy.train-metrics-epsilon = {self.privacy.train_metrics_epsilon}: must "
+                f"be below the lowest sample-level target ε ({lowest}); it is spent out of it")
         if self.data.dataset in ("csv", "parquet"):
             for key in ("path", "label"):
                 if not getattr(self.data, key):
@@ -269,6 +286,10 @@ class ExperimentConfig:
     def client_private(self, client_id: int) -> bool:
         return self.privacy.level in ("sample", "both") and not math.isinf(
             self.epsilon_for(client_id))
+
+    def metrics_noised(self, client_id: int) -> bool:
+        """This client sends its training metrics with DP noise (`privacy.train-metrics`)."""
+        return self.privacy.train_metrics == "noised" and self.client_private(client_id)
 
     @property
     def fit_mode(self) -> str:

@@ -139,6 +139,9 @@ def print_summary(run_dir: Path) -> None:
     console.print(f"{where} [bold]{accuracy:.4f}[/] after {summary['rounds']} round(s); "
                   f"{escape(eps_line)}; {summary['wall_seconds']:.1f}s" if accuracy is not None
                   else f"no round finished; {escape(eps_line)}", markup=True)
+    if summary.get("stop_reason"):
+        err.print(f"privet: stopped after round {summary['rounds']}: "
+                  f"{summary['stop_reason']}", soft_wrap=True)
     failures = summary.get("failures", {}).get("clients", {})
     for cid, failure in failures.items():
         err.print(f"privet: client {cid} failed in {failure['stage']} (round "

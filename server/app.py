@@ -98,6 +98,7 @@ def main(grid: Grid, context: Context) -> None:
         status = "complete-with-failures" if recorder.failures else "complete"
     except BudgetExhausted as reason:
         status = "budget-exhausted"
+        recorder.stop_reason = str(reason)
         log.warning("privet: stopping after round %d: %s", len(recorder.round_rows), reason)
     except (NoClientsLeft, RunFailed) as reason:
         # a deployment's operator reads it in the streamed log; `privet simulate` prints it

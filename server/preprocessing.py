@@ -41,7 +41,9 @@ def _collect(grid: Grid, stage: str, run: str, on_spend: SpendObserver | None,
     answered = [r for r in replies if "statistics" in r.content]
     if not answered:
         raise BudgetExhausted(f"no client has budget left to send preprocessing statistics "
-                              f"({stage}): earlier runs on their rows spent it")
+                              f"({stage}): earlier runs on their rows spent it, or this run's "
+                              "preprocessing and noised metrics (preprocess.epsilon, "
+                              "privacy.train-metrics-epsilon) alone would pass the target")
     if len(answered) < len(replies):
         log.warning("privet: %d of %d clients declined to send statistics (no budget left); "
                     "the shared transform is fitted from the others",

@@ -55,6 +55,7 @@ class RunRecorder:
         self.client_transforms: dict[str, str] = {}  # client id -> its own DP-fitted transform
         self.client_ranges: dict[str, dict] = {}  # fit = local: ranges each estimated, DP
         self.failures: dict[str, dict] = {}  # client id -> its first failure (round, reason)
+        self.stop_reason: str | None = None  # why the run ended early (budget-exhausted)
         self.node_clients: dict[int, str] = {}  # node id -> the client it last answered for
         self.transform_features: int | None = None
         self.estimated_bounds: dict = {}  # ranges of undeclared numeric columns, found with DP
@@ -113,9 +114,11 @@ class RunRecorder:
         self.clients.setdefault(client, {"rounds_trained": 0, "stopped_round": None})
 
     def _released(self, client: str, keys) -> None:
+        noised = self.cfg.metrics_noised(int(client)) if client.isdigit() else False
+        covered = {R.CLIENT_ID, *(R.AVERAGED if noised else ())}  # noised: inside its ε
         self.released.setdefault(client, set()).update(
             "cleaning counts" if k.startswith(R.DATA_PREFIX) else k
-            for k in keys if k != R.CLIENT_ID)
+            for k in keys if k not in covered)
 
     def record_evaluations(self, server_round: int, replies: list[Message]) -> None:
         """Federated evaluation: what each client sent (metrics in the clear), spent, or
@@ -353,6 +356,7 @@ class RunRecorder:
             "name": self.cfg.name, "run_id": self.run, "status": status,
             "accuracy": accuracy, "loss": loss,
             "rounds": completed, "planned_rounds": self.cfg.rounds,
+            "stop_reason": self.stop_reason,
             "wall_seconds": round(time.time() - self.started, 3), "seed": self.cfg.seed,
             "num_clients": self.cfg.num_clients,
             "clients_per_round": self.cfg.clients_per_round,

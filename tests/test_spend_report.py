@@ -129,3 +129,55 @@ def test_training_metrics_are_listed_as_sent_in_the_clear_or_withheld(tmp_path):
     assert not {"train-loss", "train-accuracy"} & set(hidden["privacy"]["released_in_clear"]["0"])
     trained = [r for r in rows(tmp_path / "hidden" / "metrics.csv") if r["status"] == "trained"]
     assert trained and all(r["loss"] == "" and r["accuracy"] == "" for r in trained)
+
+
+def test_noised_training_metrics_are_charged_and_no_longer_in_the_clear(tmp_path):
+    """privacy.train-metrics = "noised": one Gaussian release per trained round whose σ alone
+    spends train-metrics-epsilon over the run's rounds (dp-accounting, directly); the reported
+    ε composes it with the rest and stays within the target; the metrics leave the list of
+    what is sent in the clear, and stay readable."""
+    summary, _ = simulate(tmp_path / "run", "privacy.train-metrics=noised",
+                          "privacy.train-metrics-epsilon=0.5")
+    delta, rounds = summary["privacy"]["delta"], summary["planned_rounds"]
+    for cid, entry in summary["privacy"]["clients"].items():
+        released = [h for h, p in zip(entry["history"], entry["purposes"])
+                    if p == "train-metrics"]
+        assert len(released) == entry["rounds_trained"] == rounds
+        (sigma, q, n), = set(map(tuple, released))
+        assert (q, n) == (1.0, 1)
+        assert gaussian_epsilon(sigma, delta, rounds) == pytest.approx(0.5, rel=0.01)
+        assert entry["epsilon"] == pytest.approx(pld_epsilon(entry["history"], delta), rel=0.01)
+        assert entry["epsilon"] <= entry["target_epsilon"] * 1.001
+        assert not {"train-loss", "train-accuracy"} & set(
+            summary["privacy"]["released_in_clear"][cid])
+    trained = [r for r in rows(tmp_path / "run" / "metrics.csv") if r["status"] == "trained"]
+    assert all(0 <= float(r["loss"]) <= 4 and 0 <= float(r["accuracy"]) <= 1 for r in trained)
+
+
+def test_metrics_sums_move_by_at_most_one_per_row():
+    """The sensitivity the metrics' noise is sized for, probed by adding one row (the worst a
+    row can do: a confident wrong answer, with its loss clipped)."""
+    import torch
+
+    from clients import metrics
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    features = np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32)
+    labels = (features[:, 0] > 0).astype(np.int64)
+    base = np.array(metrics.clipped_sums(model, features, labels))
+    for extra in ([1e6, 0, 0], [-1e6, 0, 0], [0.1, 0.2, 0.3]):
+        for label in (0, 1):
+            more = np.array(metrics.clipped_sums(
+                model, np.vstack([features, np.float32([extra])]),
+                np.append(labels, np.int64(label))))
+            assert np.all(np.abs(more - base) <= 1 + 1e-6)
+            assert np.linalg.norm(more - base) <= metrics.SENSITIVITY + 1e-6
+
+
+def test_noised_metrics_at_user_level_are_refused_in_one_line(tmp_path):
+    proc = privet("simulate", "--config", str(TINY), "--out", str(tmp_path / "run"),
+                  "--set", "privacy.level=user", "--set", "privacy.train-metrics=noised")
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    assert "privacy.train-metrics" in stdout and "Traceback" not in stdout
