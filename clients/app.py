@@ -24,7 +24,7 @@ from flwr.common.logger import update_console_handler
 from clients import accounting as A
 from clients import metrics as metrics_dp
 from clients.preprocessing import own_transform, planned
-from clients.train import train_local
+from clients.train import dp_path, train_local
 from common import records as R
 from common.config import IMAGE_DATASETS, ExperimentConfig, from_run_config
 from common.data import federated
@@ -40,7 +40,7 @@ from common.data.datasets import (
 )
 from common.data.preprocess import FittedTransform
 from common.evaluation import evaluate as evaluate_model
-from common.models import GRAD_SAMPLE_MODE, build_model
+from common.models import build_model
 from common.privacy.ledger import DataLedger, Spend
 from common.privacy.randomness import make_randomness
 
@@ -272,7 +272,7 @@ def train(msg: Message, context: Context) -> Message:
                          batch_size=cfg.train.batch_size, lr=cfg.train.lr,
                          momentum=cfg.train.momentum, seed=seed, noise_multiplier=sigma,
                          max_grad_norm=cfg.privacy.max_grad_norm,
-                         grad_sample_mode=GRAD_SAMPLE_MODE[cfg.train.model],
+                         grad_sample_mode=dp_path(model),
                          randomness=make_randomness(ledger.current.noise_source, seed))
     epsilon = 0.0
     if sigma is not None:

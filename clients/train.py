@@ -30,6 +30,18 @@ from common.opacus_import import opacus
 from common.privacy.randomness import Randomness, SeededRandomness
 
 BOOKKEEPING = "bookkeeping"  # privet's one-pass DP-SGD (clients.bookkeeping), not an Opacus mode
+# Opacus' mode for models the one-pass path does not support: hooks handles every layer it
+# has a grad sampler for and falls back to functorch for the rest; its ghost clipping is
+# faster on some large models but refuses layers without a norm sampler.
+OPACUS_MODE = "hooks"
+
+
+def dp_path(model: nn.Module) -> str:
+    """How DP-SGD computes clipped gradients for `model`: privet's one-pass book-keeping
+    where it supports every trainable layer (clients.bookkeeping.supports), else Opacus'
+    `OPACUS_MODE`. Both give the same steps, noise and accounting."""
+    from clients.bookkeeping import supports
+    return BOOKKEEPING if supports(model) else OPACUS_MODE
 
 
 @dataclass(frozen=True)

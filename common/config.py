@@ -146,8 +146,10 @@ class EvaluationConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = _spec("mlp", choices=("mlp", "logreg", "cnn"),
-                       help="model registry name (cnn: image datasets)")
+    model: str = _spec("mlp", help="a built-in model (mlp, logreg; cnn: image datasets) or "
+                                   "your factory as package.module:function (common.models)")
+    fix_model: bool = _spec(False, help="let Opacus replace layers DP-SGD cannot train "
+                                        "(BatchNorm → GroupNorm); off: such a model is refused")
     hidden: int = _spec(64, low=1, help="hidden units of the MLP")
     local_epochs: int = _spec(1, low=1, help="passes over the local data per round")
     batch_size: int = _spec(64, low=1, help="expected batch size (Poisson sampling)")
@@ -260,6 +262,9 @@ class ExperimentConfig:
                 if not getattr(self.data, key):
                     raise ConfigError(f"data.{key}: required for data.dataset = "
                                       f"{self.data.dataset!r}")
+        if not (self.train.model.isidentifier() or is_import_path(self.train.model)):
+            raise ConfigError(f"train.model = {self.train.model!r}: expected a built-in name "
+                              "(mlp, logreg, cnn) or an import path package.module:factory")
         if self.train.model == "cnn" and not images:
             raise ConfigError(f"train.model = \"cnn\": expected an image dataset "
                               f"({', '.join(IMAGE_DATASETS)}), not {self.data.dataset!r}")
@@ -334,6 +339,13 @@ class ExperimentConfig:
             else:
                 lines.append(f"{_key(f.name)} = {_toml_value(value)}")
         return "\n".join(lines + tables) + "\n"
+
+
+def is_import_path(name: str) -> bool:
+    """`package.module:attr` (Flower's `module:attr` convention), not a registered name."""
+    module, _, attr = name.partition(":")
+    return bool(module and attr) and all(
+        part.isidentifier() for part in module.split(".") + attr.split("."))
 
 
 def _key(name: str) -> str:

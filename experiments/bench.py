@@ -61,11 +61,11 @@ def floor(name: str) -> dict:
     import numpy as np
     import torch
 
-    from clients.train import train_local
+    from clients.train import dp_path, train_local
     from common.config import load_config
     from common.data.datasets import client_data, num_classes, test_data
     from common.evaluation import evaluate
-    from common.models import GRAD_SAMPLE_MODE, build_model
+    from common.models import build_model
 
     work = WORKLOADS[name]
     cfg = load_config(work.config, list(work.overrides))
@@ -95,7 +95,7 @@ def floor(name: str) -> dict:
                 seed=server_round * 1009 + int(client),
                 noise_multiplier=1.0 if private else None,  # step cost does not depend on σ
                 max_grad_norm=cfg.privacy.max_grad_norm,
-                grad_sample_mode=GRAD_SAMPLE_MODE[cfg.train.model])
+                grad_sample_mode=dp_path(model))
             spent["train"] += result.seconds
             states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
             weights.append(len(share))

@@ -233,11 +233,12 @@ def simulate(
 
     simulation.start_early(ray_address)
     from common.data.tables import DataError
+    from common.models import ModelError
     from common.privacy.ledger import LedgerError
 
     try:
         report, data_warnings = simulation.preflight(cfg)
-    except (LedgerError, DataError) as error:  # they name their own file
+    except (LedgerError, DataError, ModelError) as error:  # they name their file or key
         fail(str(error))
     except (ValueError, FileNotFoundError) as error:
         fail(f"{config}: {error}")

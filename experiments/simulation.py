@@ -170,12 +170,15 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
     the partition report (rows, label balance, missing cells per client) and what reading
     the files skipped or will clean (skipped lines, non-numeric cells)."""
     from common.config import IMAGE_DATASETS
-    from common.data.datasets import partition_report, source_warnings, test_data
+    from common.data.datasets import (model_input_shape, num_classes, partition_report,
+                                      source_warnings, test_data)
+    from common.models import check_model
 
     report = partition_report(cfg)
     if not cfg.federated_preprocessing:
         test_data(cfg)
-    notes: tuple[str, ...] = ()
+    # the model, before Ray starts: a layer DP-SGD cannot train is one line (ModelError)
+    notes = tuple(check_model(cfg.train, model_input_shape(cfg), num_classes(cfg)))
     if cfg.data.dataset not in IMAGE_DATASETS:
         small = [r["client"] for r in report if r["rows"] < cfg.train.batch_size]
         if len(small) == cfg.num_clients:
@@ -183,7 +186,7 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
                              f"{cfg.train.batch_size}")
         able = cfg.num_clients - len(small)
         if 2 * len(small) > cfg.num_clients or able < cfg.clients_per_round:
-            notes = (f"{len(small)} of {cfg.num_clients} clients have fewer rows than "
+            notes += (f"{len(small)} of {cfg.num_clients} clients have fewer rows than "
                      f"train.batch-size = {cfg.train.batch_size} and will never train"
                      + (f"; only {able} can, fewer than clients-per-round = "
                         f"{cfg.clients_per_round}" if able < cfg.clients_per_round else "")

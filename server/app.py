@@ -26,7 +26,7 @@ from common import records as R
 from common.config import ExperimentConfig, from_run_config
 from common.data.datasets import num_classes, partition_report, source_warnings, test_data
 from common.evaluation import evaluate as evaluate_model
-from common.models import build_model
+from common.models import build_model, check_model
 from common.privacy.ledger import Spend
 from common.privacy.randomness import make_randomness, resolve_noise_source
 from server import accounting
@@ -145,6 +145,7 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
     if not on_clients:
         test = test_data(cfg, transform)
         input_shape, classes = test.features.shape[1:], range(num_classes(cfg))
+    check_model(cfg.train, tuple(input_shape), len(classes))  # ModelError: one line
     model = build_model(cfg.train, tuple(input_shape), len(classes))
     user_account = None
     if cfg.user_level:

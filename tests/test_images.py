@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from clients.train import train_local
+from clients.train import BOOKKEEPING, train_local
 from common.config import TrainConfig
 from common.data import images
-from common.models import GRAD_SAMPLE_MODE, build_model
+from common.models import build_model
 
 ROWS, HEIGHT, WIDTH = 5, 3, 4  # not square, so a swapped height and width would show
 
@@ -166,14 +166,14 @@ def test_cnn_dp_sgd_step(size):
     model = _cnn((1, size, size))
     before = [p.detach().clone() for p in model.parameters()]
     result = train_local(model, x, y, epochs=1, batch_size=16, lr=0.1, momentum=0.0, seed=0,
-                         noise_multiplier=1.0, grad_sample_mode=GRAD_SAMPLE_MODE["cnn"])
+                         noise_multiplier=1.0, grad_sample_mode=BOOKKEEPING)
     assert result.steps == 3 and np.isfinite(result.loss)
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
     assert type(model) is nn.Sequential and not model._forward_hooks  # no hooks left behind
     assert model(torch.from_numpy(x)).shape == (48, 10)
 
 
-@pytest.mark.parametrize("mode", [GRAD_SAMPLE_MODE["cnn"], "hooks"])
+@pytest.mark.parametrize("mode", [BOOKKEEPING, "hooks"])
 def test_cnn_update_is_the_mean_of_clipped_per_sample_gradients(mode):
     """The CNN's per-sample gradients are clipped correctly, by privet's path and Opacus'."""
     rows, clip, lr = 24, 0.05, 1.0

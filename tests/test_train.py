@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from clients import bookkeeping
+from clients import bookkeeping, train
 from clients.train import (BOOKKEEPING, expected_batch_size, sample_rate, steps_per_epoch,
                            train_local)
 from common.config import TrainConfig
-from common.models import GRAD_SAMPLE_MODE, build_model
+from common.models import MODELS, build_model
 from common.privacy.randomness import Randomness, SecureRandomness, SeededRandomness
 
 ROWS, FEATURES = 256, 12
@@ -43,9 +43,11 @@ def _clipped_mean_gradient(model, x, y, clip):
     return {k: (g * scale.view(-1, *[1] * (g.dim() - 1))).mean(0) for k, g in grads.items()}
 
 
-def test_every_model_has_a_grad_sample_mode():
-    assert set(GRAD_SAMPLE_MODE) == set(TrainConfig.__dataclass_fields__["model"].metadata[
-        "choices"])
+def test_every_built_in_model_takes_the_one_pass_path():
+    assert set(MODELS) == {"mlp", "logreg", "cnn"}
+    assert all(train.dp_path(build_model(TrainConfig(model=name), (1, 8, 8), 10)) == BOOKKEEPING
+               for name in MODELS)
+    assert train.dp_path(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))) == "hooks"
 
 
 @pytest.mark.parametrize("name", ["mlp", "logreg"])
@@ -240,7 +242,7 @@ def test_plain_sgd_takes_the_shuffling_dataloader_batches():
 
 def test_bookkeeping_takes_the_layers_it_computes_exactly():
     assert all(bookkeeping.supports(build_model(TrainConfig(model=name), (1, 8, 8), 10))
-               for name in GRAD_SAMPLE_MODE)
+               for name in MODELS)
     assert not bookkeeping.supports(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)))
     assert not bookkeeping.supports(nn.Sequential(nn.Conv2d(2, 2, 3, groups=2)))
     assert not bookkeeping.supports(nn.Sequential(nn.Conv2d(2, 2, 3, padding="same")))

@@ -490,6 +490,19 @@ def test_data(cfg: ExperimentConfig, transform_json: str = "") -> ClientData:
                       tuple(transform.feature_names()))
 
 
+def model_input_shape(cfg: ExperimentConfig) -> tuple[int, ...]:
+    """One example's shape as the model will see it, known before any row is read where the
+    schema is declared: (channels, height, width) for images; (features,) for tables, where
+    `select = "variance"` keeps an unknown number (the encoded width is given then)."""
+    if cfg.data.dataset in IMAGE_DATASETS:
+        return tuple(image_source(cfg.data, cfg.seed).test.images.shape[1:])
+    pre = cfg.preprocess
+    if pre.pca:
+        return (pre.pca,)
+    width = encoded_width(_source(cfg).schema)
+    return (min(pre.top_k, width),) if pre.select == "mutual-info" else (width,)
+
+
 def encoded_width(table: Schema) -> int:
     """Features a row has after encoding, before selection and PCA: one per numeric column,
     and per categorical column one per vocabulary value plus `other`."""

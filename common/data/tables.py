@@ -15,6 +15,7 @@ import difflib
 import gzip
 import io
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -422,7 +423,8 @@ def _fallback(tables: list[RawTable], column: str, counts: pd.Series, share: flo
     examples = ", ".join(f"{t.path.name} {t.unit} {line}: {_show(v)}" for t, line, v in bad[:3])
     written = "" if fmt.plain else f" ({fmt.describe()})"
     return [f"{_where(tables)}: column {column!r} treated as categorical ({len(counts)} "
-            f"value(s)): {share:.0%} of its cells are numbers{written}, {NUMERIC_SHARE:.0%} "
+            f"value(s)): {math.floor(share * 1000) / 10:g}% of its cells are numbers{written}, "
+            f"{NUMERIC_SHARE:.0%} "
             f"needed; not numbers: {examples}; set data.column-types = {{ {key} = "
             f"\"numeric\" }} to read it as numbers (the others then count as missing)"]
 

@@ -1,0 +1,1 @@
+"""Models and code a user would write, run by the tests: see each module's docstring."""

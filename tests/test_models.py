@@ -1,0 +1,110 @@
+"""Your model: a built-in name or package.module:factory, on the DP-SGD path that fits it."""
+
+import json
+
+import pytest
+import torch
+from independent import pld_epsilon
+from test_simulation import privet
+from torch import nn
+
+from clients import train
+from common.config import CONFIGS_DIR, TrainConfig
+from common.models import ModelError, build_model, check_model, unsupported
+
+TINY = CONFIGS_DIR / "tiny.toml"
+RESIDUAL = "experiments.examples.tabular:residual_mlp"
+BATCHNORM = "experiments.examples.tabular:batchnorm_mlp"
+
+
+def run(out, *settings):
+    args = ["simulate", "--config", str(TINY), "--out", str(out)]
+    for setting in settings:
+        args += ["--set", setting]
+    proc = privet(*args)
+    stdout, _ = proc.communicate(timeout=600)
+    return proc.returncode, stdout
+
+
+def test_a_users_non_sequential_model_trains_with_opacus_at_its_exact_epsilon(tmp_path):
+    model = build_model(TrainConfig(model=RESIDUAL), (12,), 2)
+    assert not isinstance(model, nn.Sequential) and train.dp_path(model) == "hooks"
+    code, stdout = run(tmp_path / "run", f'train.model="{RESIDUAL}"')
+    assert code == 0, stdout[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["accuracy"] > 0.76
+    delta = summary["privacy"]["delta"]
+    for entry in summary["privacy"]["clients"].values():
+        assert entry["rounds_trained"] == 2
+        assert entry["epsilon"] == pytest.approx(pld_epsilon(entry["history"], delta), rel=0.01)
+        assert entry["epsilon"] <= entry["target_epsilon"] * 1.001
+
+
+def test_a_layer_dp_sgd_cannot_train_is_one_line_naming_it_and_the_fix(tmp_path):
+    code, stdout = run(tmp_path / "run", f'train.model="{BATCHNORM}"')
+    assert code == 2 and "Traceback" not in stdout
+    line, = [s for s in stdout.splitlines() if "error" in s]
+    assert "layer '2' (BatchNorm1d)" in line and "train.fix-model = true" in line
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_fix_model_replaces_the_layer_everywhere_the_same_way_and_says_what():
+    cfg = TrainConfig(model=BATCHNORM, fix_model=True)
+    notes = check_model(cfg, (12,), 2)
+    assert notes == ["train.fix-model replaced layer '2': BatchNorm1d → GroupNorm"]
+    a, b = build_model(cfg, (12,), 2), build_model(cfg, (12,), 2)
+    assert unsupported(a) == [] and a.state_dict().keys() == b.state_dict().keys()
+    with pytest.raises(ModelError, match="BatchNorm1d"):
+        check_model(TrainConfig(model=BATCHNORM), (12,), 2)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("nosuch", "expected one of mlp, logreg, cnn"),
+    ("no_such_package.models:net", "cannot import 'no_such_package.models'"),
+    ("experiments.examples.tabular:nothing", "has no 'nothing'"),
+    ("experiments.examples.tabular:math", "is not callable"),
+])
+def test_a_model_that_cannot_be_found_is_one_line(name, message):
+    with pytest.raises(ModelError, match=message):
+        build_model(TrainConfig(model=name), (3,), 2)
+
+
+def test_a_factory_that_fails_or_returns_no_module_is_named(monkeypatch):
+    from experiments.examples import tabular
+
+    monkeypatch.setattr(tabular, "broken", lambda shape, outputs, cfg: 1 / 0, raising=False)
+    monkeypatch.setattr(tabular, "not_a_module", lambda shape, outputs, cfg: "mlp",
+                        raising=False)
+    with pytest.raises(ModelError, match=r"factory failed .*ZeroDivisionError"):
+        build_model(TrainConfig(model="experiments.examples.tabular:broken"), (3,), 2)
+    with pytest.raises(ModelError, match="returned str, expected a torch.nn.Module"):
+        build_model(TrainConfig(model="experiments.examples.tabular:not_a_module"), (3,), 2)
+
+
+def test_opacus_path_gives_the_mean_of_clipped_per_example_gradients_for_a_users_model():
+    """No noise, one full batch: the update is lr × the mean of clipped per-example gradients
+    (computed here one example at a time), as on the one-pass path."""
+    torch.manual_seed(0)
+    model = build_model(TrainConfig(model=RESIDUAL, hidden=8), (5,), 2)
+    model.block[3].p = 0.0  # dropout off: the reference is deterministic
+    x = torch.randn(16, 5)
+    y = (x[:, 0] > 0).long()
+    clip, lr = 0.1, 1.0
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    per_example = []
+    for i in range(len(y)):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        per_example.append([p.grad.clone() for p in model.parameters()])
+    norms = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in gs)) for gs in per_example])
+    assert (norms > clip).any()
+    factors = torch.clamp(clip / (norms + 1e-6), max=1.0)
+    expected = [sum(f * gs[j] for f, gs in zip(factors, per_example)) / len(y)
+                for j in range(len(per_example[0]))]
+    model.load_state_dict(reference)
+    before = [p.detach().clone() for p in model.parameters()]
+    train.train_local(model, x.numpy(), y.numpy(), epochs=1, batch_size=16, lr=lr,
+                      momentum=0.0, seed=0, noise_multiplier=1e-9, max_grad_norm=clip,
+                      grad_sample_mode=train.dp_path(model))  # q = 1: every row, one step
+    for b, p, g in zip(before, model.parameters(), expected):
+        assert torch.allclose(b - p.detach(), lr * g, atol=1e-5)
