@@ -28,7 +28,16 @@ def plot_run(run_dir: Path) -> Path | None:
     epsilon = [_number(r.get("max_epsilon")) for r in rows]
     user = [_number(r.get("user_epsilon")) for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(rounds, accuracy, marker="o")
+    left.plot(rounds, accuracy, marker="o", label="accuracy")
+    balanced = [_number(r.get("test_balanced_accuracy")) for r in rows]
+    if not all(math.isnan(b) for b in balanced):
+        left.plot(rounds, balanced, marker=".", color="tab:green", label="balanced accuracy")
+    majority = _number(rows[-1].get("majority_baseline"))
+    if not math.isnan(majority):
+        left.axhline(majority, color="gray", linestyle="--",
+                     label=f"majority class {majority:.3f}")
+    if len(left.get_lines()) > 1:
+        left.legend(loc="best", fontsize="small")
     left.set(xlabel="round", ylabel="test accuracy", title="Global model on the test set")
     left.grid(alpha=0.3)
     if all(math.isnan(e) for e in epsilon + user):

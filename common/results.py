@@ -41,7 +41,8 @@ RUN_FILES = (CONFIG, METRICS, ROUNDS, SUMMARY, MODEL, PLOT, PARTITIONS, TRANSFOR
 METRIC_COLUMNS = ["round", "client", "status", "examples", "loss", "accuracy", "epsilon",
                   "steps", "noise_multiplier", "sample_rate", "train_seconds",
                   "accounting_seconds"]
-ROUND_COLUMNS = ["round", "test_accuracy", "test_loss", "max_epsilon", "user_epsilon",
+ROUND_COLUMNS = ["round", "test_accuracy", "test_loss", "test_balanced_accuracy",
+                 "test_macro_f1", "test_auc", "majority_baseline", "max_epsilon", "user_epsilon",
                  "clients_trained", "clients_declined", "clients_failed", "elapsed_seconds"]
 
 

@@ -59,11 +59,13 @@ class RoundWatcher(threading.Thread):
             if row.get("user_epsilon"):
                 privacy += f"user ε {row['user_epsilon']:>8}  "
             console.print(f"round {int(row['round']):>3}/{self.cfg.rounds}  "
-                          f"test accuracy {float(row['test_accuracy']):.4f}  {privacy}"
+                          f"test accuracy {float(row['test_accuracy']):.4f}  "
+                          + (f"AUC {float(row['test_auc']):.4f}  " if row.get("test_auc")
+                             else "") + f"{privacy}"
                           f"clients {row['clients_trained']:>3}  "
                           f"{float(row['elapsed_seconds']):6.1f}s"  # rounds.csv's clock
                           + ("  no client trained: the model is unchanged"
-                             if int(row["clients_trained"]) == 0 else ""))
+                             if int(row["clients_trained"]) == 0 else ""), soft_wrap=True)
         self.reported = len(rows)
 
     def run(self) -> None:
@@ -139,6 +141,13 @@ def print_summary(run_dir: Path) -> None:
     console.print(f"{where} [bold]{accuracy:.4f}[/] after {summary['rounds']} round(s); "
                   f"{escape(eps_line)}; {summary['wall_seconds']:.1f}s" if accuracy is not None
                   else f"no round finished; {escape(eps_line)}", markup=True)
+    scores = summary.get("scores") or {}
+    named = [(label, scores.get(key)) for label, key in (
+        ("majority class", "majority_baseline"), ("balanced accuracy", "test_balanced_accuracy"),
+        ("macro F1", "test_macro_f1"), ("ROC AUC", "test_auc"))]
+    if accuracy is not None and any(v is not None for _, v in named):
+        console.print("  " + ", ".join(f"{label} {v:.4f}" for label, v in named
+                                       if v is not None))
     if summary.get("stop_reason"):
         err.print(f"privet: stopped after round {summary['rounds']}: "
                   f"{summary['stop_reason']}", soft_wrap=True)

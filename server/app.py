@@ -25,7 +25,7 @@ from flwr.superlink.grid import InMemoryGrid
 from common import records as R
 from common.config import ExperimentConfig, from_run_config
 from common.data.datasets import num_classes, partition_report, source_warnings, test_data
-from common.evaluation import evaluate as evaluate_model
+from common.evaluation import Scores, score
 from common.models import build_model, check_model
 from common.privacy.ledger import Spend
 from common.privacy.randomness import make_randomness, resolve_noise_source
@@ -158,11 +158,12 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
             if server_round == 0:
                 return None
             held_out = strategy.last_evaluation
-            loss = float(held_out.get(R.EVAL_LOSS, math.nan))
-            accuracy = float(held_out.get(R.EVAL_ACCURACY, math.nan))
+            scores = Scores(float(held_out.get(R.EVAL_LOSS, math.nan)),
+                            float(held_out.get(R.EVAL_ACCURACY, math.nan)))
         else:
             R.load_arrays(model, arrays)
-            loss, accuracy = evaluate_model(model, test.features, test.labels)
+            scores = score(model, test.features, test.labels, len(classes))
+        loss, accuracy = scores.loss, scores.accuracy
         if server_round > 0 and not all(np.isfinite(a.numpy()).all() for a in arrays.values()):
             raise RunFailed(f"round {server_round}: the global model's weights are not finite "
                             "(NaN or infinite): training diverged (lower train.lr?)")
@@ -170,7 +171,7 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
             if user_account is not None:  # this round's release, before anything reads it
                 accounting.record_round(user_account, strategy.ledger_noise,
                                         strategy.sample_rate)
-            recorder.end_round(server_round, loss, accuracy, arrays.to_torch_state_dict())
+            recorder.end_round(server_round, scores, arrays.to_torch_state_dict())
             log.info("privet: round %d/%d  test accuracy %.4f  max ε %s  user ε %s",
                      server_round, cfg.rounds, accuracy, _eps(recorder.max_epsilon()),
                      _eps(recorder.user_epsilon()))

@@ -17,6 +17,7 @@ from flwr.app import ConfigRecord, Message
 from common import records as R
 from common import results
 from common.config import IMAGE_DATASETS, ExperimentConfig, shaped
+from common.evaluation import Scores
 from common.data import adult
 from common.plots import plot_run
 from common.run_dir import claim as run_dir_claim
@@ -215,9 +216,10 @@ class RunRecorder:
             raise RuntimeError(f"round {server_round}: every sampled client failed; first "
                                f"error: {errors[0]}")
 
-    def end_round(self, server_round: int, loss: float, accuracy: float,
+    def end_round(self, server_round: int, scores: Scores,
                   state_dict: dict[str, torch.Tensor]) -> None:
         """After the global evaluation of a round: persist everything finished so far."""
+        loss, accuracy = scores.loss, scores.accuracy
         with self._lock:
             pending, self._pending = self._pending, []
         self.client_rows.extend(pending)
@@ -230,7 +232,11 @@ class RunRecorder:
                         failed, sum(r["status"] == "too-small" for r in pending))
         self.round_rows.append({
             "round": server_round, "test_accuracy": f"{accuracy:.6f}",
-            "test_loss": f"{loss:.6f}", "max_epsilon": _fmt(self.max_epsilon()),
+            "test_loss": f"{loss:.6f}",
+            **{f"test_{k}": _fmt(v) for k, v in scores.as_dict().items()
+               if k not in ("loss", "accuracy", "majority")},
+            "majority_baseline": _fmt(scores.majority),
+            "max_epsilon": _fmt(self.max_epsilon()),
             "user_epsilon": _fmt(self.user_epsilon()),
             "clients_trained": trained, "clients_declined": declined,
             "clients_failed": failed,
@@ -355,6 +361,9 @@ class RunRecorder:
         summary = {
             "name": self.cfg.name, "run_id": self.run, "status": status,
             "accuracy": accuracy, "loss": loss,
+            "scores": {k: float(last[k]) if last.get(k) else None
+                       for k in ("test_balanced_accuracy", "test_macro_f1", "test_auc",
+                                 "majority_baseline")},
             "rounds": completed, "planned_rounds": self.cfg.rounds,
             "stop_reason": self.stop_reason,
             "wall_seconds": round(time.time() - self.started, 3), "seed": self.cfg.seed,
@@ -407,7 +416,7 @@ def _fmt(value) -> str:
     if value is None:
         return ""
     value = float(value)
-    return "inf" if math.isinf(value) else f"{value:.6g}"
+    return "" if math.isnan(value) else "inf" if math.isinf(value) else f"{value:.6g}"
 
 
 def _torch_bytes(obj) -> bytes:
