@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 from flwr.app import ConfigRecord, Context
 
@@ -15,12 +16,13 @@ from clients import metrics
 from clients.preprocessing import planned
 from clients.train import sample_rate, steps_per_epoch
 from common.config import ExperimentConfig
-from common.data.datasets import client_digests, source_name
+from common.data.datasets import client_digests, digest_columns, source_name
 from common.privacy import accountants
 from common.privacy.ledger import ALL_ROWS, DataLedger, LedgerDir, MemoryStore, Spend, SpendRecord
 from common.privacy.randomness import resolve_noise_source
 
 LEDGER_KEY = "privacy-ledger"
+RUN_CLIENTAPP = "flwr.supernode.runtime.run_clientapp"  # how a SuperNode runs a ClientApp
 
 
 def client_id(context: Context) -> int:
@@ -40,10 +42,14 @@ def data_path(context: Context) -> str:
 
 
 def deployed(context: Context) -> bool:
-    """A node of a real deployment: it names its own data, or Flower's simulation engine did
-    not number it (simulated nodes carry `num-partitions`)."""
+    """A node of a real deployment: this process runs the ClientApp the way a SuperNode does
+    (Flower's `run_clientapp`, loaded by `flwr-clientapp` and by privet's launcher, never by
+    the simulation engine), or the node names its own data, or the simulation engine did not
+    number it. A deployed node's `--node-config` may carry `num-partitions` too, so that
+    alone says nothing."""
     node = context.node_config
-    return "data-path" in node or "num-partitions" not in node
+    return (RUN_CLIENTAPP in sys.modules or "data-path" in node
+            or "num-partitions" not in node)
 
 
 def noise_source(cfg: ExperimentConfig, context: Context) -> str:
@@ -86,7 +92,8 @@ def open_ledger(cfg: ExperimentConfig, context: Context, client: int, run: str
     store = _ledger_dir(os.path.abspath(directory)) if directory else _StateStore(context.state)
     digests = None if isinstance(store, MemoryStore) else client_digests(cfg, client, path)
     current = SpendRecord(f"{run or 'run'}-client{client}", run, str(client),
-                          source_name(cfg, path), ALL_ROWS, noise_source(cfg, context))
+                          source_name(cfg, path), ALL_ROWS, noise_source(cfg, context),
+                          columns=() if digests is None else digest_columns(cfg, path))
     return DataLedger(store, current, digests)
 
 

@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -41,7 +42,7 @@ from common.data.datasets import (
 from common.data.preprocess import FittedTransform
 from common.evaluation import evaluate as evaluate_model
 from common.models import build_model
-from common.privacy.ledger import DataLedger, Spend
+from common.privacy.ledger import BudgetDeclined, DataLedger, Spend
 from common.privacy.randomness import make_randomness
 
 STAGES = ("statistics", "pca", "bounds")  # the index seeds each stage's seeded noise
@@ -81,9 +82,14 @@ def _failures_named(**defaults):
 
 
 def _run(msg: Message) -> str:
-    """The run's id, sent by the server with every message: spend under it is this run's."""
+    """The run's id, sent by the server with every message: spend under it is this run's.
+    Raises ValueError unless it is 1-64 letters, digits, `_` or `-` (it names files)."""
     config = msg.content.config_records.get("config")
-    return str(config.get(R.RUN, "")) if config else ""
+    run = str(config.get(R.RUN, "")) if config else ""
+    if run and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run):
+        raise ValueError(f"run id {run[:80]!r} from the server: expected 1-64 letters, digits, "
+                         "'_' or '-'")
+    return run
 
 
 def _privacy_record(cfg: ExperimentConfig, ledger: DataLedger, transform: str = ""
@@ -176,17 +182,23 @@ def statistics(msg: Message, context: Context) -> Message:
         stats = federated.pca_statistics(features, federated.pca_clip_norm(features.shape[1]))
         sensitivity = federated.PCA_SENSITIVITY
     sigma, _ = federated.statistics_noise(cfg, table)
-    if sigma and cfg.client_private(client_id) and not any(
-            s.purpose == stage for s in ledger.current.spends) and A.plan(
-            cfg, client_id, data_path, ledger, _training_rows(cfg, client_id, data_path)) is None:
+    if any(s.purpose == stage for s in ledger.current.spends):
+        raise ValueError(f"the server asked for the {stage} statistics a second time in run "
+                         f"{ledger.current.run!r}: refused (each release is paid for; a run "
+                         "asks once)")
+    private = sigma and cfg.client_private(client_id)
+    if private and (A.plan(cfg, client_id, data_path, ledger,
+                           _training_rows(cfg, client_id, data_path)) is None
+                    or ledger.reserve([Spend(sigma, 1.0, 1, stage)], cfg.epsilon_for(client_id),
+                                      cfg.privacy.delta, cfg.privacy.accountant) is None):
         log.warning("client %d declines to send preprocessing statistics: earlier runs on its "
                     "rows spent ε = %.4f of its target %g", client_id,
                     ledger.prior_epsilon(cfg.privacy.delta, cfg.privacy.accountant),
                     cfg.epsilon_for(client_id))
         return _reply({R.CLIENT_ID: client_id, R.DECLINED: 1},
                       _privacy_record(cfg, ledger), msg=msg)
-    if sigma:
-        ledger.record(Spend(sigma, 1.0, 1, stage))  # on disk before the reply leaves
+    if sigma and not private:
+        ledger.record(Spend(sigma, 1.0, 1, stage))  # no target to check: still on record
     randomness = make_randomness(ledger.current.noise_source,
                                  [cfg.seed, client_id, STAGES.index(stage), 0x5EED])
     noisy = federated.add_noise(stats, sigma * sensitivity, randomness)
@@ -245,7 +257,11 @@ def train(msg: Message, context: Context) -> Message:
                     f"(preprocess.epsilon, privacy.train-metrics-epsilon) would pass target "
                     f"{target:.4f}")
         return declined()
-    transform = own_transform(cfg, client_id, data_path, _transform(msg), ledger)
+    try:
+        transform = own_transform(cfg, client_id, data_path, _transform(msg), ledger)
+    except BudgetDeclined as why:  # another run on the same ledger spent it meanwhile
+        log.warning("%s; it declines round %d", why, server_round)
+        return declined()
     data = client_data(cfg, client_id, transform, data_path)
     base.update({R.DATA_PREFIX + k: v for k, v in data.cleaning.as_dict().items()})
     model = _model(cfg, data, msg.content["arrays"], data_path)
@@ -259,13 +275,15 @@ def train(msg: Message, context: Context) -> Message:
             log.warning("client %d: δ = %g ≥ 1/n = 1/%d; the guarantee is weak",
                         client_id, delta, len(data))
         accounting_start = time.perf_counter()
-        this_round = [Spend(sigma, q, steps)] + (
+        this_round = [Spend(sigma, q, steps, "dp-sgd")] + (
             [metrics_dp.one_round(cfg)] if metrics_dp.noised(cfg, client_id) else [])
-        next_epsilon = ledger.epsilon(delta, accountant, this_round)
+        # recorded before the steps run, in one step with the check (other runs may share
+        # the ledger): a round that then fails has been paid for, never the other way round
+        reserved = ledger.reserve(this_round, target, delta, accountant)
         accounting_seconds += time.perf_counter() - accounting_start
-        if next_epsilon > target:
-            log.warning("client %d declines round %d: ε would reach %.4f > target %.4f",
-                        client_id, server_round, next_epsilon, target)
+        if reserved is None:
+            log.warning("client %d declines round %d: ε would pass target %.4f",
+                        client_id, server_round, target)
             return declined(transform)
 
     result = train_local(model, data.features, data.labels, epochs=cfg.train.local_epochs,
@@ -276,23 +294,19 @@ def train(msg: Message, context: Context) -> Message:
                          randomness=make_randomness(ledger.current.noise_source, seed))
     epsilon = 0.0
     if sigma is not None:
-        ledger.record(Spend(sigma, q, result.steps, "dp-sgd"))  # on disk before the reply
-        accounting_start = time.perf_counter()
-        epsilon = ledger.epsilon(delta, accountant)
-        accounting_seconds += time.perf_counter() - accounting_start
+        if result.steps != steps:  # never: the steps are fixed by n and B; paid as planned
+            raise RuntimeError(f"took {result.steps} DP-SGD steps, {steps} were recorded")
+        epsilon = reserved
     metrics = {**base, R.DECLINED: 0, R.NUM_EXAMPLES: result.examples,
                R.EPSILON: epsilon if private else float("inf"), R.STEPS: result.steps,
                R.NOISE_MULTIPLIER: sigma or 0.0, R.SAMPLE_RATE: q or 0.0,
                R.TRAIN_SECONDS: result.seconds, R.ACCOUNTING_SECONDS: accounting_seconds}
-    if metrics_dp.noised(cfg, client_id):
-        spend = metrics_dp.one_round(cfg)
-        ledger.record(spend)  # on disk before the reply, like the steps
+    if metrics_dp.noised(cfg, client_id):  # paid for with the steps, above
         randomness = make_randomness(ledger.current.noise_source,
                                      [cfg.seed, server_round, client_id, metrics_dp.STREAM])
-        loss, accuracy = metrics_dp.release(model, data.features, data.labels, spend.sigma,
-                                            randomness)
-        metrics.update({R.TRAIN_LOSS: loss, R.TRAIN_ACCURACY: accuracy,
-                        R.EPSILON: ledger.epsilon(delta, accountant)})
+        loss, accuracy = metrics_dp.release(model, data.features, data.labels,
+                                            this_round[-1].sigma, randomness)
+        metrics.update({R.TRAIN_LOSS: loss, R.TRAIN_ACCURACY: accuracy})
     elif cfg.privacy.train_metrics != "off":  # clear; or a client without sample-level DP
         metrics.update({R.TRAIN_LOSS: result.loss, R.TRAIN_ACCURACY: result.accuracy})
     return _reply(metrics, _privacy_record(cfg, ledger, transform), model, msg)
@@ -309,14 +323,17 @@ def evaluate(msg: Message, context: Context) -> Message:
     ledger = A.open_ledger(cfg, context, client_id, _run(msg))
     fits_now = (cfg.client_private(client_id) and not ledger.current.transform
                 and planned(cfg, client_id, data_path))
-    if fits_now and A.plan(cfg, client_id, data_path, ledger,
-                           _training_rows(cfg, client_id, data_path)) is None:
-        log.warning("client %d declines to evaluate: earlier runs on its rows left no budget "
-                    "for the fit of its preprocessing", client_id)
+    try:
+        if fits_now and A.plan(cfg, client_id, data_path, ledger,
+                               _training_rows(cfg, client_id, data_path)) is None:
+            raise BudgetDeclined(f"client {client_id}: earlier runs on its rows left no "
+                                 "budget for the fit of its preprocessing")
+        transform = own_transform(cfg, client_id, data_path, _transform(msg), ledger)
+    except BudgetDeclined as why:
+        log.warning("%s; it declines to evaluate", why)
         metrics = {R.CLIENT_ID: client_id, R.NUM_EXAMPLES: 0, R.EVAL_LOSS: 0.0,
                    R.EVAL_ACCURACY: 0.0, R.DECLINED: 1}
         return _reply(metrics, _privacy_record(cfg, ledger), msg=msg)
-    transform = own_transform(cfg, client_id, data_path, _transform(msg), ledger)
     args = (cfg, client_id, transform, data_path)
     data = client_holdout(*args) if cfg.evaluation.mode == "federated" else client_data(*args)
     model = _model(cfg, data, msg.content["arrays"], data_path)

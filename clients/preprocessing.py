@@ -19,7 +19,7 @@ from __future__ import annotations
 from common.config import IMAGE_DATASETS, ExperimentConfig
 from common.data import federated
 from common.data.datasets import cleaned_client, schema
-from common.privacy.ledger import DataLedger, Spend
+from common.privacy.ledger import BudgetDeclined, DataLedger, Spend
 from common.privacy.randomness import make_randomness
 
 LOCAL_FIT_STREAM = 0x10CA1F17  # seeded draws of the local fit: (seed, client, this)
@@ -51,7 +51,8 @@ def _schema(cfg: ExperimentConfig, data_path: str):
 def own_transform(cfg: ExperimentConfig, client_id: int, data_path: str, shared: str,
                   ledger: DataLedger) -> str:
     """The transform (JSON) to encode this client's rows with; "" = fit exactly on its own
-    rows (no DP needed, see module doc). May spend: the private fit, once per run."""
+    rows (no DP needed, see module doc). May spend: the private fit, once per run; raises
+    BudgetDeclined when its rows cannot pay for it."""
     table = _schema(cfg, data_path)
     kind = federated.fit_kind(cfg, client_id, table)
     if kind in ("shared", "none", "exact"):
@@ -64,8 +65,11 @@ def own_transform(cfg: ExperimentConfig, client_id: int, data_path: str, shared:
     randomness = make_randomness(ledger.current.noise_source,
                                  [cfg.seed, client_id, LOCAL_FIT_STREAM])
     sigma, _ = federated.local_fit_noise(cfg, table)
+    if ledger.reserve(planned(cfg, client_id, data_path), cfg.epsilon_for(client_id),
+                      cfg.privacy.delta, cfg.privacy.accountant) is None:  # paid first
+        raise BudgetDeclined(f"client {client_id}: its rows have no budget left for the fit "
+                             "of its preprocessing")
     fitted = federated.fit_private(frame, labels, table, cfg.preprocess, sigma, randomness)
     ledger.current.transform = fitted.to_json()
-    for spend in planned(cfg, client_id, data_path):  # saved before the transform is used
-        ledger.record(spend)
+    ledger.store.save(ledger.current)  # kept: a restarted node reuses it, paying nothing
     return ledger.current.transform

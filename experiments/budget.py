@@ -12,21 +12,32 @@ from common.privacy.accountants import ACCOUNTANTS, calibrate_noise, epsilon
 
 @dataclass(frozen=True)
 class Plan:
+    """`rounds` × `steps_per_round` DP-SGD steps at Poisson rate `sample_rate`, after the
+    `prior` spend ((σ, q, steps) entries: e.g. the preprocessing statistics), at `delta`."""
     rounds: int
     steps_per_round: int
     sample_rate: float
     delta: float
+    prior: tuple[tuple[float, float, int], ...] = ()
 
     @classmethod
     def from_rows(cls, rows: int, batch_size: int, local_epochs: int, rounds: int,
-                  delta: float) -> "Plan":
+                  delta: float, prior: tuple = ()) -> "Plan":
         """The rate and steps Opacus' Poisson loader really uses: q = 1/⌈n/B⌉."""
         return cls(rounds, local_epochs * steps_per_epoch(rows, batch_size),
-                   sample_rate(rows, batch_size), delta)
+                   sample_rate(rows, batch_size), delta, prior)
 
     @property
     def steps(self) -> int:
         return self.rounds * self.steps_per_round
+
+
+def release_at(target_epsilon: float, delta: float) -> tuple[tuple[float, float, int], ...]:
+    """One Gaussian release over all rows (q = 1) spending `target_epsilon`, as privet's
+    federated preprocessing statistics do with declared bounds; () for 0."""
+    if not target_epsilon:
+        return ()
+    return ((calibrate_noise(target_epsilon, delta, 1.0, 1), 1.0, 1),)
 
 
 def report_rounds(rounds: int, most: int = 20) -> list[int]:
@@ -40,14 +51,16 @@ def report_rounds(rounds: int, most: int = 20) -> list[int]:
 
 def epsilon_over_rounds(plan: Plan, sigma: float, accountants=ACCOUNTANTS
                         ) -> dict[str, list[tuple[int, float]]]:
-    return {name: [(r, epsilon([(sigma, plan.sample_rate, r * plan.steps_per_round)],
-                               plan.delta, name)) for r in report_rounds(plan.rounds)]
+    return {name: [(r, epsilon([*plan.prior, (sigma, plan.sample_rate,
+                                             r * plan.steps_per_round)], plan.delta, name))
+                   for r in report_rounds(plan.rounds)]
             for name in accountants}
 
 
 def sigma_for_targets(plan: Plan, targets: list[float], accountants=ACCOUNTANTS
                       ) -> dict[str, list[tuple[float, float]]]:
-    return {name: [(t, calibrate_noise(t, plan.delta, plan.sample_rate, plan.steps, name))
+    return {name: [(t, calibrate_noise(t, plan.delta, plan.sample_rate, plan.steps, name,
+                                       prior=plan.prior))
                    for t in targets] for name in accountants}
 
 
@@ -69,9 +82,23 @@ def _plot_per_accountant(series: dict[str, list[tuple[float, float]]], path: Pat
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata={"Software": SOFTWARE})
     plt.close(fig)
     return path
+
+
+SOFTWARE = "privet budget"  # PNG metadata: the plots privet may write over
+
+
+def written_by_privet(path: Path) -> bool:
+    """True when `path` is a PNG this command wrote (its Software metadata says so)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.info.get("Software") == SOFTWARE
+    except OSError:
+        return False
 
 
 def plot_epsilon(curves: dict[str, list[tuple[int, float]]], sigma: float, path: Path) -> Path:

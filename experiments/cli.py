@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import threading
 import time
 from datetime import datetime
@@ -185,6 +186,18 @@ def print_partitions(report: list[dict], cfg) -> None:
     console.print(table)
 
 
+def _origin(message: str, config: Path, overrides: list[str]) -> str:
+    """Where the setting an error names came from: its --set override(s), else the file."""
+    named = [o for o in overrides if message.startswith(o.split("=", 1)[0].strip() + ":")]
+    return ", ".join(f"--set {o}" for o in named) or str(config)
+
+
+def _unclaim(run_dir: Path, claimed: bool) -> None:
+    """Remove the run directory this invocation created, when the run never started."""
+    if claimed:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def _ray_address_option(address: Optional[str]) -> Optional[str]:
     from experiments.simulation import RayAddressError, check_ray_address
 
@@ -230,6 +243,7 @@ def simulate(
         cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(
             cfg.privacy, ledger_dir=str(Path(cfg.privacy.ledger_dir).expanduser().resolve())))
     run_dir = (out or default_run_dir(cfg)).resolve()
+    claimed = not run_dir.exists()  # this invocation makes it: removed if nothing runs
     try:  # before any data is read: a second run into one --out is refused at once
         run_dir_claim(run_dir, finished=results.SUMMARY, stale=results.RUN_FILES,
                       overwrite=overwrite)
@@ -247,10 +261,11 @@ def simulate(
 
     try:
         report, data_warnings = simulation.preflight(cfg)
-    except (LedgerError, DataError, ModelError) as error:  # they name their file or key
-        fail(str(error))
-    except (ValueError, FileNotFoundError) as error:
-        fail(f"{config}: {error}")
+    except (LedgerError, DataError, ModelError, ValueError, FileNotFoundError) as error:
+        _unclaim(run_dir, claimed)  # nothing ran: no run directory is left behind
+        if isinstance(error, (LedgerError, DataError, ModelError)):  # they name their file
+            fail(str(error))
+        fail(f"{_origin(str(error), config, overrides or [])}: {error}")
     levels = []
     if cfg.private:
         levels.append(f"sample-level ε = {cfg.privacy.epsilon:g} per client"
@@ -311,7 +326,11 @@ def budget(
     epsilon: Annotated[Optional[str], typer.Option(
         help="target ε values, comma-separated: print the σ each needs")] = None,
     delta: Annotated[float, typer.Option(min=0.0, max=0.1)] = 1e-5,
-    out: Annotated[Path, typer.Option(help="PNG to write")] = Path("budget.png"),
+    preprocess_epsilon: Annotated[float, typer.Option(
+        min=0.0, help="ε spent before DP-SGD on preprocessing statistics (privet simulate's "
+                      "preprocess.epsilon, 0.3 by default; 0 = none)")] = 0.0,
+    out: Annotated[Path, typer.Option(help="PNG to write (never over a file privet did not "
+                                           "write)")] = Path("budget.png"),
 ) -> None:
     """Plan a privacy budget without training, with every accountant side by side.
 
@@ -325,16 +344,23 @@ def budget(
     """
     from experiments import budget as planning
 
+    if out.exists() and not planning.written_by_privet(out):
+        fail(f"--out {out}: exists and was not written by privet budget; choose another path")
+    prior = planning.release_at(preprocess_epsilon, delta)
     if rows is not None:
-        plan = planning.Plan.from_rows(rows, batch_size, local_epochs, rounds, delta)
+        plan = planning.Plan.from_rows(rows, batch_size, local_epochs, rounds, delta, prior)
     elif steps_per_round is not None and sample_rate:
-        plan = planning.Plan(rounds, steps_per_round, sample_rate, delta)
+        plan = planning.Plan(rounds, steps_per_round, sample_rate, delta, prior)
     else:
         fail("give --rows (with --batch-size), or both --steps-per-round and --sample-rate")
     if (sigma is None) == (epsilon is None):
         fail("give exactly one of --sigma (to get ε) or --epsilon (to get σ)")
     console.print(f"plan: {plan.rounds} rounds × {plan.steps_per_round} steps at q = "
-                  f"{plan.sample_rate:.5g}, δ = {plan.delta:g}")
+                  f"{plan.sample_rate:.5g}, δ = {plan.delta:g}"
+                  + (f", after preprocessing statistics at ε = {preprocess_epsilon:g}"
+                     if prior else "; DP-SGD only: privet simulate first spends "
+                     "preprocess.epsilon (0.3 by default) on its preprocessing statistics, "
+                     "--preprocess-epsilon 0.3 plans with it"))
     if sigma is not None:
         curves = planning.epsilon_over_rounds(plan, sigma)
         table = Table(title=f"ε after each round (σ = {sigma:g})")

@@ -43,9 +43,14 @@ def ledger(
     from common.privacy.ledger import LEDGER_FOLDER, LedgerDir, LedgerError
     from common.privacy.ledger_report import spend_by_source
 
+    if directory.name == "user-level" and directory.parent.name == LEDGER_FOLDER:
+        directory = directory.parent  # both levels are listed from the ledger folder
     root = directory if directory.name == LEDGER_FOLDER else directory / LEDGER_FOLDER
+    if not directory.exists():
+        fail(f"{directory}: no such folder")
     if not directory.is_dir():
-        fail(f"{directory}: not a folder")
+        fail(f"{directory}: a file, not a folder; give the folder holding "
+             f"{LEDGER_FOLDER}/ (privacy.ledger-dir, or a node's data folder)")
     if forget or forget_orphans:
         _forget(directory, forget or [], yes, forget_orphans)
         return
@@ -73,7 +78,7 @@ def ledger(
         table = Table(title=f"{root}: {title}, ε at δ = {delta:g} ({accountant})")
         for column in ("source", unit, "max ε", f"{unit} at max", "spent on", "runs"):
             table.add_column(column, justify="left" if column in ("source", "spent on", "runs")
-                             else "right")
+                             else "right", overflow="fold")  # paths whole, never cut
         for s in entries:
             runs = ", ".join(s.runs[:3]) + (f" … ({len(s.runs)})" if len(s.runs) > 3 else "")
             table.add_row(s.source, "all" if s.rows is None else str(s.rows),

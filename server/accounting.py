@@ -60,6 +60,10 @@ def calibrate(cfg: ExperimentConfig, ledger: DataLedger) -> float | None:
                                        cfg.rounds, p.accountant, ledger.prior_histories())
 
 
-def record_round(ledger: DataLedger, noise_multiplier: float, sample_rate: float) -> None:
-    """One more round of DP-FedAvg spent on every participant (saved at once)."""
-    ledger.record(Spend(noise_multiplier, sample_rate, 1, PURPOSE))
+def reserve_round(cfg: ExperimentConfig, ledger: DataLedger, noise_multiplier: float,
+                  sample_rate: float) -> float | None:
+    """One more round of DP-FedAvg on every participant, recorded before it runs if it keeps
+    them within `user-epsilon` (checked under the ledger's lock); the ε after, or None."""
+    p = cfg.privacy
+    return ledger.reserve([Spend(noise_multiplier, sample_rate, 1, PURPOSE)], p.user_epsilon,
+                          p.delta, p.accountant)

@@ -27,7 +27,6 @@ from common.config import ExperimentConfig, from_run_config
 from common.data.datasets import num_classes, partition_report, source_warnings, test_data
 from common.evaluation import Scores, score
 from common.models import build_model, check_model
-from common.privacy.ledger import Spend
 from common.privacy.randomness import make_randomness, resolve_noise_source
 from server import accounting
 from server.accounting import BudgetExhausted
@@ -95,6 +94,7 @@ def main(grid: Grid, context: Context) -> None:
     status = "failed"
     try:
         _run(grid, cfg, recorder, run, noise_source)
+        _check_something_trained(recorder.round_rows)
         status = "complete-with-failures" if recorder.failures else "complete"
     except BudgetExhausted as reason:
         status = "budget-exhausted"
@@ -121,6 +121,17 @@ def main(grid: Grid, context: Context) -> None:
             log.warning("privet: could not write the final summary: %s", error)
         log.info("privet: %s after %d round(s); results in %s", status,
                  len(recorder.round_rows), run_dir)
+
+
+def _check_something_trained(rounds: list[dict]) -> None:
+    """A run in which no client ever trained learnt nothing: never "complete". Raises
+    BudgetExhausted when clients declined (no budget left), else RunFailed."""
+    if not rounds or any(int(r["clients_trained"]) for r in rounds):
+        return
+    if any(int(r["clients_declined"]) for r in rounds):
+        raise BudgetExhausted("no client trained in any round: their rows had no budget left")
+    raise RunFailed("no client trained in any round: every sampled client failed or had "
+                    "fewer rows than train.batch-size")
 
 
 def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
@@ -168,9 +179,6 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
             raise RunFailed(f"round {server_round}: the global model's weights are not finite "
                             "(NaN or infinite): training diverged (lower train.lr?)")
         if server_round > 0:
-            if user_account is not None:  # this round's release, before anything reads it
-                accounting.record_round(user_account, strategy.ledger_noise,
-                                        strategy.sample_rate)
             recorder.end_round(server_round, scores, arrays.to_torch_state_dict())
             log.info("privet: round %d/%d  test accuracy %.4f  max ε %s  user ε %s",
                      server_round, cfg.rounds, accuracy, _eps(recorder.max_epsilon()),
@@ -181,18 +189,22 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
                 raise BudgetExhausted(f"only {able} client(s) have budget left; "
                                       f"clients-per-round = {cfg.clients_per_round}")
             if user_account is not None and server_round < cfg.rounds:
-                next_round = Spend(strategy.ledger_noise, strategy.sample_rate, 1)
-                reached = user_account.epsilon(cfg.privacy.delta, cfg.privacy.accountant,
-                                               [next_round])
-                if reached > cfg.privacy.user_epsilon:
-                    raise BudgetExhausted(f"another round would take the participants' "
-                                          f"user-level ε to {reached:.4f} > target "
-                                          f"{cfg.privacy.user_epsilon:g}")
+                reserve_user_round()
         return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    def reserve_user_round() -> None:
+        """The next round's release, recorded before it runs, in one step with the check
+        (another run may share the ledger folder)."""
+        if accounting.reserve_round(cfg, user_account, strategy.ledger_noise,
+                                    strategy.sample_rate) is None:
+            raise BudgetExhausted(f"another round would take the participants' user-level "
+                                  f"ε past target {cfg.privacy.user_epsilon:g}")
 
     if strategy is None:
         raise BudgetExhausted("earlier runs have spent the participants' user-level budget "
                               f"(ε = {cfg.privacy.user_epsilon:g}) in {user_account.location}")
+    if user_account is not None:
+        reserve_user_round()
     strategy.start(grid=grid, initial_arrays=R.to_arrays(model), num_rounds=cfg.rounds,
                    train_config=ConfigRecord({R.TRANSFORM: transform, R.RUN: run}),
                    evaluate_config=ConfigRecord({R.TRANSFORM: transform, R.RUN: run}),

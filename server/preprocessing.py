@@ -20,6 +20,7 @@ from common.data.datasets import schema
 from common.data.preprocess import FittedTransform
 from server.accounting import BudgetExhausted
 from server.queries import ask_every_client
+from server.strategy import NoClientsLeft
 
 log = logging.getLogger("flwr")
 
@@ -39,15 +40,23 @@ def _collect(grid: Grid, stage: str, run: str, on_spend: SpendObserver | None,
         for r in replies:
             on_spend(str(int(r.content["metrics"][R.CLIENT_ID])), r)
     answered = [r for r in replies if "statistics" in r.content]
+    failed = [r for r in replies if "statistics" not in r.content and not r.has_error()
+              and int(r.content["metrics"].get(R.FAILED, 0))]
+    if not answered and failed:
+        first = failed[0]
+        raise NoClientsLeft(
+            f"every client failed to send preprocessing statistics ({stage}); client "
+            f"{int(first.content['metrics'][R.CLIENT_ID])}: "
+            f"{first.content[R.FAILURE].get('reason', 'unknown')}")
     if not answered:
         raise BudgetExhausted(f"no client has budget left to send preprocessing statistics "
                               f"({stage}): earlier runs on their rows spent it, or this run's "
                               "preprocessing and noised metrics (preprocess.epsilon, "
                               "privacy.train-metrics-epsilon) alone would pass the target")
     if len(answered) < len(replies):
-        log.warning("privet: %d of %d clients declined to send statistics (no budget left); "
-                    "the shared transform is fitted from the others",
-                    len(replies) - len(answered), len(replies))
+        log.warning("privet: of %d clients, %d failed and %d declined (no budget left) to "
+                    "send statistics; the shared transform is fitted from the others",
+                    len(replies), len(failed), len(replies) - len(answered) - len(failed))
     return [{name: array.numpy() for name, array in r.content["statistics"].items()}
             for r in answered]
 

@@ -89,6 +89,8 @@ class RunRecorder:
         it declined (no budget left: it stops before round 1, `stopped_round` 0)."""
         self.record_spend(client, msg.content.config_records.get(R.PRIVACY))
         entry = self.clients.setdefault(client, {"rounds_trained": 0, "stopped_round": None})
+        if self.note_failure(client, msg, 0, "preprocessing"):
+            return
         if int(msg.content["metrics"].get(R.DECLINED, 0)) and entry["stopped_round"] is None:
             entry["stopped_round"] = 0
 

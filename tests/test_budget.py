@@ -51,3 +51,34 @@ def test_budget_command(tmp_path):
                           "--epsilon", "1", "--sigma", "1"], cwd=PROJECT_DIR,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "exactly one of --sigma" in bad.stderr
+
+
+def test_a_plan_with_preprocessing_gives_the_sigma_a_run_needs_after_it():
+    """privet simulate spends preprocess.epsilon before DP-SGD: planned with it, σ and the
+    release compose to the target (dp-accounting, directly); without it, they pass it."""
+    from experiments.budget import release_at
+
+    prior = release_at(0.3, 1e-5)
+    plan = Plan.from_rows(3256, 64, 1, 20, 1e-5, prior)
+    (target, sigma), = sigma_for_targets(plan, [1.0], ["pld"])["pld"]
+    history = [*prior, (sigma, plan.sample_rate, plan.steps)]
+    assert pld_epsilon(history, 1e-5) == pytest.approx(1.0, rel=0.01)
+    assert pld_epsilon(history, 1e-5) <= 1.0 * 1.001
+    alone = sigma_for_targets(Plan.from_rows(3256, 64, 1, 20, 1e-5), [1.0], ["pld"])["pld"]
+    assert pld_epsilon([*prior, (alone[0][1], plan.sample_rate, plan.steps)], 1e-5) > 1.03
+
+
+def test_budget_never_writes_over_a_file_it_did_not_write(tmp_path):
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"a user's picture")
+    args = [sys.executable, "-m", "experiments.cli", "budget", "--rows", "1000", "--rounds",
+            "2", "--sigma", "1", "--out"]
+    refused = subprocess.run(args + [str(mine)], cwd=PROJECT_DIR, capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode == 2 and "not written by privet budget" in refused.stderr
+    assert mine.read_bytes() == b"a user's picture"
+    plot = tmp_path / "plan.png"
+    for _ in range(2):  # its own plot it replaces
+        done = subprocess.run(args + [str(plot)], cwd=PROJECT_DIR, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr

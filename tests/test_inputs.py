@@ -431,3 +431,25 @@ def test_the_suite_uses_no_fixed_flower_port_and_no_wall_clock_bound():
         assert not re.search(duration, text), path
     assert "pkill" not in (PROJECT_DIR / "README.md").read_text()
     assert sys.executable  # the suite runs in the project's environment
+
+
+def test_a_run_in_which_no_client_ever_trains_is_never_complete(tmp_path):
+    """Run 1 spends every row's budget; run 2 (its clients fit their own preprocessing) can
+    train nobody in any round: budget-exhausted, with the reason, not `complete`."""
+    ledger = f"privacy.ledger-dir={json.dumps(str(tmp_path / 'ledgers'))}"
+    code, stdout = simulate(tmp_path / "first", ledger)
+    assert code == 0, stdout[-3000:]
+    code, stdout = simulate(tmp_path / "second", ledger, "preprocess.fit=local")
+    summary = json.loads((tmp_path / "second" / "summary.json").read_text())
+    assert code == 0 and summary["status"] == "budget-exhausted", stdout[-3000:]
+    assert "no client trained in any round" in summary["stop_reason"]
+    assert "no client trained in any round" in stdout
+
+
+def test_bad_bounds_are_one_line_naming_the_override_and_leave_no_run_directory(tmp_path):
+    for bounds, expected in (("{ age = [10, 5] }", "finite low < high"),
+                             ("{ nope = [0, 1] }", "'nope' is not a numeric column")):
+        code, stdout = simulate(tmp_path / "run", f"data.bounds={bounds}")
+        line = one_error_line(stdout)
+        assert code == 2 and expected in line and f"--set data.bounds={bounds}" in line
+        assert not (tmp_path / "run").exists()

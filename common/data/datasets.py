@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -92,12 +94,20 @@ def declared_format(data: DataConfig) -> NumberFormat | None:
     return NumberFormat(decimal, thousands)
 
 
-def _bounds(data: DataConfig, defaults: dict) -> dict[str, tuple[float, float]]:
+def _bounds(data: DataConfig, defaults: dict, numeric: Sequence[str]
+            ) -> dict[str, tuple[float, float]]:
+    """data.bounds over `defaults`; raises ValueError (one line, naming the column) for a
+    pair that is not [low, high] with finite low < high, or a column that is not numeric."""
     bounds = dict(defaults)
     for column, pair in shaped(data.bounds, {}).items():
         if (not isinstance(pair, list) or len(pair) != 2
-                or not all(isinstance(v, (int, float)) for v in pair)):
-            raise ValueError(f"data.bounds: {column} = {pair!r}: expected [low, high]")
+                or not all(isinstance(v, (int, float)) for v in pair)
+                or not all(map(math.isfinite, pair)) or not pair[0] < pair[1]):
+            raise ValueError(f"data.bounds: {column} = {pair!r}: expected [low, high] with "
+                             "finite low < high")
+        if column not in numeric:
+            raise ValueError(f"data.bounds: {column!r} is not a numeric column of the data; "
+                             f"numeric columns: {', '.join(numeric) or 'none'}")
         bounds[column] = (float(pair[0]), float(pair[1]))
     return bounds
 
@@ -118,7 +128,8 @@ def tabular_source(data: DataConfig, seed: int, markers: tuple[str, ...]) -> Tab
     if data.dataset == "adult":
         schema = Schema(tuple(adult.NUMERIC),
                         {c: tuple(v) for c, v in adult.CATEGORIES.items()},
-                        adult.LABEL, tuple(adult.CLASSES), _bounds(data, adult.BOUNDS))
+                        adult.LABEL, tuple(adult.CLASSES),
+                        _bounds(data, adult.BOUNDS, adult.NUMERIC))
         return TabularSource(adult.load_raw("train"), adult.load_raw("test"), schema,
                              str(adult.data_file("train")))
     path = Path(data.path).expanduser()
@@ -133,7 +144,8 @@ def tabular_source(data: DataConfig, seed: int, markers: tuple[str, ...]) -> Tab
         categories=shaped(data.categories, {}), classes=shaped(data.classes, []),
         missing_markers=list(markers), number_format=declared_format(data))
     schema = Schema(tuple(inferred.numeric), dict(inferred.categories), inferred.label,
-                    tuple(inferred.classes), _bounds(data, {}), dict(inferred.formats))
+                    tuple(inferred.classes), _bounds(data, {}, inferred.numeric),
+                    dict(inferred.formats))
     columns = [*schema.numeric, *schema.categories, schema.label]
     warnings = inferred.fallbacks + _file_warnings(found + test_tables, schema, markers)
     frames = [t.frame[columns] for t in found]
@@ -205,7 +217,8 @@ def node_source(data: DataConfig, data_path: str, markers: tuple[str, ...]) -> T
                 f"depend on its rows: declare data.classes and data.categories for "
                 f"{undeclared or 'every categorical column'}")
         schema = Schema(tuple(inferred.numeric), dict(inferred.categories), label,
-                        tuple(classes), _bounds(data, {}), dict(inferred.formats))
+                        tuple(classes), _bounds(data, {}, inferred.numeric),
+                        dict(inferred.formats))
         fallbacks = inferred.fallbacks
     columns = [*schema.numeric, *schema.categories, schema.label]
     absent = [c for c in columns if c not in table.frame.columns]
@@ -406,6 +419,14 @@ def _canonical_numbers(text: pd.Series, fmt: NumberFormat) -> pd.Series:
         value = values[i]
         out[i] = str(int(value)) if value.is_integer() else repr(float(value))
     return pd.Series(out, index=text.index)
+
+
+def digest_columns(cfg: ExperimentConfig, data_path: str = "") -> tuple[str, ...]:
+    """The columns a row's ledger digest is computed from (sorted; () for images)."""
+    if cfg.data.dataset in IMAGE_DATASETS:
+        return ()
+    table = _source(cfg, data_path).schema
+    return tuple(sorted((*table.numeric, *table.categories, table.label)))
 
 
 def _frame_digests(frame: pd.DataFrame, table: Schema) -> np.ndarray:

@@ -22,6 +22,8 @@ effect of a missing or empty file or of a changed config.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -46,6 +48,10 @@ History = tuple[tuple[float, float, int], ...]
 
 class LedgerError(ValueError):
     """A ledger cannot be trusted (unreadable, emptied, shorter than its copy, missing)."""
+
+
+class BudgetDeclined(Exception):
+    """A spend was not recorded: it would take some row past its target ε."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,8 @@ class SpendRecord:
     noise_source: str
     spends: list[Spend] = field(default_factory=list)
     transform: str = ""  # the client's own DP-fitted transform (JSON), reused within the run
+    # the columns a row's digest was computed from (tables; () for images or unknown)
+    columns: tuple[str, ...] = ()
 
     def record(self, spend: Spend) -> None:
         _append(self.spends, spend)
@@ -151,7 +159,8 @@ class SpendRecord:
     def to_dict(self) -> dict:
         return {"format": FORMAT, "id": self.id, "run": self.run, "client": self.client,
                 "source": self.source, "rows": self.rows, "noise_source": self.noise_source,
-                "spends": [s.to_list() for s in self.spends], "transform": self.transform}
+                "spends": [s.to_list() for s in self.spends], "transform": self.transform,
+                "columns": list(self.columns)}
 
     @classmethod
     def from_dict(cls, data, where: str) -> "SpendRecord":
@@ -170,11 +179,20 @@ class SpendRecord:
                               "written once something was spent, so it has been emptied")
         return cls(str(data["id"]), str(data["run"]), str(data["client"]),
                    str(data["source"]), str(data["rows"]), str(data["noise_source"]), spends,
-                   str(data.get("transform", "")))
+                   str(data.get("transform", "")), tuple(map(str, data.get("columns", ()))))
 
     @property
     def file_name(self) -> str:
-        return _SAFE.sub("_", self.id) + ".json"
+        return record_file_name(self.id)
+
+
+def record_file_name(record_id: str) -> str:
+    """A record's file name: its id where the id is plain (letters, digits, `_.-`); else the
+    id made plain plus a hash of the id, so two ids never share a file."""
+    plain = _SAFE.sub("_", record_id)
+    if plain == record_id and not record_id.startswith("."):
+        return record_id + ".json"
+    return f"{plain}-{hashlib.sha256(record_id.encode()).hexdigest()[:12]}.json"
 
 
 def _digest(data: bytes) -> int:
@@ -309,6 +327,9 @@ class MemoryStore:
     def save(self, record: SpendRecord) -> None:
         self._records[record.id] = record
 
+    def locked(self):
+        return contextlib.nullcontext()  # one run, one client: nobody to race
+
     def to_json(self) -> str:
         return json.dumps([r.to_dict() for r in self._records.values()])
 
@@ -349,15 +370,28 @@ class LedgerDir:
     # -- which copy is this folder's
     def _known_id(self) -> str:
         """The ledger's id: from the folder, else what the state directory remembers for
-        this path (the folder was deleted), else "" (a new ledger)."""
+        this path (the folder, or its id, was deleted), else "" (a new ledger). Raises
+        LedgerError when the folder names another id than the one this path had while that
+        one's copy records spend (its id was emptied or rewritten)."""
         try:
-            return (self.root / "id").read_text(encoding="utf-8").strip()
+            remembered = (self._copies / "paths" / self._path_key).read_text(
+                encoding="utf-8").strip()
         except OSError:
-            pass
+            remembered = ""
         try:
-            return (self._copies / "paths" / self._path_key).read_text(encoding="utf-8").strip()
+            found = (self.root / "id").read_text(encoding="utf-8").strip()
         except OSError:
-            return ""
+            found = ""
+        if not found:
+            return remembered
+        if remembered and found != remembered and self._listed(self._copies / remembered):
+            raise LedgerError(
+                f"{self.root / 'id'}: says this ledger is {found!r}, but the ledger kept at "
+                f"this path was {remembered!r}, whose copy records spend "
+                f"({self._copies / remembered}): the id was rewritten or the folder replaced;"
+                f" restore the id, or forget that spend knowingly with privet ledger "
+                f"--forget")
+        return found
 
     @property
     def copy(self) -> Path:
@@ -368,7 +402,11 @@ class LedgerDir:
         known = self._known_id()
         if not known:
             known = os.urandom(12).hex()
-        if not (self.root / "id").is_file():
+        try:
+            written = (self.root / "id").read_text(encoding="utf-8").strip()
+        except OSError:
+            written = ""
+        if written != known:  # a new folder, or an id emptied: its copy holds the truth
             atomic_write_text(self.root / "id", known + "\n")
         index = self._copies / "paths" / self._path_key
         if not index.is_file() or index.read_text(encoding="utf-8").strip() != known:
@@ -517,15 +555,31 @@ class LedgerDir:
     def save(self, record: SpendRecord) -> None:
         text = json.dumps(record.to_dict(), indent=1)
         self._ensure_id()
-        atomic_write_text(self.root / "spend" / record.file_name, text)  # first: the truth
+        path = self.root / "spend" / record.file_name
+        if path.exists() and self._read(path).id != record.id:
+            raise LedgerError(f"{path}: holds record {self._read(path).id!r}, not "
+                              f"{record.id!r}: refusing to overwrite another run's spend")
+        atomic_write_text(path, text)  # first: the truth
         atomic_write_text(self.copy / "spend" / record.file_name, text)
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold this folder's lock (flock on `<folder>/lock`): a check of the budget and the
+        record of the spend it allows are one step for every process sharing the folder."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "lock", "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def forget(self, record_ids: Iterable[str]) -> list[str]:
         """Delete records, and the row sets no other record names, from this folder and its
         copy: the explicit way to forget spend."""
         gone = []
         for record_id in record_ids:
-            name = _SAFE.sub("_", record_id) + ".json"
+            name = record_file_name(record_id)
             for root in (self.root, self.copy):
                 (root / "spend" / name).unlink(missing_ok=True)
             gone.append(record_id)
@@ -554,6 +608,28 @@ class LedgerDir:
 
 # ------------------------------------------------------------------ one client's view
 
+def _same_row_identity(found: list[SpendRecord], current: SpendRecord, store) -> None:
+    """Raise LedgerError when earlier records of this data source identified its rows by
+    other columns than this run does (a column added to the file, dropped, or ignored in
+    data.column-types): their digests cannot meet this run's, so their spend would be
+    silently forgotten."""
+    if not current.columns:
+        return
+    for record in found:
+        if record.source == current.source and record.columns and \
+                record.columns != current.columns and record.id != current.id:
+            now, then = set(current.columns), set(record.columns)
+            change = "; ".join(part for part in (
+                f"now also {sorted(now - then)}" if now - then else "",
+                f"no longer {sorted(then - now)}" if then - now else "") if part)
+            raise LedgerError(
+                f"{store.location}: earlier runs on {current.source} (record {record.id}) "
+                f"identified its rows by other columns ({change}): privet cannot match "
+                "rows across that change, so their spend would be forgotten; keep the "
+                "columns as they were (data.column-types, the file's header), or forget "
+                "that spend knowingly with privet ledger --forget")
+
+
 class DataLedger:
     """The spend on one client's rows: its record in this run (`current`) and every other
     record in the store whose rows meet its rows.
@@ -566,8 +642,29 @@ class DataLedger:
         self.conservative = False  # rows charged with more than they spent (MAX_GROUPS)
         found = store.records()
         self.current = next((r for r in found if r.id == current.id), current)
-        others = sorted((r for r in found if r.id != current.id), key=lambda r: r.id)
+        self.current.columns = current.columns
+        _same_row_identity(found, current, store)
+        self._read_others(found)
+
+    def _read_others(self, found: list[SpendRecord]) -> None:
+        others = sorted((r for r in found if r.id != self.current.id), key=lambda r: r.id)
         self._prior = self._groups(others)
+
+    def reserve(self, spends: Sequence[Spend], target: float, delta: float,
+                accountant: str) -> float | None:
+        """Record `spends` (before what they pay for runs) if the ε of every row stays
+        within `target` with everything recorded on these rows until now, re-read under the
+        store's lock, so that runs sharing a ledger folder cannot both pass a check that only
+        one of them fits in. Returns the ε after, or None (nothing recorded) when it would
+        pass the target."""
+        with self.store.locked():
+            self._read_others(self.store.records())
+            after = self.epsilon(delta, accountant, spends)
+            if after > target:
+                return None
+            for spend in spends:
+                self.record(spend)
+            return after
 
     def _groups(self, records: list[SpendRecord]) -> list[tuple[Spend, ...]]:
         """Distinct spend histories over this client's rows (one per group of rows touched
