@@ -154,8 +154,9 @@ def print_summary(run_dir: Path) -> None:
                   f"{summary['stop_reason']}", soft_wrap=True)
     failures = summary.get("failures", {}).get("clients", {})
     for cid, failure in failures.items():
-        err.print(f"privet: client {cid} failed in {failure['stage']} (round "
-                  f"{failure['round']}) and was left out: {failure['reason']}", soft_wrap=True)
+        when = f"round {failure['round']}" if failure["round"] else "before round 1"
+        err.print(f"privet: client {cid} failed in {failure['stage']} ({when}) and was left "
+                  f"out: {failure['reason']}", soft_wrap=True)
     if failures:
         err.print(f"privet: the run finished with failures: {len(failures)} of "
                   f"{summary['num_clients']} clients failed", soft_wrap=True)

@@ -163,6 +163,8 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
         user_account = accounting.user_ledger(cfg, run, deployed(grid), noise_source)
         recorder.user_ledger = user_account
     strategy = build_strategy(cfg, recorder, user_account, noise_source)
+    if strategy is not None:
+        strategy.left_out.update(recorder.failed_nodes)  # failed in preprocessing
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if on_clients:  # the clients just evaluated this round's model on held-out rows

@@ -57,6 +57,7 @@ class RunRecorder:
         self.client_ranges: dict[str, dict] = {}  # fit = local: ranges each estimated, DP
         self.failures: dict[str, dict] = {}  # client id -> its first failure (round, reason)
         self.stop_reason: str | None = None  # why the run ended early (budget-exhausted)
+        self.failed_nodes: set[int] = set()  # nodes whose client failed before round 1
         self.node_clients: dict[int, str] = {}  # node id -> the client it last answered for
         self.transform_features: int | None = None
         self.estimated_bounds: dict = {}  # ranges of undeclared numeric columns, found with DP
@@ -90,6 +91,7 @@ class RunRecorder:
         self.record_spend(client, msg.content.config_records.get(R.PRIVACY))
         entry = self.clients.setdefault(client, {"rounds_trained": 0, "stopped_round": None})
         if self.note_failure(client, msg, 0, "preprocessing"):
+            self.failed_nodes.add(msg.metadata.src_node_id)  # never sampled to train
             return
         if int(msg.content["metrics"].get(R.DECLINED, 0)) and entry["stopped_round"] is None:
             entry["stopped_round"] = 0

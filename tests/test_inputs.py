@@ -193,12 +193,13 @@ def test_a_failing_client_is_named_left_out_and_the_run_says_so(tmp_path):
     failure = summary["failures"]["clients"]["2"]
     assert "no rows left after cleaning" in failure["reason"]
     assert "'missing_label_dropped': 200" in failure["reason"]
+    assert (failure["stage"], failure["round"]) == ("preprocessing", 0)
     per_client = [(r["round"], r["client"], r["status"].split(":")[0])
                   for r in rows(tmp_path / "run" / "metrics.csv")]
-    assert ("1", "2", "failed") in per_client
-    assert not [r for r in per_client if r[1] == "2" and r[0] != "1"]  # not sampled again
+    assert not [r for r in per_client if r[1] == "2"]  # never sampled to train
+    assert {r[1] for r in per_client} == {"0", "1"}
     said = " ".join(stdout.split())
-    assert "client 2 failed in training (round 1) and was left out" in said
+    assert "client 2 failed in preprocessing (before round 1) and was left out" in said
     assert "the run finished with failures: 1 of 3 clients failed" in said
     assert "Traceback" not in stdout
 

@@ -1,0 +1,163 @@
+"""The Python API behind `import privet` (see the package docstring)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+class PrivetError(RuntimeError):
+    """A privet command failed: the message is its one-line error (bad input, a failed
+    run); `code` is its exit code, `output` all it printed."""
+
+    def __init__(self, message: str, code: int, output: str) -> None:
+        super().__init__(message)
+        self.code, self.output = code, output
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run directory, read as it is now (a running run shows its finished rounds)."""
+    path: Path
+
+    @property
+    def summary(self) -> dict:
+        """summary.json: status, accuracy, scores, privacy (per client ε and its history)."""
+        return json.loads((self.path / "summary.json").read_text(encoding="utf-8"))
+
+    @property
+    def rounds(self):
+        """rounds.csv as a pandas DataFrame: one row per finished round (test accuracy,
+        loss, balanced accuracy, macro F1, AUC, majority baseline, max ε, user ε, ...)."""
+        return self._csv("rounds.csv")
+
+    @property
+    def clients(self):
+        """metrics.csv as a pandas DataFrame: one row per round and client (status,
+        examples, training loss and accuracy, ε so far, steps, σ, q, seconds)."""
+        return self._csv("metrics.csv")
+
+    @property
+    def config(self):
+        """The run's resolved ExperimentConfig (from its config.toml)."""
+        from common.config import load_config
+        return load_config(self.path / "config.toml")
+
+    def model(self):
+        """The latest global model as a torch nn.Module in eval mode, rebuilt from the run's
+        `train.model` (a built-in or the user's factory, which must be importable) and
+        loaded with model.pt. Raises FileNotFoundError before the first round is saved."""
+        import torch
+
+        from common.config import IMAGE_DATASETS
+        from common.data import datasets
+        from common.models import build_model
+
+        cfg = self.config
+        saved = torch.load(self.path / "model.pt", map_location="cpu")
+        transform = self.path / "transform.json"
+        if cfg.data.dataset in IMAGE_DATASETS:
+            shape = datasets.model_input_shape(cfg)
+        else:
+            shape = datasets.test_data(cfg, transform.read_text(encoding="utf-8")
+                                       if transform.exists() else "").features.shape[1:]
+        model = build_model(cfg.train, tuple(shape), datasets.num_classes(cfg))
+        model.load_state_dict(saved["state_dict"])
+        return model.eval()
+
+    def _csv(self, name: str):
+        import pandas as pd
+        return pd.read_csv(self.path / name)
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """A run directory privet wrote (raises FileNotFoundError when it holds no summary)."""
+    run = Run(Path(path).resolve())
+    if not (run.path / "summary.json").is_file():
+        raise FileNotFoundError(f"{run.path}: no summary.json: not a privet run directory")
+    return run
+
+
+def _model_path(model: str | Callable) -> str:
+    if isinstance(model, str):
+        return model
+    module, name = getattr(model, "__module__", ""), getattr(model, "__qualname__", "")
+    if not module or module == "__main__" or "<" in name:
+        raise ValueError("model: pass a factory defined in an importable module (or its "
+                         "'package.module:function' path): the clients import it by name")
+    return f"{module}:{name}"
+
+
+def _settings(overrides: Mapping[str, Any] | None) -> list[str]:
+    """--set arguments: values as TOML (strings quoted, tables inline)."""
+    from common.config import _inline  # the config's own TOML writer: one dialect
+
+    return [f"{key}={_inline(value)}" for key, value in (overrides or {}).items()]
+
+
+def _run_cli(args: list[str], verbose: bool | None) -> str:
+    if verbose is None:
+        verbose = sys.stdout.isatty()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(PROJECT_DIR), os.getcwd(), os.environ.get("PYTHONPATH", "")]))}
+    proc = subprocess.run([sys.executable, "-m", "experiments.cli", *args], env=env,
+                          stdout=None if verbose else subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, check=False)
+    output = proc.stdout or ""
+    if proc.returncode not in (0, 3):  # 3: finished, some clients failed (named in it)
+        errors = [line for line in output.splitlines() if "privet: error" in line]
+        raise PrivetError(errors[-1] if errors else f"privet {args[0]} exited with "
+                          f"{proc.returncode}", proc.returncode, output)
+    return output
+
+
+def simulate(config: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None,
+             *, out: str | os.PathLike | None = None, model: str | Callable | None = None,
+             verbose: bool | None = None) -> Run:
+    """Run one experiment as `privet simulate` does and return its Run.
+
+    config: an experiment TOML (default: the default experiment); overrides: keys as in the
+    file, dotted ({"rounds": 5, "privacy.epsilon": 1}); model: `train.model`, as
+    "package.module:function" or the factory itself (it must live in an importable module);
+    out: the run directory (default: a new folder under the system's temp directory);
+    verbose: show privet's console output (default: on a terminal yes, in a notebook or a
+    pipe no: captured, and in PrivetError.output if the run fails).
+    Raises PrivetError with privet's one-line error when the run is refused or fails."""
+    settings = dict(overrides or {})
+    if model is not None:
+        settings["train.model"] = _model_path(model)
+    out = Path(out) if out else Path(tempfile.mkdtemp(prefix="privet-")) / "run"
+    args = ["simulate", "--out", str(out)]
+    if config is not None:
+        args += ["--config", str(config)]
+    for setting in _settings(settings):
+        args += ["--set", setting]
+    _run_cli(args, verbose)
+    return load_run(out)
+
+
+def compare(config: str | os.PathLike | None = None, *, epsilons=(0.5, 1, 2, 4, 8, "inf"),
+            seeds: int = 3, overrides: Mapping[str, Any] | None = None,
+            out: str | os.PathLike | None = None, verbose: bool | None = None):
+    """Sweep privacy budgets as `privet compare` does; returns its compare.csv as a pandas
+    DataFrame (one row per ε and seed: accuracy, ε spent, run directory). Raises PrivetError
+    on failure."""
+    import pandas as pd
+
+    out = Path(out) if out else Path(tempfile.mkdtemp(prefix="privet-compare-"))
+    args = ["compare", "--out", str(out), "--seeds", str(seeds),
+            "--epsilons", ",".join(str(e) for e in epsilons)]
+    if config is not None:
+        args += ["--config", str(config)]
+    for setting in _settings(overrides):
+        args += ["--set", setting]
+    _run_cli(args, verbose)
+    return pd.read_csv(out / "compare.csv")
