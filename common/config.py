@@ -157,6 +157,32 @@ class TrainConfig:
     momentum: float = _spec(0.8, low=0.0, high=0.999, help="SGD momentum")
 
 
+STRATEGY_NAMES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "trimmed-mean",
+                  "median", "krum")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = _spec("fedavg", choices=STRATEGY_NAMES,
+                      help="server aggregation: fedavg | fedavgm (server momentum) | fedadam |"
+                           " fedyogi | fedadagrad (Reddi et al. 2021) | trimmed-mean | median |"
+                           " krum (robust to corrupted updates)")
+    server_lr: float = _spec(0.0, low=0.0,
+                             help="server learning rate (fedavgm, fedadam, fedyogi, "
+                                  "fedadagrad); 0 = the strategy's own default (Flower's: "
+                                  "fedavgm 1.0, fedadam 0.1, fedyogi 0.01, fedadagrad 0.1)")
+    server_momentum: float = _spec(0.9, low=0.0, high=0.999, help="fedavgm: server momentum")
+    beta1: float = _spec(0.9, low=0.0, high=0.999, help="fedadam, fedyogi: first moment decay")
+    beta2: float = _spec(0.99, low=0.0, high=0.9999,
+                         help="fedadam, fedyogi: second moment decay")
+    tau: float = _spec(1e-3, low=0.0, low_open=True,
+                       help="fedadam, fedyogi, fedadagrad: adaptivity (added to √v)")
+    trim_beta: float = _spec(0.2, low=0.0, high=0.49,
+                             help="trimmed-mean: share cut at each end, per coordinate")
+    byzantine: int = _spec(0, low=0, help="krum: corrupted updates to tolerate")
+    multi: int = _spec(1, low=1, help="krum: updates kept and averaged (1 = Krum)")
+
+
 @dataclass(frozen=True)
 class PrivacyConfig:
     level: str = _spec("sample", choices=("sample", "user", "both", "none"),
@@ -222,6 +248,7 @@ class ExperimentConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
@@ -245,6 +272,22 @@ class ExperimentConfig:
                 "noise would have to hide a whole participant's counts and would swamp them "
                 "below thousands of participants; use preprocess.fit = \"local\" (a "
                 "participant's own transform is part of its update, which the server clips)")
+        if self.user_level and self.strategy.name != "fedavg":
+            raise ConfigError(
+                f"strategy.name = \"{self.strategy.name}\" with privacy.level = "
+                f"\"{self.privacy.level}\": refused: user-level DP clips each update and "
+                "noises their sum (DP-FedAvg, McMahan et al. 2018); a robust aggregate's "
+                "sensitivity is not that of a sum, and a server optimizer would have to "
+                "see the noised sum, which privet does not do yet; use strategy.name = "
+                "\"fedavg\", or sample level")
+        s = self.strategy
+        if s.name == "krum" and self.clients_per_round <= 2 * s.byzantine + 2:
+            raise ConfigError(f"strategy.byzantine = {s.byzantine}: krum needs clients-per-round"
+                              f" > 2·byzantine + 2 (Blanchard et al.), here "
+                              f"{self.clients_per_round}")
+        if s.name == "krum" and s.multi > self.clients_per_round:
+            raise ConfigError(f"strategy.multi = {s.multi}: at most clients-per-round "
+                              f"({self.clients_per_round}) updates can be kept")
         if self.privacy.train_metrics == "noised" and self.privacy.level != "sample":
             raise ConfigError(
                 f"privacy.train-metrics = \"noised\" with privacy.level = "

@@ -28,7 +28,7 @@ from common.data.datasets import num_classes, partition_report, source_warnings,
 from common.evaluation import Scores, score
 from common.models import build_model, check_model
 from common.privacy.randomness import make_randomness, resolve_noise_source
-from server import accounting
+from server import accounting, strategies
 from server.accounting import BudgetExhausted
 from server.describe import describe_clients
 from server.preprocessing import fit_shared_transform
@@ -215,15 +215,18 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
 
 def build_strategy(cfg: ExperimentConfig, recorder: RunRecorder,
                    user_account=None, noise_source: str = "seeded") -> PrivetFedAvg | None:
-    """FedAvg, or DP-FedAvg at user level (None when earlier runs have spent the user-level
-    budget: there is then nothing to run)."""
+    """The strategy `[strategy] name` names (server.strategies), or DP-FedAvg at user level
+    (None when earlier runs have spent the user-level budget: there is then nothing to
+    run)."""
     common = dict(on_train_replies=recorder.record_replies,
                   on_evaluate_replies=recorder.record_evaluations,
                   fraction_evaluate=1.0 if cfg.evaluation.mode == "federated" else 0.0,
                   min_evaluate_nodes=1, min_available_nodes=cfg.min_clients)
     if not cfg.user_level:
-        return PrivetFedAvg(fraction_train=cfg.clients_per_round / cfg.num_clients,
-                            clients_per_round=cfg.clients_per_round, seed=cfg.seed, **common)
+        chosen = strategies.strategy_class(cfg.strategy.name)
+        return chosen(fraction_train=cfg.clients_per_round / cfg.num_clients,
+                      clients_per_round=cfg.clients_per_round, seed=cfg.seed,
+                      **strategies.options(cfg), **common)
     p = cfg.privacy
     sigma = accounting.calibrate(cfg, user_account)
     if sigma is None:

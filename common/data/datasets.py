@@ -286,6 +286,7 @@ def _partition_key(cfg: ExperimentConfig) -> ExperimentConfig:
     """Only what decides the split: a cache key shared by runs that differ elsewhere."""
     return replace(cfg, name="", rounds=1, clients_per_round=1, min_clients=1, out_dir="",
                    train=type(cfg.train)(), privacy=type(cfg.privacy)(),
+                   strategy=type(cfg.strategy)(),
                    preprocess=replace(type(cfg.preprocess)(),
                                       missing_markers=cfg.preprocess.missing_markers))
 
