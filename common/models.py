@@ -16,6 +16,7 @@ the same way so that the weights fit.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import os
 import sys
@@ -94,6 +95,31 @@ def factory(name: str) -> Factory:
     if not callable(found):
         raise ModelError(f"train.model = {name!r}: {attr!r} is not callable")
     return found
+
+
+def shipped_with_app(name: str, app_dir) -> str | None:
+    """Why `train.model` would not reach deployed SuperNodes (Flower ships the .py files of
+    the app folder `app_dir` in its FAB, nothing else), or None when it would: a built-in,
+    or a module whose file lies in the app folder."""
+    if name in MODELS:
+        return None
+    from pathlib import Path
+
+    module = name.partition(":")[0]
+    spec = None
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        pass
+    origin = Path(spec.origin).resolve() if spec and spec.origin else None
+    app = Path(app_dir).resolve()
+    if origin is None:
+        return (f"train.model = {name!r}: module {module!r} not found; in deployment it must "
+                f"be a module in the app folder {app}, which Flower ships to the SuperNodes")
+    if app not in origin.parents:
+        return (f"train.model = {name!r}: {origin} is outside the app folder {app}; Flower "
+                "ships only the app folder to the SuperNodes: move the module into it")
+    return None
 
 
 def build_model(train: TrainConfig, input_shape: tuple[int, ...], num_classes: int

@@ -253,6 +253,11 @@ def run_deployed(
         resolve_noise_source(cfg.privacy.noise_source, True, "privet run")
     except NoiseSourceError as error:
         fail(str(error))
+    from common.models import shipped_with_app
+
+    unshipped = shipped_with_app(cfg.train.model, PROJECT_DIR)
+    if unshipped:
+        fail(unshipped)
     # the ServerApp maps one node to one client: it refuses extra nodes, waits for missing
     online = deploy.online_nodes(federation)
     if online is not None and online > cfg.num_clients:

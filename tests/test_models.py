@@ -108,3 +108,17 @@ def test_opacus_path_gives_the_mean_of_clipped_per_example_gradients_for_a_users
                       grad_sample_mode=train.dp_path(model))  # q = 1: every row, one step
     for b, p, g in zip(before, model.parameters(), expected):
         assert torch.allclose(b - p.detach(), lr * g, atol=1e-5)
+
+
+def test_deployment_refuses_a_model_flower_would_not_ship(tmp_path, monkeypatch):
+    from common.config import PROJECT_DIR
+    from common.models import shipped_with_app
+
+    (tmp_path / "elsewhere_model.py").write_text(
+        "import torch\n\ndef net(shape, outputs, train):\n"
+        "    return torch.nn.Linear(shape[0], outputs)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert shipped_with_app("mlp", PROJECT_DIR) is None
+    assert shipped_with_app(RESIDUAL, PROJECT_DIR) is None  # in the app folder: shipped
+    assert "outside the app folder" in shipped_with_app("elsewhere_model:net", PROJECT_DIR)
+    assert "not found" in shipped_with_app("no_such_module_x:net", PROJECT_DIR)

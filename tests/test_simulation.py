@@ -198,7 +198,8 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_rounds(tmp_path):
 
 
 def test_flwr_run_runs_the_app_on_a_local_simulation_federation(tmp_path):
-    """The repository is a Flower App: `flwr run .` works, as the README says."""
+    """The repository is a Flower App: `flwr run .` works, as the README says, with a user's
+    model from the app folder (Flower ships it in the FAB)."""
     home = tmp_path / "flwr-home"
     # Flower's local SuperLink listens on fixed ports (39091, 39093) unless told otherwise:
     # free ones, so that this never submits to someone else's SuperLink
@@ -211,13 +212,15 @@ def test_flwr_run_runs_the_app_on_a_local_simulation_federation(tmp_path):
     try:
         done = subprocess.run(
             ["flwr", "run", ".", "--stream",
-             "--run-config", f'rounds=1 num-clients=3 clients-per-round=3 out-dir="{out}"',
+             "--run-config", f'rounds=1 num-clients=3 clients-per-round=3 out-dir="{out}" '
+                             'train.model="experiments.examples.tabular:residual_mlp"',
              "--federation-config", "num-supernodes=3 client-resources-num-cpus=1"],
             cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         summary = json.loads((out / "summary.json").read_text())
         assert summary["status"] == "complete" and summary["rounds"] == 1
         assert len(summary["privacy"]["clients"]) == 3
+        assert "residual_mlp" in (out / "config.toml").read_text()
     finally:  # `flwr run` leaves its local SuperLink running: stop ours, by its PID
         for pid in processes_with_env("FLWR_HOME", str(home)):
             os.kill(pid, signal.SIGTERM)
