@@ -167,6 +167,10 @@ class StrategyConfig:
                       help="server aggregation: fedavg | fedavgm (server momentum) | fedadam |"
                            " fedyogi | fedadagrad (Reddi et al. 2021) | trimmed-mean | median |"
                            " krum (robust to corrupted updates)")
+    weighting: str = _spec("uniform", choices=("examples", "uniform"),
+                           help="fedavg, fedavgm, fedadam, fedyogi, fedadagrad: average the "
+                                "updates weighted by each client's examples (FedAvg) or "
+                                "uniformly (each client once, as at user level)")
     server_lr: float = _spec(0.0, low=0.0,
                              help="server learning rate (fedavgm, fedadam, fedyogi, "
                                   "fedadagrad); 0 = the strategy's own default (Flower's: "

@@ -61,6 +61,7 @@ class NoClientsLeft(Exception):
     """Too few clients remain to train once the failed and too-small ones are left out."""
 
 
+UNIFORM_WEIGHT = "uniform-weight"  # metric the server sets on every reply it aggregates
 NON_FINITE = "non-finite update: NaN or infinite weights (rejected by the server)"
 
 
@@ -88,9 +89,16 @@ def _reply_order(message: Message) -> tuple[int, int]:
 class PrivetFedAvg(FedAvg):
     def __init__(self, *, on_train_replies: ReplyObserver | None = None,
                  on_evaluate_replies: EvaluationObserver | None = None,
-                 clients_per_round: int | None = None, seed: int = 0, **kwargs) -> None:
+                 clients_per_round: int | None = None, seed: int = 0,
+                 weighting: str = "examples", **kwargs) -> None:
+        """`weighting`: "examples" (FedAvg's: by each client's example count) or "uniform"
+        (every client that trained counts once, as DP-FedAvg's average does)."""
         kwargs.setdefault("train_metrics_aggr_fn", average_metrics)
         kwargs.setdefault("evaluate_metrics_aggr_fn", average_evaluations)
+        if weighting == "uniform":
+            kwargs["weighted_by_key"] = UNIFORM_WEIGHT
+        elif weighting != "examples":
+            raise ValueError(f"weighting = {weighting!r}: expected 'examples' or 'uniform'")
         super().__init__(**kwargs)
         self.on_train_replies = on_train_replies
         self.on_evaluate_replies = on_evaluate_replies
@@ -152,8 +160,12 @@ class PrivetFedAvg(FedAvg):
         self.left_out.update(m.metadata.src_node_id for m in replies if not m.has_error()
                              and (int(m.content["metrics"].get(R.TOO_SMALL, 0))
                                   or int(m.content["metrics"].get(R.FAILED, 0))))
-        return [m for m in replies
+        kept = [m for m in replies
                 if m.has_error() or not int(m.content["metrics"].get(R.DECLINED, 0))]
+        for m in kept:  # the server's own weight, never a client's word
+            if not m.has_error():
+                m.content["metrics"][UNIFORM_WEIGHT] = 1
+        return kept
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

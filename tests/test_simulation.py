@@ -139,12 +139,13 @@ BEFORE_SPEED_WORK_ACCURACY = 0.845218
 
 @pytest.fixture(scope="module")
 def pinned_run(tmp_path_factory):
-    """The tiny run with preprocessing as it was then (each client fitted exactly on its own
-    rows; now only with preprocess.epsilon = inf, outside every ε)."""
+    """The tiny run with preprocessing and averaging as they were then (each client fitted
+    exactly on its own rows, now only with preprocess.epsilon = inf, outside every ε; FedAvg
+    weighted by examples, now strategy.weighting = "examples")."""
     out = tmp_path_factory.mktemp("pinned") / "run"
     proc = privet("simulate", "--config", str(TINY), "--out", str(out),
                   "--set", "privacy.client-epsilon={ 1 = 1.0 }", "--set", "preprocess.fit=local",
-                  "--set", "preprocess.epsilon=inf")
+                  "--set", "preprocess.epsilon=inf", "--set", 'strategy.weighting="examples"')
     stdout, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, stdout[-3000:]
     return out

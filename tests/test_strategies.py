@@ -47,8 +47,10 @@ def test_robust_aggregates_are_their_textbook_definitions(task_identity):
     kept = [n for n in NODES if n != 12]  # 12 declines: left out of every aggregate
     values = np.array([UPDATES[n] for n in kept])
     weights = np.array([EXAMPLES[n] for n in kept], dtype=float)
-    assert _round(_strategy("fedavg"), [12]) == pytest.approx(
+    assert _round(_strategy("fedavg", weighting='"examples"'), [12]) == pytest.approx(
         np.full(3, (values * weights).sum() / weights.sum()))
+    assert _round(_strategy("fedavg", weighting='"uniform"'), [12]) == pytest.approx(
+        np.full(3, values.mean()))
     assert _round(_strategy("median"), [12]) == pytest.approx(np.full(3, np.median(values)))
     cut = int(0.2 * len(values))  # trimmed at each end, per coordinate
     assert _round(_strategy("trimmed-mean", **{"trim-beta": 0.2}), [12]) == pytest.approx(
@@ -65,9 +67,9 @@ def test_server_optimizers_step_as_flowers_own_on_the_clients_that_trained(
         task_identity, name, flower_class):
     """The maths is Flower's (Reddi et al. 2021; Hsu et al. 2019): privet's wrapper gives the
     same step as Flower's class fed only the replies of clients that trained."""
-    ours = _round(_strategy(name), [12, 13])
+    ours = _round(_strategy(name, weighting='"examples"'), [12, 13])  # as Flower weighs
     theirs_strategy = flower_class(fraction_train=1.0, fraction_evaluate=0.0,
-                                   **strategies.options(load_config(
+                                   **strategies.flower_options(load_config(
                                        CONFIGS_DIR / "tiny.toml", [f'strategy.name="{name}"'])))
     start = torch.zeros(3)
     sent = list(theirs_strategy.configure_train(1, ArrayRecord({"w": start}), ConfigRecord({}),

@@ -34,7 +34,18 @@ def strategy_class(name: str):
 
 
 def options(cfg: ExperimentConfig) -> dict:
-    """The chosen strategy's own constructor arguments, from `[strategy]`."""
+    """Keyword arguments of the chosen strategy's class, from `[strategy]`: privet's
+    weighting (for the strategies that average) and Flower's own."""
+    s = cfg.strategy
+    if s.name in ("trimmed-mean", "median", "krum"):
+        weighting = {}  # their aggregates weigh no client more than another
+    else:
+        weighting = {"weighting": s.weighting}
+    return {**weighting, **flower_options(cfg)}
+
+
+def flower_options(cfg: ExperimentConfig) -> dict:
+    """The arguments of the strategy's Flower class, from `[strategy]`."""
     s = cfg.strategy
     lr = {"server_learning_rate" if s.name == "fedavgm" else "eta": s.server_lr} \
         if s.server_lr else {}  # 0: Flower's default for the strategy
