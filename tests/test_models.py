@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from independent import pld_epsilon
-from test_simulation import privet
+from test_inputs import simulate as run
 from torch import nn
 
 from clients import train
@@ -15,15 +15,6 @@ from common.models import ModelError, build_model, check_model, unsupported
 TINY = CONFIGS_DIR / "tiny.toml"
 RESIDUAL = "experiments.examples.tabular:residual_mlp"
 BATCHNORM = "experiments.examples.tabular:batchnorm_mlp"
-
-
-def run(out, *settings):
-    args = ["simulate", "--config", str(TINY), "--out", str(out)]
-    for setting in settings:
-        args += ["--set", setting]
-    proc = privet(*args)
-    stdout, _ = proc.communicate(timeout=600)
-    return proc.returncode, stdout
 
 
 def test_a_users_non_sequential_model_trains_with_opacus_at_its_exact_epsilon(tmp_path):
