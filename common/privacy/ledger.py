@@ -556,9 +556,10 @@ class LedgerDir:
         text = json.dumps(record.to_dict(), indent=1)
         self._ensure_id()
         path = self.root / "spend" / record.file_name
-        if path.exists() and self._read(path).id != record.id:
-            raise LedgerError(f"{path}: holds record {self._read(path).id!r}, not "
-                              f"{record.id!r}: refusing to overwrite another run's spend")
+        held = self._read(path).id if path.exists() else record.id
+        if held != record.id:
+            raise LedgerError(f"{path}: holds record {held!r}, not {record.id!r}: refusing "
+                              "to overwrite another run's spend")
         atomic_write_text(path, text)  # first: the truth
         atomic_write_text(self.copy / "spend" / record.file_name, text)
 
