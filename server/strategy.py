@@ -176,6 +176,11 @@ class PrivetFedAvg(FedAvg):
         replies = list(replies)
         if self.on_evaluate_replies is not None:
             self.on_evaluate_replies(server_round, replies)
-        metrics = super().aggregate_evaluate(server_round, replies)
+        # held-out scores average over rows, by examples, however the updates are weighted
+        weighting, self.weighted_by_key = self.weighted_by_key, R.NUM_EXAMPLES
+        try:
+            metrics = super().aggregate_evaluate(server_round, replies)
+        finally:
+            self.weighted_by_key = weighting
         self.last_evaluation = metrics if metrics is not None else MetricRecord({})
         return metrics
