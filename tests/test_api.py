@@ -12,8 +12,15 @@ from experiments.examples import tabular
 TINY = CONFIGS_DIR / "tiny.toml"
 
 
-def test_simulate_returns_a_run_whose_model_scores_what_the_run_reported(tmp_path):
-    run = privet.simulate(TINY, {"rounds": 1, "privacy.epsilon": 3.0}, out=tmp_path / "run")
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One tiny round with a user's factory, passed as itself."""
+    out = tmp_path_factory.mktemp("api") / "run"
+    return privet.simulate(TINY, {"rounds": 1, "privacy.epsilon": 3.0},
+                           model=tabular.residual_mlp, out=out)
+
+
+def test_simulate_returns_a_run_whose_model_scores_what_the_run_reported(run):
     assert run.summary["status"] == "complete" and run.config.privacy.epsilon == 3.0
     assert list(run.rounds["round"]) == [1]
     assert set(run.clients["status"]) == {"trained"} and len(run.clients) == 3
@@ -21,13 +28,10 @@ def test_simulate_returns_a_run_whose_model_scores_what_the_run_reported(tmp_pat
     test = datasets.test_data(run.config, (run.path / "transform.json").read_text())
     _, accuracy = evaluate(model, test.features, test.labels)
     assert accuracy == pytest.approx(run.rounds["test_accuracy"].iloc[-1], abs=1e-6)
-    again = privet.load_run(run.path)
-    assert again.summary == run.summary
+    assert privet.load_run(run.path).summary == run.summary
 
 
-def test_a_users_factory_is_passed_as_itself_and_rebuilt_by_the_run(tmp_path):
-    run = privet.simulate(TINY, {"rounds": 1}, model=tabular.residual_mlp,
-                          out=tmp_path / "run")
+def test_a_users_factory_is_passed_as_itself_and_rebuilt_by_the_run(run):
     assert run.config.train.model == "experiments.examples.tabular:residual_mlp"
     assert isinstance(run.model(), tabular.ResidualMLP)
     with pytest.raises(ValueError, match="importable module"):
@@ -43,7 +47,6 @@ def test_bad_input_raises_privets_one_line_and_reading_a_non_run_says_so(tmp_pat
 
 
 def test_compare_returns_one_row_per_budget_and_seed(tmp_path):
-    table = privet.compare(TINY, epsilons=(2, "inf"), seeds=1, overrides={"rounds": 1},
+    table = privet.compare(TINY, epsilons=("inf",), seeds=1, overrides={"rounds": 1},
                            out=tmp_path / "cmp")
-    assert len(table) == 2
-    assert {"accuracy"} <= set(table.columns)
+    assert len(table) == 1 and "accuracy" in table.columns

@@ -438,9 +438,9 @@ def test_a_run_in_which_no_client_ever_trains_is_never_complete(tmp_path):
     """Run 1 spends every row's budget; run 2 (its clients fit their own preprocessing) can
     train nobody in any round: budget-exhausted, with the reason, not `complete`."""
     ledger = f"privacy.ledger-dir={json.dumps(str(tmp_path / 'ledgers'))}"
-    code, stdout = simulate(tmp_path / "first", ledger)
+    code, stdout = simulate(tmp_path / "first", ledger, "rounds=1")
     assert code == 0, stdout[-3000:]
-    code, stdout = simulate(tmp_path / "second", ledger, "preprocess.fit=local")
+    code, stdout = simulate(tmp_path / "second", ledger, "preprocess.fit=local", "rounds=1")
     summary = json.loads((tmp_path / "second" / "summary.json").read_text())
     assert code == 0 and summary["status"] == "budget-exhausted", stdout[-3000:]
     assert "no client trained in any round" in summary["stop_reason"]

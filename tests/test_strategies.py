@@ -86,8 +86,8 @@ def test_server_optimizers_step_as_flowers_own_on_the_clients_that_trained(
 def test_a_server_optimizer_spends_no_epsilon(tmp_path):
     """Post-processing: the same seed under fedavg and fedadam gives every client the same
     spend history (σ, q, steps), so the same ε."""
-    plain, _ = simulate(tmp_path / "fedavg")
-    adam, _ = simulate(tmp_path / "fedadam", 'strategy.name="fedadam"')
+    plain, _ = simulate(tmp_path / "fedavg", "rounds=1")
+    adam, _ = simulate(tmp_path / "fedadam", 'strategy.name="fedadam"', "rounds=1")
     assert adam["status"] == "complete"
     for cid, entry in plain["privacy"]["clients"].items():
         assert adam["privacy"]["clients"][cid]["history"] == entry["history"]
