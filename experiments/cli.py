@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
 import threading
@@ -571,14 +570,11 @@ def _mark(run_dir: Path, status: str) -> None:
     """Record how a run ended when the server could not (it was cut off). Best effort: on a
     full disk the finished rounds stay as they were written."""
     from common.plots import plot_run
+    from server.recorder import mark_ended
 
     path = run_dir / results.SUMMARY
     try:
-        if path.exists():
-            summary = json.loads(path.read_text())
-            if summary.get("status") == "running":
-                summary["status"] = status
-                results.write_json(path, summary)
+        mark_ended(run_dir, status)
         plot_run(run_dir)
     except (OSError, ValueError) as error:
         err.print(f"privet: warning: could not mark {path} {status}: {error}", soft_wrap=True)

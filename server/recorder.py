@@ -403,7 +403,11 @@ class RunRecorder:
                            "estimated_bounds_per_client": self.client_ranges},
             "versions": versions(),
         }
-        results.write_json(self.run_dir / results.SUMMARY, summary)
+        with _ENDED_LOCK:  # a run the CLI has marked ended stays ended
+            ended = _ENDED.get(self.run_dir.resolve()) if status == "running" else None
+            if ended:
+                summary["status"] = ended
+            results.write_json(self.run_dir / results.SUMMARY, summary)
 
     def _sorted_clients(self) -> list[tuple[str, dict]]:
         return sorted(self.clients.items(),
@@ -414,6 +418,28 @@ class RunRecorder:
         plot_run(self.run_dir)
         for line in self.not_covered():  # a deployment's operator reads the streamed log
             log.info("privet: not covered by ε: %s", line)
+
+
+# Run directories whose end the process hosting the ServerApp has seen first (Ctrl-C,
+# SIGTERM, a failure): the ServerApp's thread may still finish a round after that, and must
+# not write "running" over it.
+_ENDED: dict[Path, str] = {}
+_ENDED_LOCK = threading.Lock()
+
+
+def mark_ended(run_dir: Path, status: str) -> None:
+    """Record that the run in `run_dir` ended with `status` (e.g. "interrupted"): its
+    summary says so now, and any later write of this process keeps it. Raises OSError when
+    the summary cannot be rewritten (a full disk: the rounds written stay)."""
+    run_dir = Path(run_dir).resolve()
+    path = run_dir / results.SUMMARY
+    with _ENDED_LOCK:
+        _ENDED[run_dir] = status
+        if path.exists():
+            summary = json.loads(path.read_text(encoding="utf-8"))
+            if summary.get("status") == "running":
+                summary["status"] = status
+                results.write_json(path, summary)
 
 
 def _fmt(value) -> str:
