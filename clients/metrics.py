@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from common.config import ExperimentConfig
+from common.evaluation import logits
 from common.privacy.accountants import calibrate_noise
 from common.privacy.ledger import Spend
 from common.privacy.randomness import Randomness
@@ -61,17 +62,10 @@ def clipped_sums(model: nn.Module, features: np.ndarray, labels: np.ndarray,
                  batch_size: int = 4096) -> tuple[float, float]:
     """(Σ min(cross-entropy, LOSS_BOUND) / LOSS_BOUND, Σ correct) over all rows; both move
     by at most 1 when one row is added or removed."""
-    model.eval()
-    loss, correct = 0.0, 0.0
-    with torch.no_grad():
-        for i in range(0, len(labels), batch_size):
-            x = torch.from_numpy(features[i:i + batch_size])
-            y = torch.from_numpy(labels[i:i + batch_size])
-            out = model(x)
-            per_row = nn.functional.cross_entropy(out, y, reduction="none")
-            loss += float(per_row.clamp(0.0, LOSS_BOUND).sum()) / LOSS_BOUND
-            correct += float((out.argmax(1) == y).sum())
-    return loss, correct
+    out, y = logits(model, features, batch_size), torch.from_numpy(labels)
+    per_row = nn.functional.cross_entropy(out, y, reduction="none")
+    return (float(per_row.clamp(0.0, LOSS_BOUND).sum()) / LOSS_BOUND,
+            float((out.argmax(1) == y).sum()))
 
 
 def release(model: nn.Module, features: np.ndarray, labels: np.ndarray, sigma: float,

@@ -12,18 +12,22 @@ from torch import nn
 
 
 @torch.no_grad()
-def _logits(model: nn.Module, features: np.ndarray, batch_size: int = 4096) -> torch.Tensor:
+def logits(model: nn.Module, features: np.ndarray, batch_size: int = 4096) -> torch.Tensor:
+    """The model's outputs (N, classes) for `features` (N, ...), in eval mode, in batches."""
     model.eval()
     x_all = torch.from_numpy(features)
     return torch.cat([model(x_all[i:i + batch_size]) for i in range(0, len(x_all), batch_size)])
 
 
+def _loss_and_accuracy(out: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    loss = float(nn.functional.cross_entropy(out, y, reduction="sum")) / len(y)
+    return loss, int((out.argmax(1) == y).sum()) / len(y)
+
+
 def evaluate(model: nn.Module, features: np.ndarray, labels: np.ndarray,
              batch_size: int = 4096) -> tuple[float, float]:
     """(mean cross-entropy in nats, accuracy) in batched passes."""
-    out, y = _logits(model, features, batch_size), torch.from_numpy(labels)
-    loss = float(nn.functional.cross_entropy(out, y, reduction="sum")) / len(y)
-    return loss, int((out.argmax(1) == y).sum()) / len(y)
+    return _loss_and_accuracy(logits(model, features, batch_size), torch.from_numpy(labels))
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,8 @@ def score(model: nn.Module, features: np.ndarray, labels: np.ndarray, num_classe
     roc_auc_score)."""
     from sklearn import metrics
 
-    out, y = _logits(model, features, batch_size), torch.from_numpy(labels)
-    loss = float(nn.functional.cross_entropy(out, y, reduction="sum")) / len(y)
+    out = logits(model, features, batch_size)
+    loss, accuracy = _loss_and_accuracy(out, torch.from_numpy(labels))
     predicted = out.argmax(1).numpy()
     probabilities = torch.softmax(out.double(), 1).numpy()
     classes = list(range(num_classes))
@@ -65,7 +69,7 @@ def score(model: nn.Module, features: np.ndarray, labels: np.ndarray, num_classe
                                                    labels=classes))
         except ValueError:
             auc = math.nan
-        return Scores(loss=loss, accuracy=float((predicted == labels).mean()),
+        return Scores(loss=loss, accuracy=accuracy,
                       balanced_accuracy=float(metrics.balanced_accuracy_score(labels,
                                                                               predicted)),
                       macro_f1=float(metrics.f1_score(labels, predicted, average="macro",

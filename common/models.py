@@ -184,6 +184,5 @@ def check_model(train: TrainConfig, input_shape: tuple[int, ...], num_classes: i
     if not any(p.requires_grad for p in model.parameters()):
         raise ModelError(f"train.model = {train.model!r}: the model has no trainable "
                          "parameters")
-    return [f"train.fix-model replaced {', '.join(changes)}"
-            for changes in [replaced(train, input_shape, num_classes)] if changes] \
-        if train.fix_model else []
+    changes = replaced(train, input_shape, num_classes) if train.fix_model else []
+    return [f"train.fix-model replaced {', '.join(changes)}"] if changes else []

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+from common.config import PROJECT_DIR
 
 
 class PrivetError(RuntimeError):
