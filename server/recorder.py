@@ -17,8 +17,8 @@ from flwr.app import ConfigRecord, Message
 from common import records as R
 from common import results
 from common.config import IMAGE_DATASETS, ExperimentConfig, shaped
-from common.evaluation import Scores
 from common.data import adult
+from common.evaluation import Scores
 from common.plots import plot_run
 from common.run_dir import claim as run_dir_claim
 from common.privacy import accountants
