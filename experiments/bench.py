@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import PROJECT_DIR
+from privet.common.config import PROJECT_DIR
 
 CONFIGS = PROJECT_DIR / "experiments" / "configs"
 
@@ -61,11 +61,11 @@ def floor(name: str) -> dict:
     import numpy as np
     import torch
 
-    from clients.train import dp_path, train_local
-    from common.config import load_config
-    from common.data.datasets import client_data, num_classes, test_data
-    from common.evaluation import evaluate
-    from common.models import build_model
+    from privet.clients.train import dp_path, train_local
+    from privet.common.config import load_config
+    from privet.common.data.datasets import client_data, num_classes, test_data
+    from privet.common.evaluation import evaluate
+    from privet.common.models import build_model
 
     work = WORKLOADS[name]
     cfg = load_config(work.config, list(work.overrides))
@@ -121,7 +121,7 @@ def _timed(command: list[str], log: Path) -> float:
 
 
 def _simulate(work: Workload, out: Path, extra: tuple[str, ...] = ()) -> list[str]:
-    command = [sys.executable, "-m", "experiments.cli", "simulate", "--config",
+    command = [sys.executable, "-m", "privet.experiments.cli", "simulate", "--config",
                str(work.config), "--out", str(out), "--overwrite"]
     for assignment in (*work.overrides, *extra):
         command += ["--set", assignment]
@@ -139,7 +139,7 @@ def _cores() -> int:
 
 def run_analysis(run_dir: Path, wall: float, evaluate_per_round: float) -> dict:
     """Accounting share and per-message overhead of one privet run, from its own records."""
-    from common.config import load_config
+    from privet.common.config import load_config
 
     cfg = load_config(run_dir / "config.toml")
     actors = max(1, min(_cores(), cfg.clients_per_round))

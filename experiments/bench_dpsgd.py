@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from clients import bookkeeping, train
-from clients.train import BOOKKEEPING
-from common.config import TrainConfig, load_config
-from common.data import images
-from common.models import build_model
-from common.privacy.randomness import SecureRandomness
+from privet.clients import bookkeeping, train
+from privet.clients.train import BOOKKEEPING
+from privet.common.config import TrainConfig, load_config
+from privet.common.data import images
+from privet.common.models import build_model
+from privet.common.privacy.randomness import SecureRandomness
 
 MODES = (BOOKKEEPING, "hooks", "ghost", "functorch")
 SOURCES = ("seeded", "secure")  # where DP-SGD's draws come from (common.privacy.randomness)
@@ -50,7 +50,7 @@ class Workload:
 
 def adult() -> Workload:
     # Imported here so the image workloads run even while the tabular pipeline is elsewhere.
-    from common.data.datasets import client_data, num_classes
+    from privet.common.data.datasets import client_data, num_classes
 
     cfg = load_config(overrides=["data.partition=iid"])
     data = client_data(cfg, 0)

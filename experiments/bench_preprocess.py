@@ -16,10 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from common.config import PreprocessConfig
-from common.data import adult, federated, tables
-from common.data.datasets import encode_labels
-from common.data.preprocess import Schema, clean, fit_local
+from privet.common.config import PreprocessConfig
+from privet.common.data import adult, federated, tables
+from privet.common.data.datasets import encode_labels
+from privet.common.data.preprocess import Schema, clean, fit_local
 
 
 def _median_seconds(work, repeats: int) -> float:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from common.config import PROJECT_DIR
+from privet.common.config import PROJECT_DIR
 
 
 class PrivetError(RuntimeError):
@@ -48,7 +48,7 @@ class Run:
     @property
     def config(self):
         """The run's resolved ExperimentConfig (from its config.toml)."""
-        from common.config import load_config
+        from privet.common.config import load_config
         return load_config(self.path / "config.toml")
 
     def model(self):
@@ -57,9 +57,9 @@ class Run:
         loaded with model.pt. Raises FileNotFoundError before the first round is saved."""
         import torch
 
-        from common.config import IMAGE_DATASETS
-        from common.data import datasets
-        from common.models import build_model
+        from privet.common.config import IMAGE_DATASETS
+        from privet.common.data import datasets
+        from privet.common.models import build_model
 
         cfg = self.config
         saved = torch.load(self.path / "model.pt", map_location="cpu")
@@ -98,7 +98,7 @@ def _model_path(model: str | Callable) -> str:
 
 def _settings(overrides: Mapping[str, Any] | None) -> list[str]:
     """--set arguments: values as TOML (strings quoted, tables inline)."""
-    from common.config import _inline  # the config's own TOML writer: one dialect
+    from privet.common.config import _inline  # the config's own TOML writer: one dialect
 
     return [f"{key}={_inline(value)}" for key, value in (overrides or {}).items()]
 
@@ -107,8 +107,8 @@ def _run_cli(args: list[str], verbose: bool | None) -> str:
     if verbose is None:
         verbose = sys.stdout.isatty()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(PROJECT_DIR), os.getcwd(), os.environ.get("PYTHONPATH", "")]))}
-    proc = subprocess.run([sys.executable, "-m", "experiments.cli", *args], env=env,
+        filter(None, [os.getcwd(), str(PROJECT_DIR), os.environ.get("PYTHONPATH", "")]))}
+    proc = subprocess.run([sys.executable, "-m", "privet.experiments.cli", *args], env=env,
                           stdout=None if verbose else subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, check=False)
     output = proc.stdout or ""

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import privet
-from common.config import CONFIGS_DIR
-from common.data import datasets
-from common.evaluation import evaluate
+from privet.common.config import CONFIGS_DIR
+from privet.common.data import datasets
+from privet.common.evaluation import evaluate
 from experiments.examples import tabular
 
 TINY = CONFIGS_DIR / "tiny.toml"

@@ -10,12 +10,12 @@ import pytest
 import torch
 from test_simulation import privet
 
-from common import audit, results
-from common.audit import audit_run, epsilon_lower_bound, max_measurable_epsilon, tpr_at_fpr
-from common.config import CONFIGS_DIR, load_config
-from common.data import adult, datasets
-from common.data.preprocess import fit_local
-from common.models import build_model
+from privet.common import audit, results
+from privet.common.audit import audit_run, epsilon_lower_bound, max_measurable_epsilon, tpr_at_fpr
+from privet.common.config import CONFIGS_DIR, load_config
+from privet.common.data import adult, datasets
+from privet.common.data.preprocess import fit_local
+from privet.common.models import build_model
 
 TINY = CONFIGS_DIR / "tiny.toml"
 # 3 clients with 100 rows each, 40 passes of large steps: a model that memorises its rows
@@ -107,7 +107,7 @@ def test_a_bound_above_the_accounted_epsilon_is_flagged(overfit_run, tmp_path, c
     for client in summary["privacy"]["clients"].values():
         client["epsilon"] = 0.5
     results.write_json(lying / "summary.json", summary)
-    with caplog.at_level(logging.WARNING, logger="common.audit"):
+    with caplog.at_level(logging.WARNING, logger="privet.common.audit"):
         report = audit_run(lying)
     assert report["theoretical_epsilon"] == 0.5 < report["epsilon_lower_bound"]
     assert report["violation"] is True and report["message"].startswith("VIOLATION")

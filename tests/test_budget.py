@@ -5,8 +5,8 @@ import pytest
 from conftest import PROJECT_DIR
 from independent import pld_epsilon
 
-from common.privacy import accountants
-from experiments.budget import Plan, epsilon_over_rounds, report_rounds, sigma_for_targets
+from privet.common.privacy import accountants
+from privet.experiments.budget import Plan, epsilon_over_rounds, report_rounds, sigma_for_targets
 
 
 def test_plan_uses_opacus_poisson_rate_and_steps():
@@ -41,13 +41,13 @@ def test_epsilon_curve_grows_and_orders_accountants():
 
 def test_budget_command(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "experiments.cli", "budget", "--rows", "1000",
+        [sys.executable, "-m", "privet.experiments.cli", "budget", "--rows", "1000",
          "--rounds", "3", "--epsilon", "1,4", "--out", str(tmp_path / "plan.png")],
         cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "σ pld" in done.stdout and "σ rdp" in done.stdout and "σ prv" in done.stdout
     assert (tmp_path / "plan.png").stat().st_size > 1000
-    bad = subprocess.run([sys.executable, "-m", "experiments.cli", "budget", "--rows", "10",
+    bad = subprocess.run([sys.executable, "-m", "privet.experiments.cli", "budget", "--rows", "10",
                           "--epsilon", "1", "--sigma", "1"], cwd=PROJECT_DIR,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "exactly one of --sigma" in bad.stderr
@@ -56,7 +56,7 @@ def test_budget_command(tmp_path):
 def test_a_plan_with_preprocessing_gives_the_sigma_a_run_needs_after_it():
     """privet simulate spends preprocess.epsilon before DP-SGD: planned with it, σ and the
     release compose to the target (dp-accounting, directly); without it, they pass it."""
-    from experiments.budget import release_at
+    from privet.experiments.budget import release_at
 
     prior = release_at(0.3, 1e-5)
     plan = Plan.from_rows(3256, 64, 1, 20, 1e-5, prior)
@@ -71,7 +71,7 @@ def test_a_plan_with_preprocessing_gives_the_sigma_a_run_needs_after_it():
 def test_budget_never_writes_over_a_file_it_did_not_write(tmp_path):
     mine = tmp_path / "mine.png"
     mine.write_bytes(b"a user's picture")
-    args = [sys.executable, "-m", "experiments.cli", "budget", "--rows", "1000", "--rounds",
+    args = [sys.executable, "-m", "privet.experiments.cli", "budget", "--rows", "1000", "--rounds",
             "2", "--sigma", "1", "--out"]
     refused = subprocess.run(args + [str(mine)], cwd=PROJECT_DIR, capture_output=True,
                              text=True, timeout=300)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import PROJECT_DIR
 
-from common import results
-from common.config import CONFIGS_DIR, load_config
-from experiments import compare, report
+from privet.common import results
+from privet.common.config import CONFIGS_DIR, load_config
+from privet.experiments import compare, report
 
 TINY = CONFIGS_DIR / "tiny.toml"
 RUNS = ("sample-eps1-seed7", "none-epsinf-seed7")  # tiny.toml's seed is 7
@@ -25,7 +25,7 @@ PROMISED = ["level", "epsilon_target", "seed", "epsilon_pld", "epsilon_prv", "ep
 
 def privet(*args: str) -> tuple[subprocess.CompletedProcess, float]:
     started = time.time()
-    done = subprocess.run([sys.executable, "-m", "experiments.cli", *args], cwd=PROJECT_DIR,
+    done = subprocess.run([sys.executable, "-m", "privet.experiments.cli", *args], cwd=PROJECT_DIR,
                           capture_output=True, text=True, timeout=400)
     return done, time.time() - started
 

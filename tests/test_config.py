@@ -5,7 +5,7 @@ import sys
 import pytest
 from conftest import PROJECT_DIR
 
-from common.config import (
+from privet.common.config import (
     CONFIGS_DIR,
     ConfigError,
     ExperimentConfig,
@@ -99,7 +99,7 @@ def test_flower_app_defaults_are_the_default_experiment():
 
 def test_cli_reports_bad_config_in_one_line(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "experiments.cli", "simulate", "--config",
+        [sys.executable, "-m", "privet.experiments.cli", "simulate", "--config",
          str(CONFIGS_DIR / "tiny.toml"), "--set", "privacy.delta=2", "--out", str(tmp_path)],
         cwd=PROJECT_DIR, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
@@ -111,7 +111,7 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
 
 def test_cli_rejects_an_impossible_partition_before_starting(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "experiments.cli", "simulate", "--config",
+        [sys.executable, "-m", "privet.experiments.cli", "simulate", "--config",
          str(CONFIGS_DIR / "tiny.toml"), "--set", "data.min-rows=20000", "--out", str(tmp_path)],
         cwd=PROJECT_DIR, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr
@@ -132,7 +132,7 @@ def test_per_client_targets():
 
 
 def test_simulate_help_lists_the_options():
-    done = subprocess.run([sys.executable, "-m", "experiments.cli", "simulate", "--help"],
+    done = subprocess.run([sys.executable, "-m", "privet.experiments.cli", "simulate", "--help"],
                           cwd=PROJECT_DIR, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
     for option in ("--config", "--set", "--out", "--overwrite", "--verbose"):

@@ -4,17 +4,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.config import CONFIGS_DIR, load_config
-from common.data import adult
-from common.data.datasets import (
+from privet.common.config import CONFIGS_DIR, load_config
+from privet.common.data import adult
+from privet.common.data.datasets import (
     client_data,
     encode_labels,
     partition_report,
     partitions,
     tabular_source,
 )
-from common.data.datasets import test_data as load_test_split
-from common.data.preprocess import clean
+from privet.common.data.datasets import test_data as load_test_split
+from privet.common.data.preprocess import clean
 
 
 def test_cleaning_counts_each_step():

@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from typer.testing import CliRunner
 
-from common.config import CONFIGS_DIR, load_config
-from experiments import deploy
-from experiments.cli import app
+from privet.common.config import CONFIGS_DIR, load_config
+from privet.experiments import deploy
+from privet.experiments.cli import app
 
 BIN = Path(sys.executable).parent
 
@@ -105,7 +105,7 @@ def test_secure_by_default_and_insecure_only_on_request(tmp_path):
     supernode = next(line for line in done.output.splitlines() if "flower-supernode" in line)
     assert "--auth-supernode-private-key" in supernode and "--insecure" not in supernode
     # the warm launcher talks plain HTTP, but only to the node's own Runtime API on loopback
-    launcher = next(line for line in done.output.splitlines() if "experiments.launcher" in line)
+    launcher = next(line for line in done.output.splitlines() if "privet.experiments.launcher" in line)
     assert "--runtime-api-address 127.0.0.1:9094" in launcher
     done = runner.invoke(app, node + ["--insecure"])
     assert done.exit_code == 0 and "warning: insecure mode" in done.output
@@ -275,7 +275,7 @@ def processes(tmp_path):
 
 
 def node_csv(path: Path, index: int, rows: int = 1500) -> None:
-    from common.data import adult
+    from privet.common.data import adult
 
     frame = adult.load_raw("train").iloc[index * rows:(index + 1) * rows].copy()
     frame["native-country"] = frame["native-country"].where(
@@ -469,7 +469,7 @@ def test_deployment_node_lost_mid_run_and_restarted_resumes_its_ledger(tmp_path,
 
     wait_for("round 1", lambda: run_alive() and len(read_csv(out / "rounds.csv")) >= 1, 180,
              dep.tails)
-    launcher = next(p for p in processes.ours() if "experiments.launcher" in _cmdline(p)
+    launcher = next(p for p in processes.ours() if "privet.experiments.launcher" in _cmdline(p)
                     and f"127.0.0.1:{ports[2]}" in _cmdline(p))
     os.killpg(nodes[2].pid, signal.SIGKILL)  # a crash: no deactivation, no goodbye
     nodes[2].wait(timeout=10)

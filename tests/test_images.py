@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from clients.train import BOOKKEEPING, train_local
-from common.config import TrainConfig
-from common.data import images
-from common.models import build_model
+from privet.clients.train import BOOKKEEPING, train_local
+from privet.common.config import TrainConfig
+from privet.common.data import images
+from privet.common.models import build_model
 
 ROWS, HEIGHT, WIDTH = 5, 3, 4  # not square, so a swapped height and width would show
 

@@ -18,10 +18,10 @@ from test_simulation import privet, rows
 from test_strategy import ConnectedNodes
 from test_user_dp import task_identity  # noqa: F401 (a fixture)
 
-from common.config import CONFIGS_DIR, ConfigError, load_config
-from common.data import adult, tables
-from common.data.numbers import NumberFormat, infer_format
-from common.data.preprocess import clean
+from privet.common.config import CONFIGS_DIR, ConfigError, load_config
+from privet.common.data import adult, tables
+from privet.common.data.numbers import NumberFormat, infer_format
+from privet.common.data.preprocess import clean
 
 TINY = CONFIGS_DIR / "tiny.toml"
 FAST = ["rounds=2", "num-clients=2", "clients-per-round=2"]
@@ -205,7 +205,7 @@ def test_a_failing_client_is_named_left_out_and_the_run_says_so(tmp_path):
 
 
 def test_most_clients_too_small_is_said_before_the_run(tmp_path):
-    from experiments.simulation import preflight
+    from privet.experiments.simulation import preflight
 
     cfg = load_config(TINY, ["num-clients=400", "clients-per-round=10", "data.min-rows=1",
                              "data.partition=quantity", "data.power=1.5"])
@@ -219,7 +219,7 @@ def test_most_clients_too_small_is_said_before_the_run(tmp_path):
 def test_the_expected_batch_is_whole_rows_per_step_never_zero():
     import math
 
-    from clients.train import expected_batch_size, sample_rate
+    from privet.clients.train import expected_batch_size, sample_rate
 
     assert expected_batch_size(49, 1) == 1  # int(49 * (1/49)) is 0 in floating point
     for n in range(1, 600):
@@ -247,7 +247,7 @@ def test_a_folder_of_the_users_is_never_written_into(tmp_path):
 
 def test_a_run_of_an_older_privet_is_a_privet_run(tmp_path):
     """Run folders written before the marker existed are recognised by their summary."""
-    from common.run_dir import RunDirError, claim
+    from privet.common.run_dir import RunDirError, claim
 
     old = tmp_path / "old"
     old.mkdir()
@@ -374,7 +374,7 @@ def test_an_unreadable_data_file_is_one_line_naming_it(tmp_path):
 
     data = adult_csv(tmp_path / "data.csv", 0, 300)
     data.chmod(0)
-    command = [sys.executable, "-m", "experiments.cli", "simulate", "--config", str(TINY),
+    command = [sys.executable, "-m", "privet.experiments.cli", "simulate", "--config", str(TINY),
                "--out", str(tmp_path / "run"), *(a for s in (*FAST, *CSV, "data.path="
                + json.dumps(str(data))) for a in ("--set", s))]
     if os.geteuid() == 0:  # root reads any file: run without that capability
@@ -406,7 +406,7 @@ def test_user_level_divides_by_the_cohort_expected_of_the_clients_left(task_iden
     noised sum is divided by p × (clients not left out)."""
     from flwr.app import ArrayRecord, ConfigRecord
 
-    from server.user_dp import UserLevelDPFedAvg
+    from privet.server.user_dp import UserLevelDPFedAvg
 
     strategy = UserLevelDPFedAvg(noise_multiplier=1.0, clip=1.0, sample_rate=0.5,
                                  num_clients=10, seed=0)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import PROJECT_DIR
 
-from experiments import launcher as L
+from privet.experiments import launcher as L
 
 # --- pure logic -----------------------------------------------------------------------------
 
@@ -118,7 +118,7 @@ def spawn(tmp_path):
     def start(*argv: str) -> tuple[subprocess.Popen, Path]:
         output = tmp_path / f"launcher{len(procs)}.log"
         with open(output, "w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "experiments.launcher", *argv],
+            proc = subprocess.Popen([sys.executable, "-m", "privet.experiments.launcher", *argv],
                                     cwd=PROJECT_DIR, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         procs.append(proc)

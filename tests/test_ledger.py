@@ -11,10 +11,10 @@ from independent import pld_epsilon
 from test_simulation import privet, rows
 from typer.testing import CliRunner
 
-from common.config import CONFIGS_DIR, load_config
-from common.data import adult
-from common.data.datasets import partitions
-from common.privacy.ledger import (
+from privet.common.config import CONFIGS_DIR, load_config
+from privet.common.data import adult
+from privet.common.data.datasets import partitions
+from privet.common.privacy.ledger import (
     ALL_ROWS,
     history_of,
     DataLedger,
@@ -89,7 +89,7 @@ def test_a_ledger_that_lost_steps_is_noticed_through_its_copy(store):
 
 
 def test_forgetting_spend_is_an_explicit_command(tmp_path, store):
-    from experiments.cli import app
+    from privet.experiments.cli import app
 
     store.save(_record(run="r1"))
     store.save(_record(run="r2", client="1"))
@@ -157,7 +157,7 @@ def _write_adult(path, start, stop):
 
 
 def test_a_node_keeps_its_spend_when_its_id_changes_or_rows_are_appended(tmp_path):
-    from clients.accounting import open_ledger as _ledger
+    from privet.clients.accounting import open_ledger as _ledger
 
     data = tmp_path / "mine.csv"
     _write_adult(data, 0, 400)
@@ -174,7 +174,7 @@ def test_a_node_keeps_its_spend_when_its_id_changes_or_rows_are_appended(tmp_pat
                                                               rel=0.01)
     # 100 rows appended: the old rows keep their spend, the new ones have none
     _write_adult(data, 0, 500)
-    from common.data import datasets
+    from privet.common.data import datasets
 
     datasets.node_source.cache_clear()
     datasets.client_digests.cache_clear()
@@ -187,8 +187,8 @@ def test_a_node_keeps_its_spend_when_its_id_changes_or_rows_are_appended(tmp_pat
 def test_a_row_is_the_same_row_however_its_file_is_laid_out(tmp_path):
     """Columns reordered, an extra column, numbers written as 39.0: the same rows, the same
     spend (shared/cases: a harmless re-export used to reset every row's budget)."""
-    from clients.accounting import open_ledger
-    from common.data import datasets
+    from privet.clients.accounting import open_ledger
+    from privet.common.data import datasets
 
     data = tmp_path / "mine.csv"
     raw = adult.load_raw("train").iloc[:300]
@@ -209,7 +209,7 @@ def test_a_row_is_the_same_row_however_its_file_is_laid_out(tmp_path):
 def test_too_many_mixes_of_earlier_runs_are_charged_conservatively(store):
     """Rows re-split over and over: past MAX_GROUPS distinct histories every row is charged
     with every record that touched the client's rows (never less than the truth)."""
-    from common.privacy import ledger as ledgers
+    from privet.common.privacy import ledger as ledgers
 
     digests = row_digests([["row", i] for i in range(4 * (ledgers.MAX_GROUPS + 1))])
     records = []
@@ -228,8 +228,8 @@ def test_the_dominating_history_bounds_every_rows_and_stays_close():
     """One run split rows over three clients: every row was in one record, so one mechanism
     per purpose (smallest σ, largest q, most steps) bounds each; a run whose records share
     a row is charged with all of them."""
-    from common.privacy import accountants
-    from common.privacy.ledger import dominating_history
+    from privet.common.privacy import accountants
+    from privet.common.privacy.ledger import dominating_history
 
     rows = np.arange(30, dtype=np.uint64)
     sets = [rows[:10], rows[10:20], rows[20:]]
@@ -287,7 +287,7 @@ def test_a_missing_row_set_is_one_line(store):
 
 def test_the_listing_composes_records_of_every_source_that_touched_a_row(store):
     """A row appended to another file keeps the spend recorded under the first file's name."""
-    from common.privacy.ledger_report import spend_by_source
+    from privet.common.privacy.ledger_report import spend_by_source
 
     digests = row_digests([["row", i] for i in range(20)])
     a, b = (1.0, 0.02, 200), (0.8, 0.05, 50)
@@ -361,7 +361,7 @@ def test_reruns_with_another_config_or_seed_compose_on_the_same_rows(tmp_path):
 
 
 def _ledger_json(ledgers):
-    from experiments.cli import app
+    from privet.experiments.cli import app
 
     result = CliRunner().invoke(app, ["ledger", str(ledgers), "--json"])
     assert result.exit_code == 0, result.output
@@ -379,7 +379,7 @@ def test_appending_rows_keeps_the_spend_of_the_old_ones(tmp_path):
     cfg1 = load_config(TINY, [*common, "privacy.epsilon=1"])
     old_parts = partitions(cfg1)
     _write_adult(data, 0, 3600)  # 600 rows appended
-    from common.data import datasets
+    from privet.common.data import datasets
 
     datasets.tabular_source.cache_clear()
     datasets._partitions.cache_clear()

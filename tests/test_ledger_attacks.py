@@ -10,11 +10,11 @@ from independent import pld_epsilon
 from test_ledger import _record, _write_adult
 from test_user_dp import task_identity  # noqa: F401 - a fixture
 
-from clients import accounting as A
-from clients import app as client_app
-from common import records as R
-from common.config import CONFIGS_DIR, load_config
-from common.privacy.ledger import (
+from privet.clients import accounting as A
+from privet.clients import app as client_app
+from privet.common import records as R
+from privet.common.config import CONFIGS_DIR, load_config
+from privet.common.privacy.ledger import (
     ALL_ROWS,
     DataLedger,
     LedgerDir,
@@ -132,7 +132,7 @@ def test_a_server_asking_twice_for_the_same_statistics_is_refused(tmp_path, task
 def test_a_supernode_numbering_its_partitions_is_a_deployment(monkeypatch):
     """`flower-supernode --node-config "partition-id=0 num-partitions=3"`: the ClientApp runs
     through Flower's run_clientapp, so it refuses seeded noise like any deployed node."""
-    from common.privacy.randomness import NoiseSourceError
+    from privet.common.privacy.randomness import NoiseSourceError
 
     cfg = load_config(CONFIGS_DIR / "tiny.toml", ['privacy.noise-source="seeded"'])
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0,
@@ -162,8 +162,8 @@ class InProcessGrid:
 
 def test_every_client_failing_its_statistics_fails_the_run_naming_one(tmp_path,
                                                                       task_identity):
-    from server.preprocessing import fit_shared_transform
-    from server.strategy import NoClientsLeft
+    from privet.server.preprocessing import fit_shared_transform
+    from privet.server.strategy import NoClientsLeft
 
     cfg = load_config(CONFIGS_DIR / "adult.toml", ["num-clients=2", "clients-per-round=2"])
     failures = []

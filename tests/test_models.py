@@ -8,9 +8,9 @@ from independent import pld_epsilon
 from test_inputs import simulate as run
 from torch import nn
 
-from clients import train
-from common.config import CONFIGS_DIR, TrainConfig
-from common.models import ModelError, build_model, check_model, unsupported
+from privet.clients import train
+from privet.common.config import CONFIGS_DIR, TrainConfig
+from privet.common.models import ModelError, build_model, check_model, unsupported
 
 TINY = CONFIGS_DIR / "tiny.toml"
 RESIDUAL = "experiments.examples.tabular:residual_mlp"
@@ -102,8 +102,8 @@ def test_opacus_path_gives_the_mean_of_clipped_per_example_gradients_for_a_users
 
 
 def test_deployment_refuses_a_model_flower_would_not_ship(tmp_path, monkeypatch):
-    from common.config import PROJECT_DIR
-    from common.models import shipped_with_app
+    from privet.common.config import PROJECT_DIR
+    from privet.common.models import shipped_with_app
 
     (tmp_path / "elsewhere_model.py").write_text(
         "import torch\n\ndef net(shape, outputs, train):\n"

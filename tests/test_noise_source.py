@@ -12,15 +12,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from test_simulation import privet
 from test_user_dp import task_identity  # noqa: F401 (a fixture)
 
-from clients import accounting as client_accounting
-from clients import app as client_app
-from clients.train import train_local
-from common import records as R
-from common.config import CONFIGS_DIR, load_config
-from common.data import adult
-from common.data.preprocess import FittedTransform, clean, fit_local
-from common.models import build_model
-from common.privacy.randomness import NoiseSourceError, resolve_noise_source
+from privet.clients import accounting as client_accounting
+from privet.clients import app as client_app
+from privet.clients.train import train_local
+from privet.common import records as R
+from privet.common.config import CONFIGS_DIR, load_config
+from privet.common.data import adult
+from privet.common.data.preprocess import FittedTransform, clean, fit_local
+from privet.common.models import build_model
+from privet.common.privacy.randomness import NoiseSourceError, resolve_noise_source
 
 TINY = CONFIGS_DIR / "tiny.toml"
 
@@ -82,7 +82,7 @@ def _config(data_path):
 
 def _shared_transform(cfg, path):
     """What the server sends: a transform fitted on public rows (here, the test split)."""
-    from common.data.datasets import schema, test_rows
+    from privet.common.data.datasets import schema, test_rows
 
     frame, _ = test_rows(cfg)
     return fit_local(frame, schema(cfg), cfg.preprocess).to_json()
@@ -103,7 +103,7 @@ def _client_update(cfg, node_config, transform, initial):
 def _replay(cfg, transform, initial, sigma, with_target):
     """The attacker: it knows the config and seed (it submitted them), the initial model, the
     shared transform, the other rows and the target row; it replays both worlds."""
-    from common.data.datasets import encode_labels, schema
+    from privet.common.data.datasets import encode_labels, schema
 
     raw = adult.load_raw("train")
     rows = raw.iloc[list(range(1000, 1300)) + ([5] if with_target else [])]
@@ -198,7 +198,7 @@ def test_two_secure_runs_of_one_config_and_seed_draw_different_noise(tmp_path):
 def test_privet_run_refuses_seeded_noise_before_submitting():
     from typer.testing import CliRunner
 
-    from experiments.cli import app
+    from privet.experiments.cli import app
 
     result = CliRunner().invoke(app, ["run", "--federation", "nowhere", "--set",
                                       "privacy.noise-source=seeded"])

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from common.data import adult
-from common.data.partition import (
+from privet.common.data import adult
+from privet.common.data.partition import (
     KINDS,
     MISSING,
     dirichlet,

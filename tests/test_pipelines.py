@@ -10,11 +10,11 @@ import torch
 from dp_accounting.pld import pld_privacy_accountant
 from test_simulation import TINY, privet, rows
 
-from common.config import load_config
-from common.data import adult
-from common.data.datasets import client_data, client_holdout
-from common.evaluation import evaluate
-from common.models import build_model
+from privet.common.config import load_config
+from privet.common.data import adult
+from privet.common.data.datasets import client_data, client_holdout
+from privet.common.evaluation import evaluate
+from privet.common.models import build_model
 
 
 def run(out, *settings: str) -> tuple[int, str]:

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.config import CONFIGS_DIR, ConfigError, PreprocessConfig, load_config
-from common.data import federated
-from common.data.preprocess import FittedTransform, Schema, fit_local
-from common.privacy.randomness import SeededRandomness
+from privet.common.config import CONFIGS_DIR, ConfigError, PreprocessConfig, load_config
+from privet.common.data import federated
+from privet.common.data.preprocess import FittedTransform, Schema, fit_local
+from privet.common.privacy.randomness import SeededRandomness
 
 SCHEMA = Schema(numeric=("age",), categories={"colour": ("red", "blue", "green")},
                 label="y", classes=("no", "yes"), bounds={"age": (0.0, 100.0)})

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from independent import pld_epsilon, rdp_epsilon
 
-from common.privacy import accountants
-from common.privacy.ledger import ALL_ROWS, MemoryStore, PrivacyLedger, SpendRecord
+from privet.common.privacy import accountants
+from privet.common.privacy.ledger import ALL_ROWS, MemoryStore, PrivacyLedger, SpendRecord
 
 DELTA = 1e-5
 HISTORIES = [
@@ -35,7 +35,7 @@ def test_remembered_convolution_bounds_are_dp_accountings(sigma, q):
     """privet's memo of the Chernoff bounds gives dp-accounting's own numbers, exactly."""
     from dp_accounting.pld import common, privacy_loss_distribution
 
-    from common.privacy import pld_speedups
+    from privet.common.privacy import pld_speedups
 
     assert common.compute_self_convolve_bounds is pld_speedups.compute_self_convolve_bounds
     pld = privacy_loss_distribution.from_gaussian_mechanism(
@@ -55,7 +55,7 @@ def test_vectorised_epsilon_for_delta_is_dp_accountings(sigma, q):
 
     from dp_accounting.pld import pld_pmf, privacy_loss_distribution
 
-    from common.privacy import pld_speedups
+    from privet.common.privacy import pld_speedups
 
     assert pld_pmf._get_epsilon_for_delta is pld_speedups.epsilon_for_delta
     base = privacy_loss_distribution.from_gaussian_mechanism(
@@ -79,7 +79,7 @@ def test_vectorised_tail_truncation_is_dp_accountings(pessimistic):
     same masses: on real composed PMFs and on random ones, at several truncation masses."""
     from dp_accounting.pld import pld_pmf, privacy_loss_distribution
 
-    from common.privacy import pld_speedups
+    from privet.common.privacy import pld_speedups
 
     assert pld_pmf._truncate_tails is pld_speedups.truncate_tails
     rng = np.random.default_rng(0)
@@ -108,7 +108,7 @@ def test_one_step_plds_kept_on_disk_give_the_same_epsilon(tmp_path, monkeypatch,
     written = accountants._pld_epsilon(history, DELTA, on_disk=True)
     assert len(list((tmp_path / "pld").glob("*.npz"))) == kept
     accountants._subsampled_gaussian.cache_clear()
-    from common.privacy import pld_speedups
+    from privet.common.privacy import pld_speedups
 
     pld_speedups._kept.clear()
     loaded = accountants._pld_epsilon(history, DELTA, on_disk=True)

@@ -5,8 +5,8 @@ import threading
 import pytest
 from flwr.clientapp.client_app import ClientAppException
 
-from experiments.process_backend import CONFIG_KEY, ProcessPoolBackend
-from experiments.simulation import backend_config
+from privet.experiments.process_backend import CONFIG_KEY, ProcessPoolBackend
+from privet.experiments.simulation import backend_config
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_a_client_process_trains_on_one_torch_thread():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "PRIVET_TORCH_THREADS"}
-    code = "import clients.app, torch; print(torch.get_num_threads())"
+    code = "import privet.clients.app, torch; print(torch.get_num_threads())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env=env)
     assert out.stdout.strip() == "1"

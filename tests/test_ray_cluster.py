@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 from conftest import PROJECT_DIR
 
-from common.config import CONFIGS_DIR, load_config
+from privet.common.config import CONFIGS_DIR, load_config
 
 TINY = CONFIGS_DIR / "tiny.toml"
 ACTOR_CLASS = "ClientAppActor"  # flwr.simulation.ray_transport.ray_actor
@@ -51,7 +51,7 @@ def test_simulation_runs_its_clients_on_both_nodes_of_a_ray_cluster(two_node_clu
     started = time.time()
     # 3 clients per round, 2 CPUs: Flower's pool has one actor per CPU, and both get work
     done = subprocess.run(
-        [sys.executable, "-m", "experiments.cli", "simulate", "--config", str(TINY),
+        [sys.executable, "-m", "privet.experiments.cli", "simulate", "--config", str(TINY),
          "--ray-address", cluster.address, "--out", str(out)],
         cwd=PROJECT_DIR, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -9,10 +9,10 @@ from test_simulation import rows
 from test_spend_report import simulate
 from torch import nn
 
-from common.config import CONFIGS_DIR, load_config
-from common.data import datasets
-from common.evaluation import score
-from common.models import build_model
+from privet.common.config import CONFIGS_DIR, load_config
+from privet.common.data import datasets
+from privet.common.evaluation import score
+from privet.common.models import build_model
 
 
 class Fixed(nn.Module):

@@ -14,7 +14,7 @@ import torch
 from conftest import PROJECT_DIR, free_port
 from independent import pld_epsilon
 
-from common.config import CONFIGS_DIR, load_config
+from privet.common.config import CONFIGS_DIR, load_config
 
 TINY = CONFIGS_DIR / "tiny.toml"
 
@@ -43,7 +43,7 @@ def processes_with_env(name: str, value: str) -> list[int]:
 
 def privet(*args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "experiments.cli", *args], cwd=PROJECT_DIR, text=True,
+        [sys.executable, "-m", "privet.experiments.cli", *args], cwd=PROJECT_DIR, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
         # a shell's background job ignores SIGINT; a user's terminal does not
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)

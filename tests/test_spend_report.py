@@ -11,9 +11,9 @@ from dp_accounting.pld import pld_privacy_accountant
 from independent import pld_epsilon
 from test_simulation import privet, rows
 
-from common.config import CONFIGS_DIR, load_config
-from common.data import adult, federated
-from common.data.datasets import cleaned_client, schema
+from privet.common.config import CONFIGS_DIR, load_config
+from privet.common.data import adult, federated
+from privet.common.data.datasets import cleaned_client, schema
 
 TINY = CONFIGS_DIR / "tiny.toml"
 
@@ -106,7 +106,7 @@ def test_ranges_estimated_with_dp_cover_most_rows_and_cost_one_round():
     cfg = load_config(CONFIGS_DIR / "adult.toml")
     frame, _, _ = cleaned_client(cfg, 1)
     columns = tuple(adult.NUMERIC)
-    from common.privacy.randomness import SeededRandomness
+    from privet.common.privacy.randomness import SeededRandomness
 
     std = 16.0 * federated.bounds_sensitivity(columns)
     noisy = federated.add_noise(federated.bounds_statistics(frame, columns), std,
@@ -159,7 +159,7 @@ def test_metrics_sums_move_by_at_most_one_per_row():
     row can do: a confident wrong answer, with its loss clipped)."""
     import torch
 
-    from clients import metrics
+    from privet.clients import metrics
 
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)

@@ -10,8 +10,8 @@ from test_spend_report import simulate
 from test_strategy import ConnectedNodes
 from test_user_dp import task_identity  # noqa: F401 (a fixture)
 
-from common.config import CONFIGS_DIR, ConfigError, load_config
-from server import strategies
+from privet.common.config import CONFIGS_DIR, ConfigError, load_config
+from privet.server import strategies
 
 NODES = [11, 12, 13, 14, 15, 16]
 UPDATES = {11: 1.0, 12: 2.0, 13: 4.0, 14: -3.0, 15: 100.0, 16: 0.5}  # 15: an outlier

@@ -7,7 +7,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.supercore.task_identity import TaskIdentity
 
-from server.strategy import PrivetFedAvg
+from privet.server.strategy import PrivetFedAvg
 
 
 @pytest.fixture(autouse=True)

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.data.preprocess import clean
-from common.data.tables import (
+from privet.common.data.preprocess import clean
+from privet.common.data.tables import (
     DataError,
     check_numeric,
     describe_bad_numbers,

@@ -5,12 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from clients import bookkeeping, train
-from clients.train import (BOOKKEEPING, expected_batch_size, sample_rate, steps_per_epoch,
+from privet.clients import bookkeeping, train
+from privet.clients.train import (BOOKKEEPING, expected_batch_size, sample_rate, steps_per_epoch,
                            train_local)
-from common.config import TrainConfig
-from common.models import MODELS, build_model
-from common.privacy.randomness import Randomness, SecureRandomness, SeededRandomness
+from privet.common.config import TrainConfig
+from privet.common.models import MODELS, build_model
+from privet.common.privacy.randomness import Randomness, SecureRandomness, SeededRandomness
 
 ROWS, FEATURES = 256, 12
 
@@ -257,7 +257,7 @@ def test_the_apps_do_not_import_opacus_until_asked():
     import subprocess
     import sys
 
-    code = ("import sys, clients.app, server.app, experiments.simulation; "
+    code = ("import sys, privet.clients.app, privet.server.app, privet.experiments.simulation; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'opacus'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)

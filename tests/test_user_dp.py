@@ -12,10 +12,10 @@ from independent import pld_epsilon, rdp_epsilon
 from test_simulation import privet, rows
 from test_strategy import ConnectedNodes
 
-from common.config import CONFIGS_DIR
-from common.privacy.accountants import calibrate_noise
-from common.privacy.randomness import Randomness, SecureRandomness, SeededRandomness
-from server.user_dp import UserLevelDPFedAvg, centred_unclipped_count, clipped_noisy_mean
+from privet.common.config import CONFIGS_DIR
+from privet.common.privacy.accountants import calibrate_noise
+from privet.common.privacy.randomness import Randomness, SecureRandomness, SeededRandomness
+from privet.server.user_dp import UserLevelDPFedAvg, centred_unclipped_count, clipped_noisy_mean
 
 
 def _state(*values):
@@ -90,7 +90,7 @@ def test_both_levels_are_reported_separately(both_levels_run):
 
 
 def test_adaptive_noise_splits_the_calibrated_multiplier_between_two_queries():
-    from server.user_dp import adaptive_noise, effective_noise
+    from privet.server.user_dp import adaptive_noise, effective_noise
 
     count_stddev, model_noise = adaptive_noise(1.5, expected_clients=40, count_stddev=None)
     assert count_stddev == 2.0  # Flower's default: expected cohort / 20

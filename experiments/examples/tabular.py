@@ -13,7 +13,7 @@ import math
 
 from torch import Tensor, nn
 
-from common.config import TrainConfig
+from privet.common.config import TrainConfig
 
 
 class ResidualMLP(nn.Module):

@@ -1,0 +1,343 @@
+"""Flower ClientApp: unpack the message, train or evaluate locally, reply.
+
+Only weights, a few metrics and what the client spent leave it: never rows. Its privacy
+ledger (clients/accounting.py) is on disk next to a deployed node's data, or in
+`context.state`, which Flower keeps for a simulated node across rounds; every spend is
+recorded before the reply that carries its result leaves.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.logger import update_console_handler
+
+from privet.clients import accounting as A
+from privet.clients import metrics as metrics_dp
+from privet.clients.preprocessing import own_transform, planned
+from privet.clients.train import dp_path, train_local
+from privet.common import records as R
+from privet.common.config import IMAGE_DATASETS, ExperimentConfig, from_run_config
+from privet.common.data import federated
+from privet.common.data.datasets import (
+    ClientData,
+    classes,
+    cleaned_client,
+    client_data,
+    client_holdout,
+    encoded_width,
+    num_classes,
+    schema,
+)
+from privet.common.data.preprocess import FittedTransform
+from privet.common.evaluation import evaluate as evaluate_model
+from privet.common.models import build_model
+from privet.common.privacy.ledger import BudgetDeclined, DataLedger, Spend
+from privet.common.privacy.randomness import make_randomness
+
+STAGES = ("statistics", "pca", "bounds")  # the index seeds each stage's seeded noise
+log = logging.getLogger("flwr")
+# Flower colours its log lines; not where they go to a file or a pipe
+update_console_handler(colored=sys.stderr.isatty())
+
+# One torch thread per actor: Ray gives each ClientApp one CPU (actors × threads ≤ cores).
+torch.set_num_threads(max(1, int(os.environ.get("PRIVET_TORCH_THREADS", "1"))))
+
+app = ClientApp()
+_WARNED: set[tuple[int, float]] = set()
+
+
+def _failures_named(**defaults):
+    """Make a ClientApp function reply, when its work raises, with what went wrong under the
+    client's id (metrics `failed`, ConfigRecord `failure`: the reason) instead of Flower's
+    anonymous error: the server names the client, leaves it out of later rounds and says the
+    run finished with failures. `defaults`: metric values the reply needs (weights 0)."""
+    def decorate(handler):
+        @functools.wraps(handler)
+        def wrapped(msg: Message, context: Context) -> Message:
+            try:
+                return handler(msg, context)
+            except Exception as error:  # noqa: BLE001 - reported, under the client's id
+                client_id = A.client_id(context)  # without an id: Flower's own error
+                reason = f"{type(error).__name__}: {error}"
+                if A.deployed(context):  # a node's own console; a simulation's summary says it
+                    log.error("privet: client %d failed: %s", client_id, reason)
+                metrics = MetricRecord({R.CLIENT_ID: client_id, R.FAILED: 1, R.DECLINED: 1,
+                                        R.NUM_EXAMPLES: 0, **defaults})
+                failure = ConfigRecord({"reason": reason[:2000]})
+                return Message(RecordDict({"metrics": metrics, R.FAILURE: failure}),
+                               reply_to=msg)
+        return wrapped
+    return decorate
+
+
+def _run(msg: Message) -> str:
+    """The run's id, sent by the server with every message: spend under it is this run's.
+    Raises ValueError unless it is 1-64 letters, digits, `_` or `-` (it names files)."""
+    config = msg.content.config_records.get("config")
+    run = str(config.get(R.RUN, "")) if config else ""
+    if run and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run):
+        raise ValueError(f"run id {run[:80]!r} from the server: expected 1-64 letters, digits, "
+                         "'_' or '-'")
+    return run
+
+
+def _privacy_record(cfg: ExperimentConfig, ledger: DataLedger, transform: str = ""
+                    ) -> ConfigRecord:
+    """What the client spent, for the server's report; with the transform it fitted with DP
+    itself (a DP release: sending it costs nothing more)."""
+    report = ledger.report(cfg.privacy.delta, cfg.privacy.accountant)
+    if ledger.current.transform and transform == ledger.current.transform:
+        report["transform"] = transform
+    return ConfigRecord({R.LEDGER: json.dumps(report)})
+
+
+def _model(cfg: ExperimentConfig, data: ClientData, arrays: ArrayRecord, data_path: str
+           ) -> torch.nn.Module:
+    model = build_model(cfg.train, data.features.shape[1:], num_classes(cfg, data_path))
+    R.load_arrays(model, arrays)
+    return model
+
+
+def _transform(msg: Message) -> str:
+    """The shared transform the server fitted federatedly ("" = fit on own rows)."""
+    config = msg.content.config_records.get("config")
+    return str(config.get(R.TRANSFORM, "")) if config else ""
+
+
+@app.query("describe")
+def describe(msg: Message, context: Context) -> Message:
+    """What the server needs to build the model without holding any data: the example
+    shape and the classes; and, for the partition report, rows per class and missing cells.
+    Counts only, no rows (and no transform: the shape follows from the schema)."""
+    cfg = from_run_config(context.run_config)
+    client_id, data_path = A.client_id(context), A.data_path(context)
+    if cfg.data.dataset in IMAGE_DATASETS:
+        train_share = client_data(cfg, client_id, "", data_path)
+        labels, report = train_share.labels, train_share.cleaning
+        shape = list(train_share.features.shape[1:])
+        if cfg.evaluation.mode == "federated":
+            labels = np.concatenate([labels, client_holdout(cfg, client_id, "", data_path).labels])
+    else:
+        cleaned, labels, report = _cleaned_all_rows(cfg, client_id, data_path)
+        shape = [encoded_width(schema(cfg, data_path))]
+    names = classes(cfg, data_path)
+    reply = ConfigRecord({
+        R.CLIENT_ID: client_id, "rows": report.rows_in, "missing-cells": report.missing_cells,
+        "classes": list(names), "label-counts": np.bincount(labels, minlength=len(names))
+        .astype(int).tolist(), "input-shape": shape})
+    return Message(RecordDict({"describe": reply}), reply_to=msg)
+
+
+def _cleaned_all_rows(cfg: ExperimentConfig, client_id: int, data_path: str):
+    """Training and (federated evaluation) held-out rows together, cleaned."""
+    frame, labels, report = cleaned_client(cfg, client_id, data_path)
+    if cfg.evaluation.mode == "federated":
+        _, held, _ = cleaned_client(cfg, client_id, data_path, held_out=True)
+        labels = np.concatenate([labels, held])
+    return frame, labels, report
+
+
+@app.query()
+@_failures_named()
+def statistics(msg: Message, context: Context) -> Message:
+    """Federated preprocessing: noised aggregate statistics of this client's rows.
+
+    The noise is computed here from the client's own config, never taken from the
+    server, and its cost goes into the ledger before the reply leaves.
+    """
+    cfg = from_run_config(context.run_config)
+    client_id, data_path = A.client_id(context), A.data_path(context)
+    stage = str(msg.content["config"][R.STAGE])
+    if stage not in STAGES:
+        raise ValueError(f"unknown statistics stage {stage!r}")
+    ledger = A.open_ledger(cfg, context, client_id, _run(msg))
+    frame, labels, _ = cleaned_client(cfg, client_id, data_path)
+    table = schema(cfg, data_path)
+    config = msg.content["config"]
+    if stage == "bounds":
+        stats = federated.bounds_statistics(frame, federated.missing_bounds(table))
+        sensitivity = federated.bounds_sensitivity(federated.missing_bounds(table))
+    elif stage == "statistics":
+        estimated = {c: tuple(b) for c, b in json.loads(str(config.get(R.BOUNDS, "{}"))).items()}
+        estimated = federated.with_bounds(table, estimated)
+        if federated.missing_bounds(estimated):
+            raise ValueError(f"no range for numeric column(s) "
+                             f"{list(federated.missing_bounds(estimated))}: declare data.bounds")
+        stats = federated.client_statistics(frame, labels, estimated, cfg.preprocess.bins)
+        sensitivity = federated.stats_sensitivity(estimated)
+    else:
+        transform = FittedTransform.from_json(str(config[R.TRANSFORM]))
+        features = transform.apply(frame)
+        stats = federated.pca_statistics(features, federated.pca_clip_norm(features.shape[1]))
+        sensitivity = federated.PCA_SENSITIVITY
+    sigma, _ = federated.statistics_noise(cfg, table)
+    if any(s.purpose == stage for s in ledger.current.spends):
+        raise ValueError(f"the server asked for the {stage} statistics a second time in run "
+                         f"{ledger.current.run!r}: refused (each release is paid for; a run "
+                         "asks once)")
+    private = sigma and cfg.client_private(client_id)
+    if private and (A.plan(cfg, client_id, data_path, ledger,
+                           _training_rows(cfg, client_id, data_path)) is None
+                    or ledger.reserve([Spend(sigma, 1.0, 1, stage)], cfg.epsilon_for(client_id),
+                                      cfg.privacy.delta, cfg.privacy.accountant) is None):
+        log.warning("client %d declines to send preprocessing statistics: earlier runs on its "
+                    "rows spent ε = %.4f of its target %g", client_id,
+                    ledger.prior_epsilon(cfg.privacy.delta, cfg.privacy.accountant),
+                    cfg.epsilon_for(client_id))
+        return _reply({R.CLIENT_ID: client_id, R.DECLINED: 1},
+                      _privacy_record(cfg, ledger), msg=msg)
+    if sigma and not private:
+        ledger.record(Spend(sigma, 1.0, 1, stage))  # no target to check: still on record
+    randomness = make_randomness(ledger.current.noise_source,
+                                 [cfg.seed, client_id, STAGES.index(stage), 0x5EED])
+    noisy = federated.add_noise(stats, sigma * sensitivity, randomness)
+    arrays = ArrayRecord({name: Array(np.asarray(v, dtype=np.float64))
+                          for name, v in noisy.items()})
+    return Message(RecordDict({"statistics": arrays,
+                               "metrics": MetricRecord({R.CLIENT_ID: client_id}),
+                               R.PRIVACY: _privacy_record(cfg, ledger)}), reply_to=msg)
+
+
+def _reply(metrics: dict, privacy: ConfigRecord, model: torch.nn.Module | None = None,
+           msg: Message | None = None) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics), R.PRIVACY: privacy})
+    if model is not None:
+        content["arrays"] = R.to_arrays(model)
+    return Message(content, reply_to=msg)
+
+
+def _training_rows(cfg: ExperimentConfig, client_id: int, data_path: str) -> int:
+    """How many rows the client trains on (after cleaning; without its held-out share)."""
+    if cfg.data.dataset in IMAGE_DATASETS:
+        return len(client_data(cfg, client_id, "", data_path))
+    return len(cleaned_client(cfg, client_id, data_path)[1])
+
+
+@app.train()
+@_failures_named()
+def train(msg: Message, context: Context) -> Message:
+    cfg = from_run_config(context.run_config)
+    client_id, data_path = A.client_id(context), A.data_path(context)
+    delta, accountant = cfg.privacy.delta, cfg.privacy.accountant
+    ledger = A.open_ledger(cfg, context, client_id, _run(msg))
+    server_round = int(msg.content["config"]["server-round"])
+    private, target = cfg.client_private(client_id), cfg.epsilon_for(client_id)
+    rows = _training_rows(cfg, client_id, data_path)
+    base = {R.CLIENT_ID: client_id, R.TARGET_EPSILON: target}
+
+    def declined(transform: str = "", **flags) -> Message:
+        metrics = {**base, R.DECLINED: 1, R.NUM_EXAMPLES: 0, **flags,
+                   R.EPSILON: ledger.epsilon(delta, accountant)}
+        return _reply(metrics, _privacy_record(cfg, ledger, transform), msg=msg)
+
+    if rows < cfg.train.batch_size:
+        if A.deployed(context):  # a simulation says it once for all, before the run
+            log.warning("client %d: %d row(s) after cleaning, fewer than train.batch-size = %d; "
+                        "it is left out of training", client_id, rows, cfg.train.batch_size)
+        return declined(**{R.TOO_SMALL: 1})
+    accounting_start = time.perf_counter()  # calibration and ε queries, nothing else
+    plan = A.plan(cfg, client_id, data_path, ledger, rows) if private else None
+    accounting_seconds = time.perf_counter() - accounting_start
+    if private and plan is None:
+        earlier = ledger.prior_epsilon(delta, accountant)
+        log.warning("client %d declines round %d: %s", client_id, server_round,
+                    f"earlier runs on its rows spent ε = {earlier:.4f} of target {target:.4f}"
+                    if earlier > 0 else f"its preprocessing and noised metrics alone "
+                    f"(preprocess.epsilon, privacy.train-metrics-epsilon) would pass target "
+                    f"{target:.4f}")
+        return declined()
+    try:
+        transform = own_transform(cfg, client_id, data_path, _transform(msg), ledger)
+    except BudgetDeclined as why:  # another run on the same ledger spent it meanwhile
+        log.warning("%s; it declines round %d", why, server_round)
+        return declined()
+    data = client_data(cfg, client_id, transform, data_path)
+    base.update({R.DATA_PREFIX + k: v for k, v in data.cleaning.as_dict().items()})
+    model = _model(cfg, data, msg.content["arrays"], data_path)
+    seed = (cfg.seed * 1_000_003 + server_round * 1009 + client_id) % (1 << 63)
+
+    sigma = q = None
+    if private:
+        sigma, q, steps = plan
+        if delta >= 1 / len(data) and (client_id, delta) not in _WARNED:
+            _WARNED.add((client_id, delta))  # once per client in this process, not per round
+            log.warning("client %d: δ = %g ≥ 1/n = 1/%d; the guarantee is weak",
+                        client_id, delta, len(data))
+        accounting_start = time.perf_counter()
+        this_round = [Spend(sigma, q, steps, "dp-sgd")] + (
+            [metrics_dp.one_round(cfg)] if metrics_dp.noised(cfg, client_id) else [])
+        # recorded before the steps run, in one step with the check (other runs may share
+        # the ledger): a round that then fails has been paid for, never the other way round
+        reserved = ledger.reserve(this_round, target, delta, accountant)
+        accounting_seconds += time.perf_counter() - accounting_start
+        if reserved is None:
+            log.warning("client %d declines round %d: ε would pass target %.4f",
+                        client_id, server_round, target)
+            return declined(transform)
+
+    result = train_local(model, data.features, data.labels, epochs=cfg.train.local_epochs,
+                         batch_size=cfg.train.batch_size, lr=cfg.train.lr,
+                         momentum=cfg.train.momentum, seed=seed, noise_multiplier=sigma,
+                         max_grad_norm=cfg.privacy.max_grad_norm,
+                         grad_sample_mode=dp_path(model),
+                         randomness=make_randomness(ledger.current.noise_source, seed))
+    epsilon = 0.0
+    if sigma is not None:
+        if result.steps != steps:  # never: the steps are fixed by n and B; paid as planned
+            raise RuntimeError(f"took {result.steps} DP-SGD steps, {steps} were recorded")
+        epsilon = reserved
+    metrics = {**base, R.DECLINED: 0, R.NUM_EXAMPLES: result.examples,
+               R.EPSILON: epsilon if private else float("inf"), R.STEPS: result.steps,
+               R.NOISE_MULTIPLIER: sigma or 0.0, R.SAMPLE_RATE: q or 0.0,
+               R.TRAIN_SECONDS: result.seconds, R.ACCOUNTING_SECONDS: accounting_seconds}
+    if metrics_dp.noised(cfg, client_id):  # paid for with the steps, above
+        randomness = make_randomness(ledger.current.noise_source,
+                                     [cfg.seed, server_round, client_id, metrics_dp.STREAM])
+        loss, accuracy = metrics_dp.release(model, data.features, data.labels,
+                                            this_round[-1].sigma, randomness)
+        metrics.update({R.TRAIN_LOSS: loss, R.TRAIN_ACCURACY: accuracy})
+    elif cfg.privacy.train_metrics != "off":  # clear; or a client without sample-level DP
+        metrics.update({R.TRAIN_LOSS: result.loss, R.TRAIN_ACCURACY: result.accuracy})
+    return _reply(metrics, _privacy_record(cfg, ledger, transform), model, msg)
+
+
+@app.evaluate()
+@_failures_named(**{R.EVAL_LOSS: 0.0, R.EVAL_ACCURACY: 0.0})
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model here: on the held-out share of this client's rows with
+    `evaluation.mode = "federated"`, else on all of them (encoded as it encodes them for
+    training, which may spend: a client's first need of its private transform)."""
+    cfg = from_run_config(context.run_config)
+    client_id, data_path = A.client_id(context), A.data_path(context)
+    ledger = A.open_ledger(cfg, context, client_id, _run(msg))
+    fits_now = (cfg.client_private(client_id) and not ledger.current.transform
+                and planned(cfg, client_id, data_path))
+    try:
+        if fits_now and A.plan(cfg, client_id, data_path, ledger,
+                               _training_rows(cfg, client_id, data_path)) is None:
+            raise BudgetDeclined(f"client {client_id}: earlier runs on its rows left no "
+                                 "budget for the fit of its preprocessing")
+        transform = own_transform(cfg, client_id, data_path, _transform(msg), ledger)
+    except BudgetDeclined as why:
+        log.warning("%s; it declines to evaluate", why)
+        metrics = {R.CLIENT_ID: client_id, R.NUM_EXAMPLES: 0, R.EVAL_LOSS: 0.0,
+                   R.EVAL_ACCURACY: 0.0, R.DECLINED: 1}
+        return _reply(metrics, _privacy_record(cfg, ledger), msg=msg)
+    args = (cfg, client_id, transform, data_path)
+    data = client_holdout(*args) if cfg.evaluation.mode == "federated" else client_data(*args)
+    model = _model(cfg, data, msg.content["arrays"], data_path)
+    loss, accuracy = evaluate_model(model, data.features, data.labels)
+    metrics = {R.CLIENT_ID: client_id, R.NUM_EXAMPLES: len(data),
+               R.EVAL_LOSS: loss, R.EVAL_ACCURACY: accuracy}
+    return _reply(metrics, _privacy_record(cfg, ledger, transform), msg=msg)

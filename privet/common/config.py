@@ -1,0 +1,649 @@
+"""The experiment configuration: frozen dataclasses, parsed and validated once.
+
+One TOML file describes an experiment. Keys are spelled with dashes (`num-clients`,
+`[train] batch-size`); the dataclass fields use underscores. The same config travels
+to the ServerApp and every ClientApp as Flower's flat `run_config`
+(`{"privacy.epsilon": 3.0, ...}`), so both sides rebuild the identical object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10; tomli comes with flwr
+    import tomli as tomllib
+
+IMAGE_DATASETS = ("fashion-mnist", "digits")
+PROJECT_DIR = Path(__file__).resolve().parents[2]  # the repository: the Flower app folder
+CONFIGS_DIR = PROJECT_DIR / "experiments" / "configs"
+DEFAULT_CONFIG = CONFIGS_DIR / "adult.toml"
+# where DP random draws come from (common.privacy.randomness)
+NOISE_SOURCES = ("auto", "seeded", "secure")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or out of range."""
+
+
+def _spec(default: Any, *, choices: tuple | None = None, low: float | None = None,
+          high: float | None = None, low_open: bool = False, allow_inf: bool = False,
+          shape: type | None = None, help: str = "") -> Any:
+    """A dataclass field carrying its own validation rule.
+
+    `shape` (dict or list) marks a TOML table or array. Flower's run_config holds only
+    scalars, so such a value travels as canonical JSON text and is parsed where used.
+    """
+    return field(default=default, metadata={
+        "choices": choices, "low": low, "high": high, "low_open": low_open,
+        "allow_inf": allow_inf, "shape": shape, "help": help})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = _spec("adult", choices=("adult", "fashion-mnist", "digits", "csv",
+                                           "parquet"), help="dataset registry name")
+    path: str = _spec("", help="csv/parquet: one file (partitioned like any dataset) or a "
+                               "folder with one file per client; fashion-mnist: the folder "
+                               "holding its IDX files (empty = the usual places)")
+    label: str = _spec("", help="csv/parquet: the label column")
+    classes: str = _spec("", shape=list, help="csv/parquet: label values in class order, e.g. "
+                                              "[\"no\", \"yes\"]; empty = sorted values found")
+    column_types: str = _spec("", shape=dict, help="csv/parquet: override inferred types, e.g. "
+                                                   "{ zip = \"categorical\" }")
+    categories: str = _spec("", shape=dict, help="csv/parquet: vocabulary per categorical "
+                                                 "column, e.g. { colour = [\"red\", \"blue\"] }")
+    bounds: str = _spec("", shape=dict, help="public [low, high] per numeric column, e.g. "
+                                             "{ age = [0, 120] }; federated preprocessing "
+                                             "clips to them to bound each row's influence")
+    decimal: str = _spec("", choices=("", ".", ","),
+                         help="csv: the decimal mark of every numeric column; empty = found "
+                              "per column (25,165 in a ;-separated file is 25.165)")
+    thousands: str = _spec("", choices=("", "none", ",", ".", " ", "'"),
+                           help="csv: the thousands separator of every numeric column; empty "
+                                "= found per column (1,234.5 is 1234.5)")
+    bad_lines: str = _spec("error", choices=("error", "skip"),
+                           help="csv: a line with the wrong number of fields stops the run "
+                                "(error) or is skipped and counted (skip)")
+    test_path: str = _spec("", help="csv/parquet: the server's test file; empty = hold out "
+                                    "test-fraction of the rows")
+    test_fraction: float = _spec(0.2, low=0.0, high=0.9, low_open=True,
+                                 help="share of rows held out as the server's test set when "
+                                      "the dataset has no test split of its own")
+    download: bool = _spec(False, help="fashion-mnist: download through torchvision when no "
+                                       "local copy is found (needs a network)")
+    partition: str = _spec("dirichlet", choices=("iid", "dirichlet", "shards", "quantity",
+                                                 "natural"),
+                           help="how rows are split over clients")
+    alpha: float = _spec(0.5, low=0.0, low_open=True,
+                         help="dirichlet: concentration; smaller = more label skew")
+    shards_per_client: int = _spec(2, low=1, help="shards: label shards (classes) per client")
+    power: float = _spec(1.0, low=0.0, help="quantity: client sizes fall off as rank^-power")
+    natural_column: str = _spec("native-country", help="natural: the column whose values "
+                                                       "make clients (grouped when more "
+                                                       "values than clients)")
+    min_rows: int = _spec(64, low=1, help="smallest partition the partitioner accepts")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    fit: str = _spec("auto", choices=("auto", "federated", "local"),
+                     help="federated = clients send noised statistics and the server fits "
+                          "one shared transform; local = each client fits on its own rows "
+                          "(from noised statistics, charged to its ledger, when it trains "
+                          "with DP-SGD); auto = federated, or local with user-level DP "
+                          "(which refuses federated); tabular data only")
+    missing_markers: str = _spec('["?", "NA", "N/A", "NaN", "null", "None"]', shape=list,
+                                 help="cell values that mean missing (empty cells always do)")
+    drop_duplicates: bool = _spec(True, help="drop exact duplicate rows (counted)")
+    impute_numeric: str = _spec("median", choices=("median", "mean", "constant"),
+                                help="fill missing numbers")
+    impute_categorical: str = _spec("most-frequent", choices=("most-frequent", "other"),
+                                    help="fill missing categories: the most frequent value "
+                                         "or the `other` bucket")
+    fill_value: float = _spec(0.0, help="impute-numeric = constant: the value")
+    max_categories: int = _spec(0, low=0, help="keep the k most frequent values of each "
+                                               "categorical column, the rest go to `other`; "
+                                               "0 = the whole vocabulary (needs federated)")
+    clip_quantile: float = _spec(0.0, low=0.0, high=0.25,
+                                 help="clip numbers to the [q, 1-q] quantiles; 0 = off")
+    scaling: str = _spec("standard", choices=("standard", "minmax", "robust", "bounds",
+                                              "none"),
+                         help="numeric scaling; bounds = (x - low) / (high - low) from "
+                              "data.bounds, which needs no statistics of the rows")
+    select: str = _spec("none", choices=("none", "variance", "mutual-info"),
+                        help="feature selection (needs fit = federated)")
+    variance_threshold: float = _spec(0.0, low=0.0, help="select = variance: keep features "
+                                                         "whose variance exceeds this")
+    top_k: int = _spec(20, low=1, help="select = mutual-info: features kept")
+    pca: int = _spec(0, low=0, help="project onto this many principal components; 0 = off "
+                                    "(needs fit = federated)")
+    epsilon: float = _spec(0.3, low=0.0, low_open=True, allow_inf=True,
+                           help="ε the noised preprocessing statistics spend (local or "
+                                "federated), out of each client's sample-level budget; "
+                                "inf = no noise")
+    bins: int = _spec(64, low=2, high=4096, help="federated: histogram bins per numeric "
+                                                 "column (quantiles, mutual information)")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    mode: str = _spec("server", choices=("server", "federated"),
+                      help="server = the global model is evaluated on the server's test set; "
+                           "federated = every client evaluates it on a held-out share of its "
+                           "own rows and the server, holding no data, averages the results")
+    holdout: float = _spec(0.2, low=0.0, high=0.9, low_open=True,
+                           help="federated: share of each client's rows kept out of training "
+                                "(fixed by the seed) to evaluate on")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = _spec("mlp", help="a built-in model (mlp, logreg; cnn: image datasets) or "
+                                   "your factory as package.module:function (common.models)")
+    fix_model: bool = _spec(False, help="let Opacus replace layers DP-SGD cannot train "
+                                        "(BatchNorm → GroupNorm); off: such a model is refused")
+    hidden: int = _spec(64, low=1, help="hidden units of the MLP")
+    local_epochs: int = _spec(1, low=1, help="passes over the local data per round")
+    batch_size: int = _spec(64, low=1, help="expected batch size (Poisson sampling)")
+    lr: float = _spec(0.2, low=0.0, low_open=True, help="SGD learning rate")
+    momentum: float = _spec(0.8, low=0.0, high=0.999, help="SGD momentum")
+
+
+STRATEGY_NAMES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "trimmed-mean",
+                  "median", "krum")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = _spec("fedavg", choices=STRATEGY_NAMES,
+                      help="server aggregation: fedavg | fedavgm (server momentum) | fedadam |"
+                           " fedyogi | fedadagrad (Reddi et al. 2021) | trimmed-mean | median |"
+                           " krum (robust to corrupted updates)")
+    weighting: str = _spec("uniform", choices=("examples", "uniform"),
+                           help="fedavg, fedavgm, fedadam, fedyogi, fedadagrad: average the "
+                                "updates weighted by each client's examples (FedAvg) or "
+                                "uniformly (each client once, as at user level)")
+    server_lr: float = _spec(0.0, low=0.0,
+                             help="server learning rate (fedavgm, fedadam, fedyogi, "
+                                  "fedadagrad); 0 = the strategy's own default (Flower's: "
+                                  "fedavgm 1.0, fedadam 0.1, fedyogi 0.01, fedadagrad 0.1)")
+    server_momentum: float = _spec(0.9, low=0.0, high=0.999, help="fedavgm: server momentum")
+    beta1: float = _spec(0.9, low=0.0, high=0.999, help="fedadam, fedyogi: first moment decay")
+    beta2: float = _spec(0.99, low=0.0, high=0.9999,
+                         help="fedadam, fedyogi: second moment decay")
+    tau: float = _spec(1e-3, low=0.0, low_open=True,
+                       help="fedadam, fedyogi, fedadagrad: adaptivity (added to √v)")
+    trim_beta: float = _spec(0.2, low=0.0, high=0.49,
+                             help="trimmed-mean: share cut at each end, per coordinate")
+    byzantine: int = _spec(0, low=0, help="krum: corrupted updates to tolerate")
+    multi: int = _spec(1, low=1, help="krum: updates kept and averaged (1 = Krum)")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    level: str = _spec("sample", choices=("sample", "user", "both", "none"),
+                       help="sample = DP-SGD on each client; user = clipped, noised client "
+                            "updates on the server; both; none = no privacy")
+    epsilon: float = _spec(3.0, low=0.0, low_open=True, allow_inf=True,
+                           help="target ε per client for the whole run; inf = no noise")
+    client_epsilon: str = _spec("", help="per-client sample-level targets, e.g. "
+                                         "{ 0 = 1.0, 3 = 8.0 }; others use epsilon")
+    delta: float = _spec(1e-5, low=0.0, high=0.1, low_open=True, help="target δ")
+    max_grad_norm: float = _spec(1.0, low=0.0, low_open=True,
+                                 help="per-sample clipping bound C")
+    user_epsilon: float = _spec(3.0, low=0.0, low_open=True,
+                                help="user-level target ε for the whole run (level user/both)")
+    user_clip: float = _spec(1.0, low=0.0, low_open=True,
+                             help="L2 bound S on each client's model update (user level)")
+    user_clipping: str = _spec("fixed", choices=("fixed", "adaptive"),
+                               help="user level: fixed S, or S tracking a quantile of update "
+                                    "norms (Andrew et al., 2021)")
+    user_clip_quantile: float = _spec(0.5, low=0.0, high=1.0,
+                                      help="adaptive clipping: target fraction of unclipped "
+                                           "updates")
+    user_clip_lr: float = _spec(0.2, low=0.0, low_open=True,
+                                help="adaptive clipping: geometric learning rate of S")
+    user_count_stddev: float = _spec(0.0, low=0.0,
+                                     help="adaptive clipping: noise on the clipped count; "
+                                          "0 = expected cohort / 20")
+    on_exhausted: str = _spec("skip", choices=("skip", "stop"),
+                              help="when clients run out of budget: skip = go on with the "
+                                   "others; stop = end the run once fewer than "
+                                   "clients-per-round can still train")
+    ledger_dir: str = _spec("", help="folder for clients' privacy ledgers on disk (simulation);"
+                                     " deployment keeps them next to each node's data")
+    accountant: str = _spec("pld", choices=("pld", "prv", "rdp"),
+                            help="privacy accountant used for calibration and reports")
+    noise_source: str = _spec("auto", choices=NOISE_SOURCES,
+                              help="where DP noise and sampling come from: seeded = from "
+                                   "`seed` (reproducible; simulation only), secure = a "
+                                   "ChaCha20 stream keyed from OS entropy; auto = seeded in "
+                                   "simulation, secure in deployment (which refuses seeded)")
+    train_metrics: str = _spec("clear", choices=("clear", "noised", "off"),
+                               help="clients' training loss and accuracy: sent in the clear "
+                                    "(outside every ε; listed in summary.json), noised "
+                                    "(sample level; costs train-metrics-epsilon) or not at all")
+    train_metrics_epsilon: float = _spec(0.3, low=0.0, low_open=True,
+                                         help="train-metrics = \"noised\": ε of all rounds' "
+                                              "metrics together, out of each client's "
+                                              "sample-level budget")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = _spec("adult", help="run name; the run directory starts with it")
+    seed: int = _spec(42, low=0, high=2 ** 63 - 1,
+                      help="seed for partitioning, init, sampling and seeded DP noise")
+    rounds: int = _spec(20, low=1, high=10_000, help="federated rounds")
+    num_clients: int = _spec(10, low=1, high=100_000, help="simulated clients")
+    clients_per_round: int = _spec(10, low=1, help="clients sampled each round")
+    min_clients: int = _spec(1, low=1, help="fewest clients a round runs with: clients that "
+                                            "disconnect are left out while this many remain")
+    out_dir: str = _spec("", help="run directory; empty = runs/<name>-<timestamp>")
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def __post_init__(self) -> None:
+        for client, _ in parse_client_epsilon(self.privacy.client_epsilon):
+            if client >= self.num_clients:
+                raise ConfigError(f"privacy.client-epsilon: client {client} does not exist; "
+                                  f"expected ids 0..{self.num_clients - 1}")
+        pre = self.preprocess
+        images = self.data.dataset in IMAGE_DATASETS  # pixels: no tabular preprocessing
+        if self.fit_mode == "local":
+            for key, on in (("select", pre.select != "none"), ("pca", pre.pca > 0),
+                            ("max-categories", pre.max_categories > 0)):
+                if on:
+                    raise ConfigError(
+                        f"preprocess.{key}: needs preprocess.fit = \"federated\"; fitted on "
+                        "each client's own rows it would give clients different features")
+        if pre.fit == "federated" and self.user_level and not images:
+            raise ConfigError(
+                f"preprocess.fit = \"federated\" with privacy.level = \"{self.privacy.level}\": "
+                "refused: each participant's statistics cover all of its rows, so user-level "
+                "noise would have to hide a whole participant's counts and would swamp them "
+                "below thousands of participants; use preprocess.fit = \"local\" (a "
+                "participant's own transform is part of its update, which the server clips)")
+        if self.user_level and self.strategy.name != "fedavg":
+            raise ConfigError(
+                f"strategy.name = \"{self.strategy.name}\" with privacy.level = "
+                f"\"{self.privacy.level}\": refused: user-level DP clips each update and "
+                "noises their sum (DP-FedAvg, McMahan et al. 2018); a robust aggregate's "
+                "sensitivity is not that of a sum, and a server optimizer would have to "
+                "see the noised sum, which privet does not do yet; use strategy.name = "
+                "\"fedavg\", or sample level")
+        s = self.strategy
+        if s.name == "krum" and self.clients_per_round <= 2 * s.byzantine + 2:
+            raise ConfigError(f"strategy.byzantine = {s.byzantine}: krum needs clients-per-round"
+                              f" > 2·byzantine + 2 (Blanchard et al.), here "
+                              f"{self.clients_per_round}")
+        if s.name == "krum" and s.multi > self.clients_per_round:
+            raise ConfigError(f"strategy.multi = {s.multi}: at most clients-per-round "
+                              f"({self.clients_per_round}) updates can be kept")
+        if self.privacy.train_metrics == "noised" and self.privacy.level != "sample":
+            raise ConfigError(
+                f"privacy.train-metrics = \"noised\" with privacy.level = "
+                f"\"{self.privacy.level}\": refused: the noise is sized for one row, not for "
+                "a whole participant; use \"off\" (or \"clear\", listed as outside every ε)")
+        lowest = min([self.privacy.epsilon,
+                      *(e for _, e in parse_client_epsilon(self.privacy.client_epsilon))])
+        if self.privacy.train_metrics == "noised" and \
+                self.privacy.train_metrics_epsilon >= lowest:
+            raise ConfigError(
+                f"privacy.train-metrics-epsilon = {self.privacy.train_metrics_epsilon}: must "
+                f"be below the lowest sample-level target ε ({lowest}); it is spent out of it")
+        if self.data.dataset in ("csv", "parquet"):
+            for key in ("path", "label"):
+                if not getattr(self.data, key):
+                    raise ConfigError(f"data.{key}: required for data.dataset = "
+                                      f"{self.data.dataset!r}")
+        if not (self.train.model.isidentifier() or is_import_path(self.train.model)):
+            raise ConfigError(f"train.model = {self.train.model!r}: expected a built-in name "
+                              "(mlp, logreg, cnn) or an import path package.module:factory")
+        if self.train.model == "cnn" and not images:
+            raise ConfigError(f"train.model = \"cnn\": expected an image dataset "
+                              f"({', '.join(IMAGE_DATASETS)}), not {self.data.dataset!r}")
+        if self.min_clients > self.clients_per_round:
+            raise ConfigError(f"min-clients = {self.min_clients}: must be ≤ clients-per-round "
+                              f"({self.clients_per_round})")
+        if self.clients_per_round > self.num_clients:
+            raise ConfigError(
+                f"clients-per-round = {self.clients_per_round}: must be ≤ num-clients "
+                f"({self.num_clients})")
+
+    @property
+    def private(self) -> bool:
+        """Sample-level DP: (some) clients run DP-SGD."""
+        targets = [self.privacy.epsilon,
+                   *(e for _, e in parse_client_epsilon(self.privacy.client_epsilon))]
+        return self.privacy.level in ("sample", "both") and any(map(math.isfinite, targets))
+
+    def epsilon_for(self, client_id: int) -> float:
+        """The sample-level target ε of one client (its own entry, else the common one)."""
+        return dict(parse_client_epsilon(self.privacy.client_epsilon)).get(
+            client_id, self.privacy.epsilon)
+
+    def client_private(self, client_id: int) -> bool:
+        return self.privacy.level in ("sample", "both") and not math.isinf(
+            self.epsilon_for(client_id))
+
+    def metrics_noised(self, client_id: int) -> bool:
+        """This client sends its training metrics with DP noise (`privacy.train-metrics`)."""
+        return self.privacy.train_metrics == "noised" and self.client_private(client_id)
+
+    @property
+    def fit_mode(self) -> str:
+        """"federated" or "local": `preprocess.fit`, with auto resolved (local at user level,
+        where each participant's statistics would need user-level noise)."""
+        if self.preprocess.fit == "auto":
+            return "local" if self.user_level else "federated"
+        return self.preprocess.fit
+
+    @property
+    def federated_preprocessing(self) -> bool:
+        """Tabular data fitted by one shared transform from clients' noised statistics."""
+        return self.fit_mode == "federated" and self.data.dataset not in IMAGE_DATASETS
+
+    @property
+    def user_level(self) -> bool:
+        """User-level DP: the server clips and noises client updates."""
+        return self.privacy.level in ("user", "both")
+
+    @property
+    def client_sample_rate(self) -> float:
+        return self.clients_per_round / self.num_clients
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Flat `{"section.key": value}` mapping, as Flower's run_config holds it."""
+        return _flatten(self)
+
+    def to_toml(self, run_config: bool = False) -> str:
+        """The resolved config as a TOML document (readable by `load_config`); with
+        `run_config`, tables and arrays as the text Flower's run config carries (it takes
+        scalars only), for `flwr run --run-config FILE`."""
+        lines: list[str] = []
+        tables: list[str] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                tables.append(f"\n[{_key(f.name)}]")
+                tables += [f"{_key(g.name)} = "
+                           + (_toml_value(getattr(value, g.name)) if run_config
+                              else _field_toml(g, getattr(value, g.name)))
+                           for g in dataclasses.fields(value)]
+            else:
+                lines.append(f"{_key(f.name)} = {_toml_value(value)}")
+        return "\n".join(lines + tables) + "\n"
+
+
+def is_import_path(name: str) -> bool:
+    """`package.module:attr` (Flower's `module:attr` convention), not a registered name."""
+    module, _, attr = name.partition(":")
+    return bool(module and attr) and all(
+        part.isidentifier() for part in module.split(".") + attr.split("."))
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _field_toml(f: dataclasses.Field, value: Any) -> str:
+    """A field as TOML: tables and arrays (kept as JSON text, or "0:1.0" pairs) written as
+    TOML tables and arrays again, empty ones included, so the file reads like the one the
+    user wrote."""
+    if f.name == "client_epsilon":
+        return _inline({str(c): e for c, e in parse_client_epsilon(value)})
+    if f.metadata.get("shape"):
+        return _inline(shaped(value, f.metadata["shape"]()))
+    return _toml_value(value)
+
+
+def _inline(value: Any) -> str:
+    """A TOML inline value for JSON-shaped data (tables, arrays, strings, numbers)."""
+    if isinstance(value, Mapping):
+        items = ", ".join(f"{_toml_key(k)} = {_inline(v)}" for k, v in value.items())
+        return "{ " + items + " }" if items else "{}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_inline(v) for v in value) + "]"
+    return _toml_value(value)
+
+
+def _toml_key(name: str) -> str:
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else repr(value)
+    if isinstance(value, int):
+        return str(value)
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = prefix + _key(f.name)
+        if dataclasses.is_dataclass(value):
+            flat.update(_flatten(value, key + "."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def _check_value(key: str, value: Any, f: dataclasses.Field) -> Any:
+    """Return `value` coerced to the field's type, or raise ConfigError naming `key`."""
+    meta, expected = f.metadata, type(f.default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if expected is float and isinstance(value, str) and value.lower() in ("inf", "+inf"):
+        value = math.inf
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} = {value!r}: expected {expected.__name__}")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        allowed = ", ".join(repr(c) for c in meta["choices"])
+        raise ConfigError(f"{key} = {value!r}: expected one of {allowed}")
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"{key} = nan: expected a number")
+    if isinstance(value, float) and math.isinf(value):
+        if meta["allow_inf"] and value > 0:
+            return value
+        raise ConfigError(f"{key} = {value}: expected a finite number")
+    low, high = meta["low"], meta["high"]
+    if low is not None and (value < low or (meta["low_open"] and value == low)):
+        bound = f"> {low}" if meta["low_open"] else f"≥ {low}"
+        raise ConfigError(f"{key} = {value!r}: expected a value {bound}"
+                          + (f" and ≤ {high}" if high is not None else ""))
+    if high is not None and value > high:
+        shown = "< 2**63" if high == 2 ** 63 - 1 else f"≤ {high}"
+        raise ConfigError(f"{key} = {value!r}: expected a value {shown}")
+    return value
+
+
+def parse_client_epsilon(text: str) -> tuple[tuple[int, float], ...]:
+    """"0:1.0,3:inf" -> ((0, 1.0), (3, inf)); the run_config form of the per-client table."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        client, sep, value = item.partition(":")
+        try:
+            pair = (int(client), float(value))
+        except ValueError:
+            pair = None
+        if not sep or pair is None or pair[0] < 0 or not pair[1] > 0:
+            raise ConfigError(f"privacy.client-epsilon: {item!r}: expected client id = ε > 0, "
+                              "e.g. { 0 = 1.0, 3 = 8.0 }")
+        pairs.append(pair)
+    return tuple(sorted(pairs))
+
+
+def _client_epsilon_text(value: Any, key: str) -> str:
+    """Accept a TOML table {id = ε} (or its string form) and return the string form."""
+    if isinstance(value, Mapping):
+        value = ",".join(f"{k}:{v}" for k, v in value.items())
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} = {value!r}: expected a table of client id = ε")
+    pairs = parse_client_epsilon(value)
+    return ",".join(f"{c}:{_toml_value(e) if math.isinf(e) else repr(e)}" for c, e in pairs)
+
+
+def _shaped_text(value: Any, shape: type, key: str) -> str:
+    """A TOML table/array (or its JSON text, as run_config carries it) -> canonical JSON."""
+    kind = "table" if shape is dict else "array"
+    if isinstance(value, str):
+        if not value.strip():
+            return ""
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ConfigError(f"{key} = {value!r}: expected a TOML {kind}") from None
+    if isinstance(value, Mapping):
+        value = dict(value)
+    if not isinstance(value, shape):
+        raise ConfigError(f"{key} = {value!r}: expected a TOML {kind}")
+    return json.dumps(value, sort_keys=True) if value else ""
+
+
+def shaped(text: str, empty: Any = None) -> Any:
+    """The table/array a shaped field holds ({} / [] style `empty` when unset)."""
+    return json.loads(text) if text else empty
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+    known = {_key(f.name): f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        full = prefix + key
+        if key not in known:
+            raise ConfigError(f"{full}: unknown key; expected one of "
+                              + ", ".join(prefix + k for k in known))
+        f = known[key]
+        if full == "privacy.client-epsilon":
+            kwargs[f.name] = _client_epsilon_text(value, full)
+        elif f.metadata.get("shape"):
+            kwargs[f.name] = _shaped_text(value, f.metadata["shape"], full)
+        elif f.default is dataclasses.MISSING:  # a nested section
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{full} = {value!r}: expected a table [{full}]")
+            kwargs[f.name] = _build(f.default_factory, value, full + ".")  # type: ignore[misc]
+        else:
+            kwargs[f.name] = _check_value(full, value, f)
+    return cls(**kwargs)
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {p} is a value, not a section")
+        node[leaf] = value
+    return nested
+
+
+def parse_override(assignment: str) -> tuple[str, Any]:
+    """`privacy.epsilon=1` -> ("privacy.epsilon", 1). Values are TOML; bare words are strings."""
+    key, sep, raw = assignment.partition("=")
+    key, raw = key.strip(), raw.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. privacy.epsilon=1")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def from_mapping(values: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
+                 ) -> ExperimentConfig:
+    """Build and validate a config from nested TOML data plus flat dotted overrides."""
+    merged = _unflatten(_flatten_mapping(values))
+    for key, value in _unflatten(overrides or {}).items():
+        _deep_merge(merged, key, value)
+    return _build(ExperimentConfig, merged)
+
+
+def _flatten_mapping(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten_mapping(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _deep_merge(into: dict[str, Any], key: str, value: Any) -> None:
+    if isinstance(value, dict) and isinstance(into.get(key), dict):
+        for k, v in value.items():
+            _deep_merge(into[key], k, v)
+    else:
+        into[key] = value
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG, overrides: list[str] | None = None
+                ) -> ExperimentConfig:
+    """Read an experiment TOML file and apply `key=value` overrides. Raises ConfigError, one
+    line naming the file (or the `--set` override) and what was expected."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a config file (--config)")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror or err})"
+                          ) from None
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark from a Windows editor is fine
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}, line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); "
+                          "save the config as UTF-8") from None
+    try:
+        values = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    assignments = list(overrides or [])
+    parsed = dict(parse_override(o) for o in assignments)
+    try:
+        from_mapping(values)
+    except ConfigError as err:
+        if not any(key_named(key, str(err)) for key in parsed):
+            raise ConfigError(f"{path}: {err}") from None
+    try:
+        return from_mapping(values, parsed)
+    except ConfigError as err:
+        named = [a for a, key in zip(assignments, parsed) if key_named(key, str(err))]
+        where = ", ".join(f"--set {a}" for a in named) if named else str(path)
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def key_named(key: str, message: str) -> bool:
+    """Whether a ConfigError message is about `key` (it starts with, or quotes, the key)."""
+    return message.startswith(f"{key} ") or message.startswith(f"{key}:") or \
+        f" {key} " in message or f" {key}:" in message
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
+    """Rebuild the config from Flower's flat run_config (server and client side)."""
+    return from_mapping(_unflatten(dict(run_config)))

@@ -1,0 +1,188 @@
+"""Models: a registry of built-ins, and a user's own by import path.
+
+`[train] model` is a registered name (`mlp`, `logreg`, `cnn`) or `package.module:factory`
+(Flower's `module:attr` convention). A factory is called as
+`factory(input_shape, num_outputs, train)` — one example's shape, (features,) or
+(channels, height, width); the number of classes; the TrainConfig — and returns an
+nn.Module mapping a batch (B, *input_shape) to logits (B, num_outputs).
+
+Any module Opacus can train is accepted: clients.train picks privet's one-pass DP-SGD where
+every trainable layer is one it supports, else Opacus. Layers DP-SGD cannot handle (BatchNorm
+mixes examples in a batch) are refused before round 1 by Opacus' ModuleValidator, or replaced
+by its fix (`train.fix-model = true`: BatchNorm → GroupNorm, etc.), which every party applies
+the same way so that the weights fit.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+import sys
+from typing import Callable
+
+from torch import nn
+
+from privet.common.config import TrainConfig, is_import_path
+
+Factory = Callable[[tuple[int, ...], int, TrainConfig], nn.Module]
+MODELS: dict[str, Factory] = {}
+
+
+class ModelError(ValueError):
+    """A model that cannot be built or trained with DP-SGD; the message is one line naming
+    `train.model` (and the layer) and the fix."""
+
+
+def register(name: str) -> Callable[[Factory], Factory]:
+    """Register a built-in model factory under `name` (what `train.model` says)."""
+    def add(factory: Factory) -> Factory:
+        MODELS[name] = factory
+        return factory
+    return add
+
+
+@register("mlp")
+def mlp(input_shape: tuple[int, ...], num_outputs: int, train: TrainConfig) -> nn.Module:
+    """One hidden layer of `train.hidden` ReLU units."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), train.hidden),
+                         nn.ReLU(), nn.Linear(train.hidden, num_outputs))
+
+
+@register("logreg")
+def logreg(input_shape: tuple[int, ...], num_outputs: int, train: TrainConfig) -> nn.Module:
+    """Multinomial logistic regression."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_outputs))
+
+
+@register("cnn")
+def cnn(input_shape: tuple[int, ...], num_outputs: int, train: TrainConfig) -> nn.Module:
+    """Two 3x3 convolutions, then dense layers; for (channels, height, width) inputs of 8x8
+    and up. The adaptive pool fixes the dense input at 32x4x4 whatever the image size, and
+    keeps the per-sample gradient work (what DP-SGD pays for) small on a CPU."""
+    if len(input_shape) != 3:
+        raise ModelError(f"train.model = 'cnn' needs image input (channels, height, width), "
+                         f"got one example of shape {tuple(input_shape)}")
+    channels = input_shape[0]
+    return nn.Sequential(
+        nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(), nn.Linear(32 * 4 * 4, train.hidden), nn.ReLU(),
+        nn.Linear(train.hidden, num_outputs))
+
+
+def factory(name: str) -> Factory:
+    """The factory `train.model` names; raises ModelError (one line) when there is none."""
+    if name in MODELS:
+        return MODELS[name]
+    if not is_import_path(name):
+        raise ModelError(f"train.model = {name!r}: expected one of {', '.join(MODELS)} or an "
+                         "import path package.module:factory")
+    module_name, _, attr = name.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # `privet` is a script: let it see the user's folder
+    try:
+        found = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ModelError(f"train.model = {name!r}: cannot import {module_name!r} ({error}); "
+                         "it must be importable from the current folder or the Flower app "
+                         "folder") from None
+    for part in attr.split("."):
+        found = getattr(found, part, None)
+        if found is None:
+            raise ModelError(f"train.model = {name!r}: {module_name!r} has no {attr!r}")
+    if not callable(found):
+        raise ModelError(f"train.model = {name!r}: {attr!r} is not callable")
+    return found
+
+
+def shipped_with_app(name: str, app_dir) -> str | None:
+    """Why `train.model` would not reach deployed SuperNodes (Flower ships the .py files of
+    the app folder `app_dir` in its FAB, nothing else), or None when it would: a built-in,
+    or a module whose file lies in the app folder."""
+    if name in MODELS:
+        return None
+    from pathlib import Path
+
+    module = name.partition(":")[0]
+    spec = None
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        pass
+    origin = Path(spec.origin).resolve() if spec and spec.origin else None
+    app = Path(app_dir).resolve()
+    if origin is None:
+        return (f"train.model = {name!r}: module {module!r} not found; in deployment it must "
+                f"be a module in the app folder {app}, which Flower ships to the SuperNodes")
+    if app not in origin.parents:
+        return (f"train.model = {name!r}: {origin} is outside the app folder {app}; Flower "
+                "ships only the app folder to the SuperNodes: move the module into it")
+    return None
+
+
+def build_model(train: TrainConfig, input_shape: tuple[int, ...], num_classes: int
+                ) -> nn.Module:
+    """The model `train.model` names for one example of `input_shape` and `num_classes`
+    outputs, with Opacus' fixes applied when `train.fix-model` (the same on every party).
+    Raises ModelError when the factory fails or returns something else than an nn.Module."""
+    make = factory(train.model)
+    try:
+        model = make(tuple(int(d) for d in input_shape), int(num_classes), train)
+    except ModelError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the user's code: one line, what it said
+        raise ModelError(f"train.model = {train.model!r}: the factory failed for input shape "
+                         f"{tuple(input_shape)} and {num_classes} outputs: "
+                         f"{type(error).__name__}: {error}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"train.model = {train.model!r}: the factory returned "
+                         f"{type(model).__name__}, expected a torch.nn.Module")
+    if train.fix_model:
+        from opacus.validators import ModuleValidator
+        model = ModuleValidator.fix(model)
+    return model
+
+
+def unsupported(model: nn.Module) -> list[str]:
+    """What DP-SGD cannot train in `model`, by Opacus' ModuleValidator: one text per
+    layer, naming it ("layer 'body.1' (BatchNorm1d): BatchNorm cannot support training with
+    differential privacy."); [] when every layer is fine."""
+    from opacus.validators import ModuleValidator
+    found = []
+    for name, layer in model.named_modules():
+        check = ModuleValidator.VALIDATORS.get(type(layer))
+        for error in check(layer) if check else ():
+            first = str(error).strip().split(". ")[0].rstrip(".")
+            found.append(f"layer {name or 'the model'!r} ({type(layer).__name__}): {first}")
+    return found
+
+
+def replaced(train: TrainConfig, input_shape: tuple[int, ...], num_classes: int) -> list[str]:
+    """With `train.fix-model`: which layers Opacus' fix replaced, as "name: Old → New"."""
+    original = factory(train.model)(tuple(input_shape), num_classes, train)
+    fixed = dict(build_model(train, input_shape, num_classes).named_modules())
+    return [f"layer {name!r}: {type(layer).__name__} → {type(fixed[name]).__name__}"
+            for name, layer in original.named_modules()
+            if name in fixed and type(fixed[name]) is not type(layer)]
+
+
+def check_model(train: TrainConfig, input_shape: tuple[int, ...], num_classes: int
+                ) -> list[str]:
+    """Build the model once and check that DP-SGD can train it; returns notes to show
+    (what `fix-model` replaced). Raises ModelError naming the first unsupported layer and
+    the fix."""
+    model = build_model(train, input_shape, num_classes)
+    problems = unsupported(model)
+    if problems:
+        raise ModelError(f"train.model = {train.model!r}: DP-SGD cannot train "
+                         f"{problems[0]}"
+                         + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                         + "; set train.fix-model = true to let Opacus replace such layers "
+                         "(BatchNorm → GroupNorm), or change the model")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ModelError(f"train.model = {train.model!r}: the model has no trainable "
+                         "parameters")
+    changes = replaced(train, input_shape, num_classes) if train.fix_model else []
+    return [f"train.fix-model replaced {', '.join(changes)}"] if changes else []

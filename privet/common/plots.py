@@ -1,0 +1,83 @@
+"""Plots drawn from a run directory's CSV files (so they work for interrupted runs too)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from privet.common import results  # noqa: E402
+
+
+def plot_run(run_dir: Path) -> Path | None:
+    """Test accuracy and the largest client ε over rounds, side by side."""
+    run_dir = Path(run_dir)
+    try:
+        rows = results.read_csv(run_dir / results.ROUNDS)
+    except FileNotFoundError:
+        return None
+    if not rows:
+        return None
+    rounds = [int(r["round"]) for r in rows]
+    accuracy = [float(r["test_accuracy"]) for r in rows]
+    epsilon = [_number(r.get("max_epsilon")) for r in rows]
+    user = [_number(r.get("user_epsilon")) for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(rounds, accuracy, marker="o", label="accuracy")
+    balanced = [_number(r.get("test_balanced_accuracy")) for r in rows]
+    if not all(math.isnan(b) for b in balanced):
+        left.plot(rounds, balanced, marker=".", color="tab:green", label="balanced accuracy")
+    majority = _number(rows[-1].get("majority_baseline"))
+    if not math.isnan(majority):
+        left.axhline(majority, color="gray", linestyle="--",
+                     label=f"majority class {majority:.3f}")
+    if len(left.get_lines()) > 1:
+        left.legend(loc="best", fontsize="small")
+    left.set(xlabel="round", ylabel="test accuracy", title="Global model on the test set")
+    left.grid(alpha=0.3)
+    if all(math.isnan(e) for e in epsilon + user):
+        right.text(0.5, 0.5, "no differential privacy", ha="center", va="center")
+        right.set_axis_off()
+    else:
+        sample_target, user_target = _targets(run_dir)
+        if not all(math.isnan(e) for e in epsilon):
+            right.plot(rounds, epsilon, marker="o", color="tab:red",
+                       label="sample level (largest client ε)")
+            if sample_target is not None:
+                right.axhline(sample_target, color="tab:red", linestyle="--", alpha=0.5,
+                              label=f"sample-level target {sample_target:g}")
+        if not all(math.isnan(e) for e in user):
+            right.plot(rounds, user, marker="s", color="tab:purple", label="user level")
+            if user_target is not None:
+                right.axhline(user_target, color="tab:purple", linestyle="--", alpha=0.5,
+                              label=f"user-level target {user_target:g}")
+        right.legend(loc="lower right", fontsize="small")
+        right.set(xlabel="round", ylabel="ε", title="Privacy spent so far (cumulative)")
+        right.grid(alpha=0.3)
+    for axis in (left, right):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    path = run_dir / results.PLOT
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _number(text: str | None) -> float:
+    return float(text) if text not in (None, "", "inf") else math.nan
+
+
+def _targets(run_dir: Path) -> tuple[float | None, float | None]:
+    try:
+        privacy = results.read_summary(run_dir)["privacy"]
+    except (OSError, ValueError, KeyError):
+        return None, None
+    user = privacy.get("user_level") or {}
+    return privacy.get("target_epsilon"), user.get("target_epsilon")

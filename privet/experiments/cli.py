@@ -1,0 +1,595 @@
+"""The `privet` command: `privet simulate --config FILE --set key=value --out DIR`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from privet.common import results
+from privet.common.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_config
+from privet.common.run_dir import RunDirError
+from privet.experiments.lifetime import exit_code, stop_signals
+from privet.common.run_dir import claim as run_dir_claim
+from privet.experiments.cli_common import ConfigFile, Overrides, console, err, exit_now, fail
+from privet.experiments.cli_deploy import deploy_app, run_deployed
+from privet.experiments.cli_ledger import ledger
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="privet: federated learning with differential privacy, simulated.")
+
+
+@app.callback()
+def _group() -> None:
+    """privet: federated learning with differential privacy, simulated."""
+
+
+def default_run_dir(cfg: ExperimentConfig) -> Path:
+    return Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+class RoundWatcher(threading.Thread):
+    """Reports each finished round by reading the run directory the server writes."""
+
+    def __init__(self, run_dir: Path, cfg: ExperimentConfig) -> None:
+        super().__init__(daemon=True)
+        self.run_dir, self.cfg = run_dir, cfg
+        self.stop = threading.Event()
+        self.reported = 0
+
+    def poll(self) -> None:
+        try:
+            rows = results.read_csv(self.run_dir / results.ROUNDS)
+        except (FileNotFoundError, OSError):
+            return
+        for row in rows[self.reported:]:
+            privacy = ""
+            if row.get("max_epsilon"):
+                privacy += f"max ε {row['max_epsilon']:>8}  "
+            if row.get("user_epsilon"):
+                privacy += f"user ε {row['user_epsilon']:>8}  "
+            console.print(f"round {int(row['round']):>3}/{self.cfg.rounds}  "
+                          f"test accuracy {float(row['test_accuracy']):.4f}  "
+                          + (f"AUC {float(row['test_auc']):.4f}  " if row.get("test_auc")
+                             else "") + f"{privacy}"
+                          f"clients {row['clients_trained']:>3}  "
+                          f"{float(row['elapsed_seconds']):6.1f}s"  # rounds.csv's clock
+                          + ("  no client trained: the model is unchanged"
+                             if int(row["clients_trained"]) == 0 else ""), soft_wrap=True)
+        self.reported = len(rows)
+
+    def run(self) -> None:
+        while not self.stop.wait(0.5):
+            self.poll()
+        self.poll()
+
+
+EXIT_FAILURES = 3  # the run finished, but some clients failed (named in the summary)
+CLIENTS_SHOWN = 20  # more clients than this: a summary line and the 10 that spent most
+
+
+def print_summary(run_dir: Path) -> None:
+    summary = results.read_summary(run_dir)
+    privacy = summary["privacy"]
+    clients = list(privacy["clients"].items())
+    table = Table(title=f"privet · {summary['name']} · {summary['status']}")
+    earlier = any((c.get("earlier_runs_epsilon") or 0) > 0 for _, c in clients)
+    columns = ("client", "ε spent", *(("of it earlier runs",) if earlier else ()), "target",
+               "rounds trained", "stopped")
+    for column in columns:
+        table.add_column(column, justify="right")
+    shown = clients
+    if len(clients) > CLIENTS_SHOWN:
+        shown = sorted(clients, key=lambda kv: -(kv[1]["epsilon"] or 0.0))[:10]
+        table.caption = (f"the 10 of {len(clients)} clients that spent most; every client is "
+                         f"in summary.json")
+    for cid, c in shown:
+        eps = "- (no DP-SGD)" if c["epsilon"] is None else f"{c['epsilon']:.4f}"
+        target = "-" if c.get("target_epsilon") is None else f"{c['target_epsilon']:g}"
+        stopped = {"too-small": "left out: too few rows", "failed": "left out: failed"}.get(
+            c.get("left_out"), "before round 1" if c["stopped_round"] == 0
+            else str(c["stopped_round"] or "-"))
+        before = (f"{c.get('earlier_runs_epsilon') or 0:.4f}",) if earlier else ()
+        table.add_row(cid, eps, *before, target, str(c["rounds_trained"]), stopped)
+    console.print(table)
+    if earlier:
+        console.print("ε spent composes every earlier run on the same rows (privacy.ledger-dir)")
+    per_client = summary.get("preprocess", {}).get("estimated_bounds_per_client")
+    if per_client:
+        shown = "; ".join(f"client {cid}: " + ", ".join(f"{c} [{lo:g}, {hi:g}]"
+                                                      for c, (lo, hi) in ranges.items())
+                          for cid, ranges in list(per_client.items())[:3])
+        console.print(f"ranges each client estimated with DP (values beyond them are clipped; "
+                      f"declare data.bounds for exact ones): {shown}"
+                      + (" …" if len(per_client) > 3 else ""))
+    estimated = summary.get("preprocess", {}).get("estimated_bounds")
+    if estimated:
+        console.print("ranges estimated with DP (values beyond them are clipped; declare "
+                      "data.bounds for exact ones): " + ", ".join(
+                          f"{c} [{lo:g}, {hi:g}]" for c, (lo, hi) in estimated.items()))
+    purposes = list(dict.fromkeys(p for _, c in clients for p in c.get("spent_on", {})))
+    if purposes:
+        console.print(f"ε spent on: {', '.join(purposes)} (per client: privacy.clients.*."
+                      f"spent_on in summary.json)")
+    spent = [c["epsilon"] for _, c in clients if c["epsilon"] is not None]
+    if len(clients) > CLIENTS_SHOWN and spent:
+        console.print(f"{len(spent)} clients spent ε: median {sorted(spent)[len(spent) // 2]:.4f}"
+                      f", max {max(spent):.4f}; "
+                      f"{sum(1 for _, c in clients if c['stopped_round'])} ran out of budget")
+    parts = []
+    if privacy["max_epsilon"] is not None:
+        parts.append(f"sample-level max ε {privacy['max_epsilon']:.4f} of target "
+                     f"{privacy['target_epsilon']:g}")
+    user = privacy.get("user_level")
+    if user and user["epsilon"] is not None:
+        parts.append(f"user-level ε {user['epsilon']:.4f} of target {user['target_epsilon']:g}")
+    eps_line = (" and ".join(parts) + f" at δ = {privacy['delta']:g} ({privacy['accountant']})"
+                if parts else "no differential privacy")
+    accuracy = summary["accuracy"]
+    where = ("held-out accuracy (clients' own rows)" if summary.get("evaluation") == "federated"
+             else "test accuracy")
+    console.print(f"{where} [bold]{accuracy:.4f}[/] after {summary['rounds']} round(s); "
+                  f"{escape(eps_line)}; {summary['wall_seconds']:.1f}s" if accuracy is not None
+                  else f"no round finished; {escape(eps_line)}", markup=True)
+    scores = summary.get("scores") or {}
+    named = [(label, scores.get(key)) for label, key in (
+        ("majority class", "majority_baseline"), ("balanced accuracy", "test_balanced_accuracy"),
+        ("macro F1", "test_macro_f1"), ("ROC AUC", "test_auc"))]
+    if accuracy is not None and any(v is not None for _, v in named):
+        console.print("  " + ", ".join(f"{label} {v:.4f}" for label, v in named
+                                       if v is not None))
+    if summary.get("stop_reason"):
+        err.print(f"privet: stopped after round {summary['rounds']}: "
+                  f"{summary['stop_reason']}", soft_wrap=True)
+    failures = summary.get("failures", {}).get("clients", {})
+    for cid, failure in failures.items():
+        when = f"round {failure['round']}" if failure["round"] else "before round 1"
+        err.print(f"privet: client {cid} failed in {failure['stage']} ({when}) and was left "
+                  f"out: {failure['reason']}", soft_wrap=True)
+    if failures:
+        err.print(f"privet: the run finished with failures: {len(failures)} of "
+                  f"{summary['num_clients']} clients failed", soft_wrap=True)
+    for line in privacy.get("not_covered", []):
+        console.print(f"not covered by ε: {line}")
+    console.print(f"results: {run_dir}")
+
+
+def print_partitions(report: list[dict], cfg) -> None:
+    """Rows, label balance and missing cells per client; long federations are summarised.
+
+    Per-class counts are shown for up to four classes; partitions.csv always has them."""
+    labels = [k for k in report[0] if k.startswith("label=")] if report else []
+    shown_labels = labels if len(labels) <= 4 else []
+    table = Table(title=f"partitions: {cfg.data.dataset}, {cfg.data.partition}")
+    for column in ("client", "rows", *(k[len("label="):] for k in shown_labels), "classes",
+                   "majority", "missing cells"):
+        table.add_column(column, justify="right")
+    shown = report if len(report) <= 20 else report[:10] + report[-5:]
+    for r in shown:
+        small = " (< batch)" if r["rows"] < cfg.train.batch_size else ""
+        present = sum(r[k] > 0 for k in labels)
+        table.add_row(str(r["client"]), f"{r['rows']}{small}",
+                      *(str(r[k]) for k in shown_labels), f"{present}/{len(labels)}",
+                      f"{r['majority-share']:.2f}", str(r["missing-cells"]))
+        if len(report) > 20 and r is report[9]:
+            table.add_row("…", *([""] * (len(shown_labels) + 4)))
+    console.print(table)
+
+
+def _origin(message: str, config: Path, overrides: list[str]) -> str:
+    """Where the setting an error names came from: its --set override(s), else the file."""
+    named = [o for o in overrides if message.startswith(o.split("=", 1)[0].strip() + ":")]
+    return ", ".join(f"--set {o}" for o in named) or str(config)
+
+
+def _unclaim(run_dir: Path, claimed: bool) -> None:
+    """Remove the run directory this invocation created, when the run never started."""
+    if claimed:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _ray_address_option(address: Optional[str]) -> Optional[str]:
+    from privet.experiments.simulation import RayAddressError, check_ray_address
+
+    try:
+        return None if address is None else check_ray_address(address)
+    except RayAddressError as error:
+        raise typer.BadParameter(str(error).removeprefix("--ray-address ")) from None
+
+
+@app.command()
+def simulate(
+    config: ConfigFile = DEFAULT_CONFIG,
+    overrides: Overrides = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="run directory (default runs/<name>-<timestamp>)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="reuse a run directory that holds a run")
+                         ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Flower's logs")
+                       ] = False,
+    ray_address: Annotated[Optional[str], typer.Option(
+        "--ray-address", metavar="HOST:PORT", callback=_ray_address_option,
+        help="run the clients on this running Ray cluster (`ray start --head` prints its "
+             "address; `auto`: the one started on this machine) instead of a Ray of its own"
+    )] = None,
+) -> None:
+    """Run an experiment on Flower's simulation runtime and write its results.
+
+    Examples:
+
+      privet simulate                                  # the default experiment
+
+      privet simulate --set rounds=5 --set privacy.epsilon=1 --out runs/a
+
+      privet simulate --config experiments/configs/tiny.toml --set privacy.level=none
+
+      privet simulate --ray-address 10.0.0.5:6379      # on a Ray cluster, one client per CPU
+    """
+    try:
+        cfg = load_config(config, overrides or [])
+    except ConfigError as error:
+        fail(str(error))
+    if cfg.privacy.ledger_dir:  # Ray actors need an absolute path
+        cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(
+            cfg.privacy, ledger_dir=str(Path(cfg.privacy.ledger_dir).expanduser().resolve())))
+    run_dir = (out or default_run_dir(cfg)).resolve()
+    claimed = not run_dir.exists()  # this invocation makes it: removed if nothing runs
+    try:  # before any data is read: a second run into one --out is refused at once
+        run_dir_claim(run_dir, finished=results.SUMMARY, stale=results.RUN_FILES,
+                      overwrite=overwrite)
+        results.atomic_write_text(run_dir / results.CONFIG, cfg.to_toml())
+    except RunDirError as error:
+        fail(str(error))
+    except OSError as error:
+        fail(f"--out {run_dir}: cannot write the run directory ({error.strerror or error})")
+    from privet.experiments import simulation  # heavy imports (torch, flwr, ray) only now
+
+    simulation.start_early(ray_address)
+    from privet.common.data.tables import DataError
+    from privet.common.models import ModelError
+    from privet.common.privacy.ledger import LedgerError
+
+    try:
+        report, data_warnings = simulation.preflight(cfg)
+    except (LedgerError, DataError, ModelError, ValueError, FileNotFoundError) as error:
+        _unclaim(run_dir, claimed)  # nothing ran: no run directory is left behind
+        if isinstance(error, (LedgerError, DataError, ModelError)):  # they name their file
+            fail(str(error))
+        fail(f"{_origin(str(error), config, overrides or [])}: {error}")
+    levels = []
+    if cfg.private:
+        levels.append(f"sample-level ε = {cfg.privacy.epsilon:g} per client"
+                      + (f" (client:ε {cfg.privacy.client_epsilon})"
+                         if cfg.privacy.client_epsilon else ""))
+    if cfg.user_level:
+        levels.append(f"user-level ε = {cfg.privacy.user_epsilon:g}")
+    privacy = (", ".join(levels) + f", δ = {cfg.privacy.delta:g}, "
+               f"{'seeded' if cfg.privacy.noise_source != 'secure' else 'secure'} noise"
+               if levels else "no differential privacy")
+    console.print(f"privet: {cfg.name}: {cfg.num_clients} clients, {cfg.clients_per_round} "
+                  f"per round, {cfg.rounds} rounds, {privacy} → {run_dir}")
+
+    for line in data_warnings:
+        err.print(f"privet: warning: {line}", soft_wrap=True)
+    print_partitions(report, cfg)
+    watcher = RoundWatcher(run_dir, cfg)
+    watcher.start()
+    code = 0
+    try:
+        simulation.run(cfg, run_dir, verbose=verbose, ray_address=ray_address)
+    except simulation.RayAddressError as error:
+        code = 2
+        err.print(f"privet: error: {error}", markup=False, soft_wrap=True)
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM (privet.experiments.lifetime)
+        code = exit_code(stop)
+        err.print(f"privet: interrupted ({stop}); finished rounds are kept")
+        _mark(run_dir, "interrupted")
+    except Exception as error:  # noqa: BLE001 - one line for the user, details with -v
+        code = 1
+        _mark(run_dir, "failed")
+        err.print(f"privet: error: the simulation failed: {error}", soft_wrap=True)
+        if verbose:
+            raise
+    finally:
+        watcher.stop.set()
+        watcher.join(timeout=5)
+    if (run_dir / results.SUMMARY).exists():
+        print_summary(run_dir)
+        if not code and results.read_summary(run_dir)["status"] == "complete-with-failures":
+            code = EXIT_FAILURES
+    exit_now(code)
+
+
+@app.command()
+def budget(
+    rounds: Annotated[int, typer.Option(min=1, help="federated rounds")] = 20,
+    steps_per_round: Annotated[Optional[int], typer.Option(
+        min=1, help="DP-SGD steps per round (or give --rows)")] = None,
+    sample_rate: Annotated[Optional[float], typer.Option(
+        min=0.0, max=1.0, help="Poisson sampling rate q (or give --rows)")] = None,
+    rows: Annotated[Optional[int], typer.Option(
+        min=1, help="rows on the client: q = 1/⌈rows/B⌉, ⌈rows/B⌉ steps per epoch")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="expected batch size B")] = 64,
+    local_epochs: Annotated[int, typer.Option(min=1)] = 1,
+    sigma: Annotated[Optional[float], typer.Option(
+        min=0.0, help="noise multiplier: print ε over rounds")] = None,
+    epsilon: Annotated[Optional[str], typer.Option(
+        help="target ε values, comma-separated: print the σ each needs")] = None,
+    delta: Annotated[float, typer.Option(min=0.0, max=0.1)] = 1e-5,
+    preprocess_epsilon: Annotated[float, typer.Option(
+        min=0.0, help="ε spent before DP-SGD on preprocessing statistics (privet simulate's "
+                      "preprocess.epsilon, 0.3 by default; 0 = none)")] = 0.0,
+    out: Annotated[Path, typer.Option(help="PNG to write (never over a file privet did not "
+                                           "write)")] = Path("budget.png"),
+) -> None:
+    """Plan a privacy budget without training, with every accountant side by side.
+
+    Examples:
+
+      privet budget --rows 3256 --rounds 20 --sigma 0.8
+
+      privet budget --rows 3256 --rounds 20 --epsilon 0.5,1,2,4,8
+
+      privet budget --steps-per-round 50 --sample-rate 0.02 --rounds 30 --sigma 1
+    """
+    from privet.experiments import budget as planning
+
+    if out.exists() and not planning.written_by_privet(out):
+        fail(f"--out {out}: exists and was not written by privet budget; choose another path")
+    prior = planning.release_at(preprocess_epsilon, delta)
+    if rows is not None:
+        plan = planning.Plan.from_rows(rows, batch_size, local_epochs, rounds, delta, prior)
+    elif steps_per_round is not None and sample_rate:
+        plan = planning.Plan(rounds, steps_per_round, sample_rate, delta, prior)
+    else:
+        fail("give --rows (with --batch-size), or both --steps-per-round and --sample-rate")
+    if (sigma is None) == (epsilon is None):
+        fail("give exactly one of --sigma (to get ε) or --epsilon (to get σ)")
+    console.print(f"plan: {plan.rounds} rounds × {plan.steps_per_round} steps at q = "
+                  f"{plan.sample_rate:.5g}, δ = {plan.delta:g}"
+                  + (f", after preprocessing statistics at ε = {preprocess_epsilon:g}"
+                     if prior else "; DP-SGD only: privet simulate first spends "
+                     "preprocess.epsilon (0.3 by default) on its preprocessing statistics, "
+                     "--preprocess-epsilon 0.3 plans with it"))
+    if sigma is not None:
+        curves = planning.epsilon_over_rounds(plan, sigma)
+        table = Table(title=f"ε after each round (σ = {sigma:g})")
+        table.add_column("round", justify="right")
+        for name in curves:
+            table.add_column(f"ε {name}", justify="right")
+        for i, (r, _) in enumerate(next(iter(curves.values()))):
+            table.add_row(str(r), *(f"{curves[name][i][1]:.4f}" for name in curves))
+        console.print(table)
+        console.print(f"plot: {planning.plot_epsilon(curves, sigma, out)}")
+        return
+    try:
+        targets = [float(t) for t in epsilon.split(",") if t.strip()]
+    except ValueError:
+        fail(f"--epsilon {epsilon!r}: expected numbers separated by commas, e.g. 1,2,4")
+    if not targets or any(not 0 < t < math.inf for t in targets):
+        fail(f"--epsilon {epsilon!r}: every target must be a finite number > 0")
+    needed = planning.sigma_for_targets(plan, targets)
+    table = Table(title=f"σ needed for the whole run ({plan.steps} steps)")
+    table.add_column("target ε", justify="right")
+    for name in needed:
+        table.add_column(f"σ {name}", justify="right")
+    for i, t in enumerate(targets):
+        table.add_row(f"{t:g}", *(f"{needed[name][i][1]:.4f}" for name in needed))
+    console.print(table)
+    console.print(f"plot: {planning.plot_sigma(needed, out)}")
+
+
+@app.command()
+def compare(
+    config: ConfigFile = DEFAULT_CONFIG,
+    epsilons: Annotated[str, typer.Option(
+        help="target ε values, comma-separated; inf adds the non-private baseline")
+                        ] = "0.5,1,2,4,8,inf",
+    seeds: Annotated[int, typer.Option(
+        min=1, help="runs per cell, with seeds seed, seed+1, ... (seed from the config)")] = 3,
+    levels: Annotated[str, typer.Option(
+        help="privacy levels, comma-separated: sample (privacy.epsilon), user "
+             "(privacy.user-epsilon)")] = "sample",
+    overrides: Annotated[Optional[list[str]], typer.Option(
+        "--set", "-s", help="override a key in every run, e.g. --set rounds=5 (repeatable)")
+                         ] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="comparison directory; run the same command again to resume",
+        show_default="runs/compare-<name>")] = None,
+    jobs: Annotated[int, typer.Option(
+        "--jobs", "-j", min=1, help="runs at a time; each gets cores/jobs CPUs")] = 1,
+    audit: Annotated[bool, typer.Option(
+        help="run the membership-inference audit after each run")] = True,
+) -> None:
+    """Run one simulation per level × ε × seed and compare accuracy, ε and the audit.
+
+    Writes compare.csv, summary.md, plots and a self-contained report.html into --out;
+    each run lives in OUT/runs/<level>-eps<ε>-seed<seed>. Finished runs with the same
+    config are reused, so an interrupted comparison resumes where it stopped.
+
+    Examples:
+
+      privet compare --config experiments/configs/adult.toml --epsilons 0.5,1,2,4,8,inf
+
+      privet compare --levels sample,user --seeds 2 --set rounds=5 --jobs 2 --out runs/cmp
+    """
+    from privet.experiments import compare as grid
+    from privet.experiments import report
+    from privet.experiments.simulation import simulation_cpus
+
+    try:
+        eps, chosen = grid.parse_epsilons(epsilons), grid.parse_levels(levels)
+        base = load_config(config, overrides or [])
+        runs = grid.grid(base.seed, chosen, eps, seeds)
+        expected = grid.resolve(config, overrides or [], runs)
+    except ValueError as error:  # ConfigError included
+        fail(str(error))
+    out = (out or Path("runs") / f"compare-{base.name}").resolve()
+    try:  # one comparison at a time in a folder; re-running it resumes (nothing is cleared)
+        run_dir_claim(out)
+    except RunDirError as error:
+        fail(str(error))
+    cores = simulation_cpus()
+    cpus = max(1, cores // jobs)
+    cells = grid.Grid(config.resolve(), overrides or [], out, runs, expected, jobs, cpus, audit)
+    reused = sum(grid.reusable(cells.run_dir(r), expected[r]) for r in runs)
+    console.print(f"privet compare: {len(runs)} runs ({', '.join(chosen)} level × "
+                  f"ε {','.join(f'{e:g}' for e in eps)} × {seeds} seed(s)), {reused} already "
+                  f"done; {jobs} at a time × {cpus} CPU(s) → {out}")
+    if jobs > cores:
+        err.print(f"privet: warning: --jobs {jobs} > {cores} cores; runs will share cores")
+    started = time.time()
+    code = 0
+    try:
+        with stop_signals():
+            if not grid.run_grid(cells, console):
+                code = 1
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the runs were stopped
+        code = exit_code(stop)
+    dirs = [cells.run_dir(r) for r in runs if (cells.run_dir(r) / results.CONFIG).is_file()]
+    if dirs:
+        built = report.build(dirs, out)
+        print_comparison(built)
+        console.print(f"report: {out / report.HTML}  ({time.time() - started:.0f}s)")
+    if code:
+        failed = [r.name for r in runs if cells.state.get(r) != "done"]
+        err.print(f"privet: {len(failed)} run(s) did not finish: {', '.join(failed)}; "
+                  "re-run the same command to retry them")
+        raise typer.Exit(code)
+
+
+@app.command()
+def report(
+    paths: Annotated[list[Path], typer.Argument(
+        help="run directories, or a compare directory (its runs/ are used)")],
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="where to write the report",
+        show_default="the compare directory, when one is given")] = None,
+) -> None:
+    """Rebuild compare.csv, summary.md, the plots and report.html from finished runs.
+
+    Nothing is trained: level, ε and seed come from each run's config.toml, audit results
+    from its audit.json when present.
+
+    Examples:
+
+      privet report runs/compare-adult
+
+      privet report runs/a runs/b runs/no-dp --out runs/ab-report
+    """
+    from privet.experiments import report as reporting
+
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        fail(f"not found: {', '.join(missing)}")
+    if out is None:
+        if len(paths) == 1 and (paths[0] / "runs").is_dir():
+            out = paths[0]
+        else:
+            fail("give --out DIR (only a single compare directory is its own default)")
+    dirs = reporting.find_run_dirs(paths)
+    if not dirs:
+        fail(f"no run directories (with {results.CONFIG}) in {', '.join(map(str, paths))}")
+    try:
+        built = reporting.build(dirs, out)
+    except ValueError as error:
+        fail(str(error))
+    print_comparison(built)
+    console.print(f"{len(dirs)} run(s); report: {out / reporting.HTML}")
+
+
+@app.command()
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    max_rows: Annotated[int, typer.Option(min=1, help="rows audited (members + non-members)")
+                        ] = 5000,
+    seed: Annotated[int, typer.Option(help="seed of the audit's sampling")] = 0,
+) -> None:
+    """Membership-inference audit of a run: an empirical lower bound on its ε.
+
+    Writes RUN_DIR/audit.json. A violation (lower bound above the accounted ε) means the
+    privacy accounting or its implementation is wrong.
+
+    Example:
+
+      privet audit runs/a
+    """
+    if not (run_dir / results.SUMMARY).is_file():
+        fail(f"{run_dir}: not a run directory (no {results.SUMMARY})")
+    from privet.common.audit import audit_run
+
+    try:
+        found = audit_run(run_dir, max_rows=max_rows, seed=seed)
+    except (ValueError, FileNotFoundError) as error:  # the run cannot be audited: say why
+        fail(f"{run_dir}: audit: {error}")
+    table = Table(title=f"audit · {run_dir}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    tpr = found.get("tpr_at_fpr") or {}
+    for name, value in (("AUC", found.get("auc")), ("TPR at 1% FPR", tpr.get("0.01")),
+                        ("TPR at 0.1% FPR", tpr.get("0.001")),
+                        ("ε lower bound (empirical)", found.get("epsilon_lower_bound")),
+                        ("ε accounted", found.get("theoretical_epsilon"))):
+        table.add_row(name, "-" if value is None else f"{value:.4g}")
+    violation = bool(found.get("violation"))
+    table.add_row("violation", Text("YES", style="bold red") if violation else "no")
+    console.print(table)
+    if found.get("message"):
+        console.print(str(found["message"]), markup=False,
+                      style="bold red" if violation else None)
+
+
+def print_comparison(built) -> None:
+    """The summary over seeds; rows with an audit violation in red. Logs (no terminal, 80
+    columns) get the Markdown table: a wide rich table would be folded unreadably there."""
+    from privet.experiments.report import markdown
+
+    if not console.is_terminal:
+        console.print(markdown(built.header, built.body), markup=False, end="", soft_wrap=True)
+        return
+    table = Table(title="privet compare · mean ± std over seeds")
+    for i, name in enumerate(built.header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for cells in built.body:
+        flagged = cells[-1] not in ("–", "0")
+        table.add_row(*cells, style="bold red" if flagged else None)
+    console.print(table)
+
+
+def _mark(run_dir: Path, status: str) -> None:
+    """Record how a run ended when the server could not (it was cut off). Best effort: on a
+    full disk the finished rounds stay as they were written."""
+    from privet.common.plots import plot_run
+    from privet.server.recorder import mark_ended
+
+    path = run_dir / results.SUMMARY
+    try:
+        mark_ended(run_dir, status)
+        plot_run(run_dir)
+    except (OSError, ValueError) as error:
+        err.print(f"privet: warning: could not mark {path} {status}: {error}", soft_wrap=True)
+
+
+# --- deployment: SuperLink and SuperNodes on separate machines ----------------------------
+
+app.command("run")(run_deployed)
+app.command("ledger")(ledger)
+app.add_typer(deploy_app, name="deploy")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""`privet deploy ...` and `privet run`: Flower's SuperLink and SuperNodes, secured."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from privet.common.config import DEFAULT_CONFIG, PROJECT_DIR, ConfigError, load_config
+from privet.experiments.cli_common import ConfigFile, Overrides, err, exit_now, fail, say
+
+deploy_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                         help="Deploy on Flower's SuperLink and SuperNodes, TLS and node "
+                              "authentication on (see the README's Deploy section).")
+
+
+def _insecure_warning() -> None:
+    from privet.experiments.deploy import INSECURE_WARNING
+
+    err.print(f"[bold yellow]privet: warning:[/] {INSECURE_WARNING}", markup=True,
+              soft_wrap=True)
+
+
+def _exec(cmd: list[str], dry_run: bool) -> None:
+    """Show the plain Flower command, then become it (signals reach Flower directly)."""
+    import os
+
+    from privet.experiments.deploy import flower_env, show
+
+    say(show(cmd))
+    if dry_run:
+        return
+    sys.stdout.flush()
+    try:
+        os.execvpe(cmd[0], cmd, flower_env())
+    except OSError as error:
+        fail(f"cannot start {cmd[0]}: {error}")
+
+
+@deploy_app.command("certs")
+def deploy_certs(
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the CA, the SuperLink "
+                                      "certificate and node keys")] = Path("certs"),
+    hosts: Annotated[Optional[list[str]], typer.Option(
+        "--host", help="name or IP address SuperNodes use to reach the SuperLink "
+                       "(repeatable); IPs become IP SANs, names DNS SANs")] = None,
+    nodes: Annotated[int, typer.Option(min=0, help="node key pairs to create "
+                                       "(nodes/node-<i>.key, .pub); existing ones are kept")
+                     ] = 0,
+    loopback: Annotated[bool, typer.Option(help="also valid for localhost, 127.0.0.1 and "
+                                           "::1: a SuperLink listening on 0.0.0.0 has its "
+                                           "own ServerApp runner dial 127.0.0.1")] = True,
+    days: Annotated[int, typer.Option(min=1, help="validity in days")] = 365,
+) -> None:
+    """Create a CA, a SuperLink TLS certificate for --host, and SuperNode key pairs.
+
+    Re-running keeps the CA (SuperNodes keep trusting it) and existing node keys, and
+    issues a new SuperLink certificate: the way to add a host or a node.
+
+    Example: privet deploy certs --out certs --host 203.0.113.7 --host link.example.org --nodes 3
+    """
+    from privet.experiments.deploy import make_certs
+
+    try:
+        files = make_certs(out, hosts or [], nodes, loopback=loopback, days=days)
+    except ValueError as error:
+        fail(str(error))
+    say(f"{'created' if files.new_ca else 'kept'} CA        {files.ca_cert}  "
+        "(copy to every SuperNode; its key ca.key stays here, offline if you can)")
+    say(f"SuperLink cert    {files.server_cert}, key {files.server_key}")
+    for private, public in files.node_keys:
+        say(f"node key          {private} (to that node only), {public} (register it)")
+
+
+@deploy_app.command("node-key")
+def deploy_node_key(
+    out: Annotated[Path, typer.Option("--out", "-o", help="private key file; the public "
+                                      "key goes next to it as .pub")] = Path("node.key"),
+    force: Annotated[bool, typer.Option(help="replace an existing key (rotation)")] = False,
+) -> None:
+    """Create one SuperNode key pair on the participant's machine.
+
+    The private key never has to travel; register the .pub at the SuperLink.
+    """
+    from privet.experiments.deploy import make_node_key
+
+    if out.exists() and not force:
+        fail(f"{out} exists; pass --force to replace it (then register the new .pub and "
+             "unregister the old node)")
+    private, public = make_node_key(out, force=True)
+    say(f"private key {private} (mode 0600), public key {public}")
+
+
+@deploy_app.command("connection")
+def deploy_connection(
+    name: Annotated[str, typer.Argument(help="connection name, used as `flwr run . NAME` and "
+                                        "`privet run --federation NAME`")],
+    superlink: Annotated[str, typer.Option(help="SuperLink address HOST:PORT")],
+    root_certificates: Annotated[Optional[Path], typer.Option(
+        help="the CA certificate (ca.pem) the SuperLink's certificate was issued by")] = None,
+    insecure: Annotated[bool, typer.Option(help="plain HTTP, no TLS (not for real data)")
+                        ] = False,
+    default: Annotated[bool, typer.Option(help="make it the default connection")] = False,
+) -> None:
+    """Write a SuperLink connection for the flwr CLI and `privet run`.
+
+    It goes into $FLWR_HOME/config.toml (~/.flwr/config.toml), where Flower 1.41 looks.
+    """
+    from privet.experiments.deploy import write_connection
+
+    if insecure == (root_certificates is not None):
+        fail("give either --root-certificates ca.pem, or --insecure")
+    if insecure:
+        _insecure_warning()
+    try:
+        path = write_connection(name, superlink, root_certificates, default=default)
+    except FileNotFoundError as error:
+        fail(str(error))
+    say(f"[superlink.{name}] → {superlink} written to {path}")
+
+
+@deploy_app.command("superlink")
+def deploy_superlink(
+    certs: Annotated[Optional[Path], typer.Option(
+        help="folder from `privet deploy certs` (ca.pem, server.pem, server.key)")] = None,
+    database: Annotated[Path, typer.Option(help="SuperLink state (runs, registered nodes, "
+                                           "messages in flight): SQLite file")
+                        ] = Path("superlink.db"),
+    host: Annotated[str, typer.Option(help="address to listen on")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="the one HTTPS port: SuperNodes,"
+                                      " the flwr CLI and the ServerApp")] = 8000,
+    log_file: Annotated[Optional[Path], typer.Option(help="also log to this file (rotated)")
+                        ] = None,
+    insecure: Annotated[bool, typer.Option(help="no TLS and no node authentication")] = False,
+    dry_run: Annotated[bool, typer.Option(help="print the flower-superlink command only")
+                       ] = False,
+) -> None:
+    """Start flower-superlink: TLS, SuperNode authentication, state on disk.
+
+    Runtime dependency installation is off. Register nodes with `flwr supernode register`.
+    """
+    from privet.experiments.deploy import superlink_command
+
+    if insecure:
+        _insecure_warning()
+    elif certs is None:
+        fail("give --certs DIR (from `privet deploy certs`), or --insecure")
+    try:
+        cmd = superlink_command(None if insecure else certs, database, host=host, port=port,
+                                log_file=log_file)
+    except FileNotFoundError as error:
+        fail(str(error))
+    if not dry_run:
+        database.parent.mkdir(parents=True, exist_ok=True)
+    _exec(cmd, dry_run)
+
+
+@deploy_app.command("supernode")
+def deploy_supernode(
+    superlink: Annotated[str, typer.Option(help="SuperLink address HOST:PORT")],
+    data: Annotated[Path, typer.Option(help="this node's own data file; its privacy "
+                                       "ledger is kept next to it")],
+    partition_id: Annotated[int, typer.Option(min=0, help="this node's client id, "
+                                              "0..num-clients-1, unique per node")],
+    root_certificates: Annotated[Optional[Path], typer.Option(
+        help="the CA certificate (ca.pem)")] = None,
+    key: Annotated[Optional[Path], typer.Option(help="this node's private key "
+                                                "(registered at the SuperLink)")] = None,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="local port of the node's "
+                                      "ClientApp API (127.0.0.1); one per node on a machine")
+                    ] = 9094,
+    isolation: Annotated[str, typer.Option(help="process: a warm launcher (torch and the app "
+                                           "imported once) runs each ClientApp; subprocess: "
+                                           "Flower starts a fresh process per message")
+                         ] = "process",
+    ledger_dir: Annotated[Optional[Path], typer.Option(
+        help="keep the privacy ledger here instead of next to --data")] = None,
+    insecure: Annotated[bool, typer.Option(help="no TLS, no node authentication")] = False,
+    dry_run: Annotated[bool, typer.Option(help="print the flower-supernode command only")
+                       ] = False,
+) -> None:
+    """Start flower-supernode for one participant, reading only its own data file.
+
+    TLS to the SuperLink (verified with the CA), authenticated by the node's key.
+    """
+    from privet.experiments.deploy import supernode_command
+
+    if not data.is_file():
+        fail(f"--data {data}: not a file")
+    if insecure:
+        _insecure_warning()
+    elif root_certificates is None or key is None:
+        fail("give --root-certificates ca.pem and --key node.key, or --insecure")
+    if isolation not in ("subprocess", "process"):
+        fail(f"--isolation {isolation!r}: expected 'subprocess' or 'process'")
+    try:
+        cmd = supernode_command(superlink, data, partition_id,
+                                root_certificates=None if insecure else root_certificates,
+                                private_key=None if insecure else key, port=port,
+                                isolation=isolation, ledger_dir=ledger_dir)
+    except (ValueError, FileNotFoundError) as error:
+        fail(str(error))
+    if isolation == "process":
+        _start_launcher(port, dry_run)
+    _exec(cmd, dry_run)
+
+
+def _start_launcher(port: int, dry_run: bool) -> None:
+    """The warm ClientApp launcher for this node, polling the SuperNode's local Runtime API
+    (loopback, plain HTTP). It watches this PID, which exec keeps for flower-supernode, and
+    exits with it."""
+    import os
+    import subprocess
+
+    from privet.experiments.deploy import show
+
+    cmd = [sys.executable, "-m", "privet.experiments.launcher", "--insecure",
+           "--runtime-api-address", f"127.0.0.1:{port}", "--parent-pid", str(os.getpid())]
+    say(show(cmd) + " &")
+    if not dry_run:
+        subprocess.Popen(cmd, cwd=PROJECT_DIR, start_new_session=True)
+
+
+def run_deployed(
+    federation: Annotated[str, typer.Option(
+        help="SuperLink connection in $FLWR_HOME/config.toml (`privet deploy connection`)")],
+    config: ConfigFile = DEFAULT_CONFIG,
+    overrides: Overrides = None,
+    out: Annotated[Optional[str], typer.Option(
+        "--out", "-o", help="run directory on the SuperLink machine (default "
+                            "runs/<name>-<timestamp> where the SuperLink was started)")] = None,
+) -> None:
+    """Run an experiment on deployed SuperNodes (over `flwr run`).
+
+    Submits the resolved config and streams the ServerApp's log until the run ends.
+
+    Example: privet run --federation lab --config experiments/configs/adult.toml --set rounds=5
+    """
+    from privet.experiments import deploy
+
+    extra = list(overrides or [])
+    if out:
+        extra.append(f"out-dir={_toml_string(out)}")
+    try:
+        cfg = load_config(config, extra)
+    except ConfigError as error:
+        fail(str(error))
+    from privet.common.privacy.randomness import NoiseSourceError, resolve_noise_source
+
+    try:  # the nodes and the ServerApp would refuse it too; say so before submitting
+        resolve_noise_source(cfg.privacy.noise_source, True, "privet run")
+    except NoiseSourceError as error:
+        fail(str(error))
+    from privet.common.models import shipped_with_app
+
+    unshipped = shipped_with_app(cfg.train.model, PROJECT_DIR)
+    if unshipped:
+        fail(unshipped)
+    # the ServerApp maps one node to one client: it refuses extra nodes, waits for missing
+    online = deploy.online_nodes(federation)
+    if online is not None and online > cfg.num_clients:
+        fail(f"{online} SuperNodes are online at {federation!r} but num-clients = "
+             f"{cfg.num_clients}; set num-clients to the number of nodes")
+    if online is not None and online < cfg.num_clients:
+        err.print(f"privet: warning: {online} of num-clients = {cfg.num_clients} SuperNodes "
+                  f"online at {federation!r}; the run waits for the others")
+    try:
+        code, run_id = deploy.run(cfg, federation, echo=say)
+    except FileNotFoundError as error:
+        fail(str(error))
+    if code or run_id is None:
+        exit_now(code or 1)
+    status = deploy.run_status(run_id, federation)
+    where = cfg.out_dir or f"runs/{cfg.name}-<timestamp> under the SuperLink's directory"
+    say(f"privet: run {run_id}: {status or 'status unknown'}; results on the SuperLink "
+        f"machine in {where}")
+    if status and status != "finished:completed":
+        exit_now(1)
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

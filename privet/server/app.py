@@ -1,0 +1,249 @@
+"""Flower ServerApp: config -> strategy -> rounds -> results.
+
+The global model is evaluated on the server's held-out test set after every round;
+the run directory is updated as each round finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common.logger import update_console_handler
+from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import InMemoryGrid
+
+from privet.common import records as R
+from privet.common.config import ExperimentConfig, from_run_config
+from privet.common.data.datasets import num_classes, partition_report, source_warnings, test_data
+from privet.common.evaluation import Scores, score
+from privet.common.models import build_model, check_model
+from privet.common.privacy.randomness import make_randomness, resolve_noise_source
+from privet.server import accounting, strategies
+from privet.server.accounting import BudgetExhausted
+from privet.server.describe import describe_clients
+from privet.server.preprocessing import fit_shared_transform
+from privet.server.recorder import RunRecorder
+from privet.server.strategy import NoClientsLeft, PrivetFedAvg
+from privet.server.user_dp import UserLevelDPFedAvg
+
+log = logging.getLogger("flwr")
+# Flower colours its log lines; not where they go to a file or a pipe
+update_console_handler(colored=sys.stderr.isatty())
+log.propagate = False  # Flower has its own handler; see experiments/simulation.py
+NODE_WAIT_SECONDS = 60
+
+app = ServerApp()
+
+
+def run_directory(cfg: ExperimentConfig) -> Path:
+    if cfg.out_dir:
+        return Path(cfg.out_dir).expanduser().resolve()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return (Path("runs") / f"{cfg.name}-{stamp}").resolve()
+
+
+class RunFailed(Exception):
+    """The run cannot go on (a non-finite global model, no client left to train)."""
+
+
+def deployed(grid: Grid) -> bool:
+    """True unless the ServerApp runs in Flower's simulation (its in-memory grid)."""
+    return not isinstance(grid, InMemoryGrid)
+
+
+def _wait_for_nodes(grid: Grid, expected: int) -> None:
+    deadline = time.time() + NODE_WAIT_SECONDS
+    while True:
+        found = len(list(grid.get_node_ids()))
+        if found >= expected:
+            if found > expected:
+                raise RuntimeError(f"{found} nodes are connected but num-clients = {expected}: "
+                                   "each client must map to one partition")
+            return
+        if time.time() > deadline:
+            raise RuntimeError(
+                f"only {found} of num-clients = {expected} nodes connected after "
+                f"{NODE_WAIT_SECONDS}s; in simulation run with "
+                f"--federation-config \"num-supernodes={expected}\"")
+        time.sleep(0.5)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = from_run_config(context.run_config)
+    run_dir = run_directory(cfg)
+    noise_source = resolve_noise_source(cfg.privacy.noise_source, deployed(grid),
+                                        "the ServerApp")
+    run = uuid.uuid4().hex[:16]  # spend recorded under it is this run's, on every ledger
+    random.seed(cfg.seed)  # Flower samples clients with the `random` module
+    torch.manual_seed(cfg.seed)
+    _wait_for_nodes(grid, cfg.num_clients)
+
+    recorder = RunRecorder(run_dir, cfg, run=run, noise_source=noise_source)
+    log.info("privet: run directory %s", run_dir)
+    status = "failed"
+    try:
+        _run(grid, cfg, recorder, run, noise_source)
+        _check_something_trained(recorder.round_rows)
+        status = "complete-with-failures" if recorder.failures else "complete"
+    except BudgetExhausted as reason:
+        status = "budget-exhausted"
+        recorder.stop_reason = str(reason)
+        log.warning("privet: stopping after round %d: %s", len(recorder.round_rows), reason)
+    except (NoClientsLeft, RunFailed) as reason:
+        # a deployment's operator reads it in the streamed log; `privet simulate` prints it
+        log.warning("privet: the run failed after round %d: %s", len(recorder.round_rows),
+                    reason)
+        raise RunFailed(str(reason)) from None
+    except OSError as error:  # the disk filled up, the folder went away: what is kept
+        done = len(recorder.round_rows)
+        raise RunFailed(f"{run_dir}: {(error.strerror or str(error)).lower()} while writing the "
+                        f"results of round {done + 1}; "
+                        + (f"rounds 1-{done} are kept" if done else "no round was finished")
+                        ) from None
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        try:
+            recorder.finish(status)
+        except OSError as error:  # a full disk: the last summary written stays
+            log.warning("privet: could not write the final summary: %s", error)
+        log.info("privet: %s after %d round(s); results in %s", status,
+                 len(recorder.round_rows), run_dir)
+
+
+def _check_something_trained(rounds: list[dict]) -> None:
+    """A run in which no client ever trained learnt nothing: never "complete". Raises
+    BudgetExhausted when clients declined (no budget left), else RunFailed."""
+    if not rounds or any(int(r["clients_trained"]) for r in rounds):
+        return
+    if any(int(r["clients_declined"]) for r in rounds):
+        raise BudgetExhausted("no client trained in any round: their rows had no budget left")
+    raise RunFailed("no client trained in any round: every sampled client failed or had "
+                    "fewer rows than train.batch-size")
+
+
+def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
+         noise_source: str) -> None:
+    """Everything from the data description to the last round; raises BudgetExhausted when
+    budgets run out before the planned rounds are done."""
+    on_clients = cfg.evaluation.mode == "federated"  # then the server reads no rows at all
+    if on_clients:
+        described = describe_clients(grid)
+        recorder.write_partitions(described.report)
+        recorder.note_described(described.report)
+        input_shape, classes = described.input_shape, described.classes
+    else:
+        recorder.write_partitions(partition_report(cfg))
+        recorder.data_warnings = list(source_warnings(cfg))
+    transform = ""
+    if cfg.federated_preprocessing:
+        fitted, estimated = fit_shared_transform(grid, cfg, run, recorder.record_statistics)
+        transform = fitted.to_json()
+        recorder.write_transform(fitted, estimated)
+        input_shape = (len(fitted.feature_names()),)
+    if not on_clients:
+        test = test_data(cfg, transform)
+        input_shape, classes = test.features.shape[1:], range(num_classes(cfg))
+    check_model(cfg.train, tuple(input_shape), len(classes))  # ModelError: one line
+    model = build_model(cfg.train, tuple(input_shape), len(classes))
+    user_account = None
+    if cfg.user_level:
+        user_account = accounting.user_ledger(cfg, run, deployed(grid), noise_source)
+        recorder.user_ledger = user_account
+    strategy = build_strategy(cfg, recorder, user_account, noise_source)
+    if strategy is not None:
+        strategy.left_out.update(recorder.failed_nodes)  # failed in preprocessing
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if on_clients:  # the clients just evaluated this round's model on held-out rows
+            if server_round == 0:
+                return None
+            held_out = strategy.last_evaluation
+            scores = Scores(float(held_out.get(R.EVAL_LOSS, math.nan)),
+                            float(held_out.get(R.EVAL_ACCURACY, math.nan)))
+        else:
+            R.load_arrays(model, arrays)
+            scores = score(model, test.features, test.labels, len(classes))
+        loss, accuracy = scores.loss, scores.accuracy
+        if server_round > 0 and not all(np.isfinite(a.numpy()).all() for a in arrays.values()):
+            raise RunFailed(f"round {server_round}: the global model's weights are not finite "
+                            "(NaN or infinite): training diverged (lower train.lr?)")
+        if server_round > 0:
+            recorder.end_round(server_round, scores, arrays.to_torch_state_dict())
+            log.info("privet: round %d/%d  test accuracy %.4f  max ε %s  user ε %s",
+                     server_round, cfg.rounds, accuracy, _eps(recorder.max_epsilon()),
+                     _eps(recorder.user_epsilon()))
+            able = cfg.num_clients - len(recorder.exhausted_clients()) \
+                - len(recorder.left_out_clients())
+            if cfg.privacy.on_exhausted == "stop" and able < cfg.clients_per_round:
+                raise BudgetExhausted(f"only {able} client(s) have budget left; "
+                                      f"clients-per-round = {cfg.clients_per_round}")
+            if user_account is not None and server_round < cfg.rounds:
+                reserve_user_round()
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    def reserve_user_round() -> None:
+        """The next round's release, recorded before it runs, in one step with the check
+        (another run may share the ledger folder)."""
+        if accounting.reserve_round(cfg, user_account, strategy.ledger_noise,
+                                    strategy.sample_rate) is None:
+            raise BudgetExhausted(f"another round would take the participants' user-level "
+                                  f"ε past target {cfg.privacy.user_epsilon:g}")
+
+    if strategy is None:
+        raise BudgetExhausted("earlier runs have spent the participants' user-level budget "
+                              f"(ε = {cfg.privacy.user_epsilon:g}) in {user_account.location}")
+    if user_account is not None:
+        reserve_user_round()
+    strategy.start(grid=grid, initial_arrays=R.to_arrays(model), num_rounds=cfg.rounds,
+                   train_config=ConfigRecord({R.TRANSFORM: transform, R.RUN: run}),
+                   evaluate_config=ConfigRecord({R.TRANSFORM: transform, R.RUN: run}),
+                   evaluate_fn=evaluate)
+
+
+def build_strategy(cfg: ExperimentConfig, recorder: RunRecorder,
+                   user_account=None, noise_source: str = "seeded") -> PrivetFedAvg | None:
+    """The strategy `[strategy] name` names (server.strategies), or DP-FedAvg at user level
+    (None when earlier runs have spent the user-level budget: there is then nothing to
+    run)."""
+    common = dict(on_train_replies=recorder.record_replies,
+                  on_evaluate_replies=recorder.record_evaluations,
+                  fraction_evaluate=1.0 if cfg.evaluation.mode == "federated" else 0.0,
+                  min_evaluate_nodes=1, min_available_nodes=cfg.min_clients)
+    if not cfg.user_level:
+        chosen = strategies.strategy_class(cfg.strategy.name)
+        return chosen(fraction_train=cfg.clients_per_round / cfg.num_clients,
+                      clients_per_round=cfg.clients_per_round, seed=cfg.seed,
+                      **strategies.options(cfg), **common)
+    p = cfg.privacy
+    sigma = accounting.calibrate(cfg, user_account)
+    if sigma is None:
+        return None
+    log.info("privet: user-level DP: σ = %.4f, S = %g, p = %.4f over %d rounds", sigma,
+             p.user_clip, cfg.client_sample_rate, cfg.rounds)
+    strategy = UserLevelDPFedAvg(noise_multiplier=sigma, clip=p.user_clip,
+                                 sample_rate=cfg.client_sample_rate,
+                                 num_clients=cfg.num_clients, seed=cfg.seed,
+                                 adaptive=p.user_clipping == "adaptive",
+                                 target_quantile=p.user_clip_quantile, clip_lr=p.user_clip_lr,
+                                 count_stddev=p.user_count_stddev or None,
+                                 randomness=make_randomness(noise_source, [cfg.seed, 0x05E4]),
+                                 **common)
+    recorder.user_strategy = strategy
+    return strategy
+
+
+def _eps(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
