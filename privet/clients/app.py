@@ -291,7 +291,9 @@ def train(msg: Message, context: Context) -> Message:
                          momentum=cfg.train.momentum, seed=seed, noise_multiplier=sigma,
                          max_grad_norm=cfg.privacy.max_grad_norm,
                          grad_sample_mode=dp_path(model),
-                         randomness=make_randomness(ledger.current.noise_source, seed))
+                         randomness=make_randomness(ledger.current.noise_source, seed),
+                         # FedProx (Flower's key): data-independent, added after the noise
+                         proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)))
     epsilon = 0.0
     if sigma is not None:
         if result.steps != steps:  # never: the steps are fixed by n and B; paid as planned

@@ -37,3 +37,30 @@ class SGD:
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
             p.grad = None
+
+
+def add_proximal_term(optimizer, params: list[torch.nn.Parameter], mu: float):
+    """FedProx's proximal term (Li et al., 2020, "Federated Optimization in Heterogeneous
+    Networks", MLSys; arXiv:1812.06127): before each `optimizer.step()`, add μ·(w − w_global)
+    to every parameter's `.grad`, the gradient of (μ/2)·‖w − w_global‖², where w_global is
+    each parameter's value now (call this once the global model is loaded, before training).
+
+    Under DP-SGD the term enters after clipping and noise: it depends on no example, so it
+    is neither clipped nor noised and costs no ε (the noised gradient plus a public vector is
+    post-processing). Putting it into the loss instead would put it into every per-sample
+    gradient, where clipping would shrink it with the data's part.
+    Returns `optimizer`, whose `step` now adds the term; μ = 0 leaves it as it was."""
+    if not mu:
+        return optimizer
+    anchors = [p.detach().clone() for p in params]
+    step = optimizer.step
+
+    def proximal_step(*args, **kwargs):
+        with torch.no_grad():
+            for p, anchor in zip(params, anchors):
+                if p.grad is not None:
+                    p.grad.add_(p - anchor, alpha=mu)
+        return step(*args, **kwargs)
+
+    optimizer.step = proximal_step
+    return optimizer

@@ -25,7 +25,7 @@ from torch.nn import functional
 from torch.utils.data import DataLoader, TensorDataset
 
 from privet.clients.bookkeeping import BookkeepingDPSGD
-from privet.clients.sgd import SGD
+from privet.clients.sgd import SGD, add_proximal_term
 from privet.common.opacus_import import opacus
 from privet.common.privacy.randomness import Randomness, SeededRandomness
 
@@ -72,8 +72,8 @@ def expected_batch_size(num_rows: int, batch_size: int) -> int:
 def train_local(model: nn.Module, features: np.ndarray, labels: np.ndarray, *, epochs: int,
                 batch_size: int, lr: float, momentum: float, seed: int,
                 noise_multiplier: float | None = None, max_grad_norm: float = 1.0,
-                grad_sample_mode: str = "hooks", randomness: Randomness | None = None
-                ) -> LocalResult:
+                grad_sample_mode: str = "hooks", randomness: Randomness | None = None,
+                proximal_mu: float = 0.0) -> LocalResult:
     """Train `model` in place. With `noise_multiplier` set, this is DP-SGD, computed by
     privet's book-keeping path (grad_sample_mode "bookkeeping") or by Opacus (its modes
     "hooks", "ghost", "functorch", "ew").
@@ -81,7 +81,10 @@ def train_local(model: nn.Module, features: np.ndarray, labels: np.ndarray, *, e
     `randomness` supplies every DP draw: which rows each step takes and the Gaussian noise.
     None means `SeededRandomness(seed)` (rows from a generator seeded with `seed`, noise from
     one seeded with `seed + 1`), reproducible and fit for simulation only. Non-private
-    training ignores it: its shuffling, seeded with `seed`, protects nothing."""
+    training ignores it: its shuffling, seeded with `seed`, protects nothing.
+
+    `proximal_mu` > 0 is FedProx: each step adds μ·(w − w_start) to the (noised) gradient,
+    w_start being the weights `model` has now (clients.sgd.add_proximal_term)."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     x_all, y_all = torch.from_numpy(features), torch.from_numpy(labels)
@@ -89,12 +92,13 @@ def train_local(model: nn.Module, features: np.ndarray, labels: np.ndarray, *, e
     model.train()
     if noise_multiplier is None:
         _train_plain(model, x_all, y_all, tally, epochs=epochs, batch_size=batch_size, lr=lr,
-                     momentum=momentum, seed=seed)
+                     momentum=momentum, seed=seed, proximal_mu=proximal_mu)
     else:
         randomness = randomness if randomness is not None else SeededRandomness(seed)
         batches = _poisson_batches(randomness, len(y_all), batch_size, epochs)
         dp = dict(randomness=randomness, lr=lr, momentum=momentum,
-                  noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm)
+                  noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                  proximal_mu=proximal_mu)
         if grad_sample_mode == BOOKKEEPING:
             _train_bookkeeping(model, x_all, y_all, tally, batches,
                                expected_batch_size=expected_batch_size(len(y_all), batch_size),
@@ -109,12 +113,13 @@ def train_local(model: nn.Module, features: np.ndarray, labels: np.ndarray, *, e
 
 def _train_plain(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, tally: _Tally,
                  *, epochs: int, batch_size: int, lr: float, momentum: float,
-                 seed: int) -> None:
+                 seed: int, proximal_mu: float = 0.0) -> None:
     """Non-private SGD over shuffled batches: the batches torch's shuffling DataLoader with a
     generator seeded `seed` gives, draw for draw (its RandomSampler also draws a second,
     empty-sliced permutation an epoch), without its per-row collation."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = SGD(model.parameters(), lr=lr, momentum=momentum)
+    add_proximal_term(optimizer, optimizer.params, proximal_mu)
     for _ in range(epochs):
         _start_dataloader_epoch(generator)
         order = torch.randperm(len(y_all), generator=generator)
@@ -173,11 +178,12 @@ class _Tally:
 def _train_bookkeeping(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor,
                        tally: _Tally, batches: Iterator[torch.Tensor], *,
                        randomness: Randomness, expected_batch_size: int, lr: float,
-                       momentum: float, noise_multiplier: float, max_grad_norm: float
-                       ) -> None:
+                       momentum: float, noise_multiplier: float, max_grad_norm: float,
+                       proximal_mu: float = 0.0) -> None:
     """DP-SGD by clients.bookkeeping, one step a batch of row indices."""
+    optimizer = SGD(model.parameters(), lr=lr, momentum=momentum)
     dpsgd = BookkeepingDPSGD(
-        model, SGD(model.parameters(), lr=lr, momentum=momentum),
+        model, add_proximal_term(optimizer, optimizer.params, proximal_mu),
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
         expected_batch_size=expected_batch_size, randomness=randomness)
     for rows in batches:
@@ -189,7 +195,7 @@ def _train_bookkeeping(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tenso
 def _train_opacus(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, tally: _Tally,
                   batches: Iterator[torch.Tensor], *, batch_size: int, grad_sample_mode: str,
                   randomness: Randomness, lr: float, momentum: float, noise_multiplier: float,
-                  max_grad_norm: float) -> None:
+                  max_grad_norm: float, proximal_mu: float = 0.0) -> None:
     """DP-SGD by Opacus' `grad_sample_mode`, on privet's batches and with privet's noise.
 
     Opacus computes the per-sample gradients, clips and sums them and scales the noisy sum;
@@ -202,6 +208,9 @@ def _train_opacus(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, ta
         grad_sample_mode=grad_sample_mode)
     _use_randomness(dp_optimizer, randomness,
                     expected_batch_size=expected_batch_size(len(y_all), batch_size))
+    # DPOptimizer.step clips, noises and scales, then calls the wrapped optimizer's step
+    inner = dp_optimizer.original_optimizer
+    add_proximal_term(inner, [p for g in inner.param_groups for p in g["params"]], proximal_mu)
     net.train()
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     for rows in batches:

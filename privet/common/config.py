@@ -157,16 +157,21 @@ class TrainConfig:
     momentum: float = _spec(0.8, low=0.0, high=0.999, help="SGD momentum")
 
 
-STRATEGY_NAMES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "trimmed-mean",
-                  "median", "krum")
+STRATEGY_NAMES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
+                  "trimmed-mean", "median", "krum")
+# strategies user-level DP (a clipped, noised sum) is analysed for: FedAvg's mean (fedprox
+# changes only the clients' local objective) and server optimizers stepped on the noised
+# mean (post-processing); not robust aggregates, whose sensitivity is not a sum's
+USER_LEVEL_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    name: str = _spec("fedavg", choices=STRATEGY_NAMES,
-                      help="server aggregation: fedavg | fedavgm (server momentum) | fedadam |"
-                           " fedyogi | fedadagrad (Reddi et al. 2021) | trimmed-mean | median |"
-                           " krum (robust to corrupted updates)")
+    name: str = _spec("fedavg",
+                      help="server aggregation: fedavg | fedavgm (server momentum) | fedprox "
+                           "(proximal term) | fedadam | fedyogi | fedadagrad (Reddi et al. "
+                           "2021) | trimmed-mean | median | krum (robust to corrupted "
+                           "updates) | package.module:Class (your FedAvg subclass)")
     weighting: str = _spec("uniform", choices=("examples", "uniform"),
                            help="fedavg, fedavgm, fedadam, fedyogi, fedadagrad: average the "
                                 "updates weighted by each client's examples (FedAvg) or "
@@ -185,6 +190,9 @@ class StrategyConfig:
                              help="trimmed-mean: share cut at each end, per coordinate")
     byzantine: int = _spec(0, low=0, help="krum: corrupted updates to tolerate")
     multi: int = _spec(1, low=1, help="krum: updates kept and averaged (1 = Krum)")
+    proximal_mu: float = _spec(0.01, low=0.0,
+                               help="fedprox: weight μ of the proximal term (μ/2)·‖w − w_global‖²"
+                                    " in each client's local objective")
 
 
 @dataclass(frozen=True)
@@ -276,14 +284,17 @@ class ExperimentConfig:
                 "noise would have to hide a whole participant's counts and would swamp them "
                 "below thousands of participants; use preprocess.fit = \"local\" (a "
                 "participant's own transform is part of its update, which the server clips)")
-        if self.user_level and self.strategy.name != "fedavg":
+        if not (self.strategy.name in STRATEGY_NAMES or is_import_path(self.strategy.name)):
+            raise ConfigError(f"strategy.name = {self.strategy.name!r}: expected one of "
+                              f"{', '.join(STRATEGY_NAMES)} or an import path "
+                              "package.module:Class")
+        if self.user_level and self.strategy.name not in USER_LEVEL_STRATEGIES:
             raise ConfigError(
                 f"strategy.name = \"{self.strategy.name}\" with privacy.level = "
                 f"\"{self.privacy.level}\": refused: user-level DP clips each update and "
                 "noises their sum (DP-FedAvg, McMahan et al. 2018); a robust aggregate's "
-                "sensitivity is not that of a sum, and a server optimizer would have to "
-                "see the noised sum, which privet does not do yet; use strategy.name = "
-                "\"fedavg\", or sample level")
+                "sensitivity is not that of a sum, and a user's strategy is not analysed; "
+                f"use one of {', '.join(USER_LEVEL_STRATEGIES)}, or sample level")
         s = self.strategy
         if s.name == "krum" and self.clients_per_round <= 2 * s.byzantine + 2:
             raise ConfigError(f"strategy.byzantine = {s.byzantine}: krum needs clients-per-round"

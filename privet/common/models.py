@@ -18,13 +18,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
-import os
-import sys
 from typing import Callable
 
 from torch import nn
 
 from privet.common.config import TrainConfig, is_import_path
+from privet.common.imports import ImportPathError, load
 
 Factory = Callable[[tuple[int, ...], int, TrainConfig], nn.Module]
 MODELS: dict[str, Factory] = {}
@@ -79,29 +78,21 @@ def factory(name: str) -> Factory:
     if not is_import_path(name):
         raise ModelError(f"train.model = {name!r}: expected one of {', '.join(MODELS)} or an "
                          "import path package.module:factory")
-    module_name, _, attr = name.partition(":")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())  # `privet` is a script: let it see the user's folder
     try:
-        found = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ModelError(f"train.model = {name!r}: cannot import {module_name!r} ({error}); "
-                         "it must be importable from the current folder or the Flower app "
-                         "folder") from None
-    for part in attr.split("."):
-        found = getattr(found, part, None)
-        if found is None:
-            raise ModelError(f"train.model = {name!r}: {module_name!r} has no {attr!r}")
+        found = load(name)
+    except ImportPathError as error:
+        raise ModelError(f"train.model = {name!r}: {error}") from None
     if not callable(found):
-        raise ModelError(f"train.model = {name!r}: {attr!r} is not callable")
+        raise ModelError(f"train.model = {name!r}: {name.partition(':')[2]!r} is not callable")
     return found
 
 
-def shipped_with_app(name: str, app_dir) -> str | None:
-    """Why `train.model` would not reach deployed SuperNodes (Flower ships the .py files of
-    the app folder `app_dir` in its FAB, nothing else), or None when it would: a built-in,
-    or a module whose file lies in the app folder."""
-    if name in MODELS:
+def shipped_with_app(name: str, app_dir, key: str = "train.model") -> str | None:
+    """Why the import path `name` given for `key` (a model factory, a strategy) would not reach
+    the deployed SuperNodes and ServerApp (Flower ships the .py files of the app folder
+    `app_dir` in its FAB, nothing else), or None when it would: a built-in name, or a module
+    whose file lies in the app folder."""
+    if name in MODELS or not is_import_path(name):
         return None
     from pathlib import Path
 
@@ -114,10 +105,10 @@ def shipped_with_app(name: str, app_dir) -> str | None:
     origin = Path(spec.origin).resolve() if spec and spec.origin else None
     app = Path(app_dir).resolve()
     if origin is None:
-        return (f"train.model = {name!r}: module {module!r} not found; in deployment it must "
+        return (f"{key} = {name!r}: module {module!r} not found; in deployment it must "
                 f"be a module in the app folder {app}, which Flower ships to the SuperNodes")
     if app not in origin.parents:
-        return (f"train.model = {name!r}: {origin} is outside the app folder {app}; Flower "
+        return (f"{key} = {name!r}: {origin} is outside the app folder {app}; Flower "
                 "ships only the app folder to the SuperNodes: move the module into it")
     return None
 

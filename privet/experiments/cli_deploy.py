@@ -255,7 +255,8 @@ def run_deployed(
         fail(str(error))
     from privet.common.models import shipped_with_app
 
-    unshipped = shipped_with_app(cfg.train.model, PROJECT_DIR)
+    unshipped = (shipped_with_app(cfg.train.model, PROJECT_DIR)
+                 or shipped_with_app(cfg.strategy.name, PROJECT_DIR, "strategy.name"))
     if unshipped:
         fail(unshipped)
     # the ServerApp maps one node to one client: it refuses extra nodes, waits for missing

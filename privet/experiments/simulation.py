@@ -169,7 +169,7 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
     """Fail before Ray starts if the data cannot be read or split as configured; return
     the partition report (rows, label balance, missing cells per client) and what reading
     the files skipped or will clean (skipped lines, non-numeric cells)."""
-    from privet.common.config import IMAGE_DATASETS
+    from privet.common.config import IMAGE_DATASETS, is_import_path
     from privet.common.data.datasets import (model_input_shape, num_classes, partition_report,
                                       source_warnings, test_data)
     from privet.common.models import check_model
@@ -179,6 +179,10 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
         test_data(cfg)
     # the model, before Ray starts: a layer DP-SGD cannot train is one line (ModelError)
     notes = tuple(check_model(cfg.train, model_input_shape(cfg), num_classes(cfg)))
+    if is_import_path(cfg.strategy.name):  # a user's strategy: importable, a FedAvg
+        from privet.server.strategies import strategy_class
+
+        strategy_class(cfg.strategy.name)  # ConfigError: one line
     if cfg.data.dataset not in IMAGE_DATASETS:
         small = [r["client"] for r in report if r["rows"] < cfg.train.batch_size]
         if len(small) == cfg.num_clients:

@@ -208,9 +208,16 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
     if user_account is not None:
         reserve_user_round()
     strategy.start(grid=grid, initial_arrays=R.to_arrays(model), num_rounds=cfg.rounds,
-                   train_config=ConfigRecord({R.TRANSFORM: transform, R.RUN: run}),
+                   train_config=ConfigRecord({R.TRANSFORM: transform, R.RUN: run,
+                                              # fedprox also at user level (FedAvg's server)
+                                              "proximal-mu": proximal_mu(cfg)}),
                    evaluate_config=ConfigRecord({R.TRANSFORM: transform, R.RUN: run}),
                    evaluate_fn=evaluate)
+
+
+def proximal_mu(cfg: ExperimentConfig) -> float:
+    """μ of FedProx's proximal term the clients add (0 but for `strategy.name = "fedprox"`)."""
+    return cfg.strategy.proximal_mu if cfg.strategy.name == "fedprox" else 0.0
 
 
 def build_strategy(cfg: ExperimentConfig, recorder: RunRecorder,
@@ -240,7 +247,7 @@ def build_strategy(cfg: ExperimentConfig, recorder: RunRecorder,
                                  target_quantile=p.user_clip_quantile, clip_lr=p.user_clip_lr,
                                  count_stddev=p.user_count_stddev or None,
                                  randomness=make_randomness(noise_source, [cfg.seed, 0x05E4]),
-                                 **common)
+                                 server_optimizer=strategies.server_optimizer(cfg), **common)
     recorder.user_strategy = strategy
     return strategy
 

@@ -47,6 +47,7 @@ from flwr.serverapp import Grid
 
 from privet.common.privacy.ledger import PrivacyLedger
 from privet.common.privacy.randomness import Randomness, SeededRandomness
+from privet.server.strategies.after_noise import step_on_aggregate
 from privet.server.strategy import PrivetFedAvg, average_metrics
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,8 @@ class UserLevelDPFedAvg(PrivetFedAvg):
 
     `randomness` supplies every DP draw (client sampling, model noise, count noise); None
     means `SeededRandomness(seed)`, reproducible and only fit for simulation.
+    `server_optimizer`: a Flower FedAvgM/FedAdam/FedYogi/FedAdagrad stepped on the noised
+    mean (server.strategies.after_noise), or None for FedAvg's step (the mean itself).
     """
 
     count_sensitivity = COUNT_SENSITIVITY
@@ -165,7 +168,7 @@ class UserLevelDPFedAvg(PrivetFedAvg):
                  num_clients: int, seed: int, adaptive: bool = False,
                  target_quantile: float = 0.5, clip_lr: float = 0.2,
                  count_stddev: float | None = None, randomness: Randomness | None = None,
-                 **kwargs) -> None:
+                 server_optimizer=None, **kwargs) -> None:
         super().__init__(seed=seed, **kwargs)
         self.noise_multiplier, self.clip = noise_multiplier, clip
         self.sample_rate, self.num_clients = sample_rate, num_clients
@@ -181,6 +184,7 @@ class UserLevelDPFedAvg(PrivetFedAvg):
         self.clip_history: list[float] = []
         self.released_counts: list[float] = []  # the noisy centred counts, one per round
         self.ledger = PrivacyLedger()
+        self.server_optimizer = server_optimizer
         self._global: StateDict | None = None
 
     @property
@@ -222,6 +226,9 @@ class UserLevelDPFedAvg(PrivetFedAvg):
         new_state, norms = clipped_noisy_mean(
             self._global, [m.content["arrays"].to_torch_state_dict() for m in trained],
             self.clip, self.model_noise, self.round_expected, self.randomness)
+        if self.server_optimizer is not None:  # after the noise: post-processing
+            new_state = step_on_aggregate(self.server_optimizer, server_round, self._global,
+                                          new_state)
         self.clip_history.append(self.clip)
         if self.adaptive:
             released = self.release_count(norms)
