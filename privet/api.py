@@ -86,13 +86,15 @@ def load_run(path: str | os.PathLike) -> Run:
     return run
 
 
-def _model_path(model: str | Callable) -> str:
-    if isinstance(model, str):
-        return model
-    module, name = getattr(model, "__module__", ""), getattr(model, "__qualname__", "")
+def _import_path(what: str, thing: str | Callable) -> str:
+    """`thing`'s `package.module:name` (a string is taken as one already); raises ValueError
+    for something the clients or the server could not import by name."""
+    if isinstance(thing, str):
+        return thing
+    module, name = getattr(thing, "__module__", ""), getattr(thing, "__qualname__", "")
     if not module or module == "__main__" or "<" in name:
-        raise ValueError("model: pass a factory defined in an importable module (or its "
-                         "'package.module:function' path): the clients import it by name")
+        raise ValueError(f"{what}: pass one defined in an importable module (or its "
+                         "'package.module:name' path): the run imports it by name")
     return f"{module}:{name}"
 
 
@@ -121,19 +123,24 @@ def _run_cli(args: list[str], verbose: bool | None) -> str:
 
 def simulate(config: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None,
              *, out: str | os.PathLike | None = None, model: str | Callable | None = None,
+             dataset: str | Callable | None = None, strategy: str | type | None = None,
              verbose: bool | None = None) -> Run:
     """Run one experiment as `privet simulate` does and return its Run.
 
     config: an experiment TOML (default: the default experiment); overrides: keys as in the
     file, dotted ({"rounds": 5, "privacy.epsilon": 1}); model: `train.model`, as
     "package.module:function" or the factory itself (it must live in an importable module);
+    dataset: `data.dataset` (a built-in name, or a loader as path or itself); strategy:
+    `strategy.name` (a built-in name, or a Flower FedAvg subclass as path or itself);
     out: the run directory (default: a new folder under the system's temp directory);
     verbose: show privet's console output (default: on a terminal yes, in a notebook or a
     pipe no: captured, and in PrivetError.output if the run fails).
     Raises PrivetError with privet's one-line error when the run is refused or fails."""
     settings = dict(overrides or {})
-    if model is not None:
-        settings["train.model"] = _model_path(model)
+    for key, given in (("train.model", model), ("data.dataset", dataset),
+                       ("strategy.name", strategy)):
+        if given is not None:
+            settings[key] = _import_path(key, given)
     out = Path(out) if out else Path(tempfile.mkdtemp(prefix="privet-")) / "run"
     args = ["simulate", "--out", str(out)]
     if config is not None:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from flwr.serverapp.strategy import FedMedian
 
 import privet
 from privet.common.config import CONFIGS_DIR
@@ -14,10 +15,10 @@ TINY = CONFIGS_DIR / "tiny.toml"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One tiny round with a user's factory, passed as itself."""
+    """One tiny round with a user's factory and a strategy class, passed as themselves."""
     out = tmp_path_factory.mktemp("api") / "run"
     return privet.simulate(TINY, {"rounds": 1, "privacy.epsilon": 3.0},
-                           model=tabular.residual_mlp, out=out)
+                           model=tabular.residual_mlp, strategy=FedMedian, out=out)
 
 
 def test_simulate_returns_a_run_whose_model_scores_what_the_run_reported(run):
@@ -33,6 +34,7 @@ def test_simulate_returns_a_run_whose_model_scores_what_the_run_reported(run):
 
 def test_a_users_factory_is_passed_as_itself_and_rebuilt_by_the_run(run):
     assert run.config.train.model == "experiments.examples.tabular:residual_mlp"
+    assert run.config.strategy.name == "flwr.serverapp.strategy.fedmedian:FedMedian"
     assert isinstance(run.model(), tabular.ResidualMLP)
     with pytest.raises(ValueError, match="importable module"):
         privet.simulate(TINY, model=lambda shape, outputs, cfg: torch.nn.Linear(1, 1))
