@@ -454,3 +454,18 @@ def test_bad_bounds_are_one_line_naming_the_override_and_leave_no_run_directory(
         line = one_error_line(stdout)
         assert code == 2 and expected in line and f"--set data.bounds={bounds}" in line
         assert not (tmp_path / "run").exists()
+
+
+def test_only_errors_of_writing_the_run_directory_read_as_a_full_disk(tmp_path):
+    """A data file that is not there is its own error, not "… while writing the results"."""
+    import errno
+
+    from privet.server.app import _writing_results
+
+    run = tmp_path / "run"
+    assert _writing_results(OSError(errno.ENOSPC, "No space left on device"), run)
+    assert _writing_results(FileNotFoundError(errno.ENOENT, "gone", str(run / "rounds.csv")),
+                            run)
+    assert _writing_results(FileNotFoundError(errno.ENOENT, "gone", str(run)), run)
+    assert not _writing_results(
+        FileNotFoundError(errno.ENOENT, "no such file", str(tmp_path / "adult.data.gz")), run)

@@ -6,6 +6,7 @@ the run directory is updated as each round finishes.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import random
@@ -107,6 +108,9 @@ def main(grid: Grid, context: Context) -> None:
         raise RunFailed(str(reason)) from None
     except OSError as error:  # the disk filled up, the folder went away: what is kept
         done = len(recorder.round_rows)
+        if not _writing_results(error, run_dir):  # e.g. a data file that is not there
+            log.warning("privet: the run failed after round %d: %s", done, error)
+            raise RunFailed(str(error)) from None
         raise RunFailed(f"{run_dir}: {(error.strerror or str(error)).lower()} while writing the "
                         f"results of round {done + 1}; "
                         + (f"rounds 1-{done} are kept" if done else "no round was finished")
@@ -213,6 +217,17 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
                                               "proximal-mu": proximal_mu(cfg)}),
                    evaluate_config=ConfigRecord({R.TRANSFORM: transform, R.RUN: run}),
                    evaluate_fn=evaluate)
+
+
+def _writing_results(error: OSError, run_dir: Path) -> bool:
+    """Whether `error` is one of writing the run directory (a full or read-only disk, or a
+    file under `run_dir`), rather than of reading something else."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return True
+    if not error.filename:
+        return False
+    run, name = Path(run_dir).resolve(), Path(error.filename).resolve()
+    return name == run or run in name.parents
 
 
 def proximal_mu(cfg: ExperimentConfig) -> float:

@@ -71,8 +71,8 @@ def _candidate_dirs() -> list[Path]:
     if direct_url:  # editable or local install: the project checkout
         url = json.loads(direct_url).get("url", "")
         if url.startswith("file://"):
-            dirs.append(Path(url[len("file://"):]) / "common" / "data" / "adult")
-    dirs.append(Path(str(dist.locate_file("common/data/adult"))))
+            dirs.append(Path(url[len("file://"):]) / "privet" / "common" / "data" / "adult")
+    dirs.append(Path(str(dist.locate_file("privet/common/data/adult"))))
     return dirs
 
 
