@@ -48,6 +48,13 @@ def embedding_dim(cardinality: int) -> int:
     return min(8, math.ceil(1.6 * cardinality ** 0.56))
 
 
+def category_index(block: Tensor) -> Tensor:
+    """A one-hot block (B, k-1) → the index of each row's value (B,) in an embedding of k
+    rows: the position of the 1, or k-1 (reserved) where the block is all zero."""
+    hot, index = block.max(dim=1)
+    return torch.where(hot > 0.5, index, block.shape[1])
+
+
 class EmbeddingMLP(nn.Module):
     """x (B, features) → logits (B, outputs), for privet's encoded rows: scaled numbers and,
     per categorical column, a one-hot block (`features` says which columns are which).
@@ -87,8 +94,7 @@ class EmbeddingMLP(nn.Module):
         x = x.flatten(1)
         parts = [self.numbers(x[:, self.numeric])] if self.numbers is not None else []
         for (start, stop), table in zip(self.blocks, self.embeddings):
-            hot, index = x[:, start:stop].max(dim=1)
-            parts.append(table(torch.where(hot > 0.5, index, stop - start)))
+            parts.append(table(category_index(x[:, start:stop])))
         h = self.project(torch.cat(parts, dim=1))
         return self.head(h + self.block(h))
 
