@@ -39,9 +39,10 @@ def describe_clients(grid: Grid) -> Described:
     names = {tuple(str(c) for c in d["classes"]) for d in described}
     layouts = {str(d.get("features", "")) for d in described}
     if len(shapes) != 1 or len(names) != 1 or len(layouts) != 1:
+        columns = "" if len(layouts) == 1 else " and different columns"
         raise RuntimeError(f"clients disagree on their data: example shapes {sorted(shapes)}, "
-                           f"classes {sorted(names)}; every node needs the same schema "
-                           "(data.categories, data.classes)")
+                           f"classes {sorted(names)}{columns}; every node needs the same "
+                           "schema (data.categories, data.classes)")
     classes = next(iter(names))
     report = []
     for d in described:
