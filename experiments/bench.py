@@ -72,7 +72,7 @@ def floor(name: str) -> dict:
     spent = {"load": 0.0, "train": 0.0, "evaluate": 0.0}
     started = time.perf_counter()
     test = test_data(cfg)
-    model = build_model(cfg.train, test.features.shape[1:], num_classes(cfg))
+    model = build_model(cfg.train, test.features.shape[1:], num_classes(cfg), test.feature_spec)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     spent["load"] += time.perf_counter() - started
     rng = np.random.default_rng(cfg.seed)

@@ -2,13 +2,15 @@
 path for Linear stacks, Opacus' grad-sample modes), with seeded and with secure randomness.
 
     python -m experiments.bench_dpsgd [--repeats 5] [--only adult,digits,fashion-mnist]
+                                      [--models mlp,embedding_mlp]
 
 Times steady-state local training (after a warm-up epoch) on one client's worth of rows,
 side by side in one process, one torch thread; prints ms/step and the ratio to plain SGD for
 seeded randomness (simulation: torch generators), then ms/step with secure randomness (a
 deployed client: ChaCha20 from OS entropy, each Gaussian the sum of four) and its ratio to
 seeded.
-Workloads: MLP and logistic regression on Adult client 0; MLP and CNN on scikit-learn's
+Workloads: MLP, logistic regression and two users' models (a residual MLP; one with
+embeddings for the categorical columns) on Adult client 0; MLP and CNN on scikit-learn's
 8x8 digits; the CNN on Fashion-MNIST (random 28x28 images when no local copy is found:
 step time does not depend on pixel values).
 """
@@ -36,6 +38,7 @@ SOURCES = ("seeded", "secure")  # where DP-SGD's draws come from (common.privacy
 FASHION_ROWS = 2000  # a third of an IID client's 6,000 of 10: enough steps, quicker
 # a user's own model (non-Sequential, LayerNorm, Dropout): Opacus' path, see clients.train
 EXAMPLE = "experiments.examples.tabular:residual_mlp"
+EMBEDDING = "experiments.examples.tabular:embedding_mlp"  # nn.Embedding per categorical
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class Workload:
     labels: np.ndarray
     num_classes: int
     source: str
+    feature_spec: object = None  # tables: common.data.features.Features, for embedding_mlp
 
 
 def adult() -> Workload:
@@ -54,9 +58,10 @@ def adult() -> Workload:
 
     cfg = load_config(overrides=["data.partition=iid"])
     data = client_data(cfg, 0)
-    return Workload("adult", ("mlp", "logreg", EXAMPLE), data.features, data.labels,
+    return Workload("adult", ("mlp", "logreg", EXAMPLE, EMBEDDING), data.features, data.labels,
                     num_classes(cfg),
-                    f"Adult client 0 of {cfg.num_clients} (IID): {len(data)} rows")
+                    f"Adult client 0 of {cfg.num_clients} (IID): {len(data)} rows",
+                    data.feature_spec)
 
 
 def digits() -> Workload:
@@ -87,7 +92,7 @@ def time_per_step(model_name: str, mode: str | None, work: Workload, epochs: int
     warm-up epoch."""
     # The default train config (hidden 64) with this model; no dataset check applies here.
     model = build_model(TrainConfig(model=model_name), work.features.shape[1:],
-                        work.num_classes)
+                        work.num_classes, work.feature_spec)
     kwargs = dict(batch_size=64, lr=0.1, momentum=0.0, seed=seed,
                   noise_multiplier=1.0 if mode else None, grad_sample_mode=mode or "hooks")
     if source == "secure":  # else None: SeededRandomness(seed), as in simulation
@@ -103,7 +108,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--only", default=",".join(WORKLOADS),
                         help=f"comma-separated workloads out of {', '.join(WORKLOADS)}")
+    parser.add_argument("--models", default="",
+                        help="comma-separated model names (or the end of an import path, "
+                             "e.g. embedding_mlp) to time; default: every workload's")
     args = parser.parse_args()
+    wanted = [m.strip() for m in args.models.split(",") if m.strip()]
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(names) - set(WORKLOADS))
     if unknown:
@@ -119,8 +128,10 @@ def main() -> None:
           f"{'secure ms':>9} {'× seeded':>8}")
     for work in workloads:
         for model_name in work.models:
+            if wanted and model_name.rsplit(":", 1)[-1] not in wanted:
+                continue
             probe = build_model(TrainConfig(model=model_name), work.features.shape[1:],
-                                work.num_classes)
+                                work.num_classes, work.feature_spec)
             modes = [m for m in MODES if m != BOOKKEEPING or bookkeeping.supports(probe)]
             runs = [("plain", "seeded")] + [(m, source) for m in modes for source in SOURCES]
             timings: dict[tuple[str, str], list[float]] = {run: [] for run in runs}

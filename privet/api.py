@@ -64,12 +64,14 @@ class Run:
         cfg = self.config
         saved = torch.load(self.path / "model.pt", map_location="cpu")
         transform = self.path / "transform.json"
+        features = None
         if cfg.data.dataset in IMAGE_DATASETS:
             shape = datasets.model_input_shape(cfg)
         else:
-            shape = datasets.test_data(cfg, transform.read_text(encoding="utf-8")
-                                       if transform.exists() else "").features.shape[1:]
-        model = build_model(cfg.train, tuple(shape), datasets.num_classes(cfg))
+            test = datasets.test_data(cfg, transform.read_text(encoding="utf-8")
+                                      if transform.exists() else "")
+            shape, features = test.features.shape[1:], test.feature_spec
+        model = build_model(cfg.train, tuple(shape), datasets.num_classes(cfg), features)
         model.load_state_dict(saved["state_dict"])
         return model.eval()
 

@@ -1,6 +1,7 @@
 """Your model: a built-in name or package.module:factory, on the DP-SGD path that fits it."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -8,13 +9,20 @@ from independent import pld_epsilon
 from test_inputs import simulate as run
 from torch import nn
 
+from experiments.examples import tabular
+from privet.api import load_run
 from privet.clients import train
 from privet.common.config import CONFIGS_DIR, TrainConfig
+from privet.common.data import adult
+from privet.common.data.features import Features
+from privet.common.data.preprocess import (CategoricalStep, FittedTransform, NumericStep, Schema,
+                                           schema_features)
 from privet.common.models import ModelError, build_model, check_model, unsupported
 
 TINY = CONFIGS_DIR / "tiny.toml"
 RESIDUAL = "experiments.examples.tabular:residual_mlp"
 BATCHNORM = "experiments.examples.tabular:batchnorm_mlp"
+EMBEDDING = "experiments.examples.tabular:embedding_mlp"
 
 
 def test_a_users_non_sequential_model_trains_with_opacus_at_its_exact_epsilon(tmp_path):
@@ -72,13 +80,18 @@ def test_a_factory_that_fails_or_returns_no_module_is_named(monkeypatch):
         build_model(TrainConfig(model="experiments.examples.tabular:not_a_module"), (3,), 2)
 
 
-def test_opacus_path_gives_the_mean_of_clipped_per_example_gradients_for_a_users_model():
+@pytest.mark.parametrize("name", [RESIDUAL, EMBEDDING])
+def test_opacus_path_gives_the_mean_of_clipped_per_example_gradients_for_a_users_model(name):
     """No noise, one full batch: the update is lr × the mean of clipped per-example gradients
-    (computed here one example at a time), as on the one-pass path."""
+    (computed here one example at a time), as on the one-pass path. The embedding model's
+    rows: two numbers and a one-hot block of three, all zero in some rows."""
     torch.manual_seed(0)
-    model = build_model(TrainConfig(model=RESIDUAL, hidden=8), (5,), 2)
+    features = _embedding_features() if name == EMBEDDING else None
+    model = build_model(TrainConfig(model=name, hidden=8), (5,), 2, features)
     model.block[3].p = 0.0  # dropout off: the reference is deterministic
     x = torch.randn(16, 5)
+    if features is not None:
+        x[:, 2:] = torch.eye(4)[torch.arange(16) % 4][:, :3]
     y = (x[:, 0] > 0).long()
     clip, lr = 0.1, 1.0
     reference = {k: v.clone() for k, v in model.state_dict().items()}
@@ -113,3 +126,86 @@ def test_deployment_refuses_a_model_flower_would_not_ship(tmp_path, monkeypatch)
     assert shipped_with_app(RESIDUAL, PROJECT_DIR) is None  # in the app folder: shipped
     assert "outside the app folder" in shipped_with_app("elsewhere_model:net", PROJECT_DIR)
     assert "not found" in shipped_with_app("no_such_module_x:net", PROJECT_DIR)
+
+
+def test_an_embedding_model_for_adults_categoricals_trains_at_epsilon_3(tmp_path):
+    """The Adult experiment (3 clients, 2 rounds) with a user's non-Sequential model that
+    looks each categorical column up in an nn.Embedding: it completes at ε ≤ 3, as the
+    independent accountant computes it, beats the majority class, and its tables have one
+    row per vocabulary value, one for `other` and one reserved."""
+    code, stdout = run(tmp_path / "run", f'train.model="{EMBEDDING}"', "privacy.epsilon=3")
+    assert code == 0, stdout[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["rounds"] == 2
+    assert summary["accuracy"] > summary["scores"]["majority_baseline"]
+    delta = summary["privacy"]["delta"]
+    for entry in summary["privacy"]["clients"].values():
+        assert entry["rounds_trained"] >= 1
+        assert entry["epsilon"] == pytest.approx(pld_epsilon(entry["history"], delta), rel=0.01)
+        assert entry["epsilon"] <= 3.0 * 1.001
+    model = load_run(tmp_path / "run").model()  # rebuilt from transform.json: weights fit
+    assert [e.num_embeddings for e in model.embeddings] == [
+        len(values) + 2 for values in adult.CATEGORIES.values()]
+    assert [e.embedding_dim for e in model.embeddings] == [
+        tabular.embedding_dim(len(values) + 2) for values in adult.CATEGORIES.values()]
+    assert train.dp_path(model) == "hooks"
+
+
+def test_a_server_that_reads_no_rows_builds_the_embedding_model_from_the_clients_schema(
+        tmp_path):
+    """Federated evaluation with local fits: the server learns what each column is from the
+    clients' description (the schema), and its model's weights fit every client's."""
+    code, stdout = run(tmp_path / "run", f'train.model="{EMBEDDING}"', "rounds=1",
+                       'evaluation.mode="federated"', 'preprocess.fit="local"')
+    assert code == 0, stdout[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["failures"]["count"] == 0
+    assert 0.5 < summary["accuracy"] <= 1.0
+
+
+def test_the_feature_description_is_the_transforms_columns():
+    numeric = (NumericStep("a", -math.inf, math.inf, 0.0, 0.0, 1.0),
+               NumericStep("b", -math.inf, math.inf, 0.0, 0.0, 1.0))
+    categorical = (CategoricalStep("c", ("x", "y"), None), CategoricalStep("d", ("u",), "u"))
+    whole = FittedTransform(numeric, categorical)
+    features = whole.features()
+    assert features.names == tuple(whole.feature_names())
+    assert features.numeric == (0, 1)
+    assert [(c.name, c.start, c.stop, c.values, c.cardinality) for c in features.categorical] \
+        == [("c", 2, 5, ("x", "y", "other"), 4), ("d", 5, 7, ("u", "other"), 3)]
+    assert Features.from_json(features.to_json()) == features
+    # selection keeps some columns: the blocks shrink, a block left empty disappears
+    kept = FittedTransform(numeric, categorical, keep=(1, 3, 4)).features()
+    assert kept.names == ("b", "c=y", "c=other") and kept.numeric == (0,)
+    assert [(c.name, c.start, c.values) for c in kept.categorical] == [("c", 1, ("y", "other"))]
+    projected = FittedTransform(numeric, categorical, pca_mean=(0.0,) * 7,
+                                pca_components=((1.0,) + (0.0,) * 6,) * 2).features()
+    assert projected.names == ("pc1", "pc2") and projected.categorical == ()
+    # a local fit (no selection, no PCA) has the schema's columns, whatever its numbers
+    schema = Schema(("a", "b"), {"c": ("x", "y"), "d": ("u",)}, "label", ("0", "1"))
+    assert schema_features(schema) == features
+
+
+def test_only_a_factory_that_takes_features_gets_them(monkeypatch):
+    features = FittedTransform((), (CategoricalStep("c", ("x",), None),)).features()
+    got = {}
+    monkeypatch.setattr(tabular, "spy", lambda shape, n, cfg, **kw: got.update(kw) or
+                        nn.Linear(shape[0], n), raising=False)
+    build_model(TrainConfig(model="experiments.examples.tabular:spy"), (2,), 2, features)
+    assert got == {"features": features}
+    assert isinstance(build_model(TrainConfig(model=RESIDUAL), (2,), 2, features),
+                      tabular.ResidualMLP)  # no such keyword: called as before
+    with pytest.raises(ModelError, match="description has 2 columns"):
+        build_model(TrainConfig(model=EMBEDDING), (3,), 2, features)
+    plain = build_model(TrainConfig(model=EMBEDDING), (3,), 2)  # no description: numbers
+    assert len(plain.embeddings) == 0 and plain.numbers.in_features == 3
+
+
+def test_a_one_hot_block_becomes_its_index_and_an_empty_block_the_reserved_one():
+    block = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0, 0, 1.0]])
+    assert tabular.category_index(block).tolist() == [1, 0, 3, 2]
+
+
+def _embedding_features():
+    return FittedTransform((NumericStep("a", 0, 1, 0, 0, 1), NumericStep("b", 0, 1, 0, 0, 1)),
+                           (CategoricalStep("c", ("x", "y"), None),)).features()

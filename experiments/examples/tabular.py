@@ -1,19 +1,23 @@
-"""A tabular model as a user would write it, outside privet's registry:
-`[train] model = "experiments.examples.tabular:residual_mlp"`.
+"""Tabular models as a user would write them, outside privet's registry:
+`[train] model = "experiments.examples.tabular:residual_mlp"` (or `:embedding_mlp`).
 
-Not an nn.Sequential (a residual block), with LayerNorm and Dropout: privet's one-pass
-DP-SGD does not take it, so clients.train.dp_path sends it to Opacus, with the same
-sampling, noise and accounting. `batchnorm_mlp` is the same idea with BatchNorm, which
-DP-SGD cannot train: refused before round 1, or replaced with `train.fix-model = true`.
+Not nn.Sequentials (a residual block), with LayerNorm and Dropout: privet's one-pass
+DP-SGD does not take them, so clients.train.dp_path sends them to Opacus, with the same
+sampling, noise and accounting. `embedding_mlp` looks each categorical column up in an
+nn.Embedding, from the feature description privet gives a factory that takes the keyword
+`features` (common.data.features). `batchnorm_mlp` is the residual idea with BatchNorm,
+which DP-SGD cannot train: refused before round 1, or replaced with `train.fix-model = true`.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from privet.common.config import TrainConfig
+from privet.common.data.features import Features
 
 
 class ResidualMLP(nn.Module):
@@ -36,6 +40,74 @@ def residual_mlp(input_shape: tuple[int, ...], num_outputs: int, train: TrainCon
                  ) -> nn.Module:
     """privet's factory signature: one example's shape, the classes, the train config."""
     return ResidualMLP(math.prod(input_shape), num_outputs, train.hidden)
+
+
+def embedding_dim(cardinality: int) -> int:
+    """An embedding's width for a column of `cardinality` values: min(8, ⌈1.6·k^0.56⌉), the
+    fast.ai rule of thumb capped small (DP noise grows with every parameter)."""
+    return min(8, math.ceil(1.6 * cardinality ** 0.56))
+
+
+def category_index(block: Tensor) -> Tensor:
+    """A one-hot block (B, k-1) → the index of each row's value (B,) in an embedding of k
+    rows: the position of the 1, or k-1 (reserved) where the block is all zero."""
+    hot, index = block.max(dim=1)
+    return torch.where(hot > 0.5, index, block.shape[1])
+
+
+class EmbeddingMLP(nn.Module):
+    """x (B, features) → logits (B, outputs), for privet's encoded rows: scaled numbers and,
+    per categorical column, a one-hot block (`features` says which columns are which).
+
+    - each categorical block (B, k-1) → its index (B,): the position of its 1, or k-1 when
+      the block is all zero (a value whose column feature selection dropped) →
+      nn.Embedding(k, d) → (B, d), d = embedding_dim(k);
+    - the numbers (B, n) → Linear(n, hidden/4) → (B, hidden/4);
+    - concatenated (B, D), D = hidden/4 + Σ d → LayerNorm(D) → Linear(D, hidden) → h;
+    - one pre-norm residual block: h + Linear(Dropout(GELU(Linear(LayerNorm(h))))) (B, hidden);
+    - LayerNorm → Linear(hidden, outputs).
+
+    Taking the index inside the model keeps the rows privet sends one-hot (every other model
+    reads the same rows) and is exact: a one-hot times a weight matrix is a row lookup. The
+    index carries no gradient; the embedding rows of values absent from a batch get none
+    (DP-SGD's noise reaches them as any parameter).
+    """
+
+    def __init__(self, features: Features, outputs: int, hidden: int, dropout: float = 0.1):
+        super().__init__()
+        self.numeric = list(features.numeric)
+        self.blocks = [(c.start, c.stop) for c in features.categorical]
+        self.embeddings = nn.ModuleList(
+            nn.Embedding(c.cardinality, embedding_dim(c.cardinality))
+            for c in features.categorical)
+        width = sum(e.embedding_dim for e in self.embeddings)
+        self.numbers = None
+        if self.numeric:
+            self.numbers = nn.Linear(len(self.numeric), max(hidden // 4, 1))
+            width += self.numbers.out_features
+        self.project = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden))
+        self.block = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU(),
+                                   nn.Dropout(dropout), nn.Linear(hidden, hidden))
+        self.head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, outputs))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.flatten(1)
+        parts = [self.numbers(x[:, self.numeric])] if self.numbers is not None else []
+        for (start, stop), table in zip(self.blocks, self.embeddings):
+            parts.append(table(category_index(x[:, start:stop])))
+        h = self.project(torch.cat(parts, dim=1))
+        return self.head(h + self.block(h))
+
+
+def embedding_mlp(input_shape: tuple[int, ...], num_outputs: int, train: TrainConfig, *,
+                  features: Features | None = None) -> nn.Module:
+    """privet's factory signature with the keyword `features`: privet then passes what each
+    input column is. Without a description (images, or a caller that has none) every
+    input is a number: no embedding."""
+    if features is None:
+        width = math.prod(input_shape)
+        features = Features(tuple(f"x{i}" for i in range(width)), tuple(range(width)), ())
+    return EmbeddingMLP(features, num_outputs, train.hidden)
 
 
 def batchnorm_mlp(input_shape: tuple[int, ...], num_outputs: int, train: TrainConfig

@@ -36,6 +36,7 @@ from privet.common.data.datasets import (
     client_data,
     client_holdout,
     encoded_width,
+    feature_description,
     num_classes,
     schema,
 )
@@ -104,7 +105,8 @@ def _privacy_record(cfg: ExperimentConfig, ledger: DataLedger, transform: str = 
 
 def _model(cfg: ExperimentConfig, data: ClientData, arrays: ArrayRecord, data_path: str
            ) -> torch.nn.Module:
-    model = build_model(cfg.train, data.features.shape[1:], num_classes(cfg, data_path))
+    model = build_model(cfg.train, data.features.shape[1:], num_classes(cfg, data_path),
+                        data.feature_spec)
     R.load_arrays(model, arrays)
     return model
 
@@ -119,7 +121,8 @@ def _transform(msg: Message) -> str:
 def describe(msg: Message, context: Context) -> Message:
     """What the server needs to build the model without holding any data: the example
     shape and the classes; and, for the partition report, rows per class and missing cells.
-    Counts only, no rows (and no transform: the shape follows from the schema)."""
+    Counts only, no rows (and no transform: the shape, and what each column is, follow from
+    the schema)."""
     cfg = from_run_config(context.run_config)
     client_id, data_path = A.client_id(context), A.data_path(context)
     if cfg.data.dataset in IMAGE_DATASETS:
@@ -132,10 +135,12 @@ def describe(msg: Message, context: Context) -> Message:
         cleaned, labels, report = _cleaned_all_rows(cfg, client_id, data_path)
         shape = [encoded_width(schema(cfg, data_path))]
     names = classes(cfg, data_path)
+    layout = feature_description(cfg, data_path)
     reply = ConfigRecord({
         R.CLIENT_ID: client_id, "rows": report.rows_in, "missing-cells": report.missing_cells,
         "classes": list(names), "label-counts": np.bincount(labels, minlength=len(names))
-        .astype(int).tolist(), "input-shape": shape})
+        .astype(int).tolist(), "input-shape": shape,
+        "features": layout.to_json() if layout else ""})
     return Message(RecordDict({"describe": reply}), reply_to=msg)
 
 

@@ -278,9 +278,9 @@ def _test_labels(cfg: ExperimentConfig) -> np.ndarray:
     return datasets.test_rows(cfg)[1]
 
 
-def _load_model(cfg: ExperimentConfig, run_dir: Path, input_shape: tuple[int, ...]
-                ) -> torch.nn.Module:
-    model = build_model(cfg.train, input_shape, datasets.num_classes(cfg))
+def _load_model(cfg: ExperimentConfig, run_dir: Path, input_shape: tuple[int, ...],
+                features=None) -> torch.nn.Module:
+    model = build_model(cfg.train, input_shape, datasets.num_classes(cfg), features)
     state = torch.load(run_dir / results.MODEL, map_location="cpu")
     model.load_state_dict(state["state_dict"])
     return model.eval()
@@ -351,7 +351,7 @@ def audit_run(run_dir: str | Path, *, max_rows: int = 5000, seed: int = 0) -> di
     scored_x, scored_y = _encode_test(cfg, clients, scored_rows, transforms)
     n_ref = sum(map(len, reference_rows))
 
-    model = _load_model(cfg, run_dir, tuple(member_x.shape[1:]))
+    model = _load_model(cfg, run_dir, tuple(member_x.shape[1:]), member_data[0].feature_spec)
     member_lp, non_lp = _log_probs(model, member_x), _log_probs(model, scored_x)
     member_loss_score = member_lp[np.arange(m), member_y]  # −cross-entropy
     non_loss_score = non_lp[np.arange(m), scored_y]

@@ -4,7 +4,10 @@
 (Flower's `module:attr` convention). A factory is called as
 `factory(input_shape, num_outputs, train)` — one example's shape, (features,) or
 (channels, height, width); the number of classes; the TrainConfig — and returns an
-nn.Module mapping a batch (B, *input_shape) to logits (B, num_outputs).
+nn.Module mapping a batch (B, *input_shape) to logits (B, num_outputs). A factory whose
+signature also takes the keyword `features` gets what each input column is
+(`common.data.features.Features`: numbers, and each categorical column's one-hot block and
+values; None for images): the same on every party, from the shared transform or the schema.
 
 Any module Opacus can train is accepted: clients.train picks privet's one-pass DP-SGD where
 every trainable layer is one it supports, else Opacus. Layers DP-SGD cannot handle (BatchNorm
@@ -17,13 +20,17 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from torch import nn
 
 from privet.common.config import TrainConfig, is_import_path
 from privet.common.imports import ImportPathError, load
+
+if TYPE_CHECKING:
+    from privet.common.data.features import Features
 
 Factory = Callable[[tuple[int, ...], int, TrainConfig], nn.Module]
 MODELS: dict[str, Factory] = {}
@@ -113,14 +120,36 @@ def shipped_with_app(name: str, app_dir, key: str = "train.model") -> str | None
     return None
 
 
-def build_model(train: TrainConfig, input_shape: tuple[int, ...], num_classes: int
-                ) -> nn.Module:
+def takes_features(make: Callable) -> bool:
+    """Whether a factory's signature accepts the keyword `features` (or any keyword)."""
+    try:
+        parameters = inspect.signature(make).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): called as before
+        return False
+    return any(p.kind is p.VAR_KEYWORD or (p.name == "features" and p.kind in (
+        p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)) for p in parameters)
+
+
+def _call(make: Callable, train: TrainConfig, input_shape: tuple[int, ...], num_classes: int,
+          features: Features | None) -> nn.Module:
+    shape = tuple(int(d) for d in input_shape)
+    if takes_features(make):
+        return make(shape, int(num_classes), train, features=features)
+    return make(shape, int(num_classes), train)
+
+
+def build_model(train: TrainConfig, input_shape: tuple[int, ...], num_classes: int,
+                features: Features | None = None) -> nn.Module:
     """The model `train.model` names for one example of `input_shape` and `num_classes`
     outputs, with Opacus' fixes applied when `train.fix-model` (the same on every party).
+    `features` (tables) goes to a factory that takes that keyword, and only to one.
     Raises ModelError when the factory fails or returns something else than an nn.Module."""
     make = factory(train.model)
+    if features is not None and tuple(input_shape) != (len(features),):
+        raise ModelError(f"train.model = {train.model!r}: the feature description has "
+                         f"{len(features)} columns, the input shape is {tuple(input_shape)}")
     try:
-        model = make(tuple(int(d) for d in input_shape), int(num_classes), train)
+        model = _call(make, train, input_shape, num_classes, features)
     except ModelError:
         raise
     except Exception as error:  # noqa: BLE001 - the user's code: one line, what it said
@@ -150,21 +179,22 @@ def unsupported(model: nn.Module) -> list[str]:
     return found
 
 
-def replaced(train: TrainConfig, input_shape: tuple[int, ...], num_classes: int) -> list[str]:
+def replaced(train: TrainConfig, input_shape: tuple[int, ...], num_classes: int,
+             features: Features | None = None) -> list[str]:
     """With `train.fix-model`: which layers Opacus' fix replaced, as "name: Old → New"."""
-    original = factory(train.model)(tuple(input_shape), num_classes, train)
-    fixed = dict(build_model(train, input_shape, num_classes).named_modules())
+    original = _call(factory(train.model), train, input_shape, num_classes, features)
+    fixed = dict(build_model(train, input_shape, num_classes, features).named_modules())
     return [f"layer {name!r}: {type(layer).__name__} → {type(fixed[name]).__name__}"
             for name, layer in original.named_modules()
             if name in fixed and type(fixed[name]) is not type(layer)]
 
 
-def check_model(train: TrainConfig, input_shape: tuple[int, ...], num_classes: int
-                ) -> list[str]:
+def check_model(train: TrainConfig, input_shape: tuple[int, ...], num_classes: int,
+                features: Features | None = None) -> list[str]:
     """Build the model once and check that DP-SGD can train it; returns notes to show
     (what `fix-model` replaced). Raises ModelError naming the first unsupported layer and
     the fix."""
-    model = build_model(train, input_shape, num_classes)
+    model = build_model(train, input_shape, num_classes, features)
     problems = unsupported(model)
     if problems:
         raise ModelError(f"train.model = {train.model!r}: DP-SGD cannot train "
@@ -175,5 +205,5 @@ def check_model(train: TrainConfig, input_shape: tuple[int, ...], num_classes: i
     if not any(p.requires_grad for p in model.parameters()):
         raise ModelError(f"train.model = {train.model!r}: the model has no trainable "
                          "parameters")
-    changes = replaced(train, input_shape, num_classes) if train.fix_model else []
+    changes = replaced(train, input_shape, num_classes, features) if train.fix_model else []
     return [f"train.fix-model replaced {', '.join(changes)}"] if changes else []

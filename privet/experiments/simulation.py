@@ -171,14 +171,16 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
     the files skipped or will clean (skipped lines, non-numeric cells)."""
     from privet.common.config import IMAGE_DATASETS, is_import_path
     from privet.common.data.datasets import (model_input_shape, num_classes, partition_report,
-                                      source_warnings, test_data)
+                                      planned_features, source_warnings, test_data)
     from privet.common.models import check_model
 
     report = partition_report(cfg)
     if not cfg.federated_preprocessing:
         test_data(cfg)
     # the model, before Ray starts: a layer DP-SGD cannot train is one line (ModelError)
-    notes = tuple(check_model(cfg.train, model_input_shape(cfg), num_classes(cfg)))
+    features = planned_features(cfg)
+    shape = (len(features),) if features is not None else model_input_shape(cfg)
+    notes = tuple(check_model(cfg.train, shape, num_classes(cfg), features))
     if is_import_path(cfg.strategy.name):  # a user's strategy: importable, a FedAvg
         from privet.server.strategies import strategy_class
 

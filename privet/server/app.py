@@ -148,6 +148,7 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
         recorder.write_partitions(described.report)
         recorder.note_described(described.report)
         input_shape, classes = described.input_shape, described.classes
+        features = described.features  # a local fit's columns: the schema's
     else:
         recorder.write_partitions(partition_report(cfg))
         recorder.data_warnings = list(source_warnings(cfg))
@@ -157,11 +158,13 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
         transform = fitted.to_json()
         recorder.write_transform(fitted, estimated)
         input_shape = (len(fitted.feature_names()),)
+        features = fitted.features()  # what every client gets with the transform
     if not on_clients:
         test = test_data(cfg, transform)
         input_shape, classes = test.features.shape[1:], range(num_classes(cfg))
-    check_model(cfg.train, tuple(input_shape), len(classes))  # ModelError: one line
-    model = build_model(cfg.train, tuple(input_shape), len(classes))
+        features = test.feature_spec
+    check_model(cfg.train, tuple(input_shape), len(classes), features)  # ModelError: one line
+    model = build_model(cfg.train, tuple(input_shape), len(classes), features)
     user_account = None
     if cfg.user_level:
         user_account = accounting.user_ledger(cfg, run, deployed(grid), noise_source)

@@ -12,6 +12,7 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from privet.common import records as R
+from privet.common.data.features import Features
 from privet.server.queries import ask_every_client
 
 
@@ -20,6 +21,7 @@ class Described:
     input_shape: tuple[int, ...]
     classes: tuple[str, ...]
     report: list[dict]  # as common.data.datasets.partition_report writes it
+    features: Features | None = None  # tables: what each column is (the schema's layout)
 
 
 def describe_clients(grid: Grid) -> Described:
@@ -35,10 +37,12 @@ def describe_clients(grid: Grid) -> Described:
                            "privacy ledger and a client id")
     shapes = {tuple(int(v) for v in d["input-shape"]) for d in described}
     names = {tuple(str(c) for c in d["classes"]) for d in described}
-    if len(shapes) != 1 or len(names) != 1:
+    layouts = {str(d.get("features", "")) for d in described}
+    if len(shapes) != 1 or len(names) != 1 or len(layouts) != 1:
+        columns = "" if len(layouts) == 1 else " and different columns"
         raise RuntimeError(f"clients disagree on their data: example shapes {sorted(shapes)}, "
-                           f"classes {sorted(names)}; every node needs the same schema "
-                           "(data.categories, data.classes)")
+                           f"classes {sorted(names)}{columns}; every node needs the same "
+                           "schema (data.categories, data.classes)")
     classes = next(iter(names))
     report = []
     for d in described:
@@ -49,4 +53,6 @@ def describe_clients(grid: Grid) -> Described:
         row["majority-share"] = round(max(counts) / max(sum(counts), 1), 4)
         row["missing-cells"] = int(d["missing-cells"])
         report.append(row)
-    return Described(next(iter(shapes)), classes, report)
+    layout = next(iter(layouts))
+    return Described(next(iter(shapes)), classes, report,
+                     Features.from_json(layout) if layout else None)

@@ -24,7 +24,9 @@ from privet.common.config import IMAGE_DATASETS, DataConfig, ExperimentConfig, s
 from privet.common.data import adult, images, tables
 from privet.common.data.partition import natural_groups, partition
 from privet.common.data.numbers import PLAIN, NumberFormat
-from privet.common.data.preprocess import CleaningReport, FittedTransform, Schema, clean, fit_local
+from privet.common.data.features import Features, layout
+from privet.common.data.preprocess import (OTHER, CleaningReport, FittedTransform, Schema,
+                                           clean, fit_local, schema_features)
 from privet.common.privacy.ledger import array_digests, row_digests
 
 log = logging.getLogger("flwr")
@@ -36,6 +38,7 @@ class ClientData:
     labels: np.ndarray    # int64 class indices
     cleaning: CleaningReport
     feature_names: tuple[str, ...]
+    feature_spec: Features | None = None  # what each column is (tables; common.data.features)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -378,7 +381,7 @@ def _client_data(cfg: ExperimentConfig, client_id: int, transform_json: str,
     cleaned, labels, report = cleaned_client(cfg, client_id, data_path, held_out=held_out)
     transform = client_transform(cfg, client_id, transform_json, data_path)
     return ClientData(transform.apply(cleaned), labels, report,
-                      tuple(transform.feature_names()))
+                      tuple(transform.feature_names()), transform.features())
 
 
 def client_holdout(cfg: ExperimentConfig, client_id: int, transform_json: str = "",
@@ -509,7 +512,7 @@ def test_data(cfg: ExperimentConfig, transform_json: str = "") -> ClientData:
     transform = (FittedTransform.from_json(transform_json) if transform_json
                  else fit_local(cleaned, _source(cfg).schema, cfg.preprocess))
     return ClientData(transform.apply(cleaned), labels, report,
-                      tuple(transform.feature_names()))
+                      tuple(transform.feature_names()), transform.features())
 
 
 def model_input_shape(cfg: ExperimentConfig) -> tuple[int, ...]:
@@ -523,6 +526,31 @@ def model_input_shape(cfg: ExperimentConfig) -> tuple[int, ...]:
         return (pre.pca,)
     width = encoded_width(_source(cfg).schema)
     return (min(pre.top_k, width),) if pre.select == "mutual-info" else (width,)
+
+
+def planned_features(cfg: ExperimentConfig) -> Features | None:
+    """The feature description as far as it is known before the fit, for checking the
+    model before a run (the run itself gives the factory the fitted transform's): None for
+    images, and where feature selection decides the columns; after PCA, only components;
+    with max-categories, each block as wide as it will be (which values it keeps is left
+    to the fit)."""
+    if cfg.data.dataset in IMAGE_DATASETS or cfg.preprocess.select != "none":
+        return None
+    pre, table = cfg.preprocess, _source(cfg).schema
+    if pre.pca:
+        return layout((), (), OTHER, components=pre.pca)
+    if pre.max_categories:
+        table = replace(table, categories={c: v[:pre.max_categories]
+                                           for c, v in table.categories.items()})
+    return schema_features(table)
+
+
+def feature_description(cfg: ExperimentConfig, data_path: str = "") -> Features | None:
+    """What each column of a locally fitted client's rows is, from the schema alone (no
+    rows): what a client tells a server that reads no rows (None for images)."""
+    if cfg.data.dataset in IMAGE_DATASETS:
+        return None
+    return schema_features(_source(cfg, data_path).schema)
 
 
 def encoded_width(table: Schema) -> int:

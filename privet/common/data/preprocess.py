@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from privet.common.config import PreprocessConfig
+from privet.common.data.features import Features, layout
 from privet.common.data.numbers import PLAIN, NumberFormat
 
 
@@ -135,6 +136,13 @@ class FittedTransform:
             names = [f"pc{i + 1}" for i in range(len(self.pca_components))]
         return names
 
+    def features(self) -> Features:
+        """What each output column is (its structure only: no fitted number), for models
+        that treat categorical columns apart (common.data.features)."""
+        return layout([s.column for s in self.numeric],
+                      [(s.column, s.vocabulary) for s in self.categorical], OTHER, self.keep,
+                      len(self.pca_components) if self.pca_components is not None else 0)
+
     def encode(self, frame: pd.DataFrame) -> np.ndarray:
         """Clip, impute, scale and one-hot: the features before selection and PCA."""
         blocks = []
@@ -178,6 +186,12 @@ class FittedTransform:
                    pca_mean=None if raw["pca_mean"] is None else tuple(raw["pca_mean"]),
                    pca_components=None if raw["pca_components"] is None
                    else tuple(tuple(r) for r in raw["pca_components"]))
+
+
+def schema_features(schema: Schema) -> Features:
+    """The columns every transform fitted on one client's rows gives (a local fit keeps the
+    schema's vocabularies and has no selection or PCA): known before any row is read."""
+    return layout(schema.numeric, schema.categories.items(), OTHER)
 
 
 def _scale(values: np.ndarray, scaling: str) -> tuple[float, float]:
