@@ -57,7 +57,6 @@ class Run:
         loaded with model.pt. Raises FileNotFoundError before the first round is saved."""
         import torch
 
-        from privet.common.config import IMAGE_DATASETS
         from privet.common.data import datasets
         from privet.common.models import build_model
 
@@ -65,7 +64,7 @@ class Run:
         saved = torch.load(self.path / "model.pt", map_location="cpu")
         transform = self.path / "transform.json"
         features = None
-        if cfg.data.dataset in IMAGE_DATASETS:
+        if not cfg.data.tabular:
             shape = datasets.model_input_shape(cfg)
         else:
             test = datasets.test_data(cfg, transform.read_text(encoding="utf-8")

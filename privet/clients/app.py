@@ -8,6 +8,7 @@ recorded before the reply that carries its result leaves.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -27,7 +28,7 @@ from privet.clients import metrics as metrics_dp
 from privet.clients.preprocessing import own_transform, planned
 from privet.clients.train import dp_path, train_local
 from privet.common import records as R
-from privet.common.config import IMAGE_DATASETS, ExperimentConfig, from_run_config
+from privet.common.config import ExperimentConfig, from_run_config
 from privet.common.data import federated
 from privet.common.data.datasets import (
     ClientData,
@@ -82,6 +83,18 @@ def _failures_named(**defaults):
     return decorate
 
 
+def _config(context: Context) -> ExperimentConfig:
+    """The experiment's config; on a deployed node whose data comes from a user's loader
+    (`data.dataset = "package.module:loader"`), with `data.path` = the node's `data-path`, so
+    that everything the node asks of its data (whether it is a table included) is asked of
+    what the loader returns for its own rows."""
+    cfg = from_run_config(context.run_config)
+    path = A.data_path(context)
+    if path and cfg.data.loader:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path))
+    return cfg
+
+
 def _run(msg: Message) -> str:
     """The run's id, sent by the server with every message: spend under it is this run's.
     Raises ValueError unless it is 1-64 letters, digits, `_` or `-` (it names files)."""
@@ -123,9 +136,9 @@ def describe(msg: Message, context: Context) -> Message:
     shape and the classes; and, for the partition report, rows per class and missing cells.
     Counts only, no rows (and no transform: the shape, and what each column is, follow from
     the schema)."""
-    cfg = from_run_config(context.run_config)
+    cfg = _config(context)
     client_id, data_path = A.client_id(context), A.data_path(context)
-    if cfg.data.dataset in IMAGE_DATASETS:
+    if not cfg.data.tabular:
         train_share = client_data(cfg, client_id, "", data_path)
         labels, report = train_share.labels, train_share.cleaning
         shape = list(train_share.features.shape[1:])
@@ -161,7 +174,7 @@ def statistics(msg: Message, context: Context) -> Message:
     The noise is computed here from the client's own config, never taken from the
     server, and its cost goes into the ledger before the reply leaves.
     """
-    cfg = from_run_config(context.run_config)
+    cfg = _config(context)
     client_id, data_path = A.client_id(context), A.data_path(context)
     stage = str(msg.content["config"][R.STAGE])
     if stage not in STAGES:
@@ -224,7 +237,7 @@ def _reply(metrics: dict, privacy: ConfigRecord, model: torch.nn.Module | None =
 
 def _training_rows(cfg: ExperimentConfig, client_id: int, data_path: str) -> int:
     """How many rows the client trains on (after cleaning; without its held-out share)."""
-    if cfg.data.dataset in IMAGE_DATASETS:
+    if not cfg.data.tabular:
         return len(client_data(cfg, client_id, "", data_path))
     return len(cleaned_client(cfg, client_id, data_path)[1])
 
@@ -232,7 +245,7 @@ def _training_rows(cfg: ExperimentConfig, client_id: int, data_path: str) -> int
 @app.train()
 @_failures_named()
 def train(msg: Message, context: Context) -> Message:
-    cfg = from_run_config(context.run_config)
+    cfg = _config(context)
     client_id, data_path = A.client_id(context), A.data_path(context)
     delta, accountant = cfg.privacy.delta, cfg.privacy.accountant
     ledger = A.open_ledger(cfg, context, client_id, _run(msg))
@@ -325,7 +338,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model here: on the held-out share of this client's rows with
     `evaluation.mode = "federated"`, else on all of them (encoded as it encodes them for
     training, which may spend: a client's first need of its private transform)."""
-    cfg = from_run_config(context.run_config)
+    cfg = _config(context)
     client_id, data_path = A.client_id(context), A.data_path(context)
     ledger = A.open_ledger(cfg, context, client_id, _run(msg))
     fits_now = (cfg.client_private(client_id) and not ledger.current.transform

@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from privet.common.config import IMAGE_DATASETS, ExperimentConfig
+from privet.common.config import ExperimentConfig
 from privet.common.data import federated
 from privet.common.data.datasets import cleaned_client, schema
 from privet.common.privacy.ledger import BudgetDeclined, DataLedger, Spend
@@ -45,7 +45,7 @@ def planned(cfg: ExperimentConfig, client_id: int, data_path: str = "") -> tuple
 
 
 def _schema(cfg: ExperimentConfig, data_path: str):
-    return None if cfg.data.dataset in IMAGE_DATASETS else schema(cfg, data_path)
+    return schema(cfg, data_path) if cfg.data.tabular else None
 
 
 def own_transform(cfg: ExperimentConfig, client_id: int, data_path: str, shared: str,

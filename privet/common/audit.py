@@ -59,7 +59,7 @@ from scipy.stats import beta
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from privet.common import results
-from privet.common.config import IMAGE_DATASETS, ExperimentConfig, load_config
+from privet.common.config import ExperimentConfig, load_config
 from privet.common.data import datasets, federated
 from privet.common.models import build_model
 
@@ -233,8 +233,8 @@ def _encode_test(cfg: ExperimentConfig, clients: list[int], rows: list[np.ndarra
     """Test rows `rows[i]` encoded as client `clients[i]` encoded its own rows (`transforms`:
     each client's transform JSON; "" = its exact fit on its own rows)."""
     shared = {transforms.get(c, "") for c in clients}
-    if cfg.data.dataset in IMAGE_DATASETS or (len(shared) == 1 and next(iter(shared))
-                                              and cfg.federated_preprocessing):
+    if not cfg.data.tabular or (len(shared) == 1 and next(iter(shared))
+                                and cfg.federated_preprocessing):
         test = datasets.test_data(cfg, next(iter(shared)) if shared else "")
         order = np.concatenate(rows)
         return test.features[order], test.labels[order]
@@ -249,7 +249,7 @@ def client_transforms(cfg: ExperimentConfig, run_dir: Path, clients: list[int]
     """The transform each client encoded its rows with: the shared one (transform.json), the
     one it fitted with DP itself and sent (client_transforms.json), or "" for an exact fit on
     its own rows (a client without sample-level DP). Raises ValueError when one is missing."""
-    if cfg.data.dataset in IMAGE_DATASETS:
+    if not cfg.data.tabular:
         return {c: "" for c in clients}
     if cfg.federated_preprocessing:
         path = run_dir / results.TRANSFORM
@@ -273,7 +273,7 @@ def client_transforms(cfg: ExperimentConfig, run_dir: Path, clients: list[int]
 
 
 def _test_labels(cfg: ExperimentConfig) -> np.ndarray:
-    if cfg.data.dataset in IMAGE_DATASETS:
+    if not cfg.data.tabular:
         return datasets.test_data(cfg).labels
     return datasets.test_rows(cfg)[1]
 

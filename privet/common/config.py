@@ -21,7 +21,12 @@ try:
 except ModuleNotFoundError:  # Python 3.10; tomli comes with flwr
     import tomli as tomllib
 
-IMAGE_DATASETS = ("fashion-mnist", "digits")
+# `data.dataset`: tables go through privet's tabular pipeline (cleaning, a schema, fitted
+# preprocessing); images are arrays used as they are. A user's loader (an import path) is
+# either, by what it returns: ask DataConfig.tabular, never these lists.
+TABLE_DATASETS = ("adult", "csv", "parquet")
+IMAGE_DATASETS = ("fashion-mnist", "digits", "image-folder")
+SHIPPED_DATASETS = ("adult", "fashion-mnist", "digits")
 PROJECT_DIR = Path(__file__).resolve().parents[2]  # the repository: the Flower app folder
 CONFIGS_DIR = PROJECT_DIR / "experiments" / "configs"
 DEFAULT_CONFIG = CONFIGS_DIR / "adult.toml"
@@ -48,14 +53,20 @@ def _spec(default: Any, *, choices: tuple | None = None, low: float | None = Non
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = _spec("adult", choices=("adult", "fashion-mnist", "digits", "csv",
-                                           "parquet"), help="dataset registry name")
+    dataset: str = _spec("adult", help="adult, fashion-mnist, digits, csv, parquet, "
+                                       "image-folder, or your loader as package.module:loader "
+                                       "(common.data.loader)")
     path: str = _spec("", help="csv/parquet: one file (partitioned like any dataset) or a "
-                               "folder with one file per client; fashion-mnist: the folder "
-                               "holding its IDX files (empty = the usual places)")
-    label: str = _spec("", help="csv/parquet: the label column")
-    classes: str = _spec("", shape=list, help="csv/parquet: label values in class order, e.g. "
-                                              "[\"no\", \"yes\"]; empty = sorted values found")
+                               "folder with one file per client; image-folder: a folder with "
+                               "one subfolder of images per class; fashion-mnist: the folder "
+                               "holding its IDX files (empty = the usual places); a loader "
+                               "reads it as it likes")
+    label: str = _spec("", help="csv/parquet, or a loader returning a DataFrame: the label "
+                                "column")
+    classes: str = _spec("", shape=list, help="csv/parquet/image-folder/loader: label values "
+                                              "(image-folder: subfolder names) in class order, "
+                                              "e.g. [\"no\", \"yes\"]; empty = sorted values "
+                                              "found")
     column_types: str = _spec("", shape=dict, help="csv/parquet: override inferred types, e.g. "
                                                    "{ zip = \"categorical\" }")
     categories: str = _spec("", shape=dict, help="csv/parquet: vocabulary per categorical "
@@ -72,11 +83,17 @@ class DataConfig:
     bad_lines: str = _spec("error", choices=("error", "skip"),
                            help="csv: a line with the wrong number of fields stops the run "
                                 "(error) or is skipped and counted (skip)")
-    test_path: str = _spec("", help="csv/parquet: the server's test file; empty = hold out "
+    test_path: str = _spec("", help="csv/parquet: the server's test file; image-folder: a "
+                                    "folder of the same layout; empty = hold out "
                                     "test-fraction of the rows")
     test_fraction: float = _spec(0.2, low=0.0, high=0.9, low_open=True,
                                  help="share of rows held out as the server's test set when "
                                       "the dataset has no test split of its own")
+    image_size: int = _spec(28, low=1, high=1024,
+                            help="image-folder: every image is resized to image-size × "
+                                 "image-size pixels")
+    image_channels: int = _spec(3, choices=(1, 3),
+                                help="image-folder: 1 = grayscale, 3 = RGB")
     download: bool = _spec(False, help="fashion-mnist: download through torchvision when no "
                                        "local copy is found (needs a network)")
     partition: str = _spec("dirichlet", choices=("iid", "dirichlet", "shards", "quantity",
@@ -90,6 +107,27 @@ class DataConfig:
                                                        "make clients (grouped when more "
                                                        "values than clients)")
     min_rows: int = _spec(64, low=1, help="smallest partition the partitioner accepts")
+
+    @property
+    def loader(self) -> bool:
+        """`dataset` is a user's loader, `package.module:loader` (common.data.loader)."""
+        return is_import_path(self.dataset)
+
+    @property
+    def tabular(self) -> bool:
+        """Whether privet's tabular pipeline applies: cleaning, a schema (columns, classes),
+        preprocessing fitted from rows (with DP), row digests over cells. True for adult,
+        csv, parquet and a loader that returns a DataFrame; False where the features are
+        arrays used as they are (images: digits, fashion-mnist, image-folder; a loader's
+        arrays or torch Dataset). The one place this is decided: code asks this, never the
+        dataset's name. For a loader it loads the data (once per process, cached); raises
+        common.data.loader.DatasetError (one line) when the loader cannot be used."""
+        if self.dataset in TABLE_DATASETS:
+            return True
+        if not self.loader:
+            return False
+        from privet.common.data.loader import load  # imports the user's module: only when asked
+        return load(self).tabular
 
 
 @dataclass(frozen=True)
@@ -269,7 +307,15 @@ class ExperimentConfig:
                 raise ConfigError(f"privacy.client-epsilon: client {client} does not exist; "
                                   f"expected ids 0..{self.num_clients - 1}")
         pre = self.preprocess
-        images = self.data.dataset in IMAGE_DATASETS  # pixels: no tabular preprocessing
+        data = self.data
+        if data.dataset not in TABLE_DATASETS + IMAGE_DATASETS and \
+                not is_import_path(data.dataset):
+            raise ConfigError(f"data.dataset = {data.dataset!r}: expected one of "
+                              + ", ".join(repr(d) for d in TABLE_DATASETS + IMAGE_DATASETS)
+                              + ", or an import path package.module:loader")
+        # a loader's kind is known once it has run, which checking a config never does: it
+        # counts as a table here (the cnn factory refuses tables itself, before round 1)
+        tabular = data.loader or data.tabular
         if self.fit_mode == "local":
             for key, on in (("select", pre.select != "none"), ("pca", pre.pca > 0),
                             ("max-categories", pre.max_categories > 0)):
@@ -277,7 +323,7 @@ class ExperimentConfig:
                     raise ConfigError(
                         f"preprocess.{key}: needs preprocess.fit = \"federated\"; fitted on "
                         "each client's own rows it would give clients different features")
-        if pre.fit == "federated" and self.user_level and not images:
+        if pre.fit == "federated" and self.user_level and tabular:
             raise ConfigError(
                 f"preprocess.fit = \"federated\" with privacy.level = \"{self.privacy.level}\": "
                 "refused: each participant's statistics cover all of its rows, so user-level "
@@ -315,15 +361,15 @@ class ExperimentConfig:
             raise ConfigError(
                 f"privacy.train-metrics-epsilon = {self.privacy.train_metrics_epsilon}: must "
                 f"be below the lowest sample-level target ε ({lowest}); it is spent out of it")
-        if self.data.dataset in ("csv", "parquet"):
-            for key in ("path", "label"):
-                if not getattr(self.data, key):
-                    raise ConfigError(f"data.{key}: required for data.dataset = "
-                                      f"{self.data.dataset!r}")
+        required = {"csv": ("path", "label"), "parquet": ("path", "label"),
+                    "image-folder": ("path",)}.get(data.dataset, ())
+        for key in required:
+            if not getattr(data, key):
+                raise ConfigError(f"data.{key}: required for data.dataset = {data.dataset!r}")
         if not (self.train.model.isidentifier() or is_import_path(self.train.model)):
             raise ConfigError(f"train.model = {self.train.model!r}: expected a built-in name "
                               "(mlp, logreg, cnn) or an import path package.module:factory")
-        if self.train.model == "cnn" and not images:
+        if self.train.model == "cnn" and tabular and not data.loader:
             raise ConfigError(f"train.model = \"cnn\": expected an image dataset "
                               f"({', '.join(IMAGE_DATASETS)}), not {self.data.dataset!r}")
         if self.min_clients > self.clients_per_round:
@@ -365,7 +411,7 @@ class ExperimentConfig:
     @property
     def federated_preprocessing(self) -> bool:
         """Tabular data fitted by one shared transform from clients' noised statistics."""
-        return self.fit_mode == "federated" and self.data.dataset not in IMAGE_DATASETS
+        return self.fit_mode == "federated" and self.data.tabular
 
     @property
     def user_level(self) -> bool:

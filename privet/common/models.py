@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable
 from torch import nn
 
 from privet.common.config import TrainConfig, is_import_path
-from privet.common.imports import ImportPathError, load
+from privet.common.imports import import_attr
 
 if TYPE_CHECKING:
     from privet.common.data.features import Features
@@ -85,20 +85,15 @@ def factory(name: str) -> Factory:
     if not is_import_path(name):
         raise ModelError(f"train.model = {name!r}: expected one of {', '.join(MODELS)} or an "
                          "import path package.module:factory")
-    try:
-        found = load(name)
-    except ImportPathError as error:
-        raise ModelError(f"train.model = {name!r}: {error}") from None
-    if not callable(found):
-        raise ModelError(f"train.model = {name!r}: {name.partition(':')[2]!r} is not callable")
-    return found
+    return import_attr(name, "train.model", ModelError, "factory")
 
 
 def shipped_with_app(name: str, app_dir, key: str = "train.model") -> str | None:
-    """Why the import path `name` given for `key` (a model factory, a strategy) would not reach
-    the deployed SuperNodes and ServerApp (Flower ships the .py files of the app folder
-    `app_dir` in its FAB, nothing else), or None when it would: a built-in name, or a module
-    whose file lies in the app folder."""
+    """Why the import path `name` that setting `key` holds (`train.model`, a loader's
+    `data.dataset`, a user's `strategy.name`) would not reach the deployed SuperNodes and
+    ServerApp (Flower ships the .py files of the app folder `app_dir` in its FAB, nothing
+    else), or None when it would: a built-in name, or a module whose file lies in the app
+    folder."""
     if name in MODELS or not is_import_path(name):
         return None
     from pathlib import Path

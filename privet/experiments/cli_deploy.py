@@ -160,8 +160,8 @@ def deploy_superlink(
 @deploy_app.command("supernode")
 def deploy_supernode(
     superlink: Annotated[str, typer.Option(help="SuperLink address HOST:PORT")],
-    data: Annotated[Path, typer.Option(help="this node's own data file; its privacy "
-                                       "ledger is kept next to it")],
+    data: Annotated[Path, typer.Option(help="this node's own data file (or image folder); "
+                                       "its privacy ledger is kept next to it")],
     partition_id: Annotated[int, typer.Option(min=0, help="this node's client id, "
                                               "0..num-clients-1, unique per node")],
     root_certificates: Annotated[Optional[Path], typer.Option(
@@ -187,8 +187,8 @@ def deploy_supernode(
     """
     from privet.experiments.deploy import supernode_command
 
-    if not data.is_file():
-        fail(f"--data {data}: not a file")
+    if not data.exists():  # a file, or an image folder (data.dataset = "image-folder")
+        fail(f"--data {data}: no such file or folder")
     if insecure:
         _insecure_warning()
     elif root_certificates is None or key is None:
@@ -256,7 +256,9 @@ def run_deployed(
     from privet.common.models import shipped_with_app
 
     unshipped = (shipped_with_app(cfg.train.model, PROJECT_DIR)
-                 or shipped_with_app(cfg.strategy.name, PROJECT_DIR, "strategy.name"))
+                 or shipped_with_app(cfg.strategy.name, PROJECT_DIR, "strategy.name")
+                 or (shipped_with_app(cfg.data.dataset, PROJECT_DIR, "data.dataset")
+                     if cfg.data.loader else None))
     if unshipped:
         fail(unshipped)
     # the ServerApp maps one node to one client: it refuses extra nodes, waits for missing

@@ -169,7 +169,7 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
     """Fail before Ray starts if the data cannot be read or split as configured; return
     the partition report (rows, label balance, missing cells per client) and what reading
     the files skipped or will clean (skipped lines, non-numeric cells)."""
-    from privet.common.config import IMAGE_DATASETS, is_import_path
+    from privet.common.config import is_import_path
     from privet.common.data.datasets import (model_input_shape, num_classes, partition_report,
                                       planned_features, source_warnings, test_data)
     from privet.common.models import check_model
@@ -185,7 +185,7 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
         from privet.server.strategies import strategy_class
 
         strategy_class(cfg.strategy.name)  # ConfigError: one line
-    if cfg.data.dataset not in IMAGE_DATASETS:
+    if cfg.data.tabular:
         small = [r["client"] for r in report if r["rows"] < cfg.train.batch_size]
         if len(small) == cfg.num_clients:
             raise ValueError(f"every client has fewer rows than train.batch-size = "

@@ -25,7 +25,8 @@ from flwr.superlink.grid import InMemoryGrid
 
 from privet.common import records as R
 from privet.common.config import ExperimentConfig, from_run_config
-from privet.common.data.datasets import num_classes, partition_report, source_warnings, test_data
+from privet.common.data.datasets import classes as class_names
+from privet.common.data.datasets import partition_report, source_warnings, test_data
 from privet.common.evaluation import Scores, score
 from privet.common.models import build_model, check_model
 from privet.common.privacy.randomness import make_randomness, resolve_noise_source
@@ -161,8 +162,9 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
         features = fitted.features()  # what every client gets with the transform
     if not on_clients:
         test = test_data(cfg, transform)
-        input_shape, classes = test.features.shape[1:], range(num_classes(cfg))
+        input_shape, classes = test.features.shape[1:], class_names(cfg)
         features = test.feature_spec
+    recorder.classes = [str(c) for c in classes]
     check_model(cfg.train, tuple(input_shape), len(classes), features)  # ModelError: one line
     model = build_model(cfg.train, tuple(input_shape), len(classes), features)
     user_account = None

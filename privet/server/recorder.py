@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Message
 
 from privet.common import records as R
 from privet.common import results
-from privet.common.config import IMAGE_DATASETS, ExperimentConfig, shaped
+from privet.common.config import SHIPPED_DATASETS, ExperimentConfig, shaped
 from privet.common.data import adult
 from privet.common.evaluation import Scores
 from privet.common.plots import plot_run
@@ -62,6 +62,7 @@ class RunRecorder:
         self.transform_features: int | None = None
         self.estimated_bounds: dict = {}  # ranges of undeclared numeric columns, found with DP
         self.data_warnings: list[str] = []  # skipped lines, non-numeric cells in the files
+        self.classes: list[str] = []  # the model's outputs, in order
         # privet simulate claimed it already (a no-op then); a deployed ServerApp claims it
         run_dir_claim(self.run_dir, option="out-dir", finished=results.SUMMARY,
                       stale=results.RUN_FILES)
@@ -337,17 +338,20 @@ class RunRecorder:
         if cfg.user_level:
             lines.append("user level trusts the server: it sees every sampled client's update "
                          "before clipping and noise")
-        if cfg.private and math.isinf(cfg.preprocess.epsilon) and \
-                cfg.data.dataset not in IMAGE_DATASETS:
+        if cfg.private and math.isinf(cfg.preprocess.epsilon) and cfg.data.tabular:
             lines.append("preprocessing statistics are exact (preprocess.epsilon = inf): "
                          "each row's influence on the encoding of others is outside every ε")
-        if cfg.data.dataset in ("csv", "parquet"):
-            undeclared = [k for k in ("classes", "categories")
-                          if not shaped(getattr(cfg.data, k), None)]
+        if cfg.data.dataset not in SHIPPED_DATASETS:  # csv, parquet, image-folder, a loader
+            keys = ("classes", "categories") if cfg.data.tabular else ("classes",)
+            undeclared = [k for k in keys if not shaped(getattr(cfg.data, k), None)]
             if undeclared:
                 lines.append(f"data.{' and data.'.join(undeclared)} were inferred from every "
                              "client's rows (possible in simulation only): the vocabulary is "
                              "outside every ε; declare them to make them public")
+        if cfg.data.loader and not cfg.data.tabular:
+            lines.append(f"data.dataset = {cfg.data.dataset!r} returned arrays, trained on as "
+                         "they are: whatever the loader computed from rows (scaling, "
+                         "normalisation) is outside every ε")
         sent = sorted(set().union(*self.released.values())) if self.released else []
         if sent:
             lines.append("sent by clients in the clear, outside every ε: " + ", ".join(sent)
@@ -393,10 +397,11 @@ class RunRecorder:
                 self.failures.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 1 << 30))},
             "data": {cid: c.get("data", {}) for cid, c in self._sorted_clients()},
             "data_warnings": self.data_warnings,
+            "classes": self.classes,
             "evaluation": self.cfg.evaluation.mode,
             "preprocess": {"fit": self.cfg.fit_mode,
                            "epsilon": self.cfg.preprocess.epsilon if self.cfg.private
-                           and self.cfg.data.dataset not in IMAGE_DATASETS else None,
+                           and self.cfg.data.tabular else None,
                            "features": self.transform_features,
                            "estimated_bounds": {c: list(b) for c, b in
                                                 self.estimated_bounds.items()},

@@ -1,7 +1,10 @@
 """From a config and a client id to that client's preprocessed arrays.
 
 A dataset is a *source*: the rows clients split among themselves, the server's test
-rows, and (for tables) a schema every client knows without seeing rows. In simulation
+rows, and (for tables) a schema every client knows without seeing rows. A source is a
+table (adult, csv, parquet, a user's loader returning a DataFrame: privet's tabular
+pipeline) or arrays used as they are (digits, fashion-mnist, image-folder, a loader's
+arrays); `DataConfig.tabular` says which, and nothing else here asks. In simulation
 each client reads the source and keeps only its partition's rows; everything after
 that (cleaning, imputing, encoding, scaling) is fitted on those rows, or applied from a
 transform fitted federatedly. Results are cached per process, so a Ray actor does not
@@ -20,8 +23,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from privet.common.config import IMAGE_DATASETS, DataConfig, ExperimentConfig, shaped
-from privet.common.data import adult, images, tables
+from privet.common.config import SHIPPED_DATASETS, DataConfig, ExperimentConfig, shaped
+from privet.common.data import adult, images, loader, tables
 from privet.common.data.partition import natural_groups, partition
 from privet.common.data.numbers import PLAIN, NumberFormat
 from privet.common.data.features import Features, layout
@@ -61,8 +64,10 @@ class TabularSource:
 
 @dataclass(frozen=True)
 class ImageSource:
+    """Arrays used as they are: images, or a user's loader's arrays."""
     train: images.ImageSplit
     test: images.ImageSplit
+    warnings: tuple[str, ...] = ()  # files passed over: shown to the user
 
 
 def normalise_labels(values) -> list[str]:
@@ -136,12 +141,19 @@ def tabular_source(data: DataConfig, seed: int, markers: tuple[str, ...]) -> Tab
         return TabularSource(adult.load_raw("train"), adult.load_raw("test"), schema,
                              str(adult.data_file("train")))
     path = Path(data.path).expanduser()
-    if path.is_dir():
-        found = tables.read_folder(path, label=data.label, bad_lines=data.bad_lines)
+    if data.loader:  # a user's loader returned DataFrames: read them as a CSV file is read
+        loaded = loader.load(data)
+        found = [tables.from_frame(loaded.train_frame, label=data.label,
+                                   where=f"{data.dataset} (data.dataset)")]
+        test_tables = ([tables.from_frame(loaded.test_frame, label=data.label,
+                                          where=f"{data.dataset} (data.dataset, test)")]
+                       if loaded.test_frame is not None else [])
     else:
-        found = [tables.read_table(path, label=data.label, bad_lines=data.bad_lines)]
-    test_tables = ([tables.read_table(data.test_path, label=data.label,
-                                      bad_lines=data.bad_lines)] if data.test_path else [])
+        found = (tables.read_folder(path, label=data.label, bad_lines=data.bad_lines)
+                 if path.is_dir() else
+                 [tables.read_table(path, label=data.label, bad_lines=data.bad_lines)])
+        test_tables = ([tables.read_table(data.test_path, label=data.label,
+                                          bad_lines=data.bad_lines)] if data.test_path else [])
     inferred = tables.infer_schema(
         found + test_tables, label=data.label, column_types=shaped(data.column_types, {}),
         categories=shaped(data.categories, {}), classes=shaped(data.classes, []),
@@ -160,7 +172,7 @@ def tabular_source(data: DataConfig, seed: int, markers: tuple[str, ...]) -> Tab
         origins, kept = tuple(frames), tuple(k for _, _, k in split)
         frames, test = [k for k, _, _ in split], pd.concat([h for _, h, _ in split],
                                                             ignore_index=True)
-    where = str(path)
+    where = f"{data.dataset} (data.dataset)" if data.loader else str(path)
     train = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
     return TabularSource(train, test, schema, where,
                          files=tuple(frames) if len(frames) > 1 else (), warnings=warnings,
@@ -186,8 +198,8 @@ def _file_warnings(found: list[tables.RawTable], schema: Schema,
 
 
 def source_warnings(cfg: ExperimentConfig) -> tuple[str, ...]:
-    if cfg.data.dataset in IMAGE_DATASETS:
-        return ()
+    if not cfg.data.tabular:
+        return image_source(cfg.data, cfg.seed).warnings
     return _source(cfg).warnings
 
 
@@ -196,14 +208,19 @@ def node_source(data: DataConfig, data_path: str, markers: tuple[str, ...]) -> T
     """A deployed node's own file: all its rows are its partition.
 
     Nodes never see each other's files, so they can only agree on the feature columns if
-    the schema does not depend on the rows: Adult's is built in; for csv/parquet the
-    vocabulary of every categorical column and the classes must be declared.
+    the schema does not depend on the rows: Adult's is built in; for csv/parquet (and a
+    loader's DataFrame: the loader is called with data.path = data_path) the vocabulary
+    of every categorical column and the classes must be declared.
     """
-    if data.dataset in IMAGE_DATASETS:
+    if not data.tabular:
         raise ValueError(f"node data-path = {data_path}: own files are read for tabular "
                          f"datasets; {data.dataset!r} is not one")
     label = adult.LABEL if data.dataset == "adult" else data.label
-    table = tables.read_table(data_path, label=label, bad_lines=data.bad_lines)
+    if data.loader:
+        table = tables.from_frame(loader.load_node(data, data_path).train_frame, label=label,
+                                  where=f"{data.dataset} (data.dataset, data-path {data_path})")
+    else:
+        table = tables.read_table(data_path, label=label, bad_lines=data.bad_lines)
     fallbacks: tuple[str, ...] = ()
     if data.dataset == "adult":
         schema = tabular_source(data, 0, markers).schema
@@ -242,15 +259,68 @@ def _source(cfg: ExperimentConfig, data_path: str = "") -> TabularSource:
 
 @functools.lru_cache(maxsize=2)
 def image_source(data: DataConfig, seed: int) -> ImageSource:
+    """The arrays of a dataset that is not tabular: shipped images, an image folder, or a
+    loader's arrays; without a test split of its own, `data.test-fraction` is held out."""
     if data.dataset == "digits":
         return ImageSource(images.load_digits("train", seed=seed, test_fraction=data.test_fraction),
                            images.load_digits("test", seed=seed, test_fraction=data.test_fraction))
+    if data.dataset == "image-folder":
+        train, warnings = images.load_image_folder(
+            data.path, size=data.image_size, channels=data.image_channels,
+            classes=tuple(shaped(data.classes, [])))
+        if data.test_path:
+            test, more = images.load_image_folder(
+                data.test_path, size=data.image_size, channels=data.image_channels,
+                classes=train.classes)
+            return ImageSource(train, test, warnings + more)
+        return ImageSource(*images.hold_out(train, data.test_fraction, seed), warnings)
+    if data.loader:
+        loaded = loader.load(data)
+        if loaded.test is not None:
+            return ImageSource(loaded.train, loaded.test)
+        return ImageSource(*images.hold_out(loaded.train, data.test_fraction, seed))
     return ImageSource(images.load_fashion_mnist("train", path=data.path, download=data.download),
                        images.load_fashion_mnist("test", path=data.path, download=data.download))
 
 
+@functools.lru_cache(maxsize=2)
+def node_arrays(data: DataConfig, data_path: str) -> images.ImageSplit:
+    """A deployed node's own examples (all of them are its partition): the image folder
+    `data_path` names, or what the loader returns when called with data.path = data_path.
+    Nodes agree on the classes only if they do not depend on what each holds: declare
+    `data.classes` (an image folder's subfolders must be among them)."""
+    if data.dataset == "image-folder":
+        split, warnings = images.load_image_folder(
+            data_path, size=data.image_size, channels=data.image_channels,
+            classes=tuple(shaped(data.classes, [])))
+        for line in warnings:  # the node's own console: once per process (this is cached)
+            log.warning("privet: %s", line)
+        return split
+    if data.loader:
+        return loader.load_node(data, data_path).train
+    raise ValueError(f"node data-path = {data_path}: own files are read for tabular "
+                     f"datasets, image-folder and loaders; {data.dataset!r} is not one")
+
+
+def _own_arrays(cfg: ExperimentConfig, client_id: int, data_path: str
+                ) -> tuple[images.ImageSplit, np.ndarray]:
+    """A client's arrays and which of them are its rows: a deployed node's own (image
+    folder, loader), else its partition of the shared source (a shipped image dataset
+    reads its partition even where the node names a data-path, as it always has)."""
+    split = _own_split(cfg, data_path)
+    if data_path and cfg.data.dataset not in SHIPPED_DATASETS:
+        return split, np.arange(len(split))
+    return split, partitions(cfg)[client_id]
+
+
+def _own_split(cfg: ExperimentConfig, data_path: str) -> images.ImageSplit:
+    if data_path and cfg.data.dataset not in SHIPPED_DATASETS:
+        return node_arrays(cfg.data, data_path)
+    return image_source(cfg.data, cfg.seed).train
+
+
 def _train_labels_and_groups(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray | None]:
-    if cfg.data.dataset in IMAGE_DATASETS:
+    if not cfg.data.tabular:
         split = image_source(cfg.data, cfg.seed).train
         return split.labels, None
     source = _source(cfg)
@@ -270,7 +340,7 @@ def _train_labels_and_groups(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndar
 @functools.lru_cache(maxsize=8)
 def _partitions(cfg: ExperimentConfig) -> tuple[np.ndarray, ...]:
     d = cfg.data
-    if d.dataset not in IMAGE_DATASETS:
+    if d.tabular:
         source = _source(cfg)
         if source.files:  # one file per client: the files are the partition
             if len(source.files) != cfg.num_clients:
@@ -371,9 +441,8 @@ def cleaned_client(cfg: ExperimentConfig, client_id: int, data_path: str = "", *
 @functools.lru_cache(maxsize=PARTITIONS_KEPT)
 def _client_data(cfg: ExperimentConfig, client_id: int, transform_json: str,
                  data_path: str, held_out: bool = False) -> ClientData:
-    if cfg.data.dataset in IMAGE_DATASETS:
-        split = image_source(cfg.data, cfg.seed).train
-        rows = partitions(cfg)[client_id]
+    if not cfg.data.tabular:
+        split, rows = _own_arrays(cfg, client_id, data_path)
         n = len(rows)
         rows = rows[holdout_mask(cfg, client_id, n) == held_out]
         return ClientData(split.images[rows], split.labels[rows],
@@ -397,7 +466,7 @@ def client_transform(cfg: ExperimentConfig, client_id: int, transform_json: str 
     """The transform client `client_id` applies (None for images): the shared one, or the
     one it fits on its own training rows (held-out rows stay unseen). Also lets an auditor
     encode other rows exactly as the client did."""
-    if cfg.data.dataset in IMAGE_DATASETS:
+    if not cfg.data.tabular:
         return None
     if transform_json:
         return FittedTransform.from_json(transform_json)
@@ -409,8 +478,11 @@ def source_name(cfg: ExperimentConfig, data_path: str = "") -> str:
     """The data a client's rows come from, for ledgers and messages."""
     if data_path:
         return str(Path(data_path).expanduser().resolve())
-    if cfg.data.dataset in ("csv", "parquet"):
+    if cfg.data.dataset in ("csv", "parquet", "image-folder"):
         return str(Path(cfg.data.path).expanduser().resolve())
+    if cfg.data.loader:  # the loader, and what it was given to read
+        return cfg.data.dataset + (f" ({Path(cfg.data.path).expanduser().resolve()})"
+                                   if cfg.data.path else "")
     return f"{cfg.data.dataset} (shipped)" if cfg.data.dataset == "adult" else cfg.data.dataset
 
 
@@ -426,8 +498,8 @@ def _canonical_numbers(text: pd.Series, fmt: NumberFormat) -> pd.Series:
 
 
 def digest_columns(cfg: ExperimentConfig, data_path: str = "") -> tuple[str, ...]:
-    """The columns a row's ledger digest is computed from (sorted; () for images)."""
-    if cfg.data.dataset in IMAGE_DATASETS:
+    """The columns a row's ledger digest is computed from (sorted; () for arrays)."""
+    if not cfg.data.tabular:
         return ()
     table = _source(cfg, data_path).schema
     return tuple(sorted((*table.numeric, *table.categories, table.label)))
@@ -468,13 +540,13 @@ def client_digests(cfg: ExperimentConfig, client_id: int, data_path: str = "") -
     """The ledger digests of every raw row the client holds, sorted (`ledger.row_digests`: a
     row's trimmed cells and which copy of them it is in its file; images: their bytes and
     label). Its spend follows the rows whatever the split, the seed or the client's id."""
+    if not cfg.data.tabular and (not data_path or cfg.data.dataset not in SHIPPED_DATASETS):
+        split, rows = _own_arrays(cfg, client_id, data_path)
+        return np.unique(array_digests(split.images, split.labels)[rows])
     if data_path:
         node = node_source(cfg.data, data_path, missing_markers(cfg))
         return np.unique(_frame_digests(node.train, node.schema))
     rows = partitions(cfg)[client_id]
-    if cfg.data.dataset in IMAGE_DATASETS:
-        split = image_source(cfg.data, cfg.seed).train
-        return np.unique(array_digests(split.images, split.labels)[rows])
     return np.unique(_train_digests(cfg.data, cfg.seed, missing_markers(cfg))[rows])
 
 
@@ -502,7 +574,7 @@ def client_data(cfg: ExperimentConfig, client_id: int, transform_json: str = "",
 def test_data(cfg: ExperimentConfig, transform_json: str = "") -> ClientData:
     """The server's held-out rows. With a shared transform, transformed by it; otherwise
     fitted on themselves, as a client fits its rows."""
-    if cfg.data.dataset in IMAGE_DATASETS:
+    if not cfg.data.tabular:
         split = image_source(cfg.data, cfg.seed).test
         n = len(split.labels)
         # a writable copy: the cached arrays are read-only, and torch warns on those
@@ -519,7 +591,7 @@ def model_input_shape(cfg: ExperimentConfig) -> tuple[int, ...]:
     """One example's shape as the model will see it, known before any row is read where the
     schema is declared: (channels, height, width) for images; (features,) for tables, where
     `select = "variance"` keeps an unknown number (the encoded width is given then)."""
-    if cfg.data.dataset in IMAGE_DATASETS:
+    if not cfg.data.tabular:
         return tuple(image_source(cfg.data, cfg.seed).test.images.shape[1:])
     pre = cfg.preprocess
     if pre.pca:
@@ -534,7 +606,7 @@ def planned_features(cfg: ExperimentConfig) -> Features | None:
     images, and where feature selection decides the columns; after PCA, only components;
     with max-categories, each block as wide as it will be (which values it keeps is left
     to the fit)."""
-    if cfg.data.dataset in IMAGE_DATASETS or cfg.preprocess.select != "none":
+    if not cfg.data.tabular or cfg.preprocess.select != "none":
         return None
     pre, table = cfg.preprocess, _source(cfg).schema
     if pre.pca:
@@ -548,7 +620,7 @@ def planned_features(cfg: ExperimentConfig) -> Features | None:
 def feature_description(cfg: ExperimentConfig, data_path: str = "") -> Features | None:
     """What each column of a locally fitted client's rows is, from the schema alone (no
     rows): what a client tells a server that reads no rows (None for images)."""
-    if cfg.data.dataset in IMAGE_DATASETS:
+    if not cfg.data.tabular:
         return None
     return schema_features(_source(cfg, data_path).schema)
 
@@ -560,8 +632,9 @@ def encoded_width(table: Schema) -> int:
 
 
 def classes(cfg: ExperimentConfig, data_path: str = "") -> tuple[str, ...]:
-    if cfg.data.dataset in IMAGE_DATASETS:
-        return image_source(cfg.data, cfg.seed).train.classes
+    """The class names, in the order of the model's outputs."""
+    if not cfg.data.tabular:
+        return _own_split(cfg, data_path).classes
     return _source(cfg, data_path).schema.classes
 
 
@@ -582,7 +655,7 @@ def partition_report(cfg: ExperimentConfig) -> list[dict]:
     """Per client: rows, rows per class, missing cells, from the raw partition."""
     names = classes(cfg)
     report = []
-    if cfg.data.dataset in IMAGE_DATASETS:
+    if not cfg.data.tabular:
         labels = image_source(cfg.data, cfg.seed).train.labels
         for client, rows in enumerate(partitions(cfg)):
             counts = np.bincount(labels[rows], minlength=len(names))

@@ -1,9 +1,11 @@
-"""Image datasets as numpy arrays: scikit-learn's 8x8 digits and Fashion-MNIST (28x28).
+"""Image datasets as numpy arrays: scikit-learn's 8x8 digits, Fashion-MNIST (28x28), and a
+folder of the user's own images (one subfolder per class, torchvision's ImageFolder layout).
 
-Both come back as float32 (N, 1, H, W) in [0, 1] with int64 labels. Fashion-MNIST is read
-from its IDX files wherever a copy is found (see `load_fashion_mnist`); nothing here needs
-torchvision unless a download is asked for. Parsed arrays are cached per process and
-returned read-only, since every round of every client reads them.
+All come back as float32 (N, channels, H, W) in [0, 1] with int64 labels. Fashion-MNIST is
+read from its IDX files wherever a copy is found (see `load_fashion_mnist`), an image folder
+with Pillow; nothing here needs torchvision unless a download is asked for. Parsed arrays
+are cached per process and returned read-only, since every round of every client reads
+them.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ _IMAGES_MAGIC, _LABELS_MAGIC = 0x0803, 0x0801  # unsigned bytes, 3 dims / 1 dim
 
 @dataclass(frozen=True)
 class ImageSplit:
-    images: np.ndarray   # float32, (N, 1, H, W), pixel values scaled to [0, 1]
-    labels: np.ndarray   # int64 class indices
+    """Examples as arrays, used as they are (no tabular preprocessing): images, or the
+    features a user's loader returned (common.data.loader)."""
+    images: np.ndarray   # float32, (N, *example shape): images (N, C, H, W) in [0, 1]
+    labels: np.ndarray   # int64 class indices into `classes`
     classes: tuple[str, ...]
 
     def __len__(self) -> int:
@@ -193,3 +197,118 @@ def load_fashion_mnist(split: str, *, path: str = "", download: bool = False) ->
     layout under ~/.cache/privet. With `download`, a missing copy is fetched by torchvision.
     """
     return _fashion_mnist(fashion_mnist_dir(split, path=path, download=download), split)
+
+
+# --- a folder of images, one subfolder per class -------------------------------------------
+
+# what torchvision's ImageFolder reads, and GIF; other files in a class folder are passed over
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif",
+                  ".tiff", ".webp")
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _read_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """One image as float32 (channels, size, size) in [0, 1]: converted to grayscale
+    (channels 1) or RGB (3), resized bilinearly to size × size. 16-bit grayscale is scaled
+    by 65535. Raises DataError (one line naming the file) when Pillow cannot read it."""
+    from PIL import Image
+
+    from privet.common.data.tables import DataError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+                scale = 1.0 if image.mode == "F" else 65535.0
+                gray = np.clip(np.asarray(image, dtype=np.float32) / scale, 0.0, 1.0)
+                plane = Image.fromarray(gray)  # float32: mode "F"
+                if plane.size != (size, size):
+                    plane = plane.resize((size, size), Image.Resampling.BILINEAR)
+                pixels = np.clip(np.asarray(plane, dtype=np.float32), 0.0, 1.0)[None]
+                return np.repeat(pixels, channels, axis=0)
+            image = image.convert("L" if channels == 1 else "RGB")
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.Resampling.BILINEAR)
+            pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)
+    except Exception as error:  # noqa: BLE001 - Pillow raises many kinds; name the file
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise DataError(f"{path}: cannot read this image ({reason}); expected an image file "
+                        "Pillow can open (data.path)") from None
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+@functools.lru_cache(maxsize=4)
+def load_image_folder(path: str | Path, *, size: int, channels: int,
+                      classes: tuple[str, ...] = ()) -> tuple[ImageSplit, tuple[str, ...]]:
+    """A folder with one subfolder of images per class (torchvision's ImageFolder layout):
+    `path/cat/1.png`, `path/dog/a.jpg`, ... Images in nested folders belong to their class.
+
+    Returns the images, float32 (N, channels, size, size) in [0, 1] (grayscale for
+    channels 1, RGB for 3; resized bilinearly), their int64 labels and the class names, and
+    the warnings to show (files passed over). The classes are `classes` in that order when
+    given (each subfolder must be one of them; a class may have no subfolder, as on a
+    deployed node that holds none of it), else the subfolder names, sorted. Images are in
+    class order, then sorted by path. Hidden files and folders are skipped; files that are
+    not images by their suffix (IMAGE_SUFFIXES) are passed over and listed in the warnings.
+
+    Raises DataError, one line: the folder is missing or has no class subfolders, a
+    subfolder is not a declared class, a class folder holds no images, or an image cannot
+    be read (naming the file)."""
+    from privet.common.data.tables import DataError
+
+    root = Path(path).expanduser()
+    layout = ("expected a folder with one subfolder of images per class, e.g. "
+              f"{root / 'cat' / '1.png'} (data.path)")
+    if not root.is_dir():
+        raise DataError(f"{root}: {'not a folder' if root.exists() else 'no such folder'}; "
+                        f"{layout}")
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    folders = [p for p in entries if p.is_dir()]
+    loose = [p.name for p in entries if not p.is_dir()]
+    if not folders:
+        raise DataError(f"{root}: no class subfolders; {layout}")
+    names = tuple(classes) or tuple(p.name for p in folders)
+    unknown = [p.name for p in folders if p.name not in names]
+    if unknown:
+        raise DataError(f"{root}: subfolder(s) {unknown} not among data.classes "
+                        f"{list(names)}; expected one subfolder per declared class")
+    files: list[Path] = []
+    labels: list[int] = []
+    passed_over = [root / name for name in loose]
+    for folder in sorted(folders, key=lambda p: names.index(p.name)):
+        found = sorted(f for f in folder.rglob("*") if f.is_file() and not _hidden(f, root))
+        pictures = [f for f in found if f.suffix.lower() in IMAGE_SUFFIXES]
+        passed_over += [f for f in found if f.suffix.lower() not in IMAGE_SUFFIXES]
+        if not pictures:
+            raise DataError(f"{folder}: no images in this class folder; expected image files "
+                            f"({', '.join(IMAGE_SUFFIXES)}) (data.path)")
+        files += pictures
+        labels += [names.index(folder.name)] * len(pictures)
+    pixels = np.empty((len(files), channels, size, size), dtype=np.float32)
+    for i, file in enumerate(files):
+        pixels[i] = _read_image(file, size, channels)
+    warnings = ()
+    if passed_over:
+        shown = ", ".join(str(f.relative_to(root)) for f in passed_over[:5])
+        warnings = (f"{root}: passed over {len(passed_over)} file(s) without an image "
+                    f"suffix: {shown}"
+                    + (" …" if len(passed_over) > 5 else ""),)
+    return _frozen(pixels, np.asarray(labels, dtype=np.int64), names), warnings
+
+
+def hold_out(split: ImageSplit, fraction: float, seed: int) -> tuple[ImageSplit, ImageSplit]:
+    """(kept, held out): a seeded share `fraction` of the examples for the server's test
+    set, each part in its original order. Raises ValueError when either part would be
+    empty."""
+    n = len(split)
+    order = np.random.default_rng(seed).permutation(n)
+    cut = int(round(n * fraction))
+    if not 0 < cut < n:
+        raise ValueError(f"data.test-fraction = {fraction}: holds out {cut} of {n} examples; "
+                         "expected some for the test set and some to train on")
+    kept, held = np.sort(order[cut:]), np.sort(order[:cut])
+    return (_frozen(split.images[kept], split.labels[kept], split.classes),
+            _frozen(split.images[held], split.labels[held], split.classes))

@@ -134,6 +134,33 @@ def read_folder(path: str | Path, *, label: str, bad_lines: str = "error") -> li
     return aligned
 
 
+def from_frame(frame: pd.DataFrame, *, label: str, where: str) -> RawTable:
+    """A DataFrame a user's loader returned, every cell as text, as if read from a CSV file
+    that pandas wrote (`frame.to_csv(index=False)`): numbers as Python writes them (39,
+    39.5), missing cells (None, NaN, NA, NaT) empty. `where` names the source in messages
+    (`where, row 17`). Raises DataError: no rows, a column without a name or named twice, no
+    label column (data.label)."""
+    names = [str(name).strip() for name in frame.columns]
+    path = Path(where)
+    _check_header(path, names, where)
+    _check_label(path, label, names)
+    if len(frame) == 0:
+        raise DataError(f"{where}: no data rows")
+
+    def text(value: Any) -> str:
+        try:
+            if pd.isna(value):
+                return ""
+        except (TypeError, ValueError):  # a list or array in a cell: pd.isna is not a bool
+            pass
+        return str(value)
+
+    columns = {name: [text(v) for v in frame.iloc[:, i].astype(object).to_numpy()]
+               for i, name in enumerate(names)}
+    return RawTable(pd.DataFrame(columns, columns=names, dtype=str),
+                    np.arange(1, len(frame) + 1, dtype=np.int64), path, (), unit="row")
+
+
 def _read_text(path: Path, head: bytes, label: str, bad_lines: str) -> RawTable:
     raw = path.read_bytes()
     if head[:2] == b"\x1f\x8b":

@@ -43,13 +43,10 @@ def strategy_class(name: str):
         return getattr(import_module(module), attr)
     from flwr.serverapp.strategy import FedAvg
 
-    from privet.common.imports import ImportPathError, load
+    from privet.common.imports import import_attr
     from privet.server.strategy import PrivetFedAvg
 
-    try:
-        found = load(name)
-    except ImportPathError as error:
-        raise ConfigError(f"strategy.name = {name!r}: {error}") from None
+    found = import_attr(name, "strategy.name", ConfigError, "strategy class")
     if not (isinstance(found, type) and issubclass(found, FedAvg)):
         raise ConfigError(f"strategy.name = {name!r}: expected a subclass of Flower's "
                           "flwr.serverapp.strategy.FedAvg, got "
