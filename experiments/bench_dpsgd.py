@@ -1,18 +1,21 @@
-"""DP-SGD step time over plain SGD, per model and way of clipping (privet's book-keeping
-path for Linear stacks, Opacus' grad-sample modes), with seeded and with secure randomness.
+"""DP-SGD step time over plain SGD, per model and way of clipping (privet's one-pass path,
+Opacus' grad-sample modes), with seeded and with secure randomness.
 
     python -m experiments.bench_dpsgd [--repeats 5] [--only adult,digits,fashion-mnist]
                                       [--models mlp,embedding_mlp]
+                                      [--modes one-pass,hooks,ghost] [--seeded-only]
 
 Times steady-state local training (after a warm-up epoch) on one client's worth of rows,
 side by side in one process, one torch thread; prints ms/step and the ratio to plain SGD for
 seeded randomness (simulation: torch generators), then ms/step with secure randomness (a
 deployed client: ChaCha20 from OS entropy, each Gaussian the sum of four) and its ratio to
 seeded.
-Workloads: MLP, logistic regression and two users' models (a residual MLP; one with
-embeddings for the categorical columns) on Adult client 0; MLP and CNN on scikit-learn's
-8x8 digits; the CNN on Fashion-MNIST (random 28x28 images when no local copy is found:
-step time does not depend on pixel values).
+Workloads: on Adult client 0, the MLP, logistic regression and two users' models of
+experiments/examples/tabular.py (the residual MLP: LayerNorm, Dropout, a residual addition,
+not Sequential; embedding_mlp: an nn.Embedding per categorical column, given the feature
+description); MLP and CNN on scikit-learn's 8x8 digits; the CNN on Fashion-MNIST (random
+28x28 images when no local copy is found: step time does not depend on pixel values).
+Each model's line "auto →" says which path `train.dp-path = "auto"` takes for it.
 """
 
 from __future__ import annotations
@@ -27,16 +30,16 @@ import numpy as np
 import torch
 
 from privet.clients import bookkeeping, train
-from privet.clients.train import BOOKKEEPING
+from privet.clients.train import ONE_PASS
 from privet.common.config import TrainConfig, load_config
 from privet.common.data import images
 from privet.common.models import build_model
 from privet.common.privacy.randomness import SecureRandomness
 
-MODES = (BOOKKEEPING, "hooks", "ghost", "functorch")
+MODES = (ONE_PASS, "hooks", "ghost")  # --modes may add Opacus' "functorch" and "ew"
 SOURCES = ("seeded", "secure")  # where DP-SGD's draws come from (common.privacy.randomness)
 FASHION_ROWS = 2000  # a third of an IID client's 6,000 of 10: enough steps, quicker
-# a user's own model (non-Sequential, LayerNorm, Dropout): Opacus' path, see clients.train
+# a user's own model (non-Sequential, LayerNorm, Dropout), see experiments/examples
 EXAMPLE = "experiments.examples.tabular:residual_mlp"
 EMBEDDING = "experiments.examples.tabular:embedding_mlp"  # nn.Embedding per categorical
 
@@ -83,16 +86,21 @@ def fashion_mnist() -> Workload:
     return Workload("fashion", ("cnn",), x, y, 10, f"{source}: {len(y)} rows of 1x28x28")
 
 
-WORKLOADS = {"adult": adult, "digits": digits, "fashion-mnist": fashion_mnist}
+WORKLOADS = {"adult": adult, "digits": digits,
+             "fashion-mnist": fashion_mnist}
+
+
+def build(model_name: str, work: Workload) -> torch.nn.Module:
+    """The default train config (hidden 64) with this model; no dataset check applies."""
+    return build_model(TrainConfig(model=model_name), work.features.shape[1:],
+                       work.num_classes, work.feature_spec)
 
 
 def time_per_step(model_name: str, mode: str | None, work: Workload, epochs: int,
                   seed: int, source: str = "seeded") -> float:
     """Seconds per step of `mode` (None: plain SGD) with `source` randomness, after a
     warm-up epoch."""
-    # The default train config (hidden 64) with this model; no dataset check applies here.
-    model = build_model(TrainConfig(model=model_name), work.features.shape[1:],
-                        work.num_classes, work.feature_spec)
+    model = build(model_name, work)
     kwargs = dict(batch_size=64, lr=0.1, momentum=0.0, seed=seed,
                   noise_multiplier=1.0 if mode else None, grad_sample_mode=mode or "hooks")
     if source == "secure":  # else None: SeededRandomness(seed), as in simulation
@@ -111,8 +119,15 @@ def main() -> None:
     parser.add_argument("--models", default="",
                         help="comma-separated model names (or the end of an import path, "
                              "e.g. embedding_mlp) to time; default: every workload's")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="comma-separated DP-SGD paths: one-pass, hooks, ghost, "
+                             "functorch, ew")
+    parser.add_argument("--seeded-only", action="store_true",
+                        help="skip the runs with secure randomness")
     args = parser.parse_args()
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+    all_modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    sources = SOURCES[:1] if args.seeded_only else SOURCES
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(names) - set(WORKLOADS))
     if unknown:
@@ -130,10 +145,11 @@ def main() -> None:
         for model_name in work.models:
             if wanted and model_name.rsplit(":", 1)[-1] not in wanted:
                 continue
-            probe = build_model(TrainConfig(model=model_name), work.features.shape[1:],
-                                work.num_classes, work.feature_spec)
-            modes = [m for m in MODES if m != BOOKKEEPING or bookkeeping.supports(probe)]
-            runs = [("plain", "seeded")] + [(m, source) for m in modes for source in SOURCES]
+            probe = build(model_name, work)
+            modes = [m for m in all_modes if m != ONE_PASS or bookkeeping.supports(probe)]
+            auto = train.dp_path(probe, example=torch.from_numpy(work.features[:1]),
+                                 batch_size=64)
+            runs = [("plain", "seeded")] + [(m, source) for m in modes for source in sources]
             timings: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
             failed: dict[str, str] = {}
             for r in range(args.repeats):  # interleaved, so machine noise hits all runs alike
@@ -150,6 +166,7 @@ def main() -> None:
                   if values and run[0] not in failed}
             plain = ms["plain", "seeded"]
             shown = model_name.rsplit(":", 1)[-1][:12]
+            print(f"{work.data:8} {shown:12} auto → {auto}")
             for mode in ["plain", *modes]:
                 if mode in failed:
                     print(f"{work.data:8} {shown:12} {mode:11} unsupported ({failed[mode]})")

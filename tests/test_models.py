@@ -25,18 +25,34 @@ BATCHNORM = "experiments.examples.tabular:batchnorm_mlp"
 EMBEDDING = "experiments.examples.tabular:embedding_mlp"
 
 
-def test_a_users_non_sequential_model_trains_with_opacus_at_its_exact_epsilon(tmp_path):
-    model = build_model(TrainConfig(model=RESIDUAL), (12,), 2)
-    assert not isinstance(model, nn.Sequential) and train.dp_path(model) == "hooks"
-    code, stdout = run(tmp_path / "run", f'train.model="{RESIDUAL}"', "rounds=1")
+def _trains_at_exact_epsilon(out, path, used):
+    code, stdout = run(out, f'train.model="{RESIDUAL}"', "rounds=1", f'train.dp-path="{path}"')
     assert code == 0, stdout[-3000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["accuracy"] > 0.76
+    assert summary["privacy"]["dp_path"] == {"requested": path, "used": [used]}
     delta = summary["privacy"]["delta"]
     for entry in summary["privacy"]["clients"].values():
-        assert entry["rounds_trained"] == 1
+        assert entry["rounds_trained"] == 1 and entry["dp_path"] == used
         assert entry["epsilon"] == pytest.approx(pld_epsilon(entry["history"], delta), rel=0.01)
-        assert entry["epsilon"] <= entry["target_epsilon"] * 1.001
+    assert "dp-path" not in str(summary["privacy"]["released_in_clear"])
+    return {cid: (e["epsilon"], e["history"]) for cid, e in summary["privacy"]["clients"].items()}
+
+
+def test_a_users_non_sequential_model_takes_the_one_pass_path_at_its_exact_epsilon(tmp_path):
+    """The residual MLP (LayerNorm, Dropout, a residual addition) takes the one-pass path
+    under train.dp-path = "auto"; the summary says so."""
+    model = build_model(TrainConfig(model=RESIDUAL), (12,), 2)
+    assert not isinstance(model, nn.Sequential) and train.dp_path(model) == train.ONE_PASS
+    _trains_at_exact_epsilon(tmp_path, "auto", "one-pass")
+
+
+@pytest.mark.slow
+def test_the_dp_sgd_path_does_not_change_the_epsilon(tmp_path):
+    """The same run on the one-pass path and on Opacus' hooks: the same ε and history per
+    client (the path changes how clipped gradients are computed, not what is spent)."""
+    assert (_trains_at_exact_epsilon(tmp_path / "auto", "auto", "one-pass")
+            == _trains_at_exact_epsilon(tmp_path / "hooks", "hooks", "hooks"))
 
 
 def test_a_layer_dp_sgd_cannot_train_is_one_line_naming_it_and_the_fix(tmp_path):
@@ -148,7 +164,7 @@ def test_an_embedding_model_for_adults_categoricals_trains_at_epsilon_3(tmp_path
         len(values) + 2 for values in adult.CATEGORIES.values()]
     assert [e.embedding_dim for e in model.embeddings] == [
         tabular.embedding_dim(len(values) + 2) for values in adult.CATEGORIES.values()]
-    assert train.dp_path(model) == "hooks"
+    assert train.dp_path(model) == "one-pass"  # Embedding, LayerNorm: the one-pass path
 
 
 def test_a_server_that_reads_no_rows_builds_the_embedding_model_from_the_clients_schema(
@@ -209,3 +225,18 @@ def test_a_one_hot_block_becomes_its_index_and_an_empty_block_the_reserved_one()
 def _embedding_features():
     return FittedTransform((NumericStep("a", 0, 1, 0, 0, 1), NumericStep("b", 0, 1, 0, 0, 1)),
                            (CategoricalStep("c", ("x", "y"), None),)).features()
+
+
+def test_one_pass_by_name_refuses_a_model_it_cannot_train_before_round_1(tmp_path, monkeypatch):
+    from privet.common.config import load_config
+    from privet.experiments.simulation import preflight
+
+    (tmp_path / "prelu_model.py").write_text(
+        "import torch\n\ndef net(shape, outputs, train):\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(shape[0], 8), torch.nn.PReLU(),\n"
+        "                               torch.nn.Linear(8, outputs))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_config(TINY, ['train.model="prelu_model:net"', 'train.dp-path="one-pass"'])
+    with pytest.raises(ModelError, match=r"one-pass.*layer '1' \(PReLU\): no one-pass formula"):
+        preflight(cfg)
+    preflight(load_config(TINY, ['train.model="prelu_model:net"']))  # auto: Opacus takes it

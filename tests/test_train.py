@@ -47,7 +47,8 @@ def test_every_built_in_model_takes_the_one_pass_path():
     assert set(MODELS) == {"mlp", "logreg", "cnn"}
     assert all(train.dp_path(build_model(TrainConfig(model=name), (1, 8, 8), 10)) == BOOKKEEPING
                for name in MODELS)
-    assert train.dp_path(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))) == "hooks"
+    assert train.dp_path(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))) == BOOKKEEPING
+    assert train.dp_path(nn.Sequential(nn.Linear(3, 3), nn.PReLU())) == "hooks"
 
 
 @pytest.mark.parametrize("name", ["mlp", "logreg"])
@@ -243,12 +244,13 @@ def test_plain_sgd_takes_the_shuffling_dataloader_batches():
 def test_bookkeeping_takes_the_layers_it_computes_exactly():
     assert all(bookkeeping.supports(build_model(TrainConfig(model=name), (1, 8, 8), 10))
                for name in MODELS)
-    assert not bookkeeping.supports(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)))
+    assert bookkeeping.supports(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Dropout()))
+    assert not bookkeeping.supports(nn.Sequential(nn.Linear(3, 3), nn.PReLU()))
     assert not bookkeeping.supports(nn.Sequential(nn.Conv2d(2, 2, 3, groups=2)))
     assert not bookkeeping.supports(nn.Sequential(nn.Conv2d(2, 2, 3, padding="same")))
-    with pytest.raises(ValueError, match="Sequential of Linear"):
+    with pytest.raises(ValueError, match=r"layer '1' \(PReLU\): no one-pass formula"):
         bookkeeping.BookkeepingDPSGD(
-            nn.Sequential(nn.Linear(3, 3), nn.Dropout()), None, noise_multiplier=1.0,
+            nn.Sequential(nn.Linear(3, 3), nn.PReLU()), None, noise_multiplier=1.0,
             max_grad_norm=1.0, expected_batch_size=1, randomness=SeededRandomness(0))
 
 

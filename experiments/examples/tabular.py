@@ -2,15 +2,18 @@
 `[train] model = "experiments.examples.tabular:residual_mlp"` (or `:embedding_mlp`).
 
 Not nn.Sequentials (a residual block), with LayerNorm and Dropout: privet's one-pass
-DP-SGD does not take them, so clients.train.dp_path sends them to Opacus, with the same
-sampling, noise and accounting. `embedding_mlp` looks each categorical column up in an
-nn.Embedding, from the feature description privet gives a factory that takes the keyword
-`features` (common.data.features). `batchnorm_mlp` is the residual idea with BatchNorm,
-which DP-SGD cannot train: refused before round 1, or replaced with `train.fix-model = true`.
+DP-SGD takes them (clients.bookkeeping), with the same sampling, noise and accounting as
+Opacus would. `embedding_mlp` looks each categorical column up in an nn.Embedding, from the
+feature description privet gives a factory that takes the keyword `features`
+(common.data.features); `CodeEmbeddingMLP` is the same idea on integer category codes (one
+table, columns offset into it), for inputs that carry codes. `batchnorm_mlp` is the
+residual idea with BatchNorm, which DP-SGD cannot train: refused before round 1, or
+replaced with `train.fix-model = true`.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -34,6 +37,35 @@ class ResidualMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.project(x.flatten(1))
         return self.head(h + self.block(h))
+
+
+class CodeEmbeddingMLP(nn.Module):
+    """x (B, categorical + numeric) → logits (B, outputs). The first `len(cardinalities)`
+    columns are integer category codes (code c of column j in 0..cardinalities[j] - 1; any
+    dtype, float32 as privet's arrays hold them included), the rest numeric. Every column's
+    codes look up rows of one nn.Embedding table (columns offset into it), concatenated with
+    the numeric columns, then LayerNorm → Linear → GELU → Dropout → Linear.
+
+    privet's tabular preprocessing one-hot encodes categoricals, so `embedding_mlp` is the
+    factory for privet's rows; this one is built directly where inputs carry codes
+    (experiments/bench_dpsgd.py, tests)."""
+
+    def __init__(self, cardinalities: list[int], numeric: int, outputs: int, hidden: int,
+                 dim: int = 8, dropout: float = 0.1):
+        super().__init__()
+        self.columns = len(cardinalities)
+        offsets = [0] + list(itertools.accumulate(cardinalities))[:-1]
+        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.int64),
+                             persistent=False)
+        self.embedding = nn.Embedding(sum(cardinalities), dim)
+        width = dim * self.columns + numeric
+        self.body = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(),
+                                  nn.Dropout(dropout), nn.Linear(hidden, outputs))
+
+    def forward(self, x: Tensor) -> Tensor:
+        codes = x[:, :self.columns].long() + self.offsets
+        looked_up = self.embedding(codes).flatten(1)  # (B, columns · dim)
+        return self.body(torch.cat([looked_up, x[:, self.columns:].float()], 1))
 
 
 def residual_mlp(input_shape: tuple[int, ...], num_outputs: int, train: TrainConfig

@@ -26,7 +26,7 @@ from flwr.common.logger import update_console_handler
 from privet.clients import accounting as A
 from privet.clients import metrics as metrics_dp
 from privet.clients.preprocessing import own_transform, planned
-from privet.clients.train import dp_path, train_local
+from privet.clients.train import train_local
 from privet.common import records as R
 from privet.common.config import ExperimentConfig, from_run_config
 from privet.common.data import federated
@@ -308,7 +308,7 @@ def train(msg: Message, context: Context) -> Message:
                          batch_size=cfg.train.batch_size, lr=cfg.train.lr,
                          momentum=cfg.train.momentum, seed=seed, noise_multiplier=sigma,
                          max_grad_norm=cfg.privacy.max_grad_norm,
-                         grad_sample_mode=dp_path(model),
+                         grad_sample_mode=cfg.train.dp_path,
                          randomness=make_randomness(ledger.current.noise_source, seed),
                          # FedProx (Flower's key): data-independent, added after the noise
                          proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)))
@@ -321,6 +321,8 @@ def train(msg: Message, context: Context) -> Message:
                R.EPSILON: epsilon if private else float("inf"), R.STEPS: result.steps,
                R.NOISE_MULTIPLIER: sigma or 0.0, R.SAMPLE_RATE: q or 0.0,
                R.TRAIN_SECONDS: result.seconds, R.ACCOUNTING_SECONDS: accounting_seconds}
+    if result.dp_path:
+        metrics[R.DP_PATH] = R.DP_PATHS.index(result.dp_path)
     if metrics_dp.noised(cfg, client_id):  # paid for with the steps, above
         randomness = make_randomness(ledger.current.noise_source,
                                      [cfg.seed, server_round, client_id, metrics_dp.STREAM])

@@ -4,14 +4,16 @@ Nothing here knows about Flower. DP-SGD is Opacus' algorithm: Poisson sampling a
 q = 1/⌈n/B⌉ for ⌈n/B⌉ steps an epoch (Opacus' DPDataLoader, which though takes int(1/q) steps,
 one fewer for some ⌈n/B⌉), per-sample clipping to C, Gaussian noise σ·C and the sum divided
 by ⌊q·n⌋; the steps actually taken are what the ledger records. The shipped
-models run it through clients.bookkeeping (the same steps in one backward pass); Opacus'
-grad-sample modes run it through Opacus itself. Both paths draw the rows of every step and
+models, and any built of the layers clients.bookkeeping supports, run it through that
+module (the same steps in one backward pass); the others run it through Opacus' grad-sample
+modes (`dp_path` picks, or `train.dp-path` says). Both paths draw the rows of every step and
 the noise from one `Randomness` (common.privacy.randomness): seeded for simulation, secure
 (OS entropy) for a deployed client, which must not use a seed the server could know.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -29,19 +31,151 @@ from privet.clients.sgd import SGD, add_proximal_term
 from privet.common.opacus_import import opacus
 from privet.common.privacy.randomness import Randomness, SeededRandomness
 
-BOOKKEEPING = "bookkeeping"  # privet's one-pass DP-SGD (clients.bookkeeping), not an Opacus mode
-# Opacus' mode for models the one-pass path does not support: hooks handles every layer it
-# has a grad sampler for and falls back to functorch for the rest; its ghost clipping is
-# faster on some large models but refuses layers without a norm sampler.
+ONE_PASS = "one-pass"  # privet's one-pass DP-SGD (clients.bookkeeping), not an Opacus mode
+BOOKKEEPING = ONE_PASS  # its older name; grad_sample_mode "bookkeeping" still means it
+AUTO = "auto"
+DP_PATHS = (AUTO, ONE_PASS, "hooks", "ghost")  # what `train.dp-path` may say
+# Opacus' mode where nothing was measured (dp_path without an example): hooks handles every
+# layer it has a grad sampler for and falls back to functorch for the rest; ghost clipping
+# refuses tied weights.
 OPACUS_MODE = "hooks"
+MEASURED_STEPS = 5  # timed steps of each Opacus mode, after one warm-up step
 
 
-def dp_path(model: nn.Module) -> str:
-    """How DP-SGD computes clipped gradients for `model`: privet's one-pass book-keeping
-    where it supports every trainable layer (clients.bookkeeping.supports), else Opacus'
-    `OPACUS_MODE`. Both give the same steps, noise and accounting."""
-    from privet.clients.bookkeeping import supports
-    return BOOKKEEPING if supports(model) else OPACUS_MODE
+def dp_path(model: nn.Module, requested: str = AUTO, *, example: torch.Tensor | None = None,
+            batch_size: int = 64) -> str:
+    """How DP-SGD computes the clipped gradients of `model`, from `train.dp-path`
+    (`requested`): "one-pass" (privet's book-keeping, clients.bookkeeping; ValueError for a
+    model it does not support), "hooks" or "ghost" (Opacus), or "auto":
+
+    - "one-pass" where `clients.bookkeeping.supports(model)` and, given `example` (a batch
+      of inputs: only its shape and dtype are read), one step on made-up rows shaped like it
+      runs (a forward pass that changes a layer's output in place, or uses a weight outside
+      its layer's call, does not: `_one_pass_runs`);
+    - else, given `example`, the Opacus mode (hooks or ghost) measured fastest for this
+      model on zeros shaped like `example` at `batch_size` rows: a few steps of each on a
+      copy, once per process and model (`_MEASURED`), drawing nothing from the run's
+      randomness and leaving torch's global generator as it was; without `example`,
+      `OPACUS_MODE`.
+
+    Every path takes the same steps with the same noise: the choice changes how the clipped
+    sum is computed (and its rounding), never the sampling, the noise or the ε.
+
+    Trade-off of measuring (rather than a fixed rule): no simple rule picks the faster Opacus
+    mode. On Adult (experiments/bench_dpsgd.py, batch 64) ghost clipping beat hooks on the
+    MLP (3.7 vs 4.7 ms a step) and the residual MLP (8.1 vs 10.2) but lost on logistic
+    regression (2.5 vs 1.9) and the embedding MLP (8.6 vs 6.2): ghost pays a second backward
+    pass and builds per-example gradients anyway for layers without a norm sampler (all but
+    Linear and Embedding), hooks builds every Linear's. The choice is worth up to ~1.5× a
+    step. The price: ~0.1 s per process and model (timed here, beyond Opacus' import and
+    first use, which its path pays anyway), and that two processes or two runs may pick
+    different modes on a loaded machine; their results then agree to rounding (~1e-6 a
+    step), not bit for bit. Set `train.dp-path` to "hooks" or "ghost" where bit-for-bit
+    repeats matter. Models on the one-pass path are unaffected."""
+    from privet.clients.bookkeeping import unsupported
+    requested = ONE_PASS if requested == "bookkeeping" else requested
+    if requested == ONE_PASS:
+        refused = unsupported(model)
+        if refused:
+            raise ValueError(f"train.dp-path = \"one-pass\" cannot train this model: "
+                             f"{refused}; use \"auto\", \"hooks\" or \"ghost\"")
+        return ONE_PASS
+    if requested != AUTO:
+        return requested
+    if unsupported(model) is None:
+        runs = True if example is None else _one_pass_runs(model, example)
+        if runs is True:
+            return ONE_PASS
+        if runs == "outside":
+            # a weight used outside its layer's call: hooks drops that part of its gradient
+            # (consistently: the clipped sum stays within C per example), ghost clipping
+            # would add it after computing norms without it; never ghost then
+            return "hooks"
+    if example is None:
+        return OPACUS_MODE
+    key = _signature(model, example, batch_size)
+    if key not in _MEASURED:
+        _MEASURED[key] = _fastest_opacus_mode(model, example, batch_size)
+    return _MEASURED[key]
+
+
+_MEASURED: dict[tuple, str] = {}  # (model, input, batch) → Opacus mode; also the probes
+
+
+def _signature(model: nn.Module, example: torch.Tensor, batch_size: int) -> tuple:
+    return (type(model).__module__, type(model).__qualname__, repr(model),
+            tuple((name, tuple(p.shape), p.requires_grad)
+                  for name, p in model.named_parameters()),
+            tuple(example.shape[1:]), example.dtype, batch_size)
+
+
+class _NoUpdate:
+    def step(self) -> None:
+        pass
+
+
+def _one_pass_runs(model: nn.Module, example: torch.Tensor) -> bool | str:
+    """Whether a one-pass step runs on a copy of `model`, which includes its check that the
+    formulas see every use of the parameters (clients.bookkeeping), on 4 rows shaped like
+    `example`: uniform in [0, 1) for a float input (integer codes stored as floats become
+    0), zeros for an integer one (valid indices). True, or "outside" when a parameter is
+    used outside its layer's call, else False. Once per process and model."""
+    key = ("one-pass runs", *_signature(model, example, 4))
+    if key not in _MEASURED:
+        from privet.clients.bookkeeping import BookkeepingDPSGD, UsedOutsideItsLayer
+        shape = (4, *example.shape[1:])
+        x = (torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(example.dtype)
+             if example.is_floating_point() else torch.zeros(shape, dtype=example.dtype))
+        with torch.random.fork_rng(devices=[]):
+            try:
+                BookkeepingDPSGD(copy.deepcopy(model), _NoUpdate(), noise_multiplier=0.0,
+                                 max_grad_norm=1.0, expected_batch_size=1,
+                                 randomness=SeededRandomness(0)).step(
+                    x, torch.zeros(4, dtype=torch.int64))
+                _MEASURED[key] = True
+            except UsedOutsideItsLayer:
+                _MEASURED[key] = "outside"
+            except Exception:  # noqa: BLE001 - any failure: Opacus' turn
+                _MEASURED[key] = False
+    return _MEASURED[key]
+
+
+def _fastest_opacus_mode(model: nn.Module, example: torch.Tensor, batch_size: int) -> str:
+    """The Opacus mode, hooks or ghost, whose DP-SGD step on `batch_size` rows of zeros
+    shaped like `example` took least time (the fastest of `MEASURED_STEPS` interleaved steps
+    of each, after a warm-up), on copies of `model`; a mode that fails is not a candidate
+    (ghost refuses tied weights); `OPACUS_MODE` when both fail."""
+    x = torch.zeros((batch_size, *example.shape[1:]), dtype=example.dtype)
+    y = torch.zeros(batch_size, dtype=torch.int64)
+    steppers, best = {}, {}
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for mode in ("hooks", "ghost"):
+            try:
+                net, optimizer, criterion = _make_private(
+                    copy.deepcopy(model), TensorDataset(x, y), batch_size=batch_size, lr=0.0,
+                    momentum=0.0, noise_multiplier=1.0, max_grad_norm=1.0,
+                    grad_sample_mode=mode)
+                _use_randomness(optimizer, SeededRandomness(0), expected_batch_size=batch_size)
+                steppers[mode] = (net, optimizer, criterion)
+                _opacus_step(net, optimizer, criterion, x, y)  # warm-up; may fail
+            except Exception:  # noqa: BLE001 - a mode that cannot train this model
+                steppers.pop(mode, None)
+        for _ in range(MEASURED_STEPS):
+            for mode, stepper in steppers.items():
+                start = time.perf_counter()
+                _opacus_step(*stepper, x, y)
+                best[mode] = min(best.get(mode, math.inf), time.perf_counter() - start)
+        for net, _, _ in steppers.values():
+            net._close()
+    return min(best, key=best.get) if best else OPACUS_MODE
+
+
+def _opacus_step(net: nn.Module, dp_optimizer, criterion, x: torch.Tensor, y: torch.Tensor
+                 ) -> None:
+    dp_optimizer.zero_grad(set_to_none=True)
+    criterion(net(x), y).backward()
+    dp_optimizer.step()
 
 
 @dataclass(frozen=True)
@@ -51,6 +185,7 @@ class LocalResult:
     steps: int
     examples: int
     seconds: float
+    dp_path: str = ""  # how DP-SGD computed the clipped gradients ("" without DP-SGD)
 
 
 def steps_per_epoch(num_rows: int, batch_size: int) -> int:
@@ -75,8 +210,10 @@ def train_local(model: nn.Module, features: np.ndarray, labels: np.ndarray, *, e
                 grad_sample_mode: str = "hooks", randomness: Randomness | None = None,
                 proximal_mu: float = 0.0) -> LocalResult:
     """Train `model` in place. With `noise_multiplier` set, this is DP-SGD, computed by
-    privet's book-keeping path (grad_sample_mode "bookkeeping") or by Opacus (its modes
-    "hooks", "ghost", "functorch", "ew").
+    privet's one-pass path (grad_sample_mode "one-pass", or "bookkeeping"), by Opacus (its
+    modes "hooks", "ghost", "functorch", "ew"), or by the one `dp_path` picks for "auto"
+    (on this model, the shape of `features` and `batch_size`); `LocalResult.dp_path` says
+    which.
 
     `randomness` supplies every DP draw: which rows each step takes and the Gaussian noise.
     None means `SeededRandomness(seed)` (rows from a generator seeded with `seed`, noise from
@@ -99,7 +236,9 @@ def train_local(model: nn.Module, features: np.ndarray, labels: np.ndarray, *, e
         dp = dict(randomness=randomness, lr=lr, momentum=momentum,
                   noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                   proximal_mu=proximal_mu)
-        if grad_sample_mode == BOOKKEEPING:
+        grad_sample_mode = dp_path(model, grad_sample_mode, example=x_all[:1],
+                                   batch_size=batch_size)
+        if grad_sample_mode == ONE_PASS:
             _train_bookkeeping(model, x_all, y_all, tally, batches,
                                expected_batch_size=expected_batch_size(len(y_all), batch_size),
                                **dp)
@@ -108,7 +247,8 @@ def train_local(model: nn.Module, features: np.ndarray, labels: np.ndarray, *, e
                           grad_sample_mode=grad_sample_mode, **dp)
     return LocalResult(loss=tally.loss_sum / max(tally.seen, 1),
                        accuracy=tally.correct / max(tally.seen, 1), steps=tally.steps,
-                       examples=len(labels), seconds=time.perf_counter() - start)
+                       examples=len(labels), seconds=time.perf_counter() - start,
+                       dp_path="" if noise_multiplier is None else grad_sample_mode)
 
 
 def _train_plain(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, tally: _Tally,
@@ -216,13 +356,13 @@ def _train_opacus(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, ta
     for rows in batches:
         x, y = x_all[rows], y_all[rows]
         dp_optimizer.zero_grad(set_to_none=True)
-        if len(y) or grad_sample_mode != "ew":
+        if len(y) or grad_sample_mode not in ("ew", "ghost"):
             out = net(x)
             loss = criterion(out, y)
             loss.backward()
             tally.add(out.detach(), loss.detach() * len(y), y)
-        else:  # torch's ExpandedWeights refuses a batch of 0 rows
-            _no_per_sample_gradients(dp_optimizer)
+        else:  # torch's ExpandedWeights refuses a batch of 0 rows, ghost's Embedding too
+            _no_per_sample_gradients(dp_optimizer, grad_sample_mode)
             tally.add(None, None, y)
         dp_optimizer.step()
     net._close()  # remove Opacus hooks so `model` is a plain module again
@@ -267,7 +407,9 @@ def _make_private(model: nn.Module, dataset: TensorDataset, *, batch_size: int, 
 #   randomness.gaussian(shape, σC). Seeded, that is Opacus' draw bit for bit, (s + 0) + n =
 #   s + n. Reimplementing add_noise instead would call Opacus' private flag helpers.
 # - An empty batch in mode "ew" gets the per-sample gradients (p.grad_sample, 0 rows) that
-#   the other modes' backward passes leave, so the optimizer takes its step of noise alone.
+#   the other modes' backward passes leave, and in mode "ghost" a zero p.grad (its
+#   Embedding norm sampler cannot reshape 0 rows), so the optimizer takes its step of noise
+#   alone.
 _OPACUS_SERIES = "1.6."
 
 
@@ -298,8 +440,12 @@ def _use_randomness(dp_optimizer, randomness: Randomness, *, expected_batch_size
     dp_optimizer.add_noise = add_noise
 
 
-def _no_per_sample_gradients(dp_optimizer) -> None:
-    """Per-sample gradients of 0 rows for each of `dp_optimizer`'s parameters, as Opacus'
-    grad-sample modes leave them after the backward pass of an empty batch."""
+def _no_per_sample_gradients(dp_optimizer, grad_sample_mode: str) -> None:
+    """What the backward pass of an empty batch leaves `dp_optimizer`'s parameters: per-sample
+    gradients of 0 rows (Opacus' grad-sample modes), or in ghost mode, whose optimizer reads
+    the clipped sum from p.grad, a zero gradient."""
     for p in dp_optimizer.params:
-        p.grad_sample = p.new_zeros((0, *p.shape))
+        if grad_sample_mode == "ghost":
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = p.new_zeros((0, *p.shape))

@@ -188,6 +188,11 @@ class TrainConfig:
                                    "your factory as package.module:function (common.models)")
     fix_model: bool = _spec(False, help="let Opacus replace layers DP-SGD cannot train "
                                         "(BatchNorm → GroupNorm); off: such a model is refused")
+    dp_path: str = _spec("auto", choices=("auto", "one-pass", "hooks", "ghost"),
+                         help="how DP-SGD computes the clipped gradients: auto (one-pass where "
+                              "the model's layers allow, else the Opacus mode measured "
+                              "fastest) | one-pass (privet's) | hooks | ghost (Opacus); the "
+                              "same steps, noise and ε")
     hidden: int = _spec(64, low=1, help="hidden units of the MLP")
     local_epochs: int = _spec(1, low=1, help="passes over the local data per round")
     batch_size: int = _spec(64, low=1, help="expected batch size (Poisson sampling)")

@@ -185,6 +185,15 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
         from privet.server.strategies import strategy_class
 
         strategy_class(cfg.strategy.name)  # ConfigError: one line
+    if cfg.train.dp_path == "one-pass":  # asked for by name: a model it cannot train stops here
+        from privet.clients.bookkeeping import unsupported
+        from privet.common.models import ModelError, build_model
+
+        refused = unsupported(build_model(cfg.train, shape, num_classes(cfg), features))
+        if refused:
+            raise ModelError(f"train.dp-path = \"one-pass\" cannot train train.model = "
+                             f"{cfg.train.model!r}: {refused}; use \"auto\", \"hooks\" or "
+                             "\"ghost\"")
     if cfg.data.tabular:
         small = [r["client"] for r in report if r["rows"] < cfg.train.batch_size]
         if len(small) == cfg.num_clients:

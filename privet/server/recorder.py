@@ -121,7 +121,8 @@ class RunRecorder:
 
     def _released(self, client: str, keys) -> None:
         noised = self.cfg.metrics_noised(int(client)) if client.isdigit() else False
-        covered = {R.CLIENT_ID, *(R.AVERAGED if noised else ())}  # noised: inside its ε
+        # noised: inside its ε; the DP-SGD path depends on the model and the machine only
+        covered = {R.CLIENT_ID, R.DP_PATH, *(R.AVERAGED if noised else ())}
         self.released.setdefault(client, set()).update(
             "cleaning counts" if k.startswith(R.DATA_PREFIX) else k
             for k in keys if k not in covered)
@@ -195,6 +196,8 @@ class RunRecorder:
             if any(k.startswith(R.DATA_PREFIX) for k in m.keys()):
                 entry["data"] = {k[len(R.DATA_PREFIX):]: int(v) for k, v in m.items()
                                  if k.startswith(R.DATA_PREFIX)}
+            if R.DP_PATH in m:
+                entry["dp_path"] = R.DP_PATHS[int(m[R.DP_PATH])]
             if failure:
                 entry["left_out"] = "failed"
             elif too_small:
@@ -303,6 +306,7 @@ class RunRecorder:
         out = {"rounds_trained": c["rounds_trained"], "stopped_round": c["stopped_round"],
                "left_out": c.get("left_out"),
                "target_epsilon": c.get("target_epsilon") if self.cfg.private else None,
+               "dp_path": c.get("dp_path"),
                "epsilon": None, "history": [], "spent_on": {}}
         if report is None:
             return out
@@ -383,6 +387,11 @@ class RunRecorder:
                 "target_epsilon": privacy.epsilon if self.cfg.private else None,
                 "delta": privacy.delta, "accountant": privacy.accountant,
                 "max_grad_norm": privacy.max_grad_norm,
+                # how DP-SGD computed the clipped gradients: train.dp-path, and what the
+                # clients that trained used (auto: one-pass, or the Opacus mode they measured)
+                "dp_path": {"requested": self.cfg.train.dp_path,
+                            "used": sorted({c["dp_path"] for c in self.clients.values()
+                                            if c.get("dp_path")})},
                 "max_epsilon": self.max_epsilon(),
                 "user_level": self._user_level_summary(),
                 "noise_source": self.noise_source,
