@@ -139,7 +139,7 @@ def main() -> None:
           f"repeats")
     for work in workloads:
         print(f"  {work.data}: {work.source}")
-    print(f"{'data':8} {'model':12} {'mode':11} {'ms/step':>8} {'× plain':>8} "
+    print(f"{'data':8} {'model':13} {'mode':11} {'ms/step':>8} {'× plain':>8} "
           f"{'secure ms':>9} {'× seeded':>8}")
     for work in workloads:
         for model_name in work.models:
@@ -165,14 +165,14 @@ def main() -> None:
             ms = {run: statistics.median(values) * 1000 for run, values in timings.items()
                   if values and run[0] not in failed}
             plain = ms["plain", "seeded"]
-            shown = model_name.rsplit(":", 1)[-1][:12]
-            print(f"{work.data:8} {shown:12} auto → {auto}")
+            shown = model_name.rsplit(":", 1)[-1][:13]
+            print(f"{work.data:8} {shown:13} auto → {auto}")
             for mode in ["plain", *modes]:
                 if mode in failed:
-                    print(f"{work.data:8} {shown:12} {mode:11} unsupported ({failed[mode]})")
+                    print(f"{work.data:8} {shown:13} {mode:11} unsupported ({failed[mode]})")
                     continue
                 seeded = ms[mode, "seeded"]
-                line = f"{work.data:8} {shown:12} {mode:11} {seeded:8.3f} "
+                line = f"{work.data:8} {shown:13} {mode:11} {seeded:8.3f} "
                 line += f"{seeded / plain:8.2f}"
                 if (mode, "secure") in ms:
                     line += f" {ms[mode, 'secure']:9.3f} {ms[mode, 'secure'] / seeded:8.2f}"
