@@ -36,7 +36,8 @@ class Run:
     @property
     def rounds(self):
         """rounds.csv as a pandas DataFrame: one row per finished round (test accuracy,
-        loss, balanced accuracy, macro F1, AUC, majority baseline, max ε, user ε, ...)."""
+        loss, balanced accuracy, macro F1, AUC, majority baseline, max ε, user ε, ...;
+        regression: test RMSE, MAE, R² and the baseline's instead of the accuracies)."""
         return self._csv("rounds.csv")
 
     @property
@@ -54,7 +55,9 @@ class Run:
     def model(self):
         """The latest global model as a torch nn.Module in eval mode, rebuilt from the run's
         `train.model` (a built-in or the user's factory, which must be importable) and
-        loaded with model.pt. Raises FileNotFoundError before the first round is saved."""
+        loaded with model.pt (regression: it predicts the scaled target z; y = center +
+        half·z with summary["target"]). Raises FileNotFoundError before the first round is
+        saved."""
         import torch
 
         from privet.common.data import datasets
@@ -70,7 +73,7 @@ class Run:
             test = datasets.test_data(cfg, transform.read_text(encoding="utf-8")
                                       if transform.exists() else "")
             shape, features = test.features.shape[1:], test.feature_spec
-        model = build_model(cfg.train, tuple(shape), datasets.num_classes(cfg), features)
+        model = build_model(cfg.train, tuple(shape), datasets.num_outputs(cfg), features)
         model.load_state_dict(saved["state_dict"])
         return model.eval()
 

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -38,7 +39,7 @@ from privet.common.data.datasets import (
     client_holdout,
     encoded_width,
     feature_description,
-    num_classes,
+    num_outputs,
     schema,
 )
 from privet.common.data.preprocess import FittedTransform
@@ -118,7 +119,7 @@ def _privacy_record(cfg: ExperimentConfig, ledger: DataLedger, transform: str = 
 
 def _model(cfg: ExperimentConfig, data: ClientData, arrays: ArrayRecord, data_path: str
            ) -> torch.nn.Module:
-    model = build_model(cfg.train, data.features.shape[1:], num_classes(cfg, data_path),
+    model = build_model(cfg.train, data.features.shape[1:], num_outputs(cfg, data_path),
                         data.feature_spec)
     R.load_arrays(model, arrays)
     return model
@@ -311,7 +312,8 @@ def train(msg: Message, context: Context) -> Message:
                          grad_sample_mode=cfg.train.dp_path,
                          randomness=make_randomness(ledger.current.noise_source, seed),
                          # FedProx (Flower's key): data-independent, added after the noise
-                         proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)))
+                         proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
+                         loss=cfg.loss_name)
     epsilon = 0.0
     if sigma is not None:
         if result.steps != steps:  # never: the steps are fixed by n and B; paid as planned
@@ -327,11 +329,17 @@ def train(msg: Message, context: Context) -> Message:
         randomness = make_randomness(ledger.current.noise_source,
                                      [cfg.seed, server_round, client_id, metrics_dp.STREAM])
         loss, accuracy = metrics_dp.release(model, data.features, data.labels,
-                                            this_round[-1].sigma, randomness)
-        metrics.update({R.TRAIN_LOSS: loss, R.TRAIN_ACCURACY: accuracy})
+                                            this_round[-1].sigma, randomness, cfg.loss_name)
+        metrics.update({R.TRAIN_LOSS: loss, **_accuracy(R.TRAIN_ACCURACY, accuracy)})
     elif cfg.privacy.train_metrics != "off":  # clear; or a client without sample-level DP
-        metrics.update({R.TRAIN_LOSS: result.loss, R.TRAIN_ACCURACY: result.accuracy})
+        metrics.update({R.TRAIN_LOSS: result.loss,
+                        **_accuracy(R.TRAIN_ACCURACY, result.accuracy)})
     return _reply(metrics, _privacy_record(cfg, ledger, transform), model, msg)
+
+
+def _accuracy(key: str, value: float | None) -> dict:
+    """An accuracy metric, or nothing for regression (which has none to send)."""
+    return {} if value is None or math.isnan(value) else {key: value}
 
 
 @app.evaluate()
@@ -359,7 +367,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     args = (cfg, client_id, transform, data_path)
     data = client_holdout(*args) if cfg.evaluation.mode == "federated" else client_data(*args)
     model = _model(cfg, data, msg.content["arrays"], data_path)
-    loss, accuracy = evaluate_model(model, data.features, data.labels)
+    loss, accuracy = evaluate_model(model, data.features, data.labels, loss=cfg.loss_name)
     metrics = {R.CLIENT_ID: client_id, R.NUM_EXAMPLES: len(data),
-               R.EVAL_LOSS: loss, R.EVAL_ACCURACY: accuracy}
+               R.EVAL_LOSS: loss, **_accuracy(R.EVAL_ACCURACY, accuracy)}
     return _reply(metrics, _privacy_record(cfg, ledger, transform), msg=msg)

@@ -32,6 +32,10 @@ modules (tied weights) are refused: `supports` says no and clients.train sends t
 Opacus' hooks mode, which adds them up per example. Frozen parameters (requires_grad False)
 get no gradient, no norm and no noise, as in Opacus.
 
+The loss (common.losses: cross-entropy, or mse / huber for regression) is a sum of
+per-example terms, so the summed loss's gradient at each example's output is that example's
+own, whichever loss it is.
+
 Everything else is exactly Opacus' DP-SGD, so the two paths take the same steps (tested):
 clip factor min(1, C / (‖g_i‖ + 1e-6)), Gaussian noise of std σC per trained parameter in
 parameter order, and the sum divided by the expected batch size ⌊q·n⌋. The noise comes from
@@ -53,6 +57,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from privet.common.losses import task_loss
 from privet.common.privacy.randomness import Randomness
 
 # Leaf layers with no parameters that act on each example alone: per-example gradients stay
@@ -319,6 +324,8 @@ class BookkeepingDPSGD:
     `SeededRandomness` these are the standard normals Opacus' DPOptimizer draws from a
     generator seeded alike; it scales them by σC and then divides by the batch, so the two
     agree to rounding.
+    `loss` names the per-example loss (common.losses): "cross-entropy" on logits (B, classes)
+    and int64 labels, "mse" or "huber" on one output (B, 1) and float targets (B,).
     Raises ValueError for a model `supports` refuses or an expected batch size below 1, and
     in `step` for a forward pass that changes a trained layer's input or output in place
     (its gradient would then be another tensor's) or, checked on the first step with
@@ -326,7 +333,7 @@ class BookkeepingDPSGD:
 
     def __init__(self, model: nn.Module, optimizer, *,
                  noise_multiplier: float, max_grad_norm: float, expected_batch_size: int,
-                 randomness: Randomness):
+                 randomness: Randomness, loss: str = "cross-entropy"):
         refused = unsupported(model)
         if refused:
             raise ValueError(f"book-keeping DP-SGD cannot train this model: {refused}")
@@ -338,6 +345,7 @@ class BookkeepingDPSGD:
         self.max_grad_norm = max_grad_norm
         self.expected_batch_size = expected_batch_size
         self.randomness = randomness
+        self.loss = loss
         self.layers = [m for m in model.modules() if type(m) in _WITH_FORMULA and _trained(m)]
         self._params_of = {layer: tuple(p if p is not None and p.requires_grad else None
                                       for p in (layer.weight, getattr(layer, "bias", None)))
@@ -371,11 +379,11 @@ class BookkeepingDPSGD:
                 handle.remove()
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One DP-SGD step on the batch (x, y), which may be empty. Returns the logits and the
-        summed loss, detached."""
+        """One DP-SGD step on the batch (x, y), which may be empty. Returns the outputs (logits,
+        or the scaled predictions (B, 1)) and the summed loss, detached."""
         calls: list[tuple] = []
         h = self._forward(x, calls)
-        loss_sum = functional.cross_entropy(h, y, reduction="sum")
+        loss_sum = task_loss(self.loss, h, y, reduction="sum")
         if len(y):  # the sum's gradient at each output is each example's own
             for layer, a, z, a_version, z_version in calls:
                 if a._version != a_version or z._version != z_version:

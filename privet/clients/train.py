@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional
 from torch.utils.data import DataLoader, TensorDataset
 
 from privet.clients.bookkeeping import BookkeepingDPSGD
 from privet.clients.sgd import SGD, add_proximal_term
+from privet.common.losses import TaskLoss, task_loss
 from privet.common.opacus_import import opacus
 from privet.common.privacy.randomness import Randomness, SeededRandomness
 
@@ -180,8 +180,8 @@ def _opacus_step(net: nn.Module, dp_optimizer, criterion, x: torch.Tensor, y: to
 
 @dataclass(frozen=True)
 class LocalResult:
-    loss: float
-    accuracy: float
+    loss: float       # mean training loss over the examples the steps used (`loss`'s units)
+    accuracy: float   # NaN for regression
     steps: int
     examples: int
     seconds: float
@@ -208,12 +208,16 @@ def train_local(model: nn.Module, features: np.ndarray, labels: np.ndarray, *, e
                 batch_size: int, lr: float, momentum: float, seed: int,
                 noise_multiplier: float | None = None, max_grad_norm: float = 1.0,
                 grad_sample_mode: str = "hooks", randomness: Randomness | None = None,
-                proximal_mu: float = 0.0) -> LocalResult:
+                proximal_mu: float = 0.0, loss: str = "cross-entropy") -> LocalResult:
     """Train `model` in place. With `noise_multiplier` set, this is DP-SGD, computed by
     privet's one-pass path (grad_sample_mode "one-pass", or "bookkeeping"), by Opacus (its
     modes "hooks", "ghost", "functorch", "ew"), or by the one `dp_path` picks for "auto"
     (on this model, the shape of `features` and `batch_size`); `LocalResult.dp_path` says
     which.
+
+    `loss` (common.losses): "cross-entropy" for `labels` (N,) int64 classes and a model with
+    one logit per class; "mse" or "huber" for `labels` (N,) float32 scaled targets and a
+    model with one output. `features` (N, ...) float32.
 
     `randomness` supplies every DP draw: which rows each step takes and the Gaussian noise.
     None means `SeededRandomness(seed)` (rows from a generator seeded with `seed`, noise from
@@ -229,13 +233,13 @@ def train_local(model: nn.Module, features: np.ndarray, labels: np.ndarray, *, e
     model.train()
     if noise_multiplier is None:
         _train_plain(model, x_all, y_all, tally, epochs=epochs, batch_size=batch_size, lr=lr,
-                     momentum=momentum, seed=seed, proximal_mu=proximal_mu)
+                     momentum=momentum, seed=seed, proximal_mu=proximal_mu, loss=loss)
     else:
         randomness = randomness if randomness is not None else SeededRandomness(seed)
         batches = _poisson_batches(randomness, len(y_all), batch_size, epochs)
         dp = dict(randomness=randomness, lr=lr, momentum=momentum,
                   noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                  proximal_mu=proximal_mu)
+                  proximal_mu=proximal_mu, loss=loss)
         grad_sample_mode = dp_path(model, grad_sample_mode, example=x_all[:1],
                                    batch_size=batch_size)
         if grad_sample_mode == ONE_PASS:
@@ -246,14 +250,15 @@ def train_local(model: nn.Module, features: np.ndarray, labels: np.ndarray, *, e
             _train_opacus(model, x_all, y_all, tally, batches, batch_size=batch_size,
                           grad_sample_mode=grad_sample_mode, **dp)
     return LocalResult(loss=tally.loss_sum / max(tally.seen, 1),
-                       accuracy=tally.correct / max(tally.seen, 1), steps=tally.steps,
+                       accuracy=tally.correct / max(tally.seen, 1) if loss == "cross-entropy"
+                       else math.nan, steps=tally.steps,
                        examples=len(labels), seconds=time.perf_counter() - start,
                        dp_path="" if noise_multiplier is None else grad_sample_mode)
 
 
 def _train_plain(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, tally: _Tally,
                  *, epochs: int, batch_size: int, lr: float, momentum: float,
-                 seed: int, proximal_mu: float = 0.0) -> None:
+                 seed: int, proximal_mu: float = 0.0, loss: str = "cross-entropy") -> None:
     """Non-private SGD over shuffled batches: the batches torch's shuffling DataLoader with a
     generator seeded `seed` gives, draw for draw (its RandomSampler also draws a second,
     empty-sliced permutation an epoch), without its per-row collation."""
@@ -268,10 +273,10 @@ def _train_plain(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, tal
             x, y = x_all[batch], y_all[batch]
             optimizer.zero_grad(set_to_none=True)
             out = model(x)
-            loss = functional.cross_entropy(out, y)
-            loss.backward()
+            batch_loss = task_loss(loss, out, y)
+            batch_loss.backward()
             optimizer.step()
-            tally.add(out.detach(), loss.detach() * len(y), y)
+            tally.add(out.detach(), batch_loss.detach() * len(y), y)
 
 
 def _start_dataloader_epoch(generator: torch.Generator) -> None:
@@ -307,25 +312,26 @@ class _Tally:
     def add(self, out: torch.Tensor | None, loss_sum: torch.Tensor | None, y: torch.Tensor
             ) -> None:
         """One step on the labels `y`; `out` (logits) and `loss_sum` are read only when `y`
-        is not empty."""
+        is not empty; regression (float `y`) counts no correct answers."""
         self.steps += 1
         if len(y):
             self.seen += len(y)
             self.loss_sum += float(loss_sum)
-            self.correct += int((out.argmax(1) == y).sum())
+            if not y.is_floating_point():
+                self.correct += int((out.argmax(1) == y).sum())
 
 
 def _train_bookkeeping(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor,
                        tally: _Tally, batches: Iterator[torch.Tensor], *,
                        randomness: Randomness, expected_batch_size: int, lr: float,
                        momentum: float, noise_multiplier: float, max_grad_norm: float,
-                       proximal_mu: float = 0.0) -> None:
+                       proximal_mu: float = 0.0, loss: str = "cross-entropy") -> None:
     """DP-SGD by clients.bookkeeping, one step a batch of row indices."""
     optimizer = SGD(model.parameters(), lr=lr, momentum=momentum)
     dpsgd = BookkeepingDPSGD(
         model, add_proximal_term(optimizer, optimizer.params, proximal_mu),
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-        expected_batch_size=expected_batch_size, randomness=randomness)
+        expected_batch_size=expected_batch_size, randomness=randomness, loss=loss)
     for rows in batches:
         y = y_all[rows]
         out, loss_sum = dpsgd.step(x_all[rows], y)
@@ -335,7 +341,8 @@ def _train_bookkeeping(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tenso
 def _train_opacus(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, tally: _Tally,
                   batches: Iterator[torch.Tensor], *, batch_size: int, grad_sample_mode: str,
                   randomness: Randomness, lr: float, momentum: float, noise_multiplier: float,
-                  max_grad_norm: float, proximal_mu: float = 0.0) -> None:
+                  max_grad_norm: float, proximal_mu: float = 0.0,
+                  loss: str = "cross-entropy") -> None:
     """DP-SGD by Opacus' `grad_sample_mode`, on privet's batches and with privet's noise.
 
     Opacus computes the per-sample gradients, clips and sums them and scales the noisy sum;
@@ -345,7 +352,7 @@ def _train_opacus(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, ta
     net, dp_optimizer, criterion = _make_private(
         model, TensorDataset(x_all, y_all), batch_size=batch_size, lr=lr, momentum=momentum,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-        grad_sample_mode=grad_sample_mode)
+        grad_sample_mode=grad_sample_mode, loss=loss)
     _use_randomness(dp_optimizer, randomness,
                     expected_batch_size=expected_batch_size(len(y_all), batch_size))
     # DPOptimizer.step clips, noises and scales, then calls the wrapped optimizer's step
@@ -370,9 +377,11 @@ def _train_opacus(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, ta
 
 def _make_private(model: nn.Module, dataset: TensorDataset, *, batch_size: int, lr: float,
                   momentum: float, noise_multiplier: float, max_grad_norm: float,
-                  grad_sample_mode: str) -> tuple[nn.Module, object, nn.Module]:
+                  grad_sample_mode: str, loss: str = "cross-entropy"
+                  ) -> tuple[nn.Module, object, nn.Module]:
     """Opacus' PrivacyEngine.make_private for `model` and torch's SGD: (its GradSampleModule,
-    its DPOptimizer, the loss to call: ghost clipping wraps cross-entropy). The DPDataLoader
+    its DPOptimizer, the loss to call: `loss` as a mean-reduced criterion, which ghost
+    clipping wraps). The DPDataLoader
     it also returns is dropped unused (privet draws the batches); Poisson sampling is still
     declared, so the module refuses to accumulate per-sample gradients across steps."""
     # make_private reads only this loader's dataset and length, ⌈n/B⌉ batches
@@ -385,14 +394,14 @@ def _make_private(model: nn.Module, dataset: TensorDataset, *, batch_size: int, 
         # its accountant is unused: the ledger counts
         engine = opacus().PrivacyEngine(accountant="rdp")
         private = engine.make_private(
-            module=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(),
+            module=model, optimizer=optimizer, criterion=TaskLoss(loss),
             data_loader=loader, noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm, poisson_sampling=True,
             grad_sample_mode=grad_sample_mode)
     if len(private) == 4:  # ghost clipping also wraps the loss
         net, dp_optimizer, criterion, _ = private
     else:
-        (net, dp_optimizer, _), criterion = private, nn.CrossEntropyLoss()
+        (net, dp_optimizer, _), criterion = private, TaskLoss(loss)
     return net, dp_optimizer, criterion
 
 

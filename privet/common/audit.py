@@ -68,6 +68,10 @@ log = logging.getLogger(__name__)  # propagates: a violation reaches any console
 CONFIDENCE = 0.95
 FPR_TARGETS = (0.01, 0.001)
 MIN_REFERENCE_PER_CLASS = 10  # fewer reference rows of a class: use the pooled Gaussian
+REGRESSION_REFUSED = (
+    "train.task = \"regression\": not audited: both attacks score a class's probability and "
+    "match members to non-members class by class; a regression attack (squared error, "
+    "matched by label quantile) is not written yet")
 
 
 # ---------------------------------------------------------------- the statistics
@@ -331,11 +335,14 @@ def audit_run(run_dir: str | Path, *, max_rows: int = 5000, seed: int = 0) -> di
     random and matched to the members client by client and class by class, each encoded as
     its client encoded its own rows (see `_draw`). Test rows left over, up to `max_rows`, are
     the reference set of the calibrated attack. Raises ValueError when `run_dir` is not a
-    privet run directory or has no model. Returns the JSON-able report.
+    privet run directory or has no model, or for a regression run (REGRESSION_REFUSED).
+    Returns the JSON-able report.
     """
     run_dir = Path(run_dir)
     summary = _require_run(run_dir)
     cfg = load_config(run_dir / results.CONFIG)
+    if cfg.regression:
+        raise ValueError(REGRESSION_REFUSED)
     clients = _member_clients(summary, run_dir)
     transforms = client_transforms(cfg, run_dir, clients)
     rng = np.random.default_rng(seed)

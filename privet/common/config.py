@@ -32,6 +32,7 @@ CONFIGS_DIR = PROJECT_DIR / "experiments" / "configs"
 DEFAULT_CONFIG = CONFIGS_DIR / "adult.toml"
 # where DP random draws come from (common.privacy.randomness)
 NOISE_SOURCES = ("auto", "seeded", "secure")
+TASKS = ("classification", "regression")
 
 
 class ConfigError(ValueError):
@@ -74,6 +75,11 @@ class DataConfig:
     bounds: str = _spec("", shape=dict, help="public [low, high] per numeric column, e.g. "
                                              "{ age = [0, 120] }; federated preprocessing "
                                              "clips to them to bound each row's influence")
+    label_bounds: str = _spec("", shape=list,
+                              help="train.task = \"regression\": the public [low, high] range "
+                                   "of data.label, e.g. [0, 100]; the target is clipped to it on "
+                                   "the clients and scaled to [-1, 1] by it (adult: the "
+                                   "column's census range when empty)")
     decimal: str = _spec("", choices=("", ".", ","),
                          help="csv: the decimal mark of every numeric column; empty = found "
                               "per column (25,165 in a ;-separated file is 25.165)")
@@ -198,6 +204,12 @@ class TrainConfig:
     batch_size: int = _spec(64, low=1, help="expected batch size (Poisson sampling)")
     lr: float = _spec(0.2, low=0.0, low_open=True, help="SGD learning rate")
     momentum: float = _spec(0.8, low=0.0, high=0.999, help="SGD momentum")
+    task: str = _spec("classification", choices=TASKS,
+                      help="classification (a class per row, cross-entropy) or regression (a "
+                           "number per row: data.label, scaled by data.label-bounds)")
+    loss: str = _spec("auto", choices=("auto", "cross-entropy", "mse", "huber"),
+                      help="auto = cross-entropy for classification, mse for regression; "
+                           "regression: mse or huber (delta 1 on the scaled target)")
 
 
 STRATEGY_NAMES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
@@ -384,6 +396,76 @@ class ExperimentConfig:
             raise ConfigError(
                 f"clients-per-round = {self.clients_per_round}: must be ≤ num-clients "
                 f"({self.num_clients})")
+        self._check_task()
+
+    def _check_task(self) -> None:
+        """`train.task` against the keys that only make sense for one task; raises
+        ConfigError, one line naming the key, what was given and what is allowed."""
+        data, train = self.data, self.train
+        if not self.regression:
+            if train.loss in ("mse", "huber"):
+                raise ConfigError(
+                    f"train.loss = \"{train.loss}\" with train.task = \"classification\": "
+                    "refused: mse and huber are regression losses; use \"auto\" or "
+                    "\"cross-entropy\", or set train.task = \"regression\"")
+            if data.label_bounds:
+                raise ConfigError("data.label-bounds: only for train.task = \"regression\" "
+                                  "(a classifier's label has classes, not a range)")
+            if data.dataset == "adult" and data.label not in ("", "income"):
+                raise ConfigError(
+                    f"data.label = {data.label!r} with data.dataset = \"adult\": Adult's "
+                    "classes are its income column; to predict a numeric column set "
+                    "train.task = \"regression\"")
+            return
+        if train.loss == "cross-entropy":
+            raise ConfigError("train.loss = \"cross-entropy\" with train.task = \"regression\""
+                              ": expected \"auto\", \"mse\" or \"huber\"")
+        if data.dataset in IMAGE_DATASETS:
+            raise ConfigError(
+                f"train.task = \"regression\" with data.dataset = \"{data.dataset}\": "
+                "refused: image datasets have classes; regression needs a numeric data.label "
+                "of adult, csv or parquet")
+        if data.classes:
+            raise ConfigError("data.classes: a list of classes, with train.task = "
+                              "\"regression\" whose label is a number; leave it empty")
+        if data.dataset == "adult":
+            from privet.common.data.adult import NUMERIC  # the census columns: no rows read
+
+            if data.label not in NUMERIC:
+                raise ConfigError(
+                    f"data.label = {data.label!r}: train.task = \"regression\" on adult needs "
+                    f"one of its numeric columns: {', '.join(NUMERIC)}")
+        elif not data.label_bounds:
+            raise ConfigError(
+                f"data.label-bounds: required for train.task = \"regression\" on "
+                f"{data.dataset}: the public [low, high] range of {data.label!r}, e.g. [0, 100]; "
+                "it scales the target for every client alike without any statistic of the "
+                "labels")
+        if data.label_bounds:
+            label_bounds(data)  # ConfigError for a pair that is not [low, high]
+        if self.evaluation.mode == "federated":
+            raise ConfigError(
+                "evaluation.mode = \"federated\" with train.task = \"regression\": not "
+                "supported yet: clients would have to send their held-out labels' spread in "
+                "the clear for R²; use evaluation.mode = \"server\"")
+        if self.preprocess.select == "mutual-info":
+            raise ConfigError(
+                "preprocess.select = \"mutual-info\" with train.task = \"regression\": "
+                "refused: the mutual information is computed from per-class tables; use "
+                "\"variance\" or \"none\"")
+
+    @property
+    def regression(self) -> bool:
+        """`train.task = "regression"`: one output, a float label, RMSE/MAE/R² scores."""
+        return self.train.task == "regression"
+
+    @property
+    def loss_name(self) -> str:
+        """The training loss: `train.loss`, with auto resolved (cross-entropy for
+        classification, mse for regression)."""
+        if self.train.loss != "auto":
+            return self.train.loss
+        return "mse" if self.regression else "cross-entropy"
 
     @property
     def private(self) -> bool:
@@ -448,6 +530,20 @@ class ExperimentConfig:
             else:
                 lines.append(f"{_key(f.name)} = {_toml_value(value)}")
         return "\n".join(lines + tables) + "\n"
+
+
+def label_bounds(data: DataConfig) -> tuple[float, float] | None:
+    """`data.label-bounds` as (low, high), or None when unset. Raises ConfigError for a
+    value that is not [low, high] with finite numbers low < high."""
+    pair = shaped(data.label_bounds, None)
+    if pair is None:
+        return None
+    if (not isinstance(pair, list) or len(pair) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair)
+            or not all(map(math.isfinite, pair)) or not pair[0] < pair[1]):
+        raise ConfigError(f"data.label-bounds = {pair!r}: expected [low, high] with finite "
+                          "numbers low < high")
+    return float(pair[0]), float(pair[1])
 
 
 def is_import_path(name: str) -> bool:

@@ -1,4 +1,5 @@
-"""Evaluation shared by the server (test set) and the clients (their own rows)."""
+"""Evaluation shared by the server (test set) and the clients (their own rows): a
+classifier's `Scores`, a regression model's `RegressionScores`."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from privet.common.losses import task_loss
+
 
 @torch.no_grad()
 def logits(model: nn.Module, features: np.ndarray, batch_size: int = 4096) -> torch.Tensor:
-    """The model's outputs (N, classes) for `features` (N, ...), in eval mode, in batches."""
+    """The model's outputs (N, classes) for `features` (N, ...), in eval mode, in batches
+    (regression: (N, 1), the scaled prediction)."""
     model.eval()
     x_all = torch.from_numpy(features)
     return torch.cat([model(x_all[i:i + batch_size]) for i in range(0, len(x_all), batch_size)])
@@ -25,9 +29,13 @@ def _loss_and_accuracy(out: torch.Tensor, y: torch.Tensor) -> tuple[float, float
 
 
 def evaluate(model: nn.Module, features: np.ndarray, labels: np.ndarray,
-             batch_size: int = 4096) -> tuple[float, float]:
-    """(mean cross-entropy in nats, accuracy) in batched passes."""
-    return _loss_and_accuracy(logits(model, features, batch_size), torch.from_numpy(labels))
+             batch_size: int = 4096, loss: str = "cross-entropy") -> tuple[float, float]:
+    """(mean cross-entropy in nats, accuracy) in batched passes; with a regression `loss`
+    (mse, huber: common.losses), (its mean on the scaled target, NaN)."""
+    out, y = logits(model, features, batch_size), torch.from_numpy(labels)
+    if loss == "cross-entropy":
+        return _loss_and_accuracy(out, y)
+    return float(task_loss(loss, out, y, reduction="sum")) / max(len(y), 1), math.nan
 
 
 @dataclass(frozen=True)
@@ -75,3 +83,43 @@ def score(model: nn.Module, features: np.ndarray, labels: np.ndarray, num_classe
                       macro_f1=float(metrics.f1_score(labels, predicted, average="macro",
                                                       labels=classes, zero_division=0)),
                       auc=auc, majority=float(counts.max() / counts.sum()))
+
+
+@dataclass(frozen=True)
+class RegressionScores:
+    """A regression model's scores on rows with known labels, in the label's own units:
+    `rmse` and `mae` (units of the label), `r2` (1 − Σ(y − ŷ)² / Σ(y − ȳ)², scikit-learn's
+    r2_score; NaN when every label is equal). The baseline predicts one constant for every
+    row, the mean ȳ of these same rows: the best constant in hindsight, a bar a model that
+    learnt anything clears (its R² is 0 by definition). On the server's test set ȳ comes from
+    the server's own held-out rows, so it releases nothing about any client. `loss` is the
+    training loss (`train.loss`) on the scaled target (common.data.target)."""
+    loss: float
+    rmse: float
+    mae: float
+    r2: float
+    baseline_rmse: float
+    baseline_mae: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def score_regression(model: nn.Module, features: np.ndarray, targets: np.ndarray, scale,
+                     loss: str = "mse", batch_size: int = 4096) -> RegressionScores:
+    """Scores of `model` (one output (B, 1): the scaled prediction) on `features` (N, ...)
+    with scaled float32 `targets` (N,); `scale` (common.data.target.TargetScale) maps both
+    back to the label's units. Raises ValueError for a model with more than one output."""
+    out = logits(model, features, batch_size)
+    scaled_loss = float(task_loss(loss, out, torch.from_numpy(targets), reduction="sum"))
+    predicted = scale.decode(out[:, 0].double().numpy())
+    y = scale.decode(targets)
+    errors = predicted - y
+    rows = max(len(y), 1)
+    spread = y - y.mean() if len(y) else y
+    total = float((spread ** 2).sum())
+    return RegressionScores(
+        loss=scaled_loss / rows, rmse=math.sqrt(float((errors ** 2).sum()) / rows),
+        mae=float(np.abs(errors).sum()) / rows,
+        r2=1.0 - float((errors ** 2).sum()) / total if total > 0 else math.nan,
+        baseline_rmse=math.sqrt(total / rows), baseline_mae=float(np.abs(spread).sum()) / rows)

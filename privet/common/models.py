@@ -3,8 +3,9 @@
 `[train] model` is a registered name (`mlp`, `logreg`, `cnn`) or `package.module:factory`
 (Flower's `module:attr` convention). A factory is called as
 `factory(input_shape, num_outputs, train)` — one example's shape, (features,) or
-(channels, height, width); the number of classes; the TrainConfig — and returns an
-nn.Module mapping a batch (B, *input_shape) to logits (B, num_outputs). A factory whose
+(channels, height, width); the number of classes (1 for `train.task = "regression"`: the
+scaled target, common.data.target); the TrainConfig — and returns an nn.Module mapping a
+batch (B, *input_shape) to logits (B, num_outputs). A factory whose
 signature also takes the keyword `features` gets what each input column is
 (`common.data.features.Features`: numbers, and each categorical column's one-hot block and
 values; None for images): the same on every party, from the shared transform or the schema.

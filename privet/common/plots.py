@@ -15,7 +15,8 @@ from privet.common import results  # noqa: E402
 
 
 def plot_run(run_dir: Path) -> Path | None:
-    """Test accuracy and the largest client ε over rounds, side by side."""
+    """Test accuracy (regression: RMSE and MAE in the label's units, with the constant
+    baseline's) and the largest client ε over rounds, side by side."""
     run_dir = Path(run_dir)
     try:
         rows = results.read_csv(run_dir / results.ROUNDS)
@@ -24,22 +25,13 @@ def plot_run(run_dir: Path) -> Path | None:
     if not rows:
         return None
     rounds = [int(r["round"]) for r in rows]
-    accuracy = [float(r["test_accuracy"]) for r in rows]
     epsilon = [_number(r.get("max_epsilon")) for r in rows]
     user = [_number(r.get("user_epsilon")) for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(rounds, accuracy, marker="o", label="accuracy")
-    balanced = [_number(r.get("test_balanced_accuracy")) for r in rows]
-    if not all(math.isnan(b) for b in balanced):
-        left.plot(rounds, balanced, marker=".", color="tab:green", label="balanced accuracy")
-    majority = _number(rows[-1].get("majority_baseline"))
-    if not math.isnan(majority):
-        left.axhline(majority, color="gray", linestyle="--",
-                     label=f"majority class {majority:.3f}")
-    if len(left.get_lines()) > 1:
-        left.legend(loc="best", fontsize="small")
-    left.set(xlabel="round", ylabel="test accuracy", title="Global model on the test set")
-    left.grid(alpha=0.3)
+    if "test_rmse" in rows[0]:
+        _regression_panel(left, rounds, rows, _label(run_dir))
+    else:
+        _accuracy_panel(left, rounds, rows)
     if all(math.isnan(e) for e in epsilon + user):
         right.text(0.5, 0.5, "no differential privacy", ha="center", va="center")
         right.set_axis_off()
@@ -68,6 +60,48 @@ def plot_run(run_dir: Path) -> Path | None:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def _accuracy_panel(left, rounds: list[int], rows: list[dict]) -> None:
+    accuracy = [float(r["test_accuracy"]) for r in rows]
+    left.plot(rounds, accuracy, marker="o", label="accuracy")
+    balanced = [_number(r.get("test_balanced_accuracy")) for r in rows]
+    if not all(math.isnan(b) for b in balanced):
+        left.plot(rounds, balanced, marker=".", color="tab:green", label="balanced accuracy")
+    majority = _number(rows[-1].get("majority_baseline"))
+    if not math.isnan(majority):
+        left.axhline(majority, color="gray", linestyle="--",
+                     label=f"majority class {majority:.3f}")
+    if len(left.get_lines()) > 1:
+        left.legend(loc="best", fontsize="small")
+    left.set(xlabel="round", ylabel="test accuracy", title="Global model on the test set")
+    left.grid(alpha=0.3)
+
+
+def _regression_panel(left, rounds: list[int], rows: list[dict], label: str) -> None:
+    """RMSE and MAE over rounds in the label's units, with those of the baseline (the test
+    rows' mean predicted for every row) and the last round's R² in the legend."""
+    left.plot(rounds, [_number(r.get("test_rmse")) for r in rows], marker="o", label="RMSE")
+    left.plot(rounds, [_number(r.get("test_mae")) for r in rows], marker=".",
+              color="tab:green", label="MAE")
+    for key, name, style in (("baseline_rmse", "RMSE", "--"), ("baseline_mae", "MAE", ":")):
+        value = _number(rows[-1].get(key))
+        if not math.isnan(value):
+            left.axhline(value, color="gray", linestyle=style,
+                         label=f"baseline {name} {value:.4g} (test mean)")
+    r2 = _number(rows[-1].get("test_r2"))
+    left.legend(loc="best", fontsize="small",
+                title=None if math.isnan(r2) else f"R² {r2:.3f} (last round)")
+    left.set(xlabel="round", ylabel=f"test error ({label or 'label units'})",
+             title="Global model on the test set")
+    left.grid(alpha=0.3)
+
+
+def _label(run_dir: Path) -> str:
+    try:
+        return str((results.read_summary(run_dir).get("target") or {}).get("label") or "")
+    except (OSError, ValueError):
+        return ""
 
 
 def _number(text: str | None) -> float:

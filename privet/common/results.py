@@ -2,7 +2,8 @@
 
     config.toml    the resolved experiment config
     metrics.csv    one row per round and client (status, examples, loss, accuracy, ε so far)
-    rounds.csv     one row per round (global test accuracy and loss, max ε, clients, time)
+    rounds.csv     one row per round (global test accuracy and loss, or RMSE, MAE, R² and
+                   the baseline for regression; max ε, clients, time)
     summary.json   final (or latest) accuracy, ε per client with its history, wall time,
                    versions, seed, and `status`: running | complete | interrupted | failed
     model.pt       the latest global weights
@@ -44,6 +45,23 @@ METRIC_COLUMNS = ["round", "client", "status", "examples", "loss", "accuracy", "
 ROUND_COLUMNS = ["round", "test_accuracy", "test_loss", "test_balanced_accuracy",
                  "test_macro_f1", "test_auc", "majority_baseline", "max_epsilon", "user_epsilon",
                  "clients_trained", "clients_declined", "clients_failed", "elapsed_seconds"]
+# train.task = "regression": no accuracy column anywhere (left out, not left empty); scores in
+# the label's units and the baseline of predicting the test rows' mean (common.evaluation)
+REGRESSION_METRIC_COLUMNS = [c for c in METRIC_COLUMNS if c != "accuracy"]
+REGRESSION_ROUND_COLUMNS = ["round", "test_rmse", "test_mae", "test_r2", "test_loss",
+                            "baseline_rmse", "baseline_mae", "max_epsilon", "user_epsilon",
+                            "clients_trained", "clients_declined", "clients_failed",
+                            "elapsed_seconds"]
+
+
+def metric_columns(regression: bool = False) -> list[str]:
+    """metrics.csv's columns for the run's task."""
+    return REGRESSION_METRIC_COLUMNS if regression else METRIC_COLUMNS
+
+
+def round_columns(regression: bool = False) -> list[str]:
+    """rounds.csv's columns for the run's task."""
+    return REGRESSION_ROUND_COLUMNS if regression else ROUND_COLUMNS
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

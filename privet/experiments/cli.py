@@ -59,9 +59,7 @@ class RoundWatcher(threading.Thread):
             if row.get("user_epsilon"):
                 privacy += f"user ε {row['user_epsilon']:>8}  "
             console.print(f"round {int(row['round']):>3}/{self.cfg.rounds}  "
-                          f"test accuracy {float(row['test_accuracy']):.4f}  "
-                          + (f"AUC {float(row['test_auc']):.4f}  " if row.get("test_auc")
-                             else "") + f"{privacy}"
+                          + _round_scores(row) + f"{privacy}"
                           f"clients {row['clients_trained']:>3}  "
                           f"{float(row['elapsed_seconds']):6.1f}s"  # rounds.csv's clock
                           + ("  no client trained: the model is unchanged"
@@ -72,6 +70,15 @@ class RoundWatcher(threading.Thread):
         while not self.stop.wait(0.5):
             self.poll()
         self.poll()
+
+
+def _round_scores(row: dict) -> str:
+    """A rounds.csv row's headline: accuracy and AUC, or RMSE and R² (regression)."""
+    if "test_rmse" in row:
+        return (f"test RMSE {float(row['test_rmse']):.4g}  "
+                + (f"R² {float(row['test_r2']):.4f}  " if row.get("test_r2") else ""))
+    return (f"test accuracy {float(row['test_accuracy']):.4f}  "
+            + (f"AUC {float(row['test_auc']):.4f}  " if row.get("test_auc") else ""))
 
 
 EXIT_FAILURES = 3  # the run finished, but some clients failed (named in the summary)
@@ -135,19 +142,24 @@ def print_summary(run_dir: Path) -> None:
         parts.append(f"user-level ε {user['epsilon']:.4f} of target {user['target_epsilon']:g}")
     eps_line = (" and ".join(parts) + f" at δ = {privacy['delta']:g} ({privacy['accountant']})"
                 if parts else "no differential privacy")
-    accuracy = summary["accuracy"]
-    where = ("held-out accuracy (clients' own rows)" if summary.get("evaluation") == "federated"
-             else "test accuracy")
-    console.print(f"{where} [bold]{accuracy:.4f}[/] after {summary['rounds']} round(s); "
-                  f"{escape(eps_line)}; {summary['wall_seconds']:.1f}s" if accuracy is not None
-                  else f"no round finished; {escape(eps_line)}", markup=True)
-    scores = summary.get("scores") or {}
-    named = [(label, scores.get(key)) for label, key in (
-        ("majority class", "majority_baseline"), ("balanced accuracy", "test_balanced_accuracy"),
-        ("macro F1", "test_macro_f1"), ("ROC AUC", "test_auc"))]
-    if accuracy is not None and any(v is not None for _, v in named):
-        console.print("  " + ", ".join(f"{label} {v:.4f}" for label, v in named
-                                       if v is not None))
+    if summary.get("task") == "regression":
+        _print_regression_scores(summary, eps_line)
+    else:
+        accuracy = summary["accuracy"]
+        where = ("held-out accuracy (clients' own rows)"
+                 if summary.get("evaluation") == "federated" else "test accuracy")
+        console.print(f"{where} [bold]{accuracy:.4f}[/] after {summary['rounds']} round(s); "
+                      f"{escape(eps_line)}; {summary['wall_seconds']:.1f}s"
+                      if accuracy is not None
+                      else f"no round finished; {escape(eps_line)}", markup=True)
+        scores = summary.get("scores") or {}
+        named = [(label, scores.get(key)) for label, key in (
+            ("majority class", "majority_baseline"),
+            ("balanced accuracy", "test_balanced_accuracy"),
+            ("macro F1", "test_macro_f1"), ("ROC AUC", "test_auc"))]
+        if accuracy is not None and any(v is not None for _, v in named):
+            console.print("  " + ", ".join(f"{label} {v:.4f}" for label, v in named
+                                           if v is not None))
     if summary.get("stop_reason"):
         err.print(f"privet: stopped after round {summary['rounds']}: "
                   f"{summary['stop_reason']}", soft_wrap=True)
@@ -164,10 +176,33 @@ def print_summary(run_dir: Path) -> None:
     console.print(f"results: {run_dir}")
 
 
+def _print_regression_scores(summary: dict, eps_line: str) -> None:
+    """The last round's RMSE, MAE and R² beside the baseline's (predicting the test rows'
+    mean), in a table, in the label's units."""
+    scores, target = summary.get("scores") or {}, summary.get("target") or {}
+    if scores.get("test_rmse") is None:
+        console.print(f"no round finished; {escape(eps_line)}", markup=False)
+        return
+    table = Table(title=f"test scores of {target.get('label', 'the label')} after "
+                        f"{summary['rounds']} round(s), in its units")
+    for column in ("", "RMSE", "MAE", "R²"):
+        table.add_column(column, justify="left" if not column else "right")
+    shown = (lambda v: "-" if v is None else f"{v:.4g}")
+    table.add_row("model", shown(scores.get("test_rmse")), shown(scores.get("test_mae")),
+                  "-" if scores.get("test_r2") is None else f"{scores['test_r2']:.4f}")
+    table.add_row("baseline (test mean)", shown(scores.get("baseline_rmse")),
+                  shown(scores.get("baseline_mae")), "0")
+    console.print(table)
+    console.print(f"{escape(eps_line)}; {summary['wall_seconds']:.1f}s", markup=False)
+
+
 def print_partitions(report: list[dict], cfg) -> None:
     """Rows, label balance and missing cells per client; long federations are summarised.
 
     Per-class counts are shown for up to four classes; partitions.csv always has them."""
+    if report and "label-mean" in report[0]:
+        _print_regression_partitions(report, cfg)
+        return
     labels = [k for k in report[0] if k.startswith("label=")] if report else []
     shown_labels = labels if len(labels) <= 4 else []
     table = Table(title=f"partitions: {cfg.data.dataset}, {cfg.data.partition}")
@@ -183,6 +218,24 @@ def print_partitions(report: list[dict], cfg) -> None:
                       f"{r['majority-share']:.2f}", str(r["missing-cells"]))
         if len(report) > 20 and r is report[9]:
             table.add_row("…", *([""] * (len(shown_labels) + 4)))
+    console.print(table)
+
+
+def _print_regression_partitions(report: list[dict], cfg) -> None:
+    """Rows, the label's mean and standard deviation and missing cells per client."""
+    table = Table(title=f"partitions: {cfg.data.dataset}, {cfg.data.partition}"
+                        + (" (label quantile bins)" if cfg.data.partition in
+                           ("dirichlet", "shards") else ""))
+    for column in ("client", "rows", f"{cfg.data.label} mean", "std", "missing cells"):
+        table.add_column(column, justify="right")
+    shown = report if len(report) <= 20 else report[:10] + report[-5:]
+    for r in shown:
+        small = " (< batch)" if r["rows"] < cfg.train.batch_size else ""
+        table.add_row(str(r["client"]), f"{r['rows']}{small}", f"{r['label-mean']:.4g}"
+                      if r["label-mean"] is not None else "-", f"{r['label-std']:.4g}"
+                      if r["label-std"] is not None else "-", str(r["missing-cells"]))
+        if len(report) > 20 and r is report[9]:
+            table.add_row("…", "", "", "", "")
     console.print(table)
 
 

@@ -182,7 +182,9 @@ class Grid:
                                  f"(log: {escape(str(run_dir / LOG))})")
             return
         audit_note = ""
-        if self.audit and not (run_dir / results.AUDIT).is_file() and not self.stopping.is_set():
+        regression = self.expected[run].regression  # not audited (common.audit refuses it)
+        if self.audit and not regression and not (run_dir / results.AUDIT).is_file() \
+                and not self.stopping.is_set():
             if not self.run_audit(run):
                 audit_note = f"  [yellow]audit failed (log: {escape(str(run_dir / AUDIT_LOG))})[/]"
         row = report.audit_columns(run_dir)
@@ -191,9 +193,15 @@ class Grid:
         auc = f"  audit AUC {float(row['auc']):.3f}" if row.get("auc") else ""
         if row.get("audit_violation") == "true":
             auc += "  [bold red]AUDIT VIOLATION[/]"
-        accuracy = summary.get("accuracy")
-        accuracy = "-" if accuracy is None else f"{accuracy:.4f}"
-        self.outcome[run] = (f"[green]✓[/] {run.name:<24} accuracy {accuracy}"
+        if regression:
+            scores = summary.get("scores") or {}
+            shown = " ".join(f"{name} " + ("-" if scores.get(key) is None
+                                          else f"{scores[key]:.4g}")
+                             for name, key in (("RMSE", "test_rmse"), ("R²", "test_r2")))
+        else:
+            accuracy = summary.get("accuracy")
+            shown = "accuracy " + ("-" if accuracy is None else f"{accuracy:.4f}")
+        self.outcome[run] = (f"[green]✓[/] {run.name:<24} {shown}"
                              f"{auc}  {verb}{audit_note}")
         self.state[run] = "done"
 

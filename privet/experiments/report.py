@@ -3,7 +3,8 @@ a self-contained HTML report. Everything is read from run directories, so `prive
 rebuilds exactly what `privet compare` wrote, without training.
 
     compare.csv     one row per run: level, target ε, seed, ε achieved per accountant,
-                    accuracy, loss, rounds, wall time, membership-inference audit
+                    accuracy (regression: RMSE, MAE, R², baseline RMSE, in the label's
+                    units), loss, rounds, wall time, membership-inference audit
     summary.md      mean ± std over seeds per level × target ε (Markdown)
     *.png           accuracy vs ε, accuracy per round, ε spent per round
     report.html     all of the above in one file (plots embedded), opens with no server
@@ -40,6 +41,37 @@ PLOTS = {  # file -> title; the titles are also the HTML section headings
     "accuracy_per_round.png": "Test accuracy per round",
     "epsilon_per_round.png": "ε spent per round",
 }
+# train.task = "regression": the scores replace accuracy (no accuracy column: left out, as in
+# the run's own files); the plots keep their file names and show the RMSE
+REGRESSION_SCORES = ["rmse", "mae", "r2", "baseline_rmse"]
+REGRESSION_COLUMNS = [c for name in COLUMNS
+                      for c in (REGRESSION_SCORES if name == "accuracy" else [name])]
+REGRESSION_PLOTS = {
+    "accuracy_vs_epsilon.png": "Test RMSE vs target ε",
+    "accuracy_per_round.png": "Test RMSE per round",
+    "epsilon_per_round.png": "ε spent per round",
+}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """What the comparison plots: a compare.csv column, the rounds.csv column behind it."""
+    column: str
+    per_round: str
+    label: str
+
+
+ACCURACY = Metric("accuracy", "test_accuracy", "test accuracy")
+RMSE = Metric("rmse", "test_rmse", "test RMSE (label units)")
+
+
+def is_regression(rows: list[dict]) -> bool:
+    """Whether these runs are regression runs. Raises ValueError when they mix tasks."""
+    tasks = {r.get("task", "classification") for r in rows}
+    if len(tasks) > 1:
+        raise ValueError("these runs mix train.task = \"classification\" and \"regression\": "
+                         "compare one task at a time")
+    return tasks == {"regression"}
 
 
 # --- one row per run ----------------------------------------------------------------------
@@ -73,16 +105,22 @@ def run_row(run_dir: Path) -> dict[str, str]:
     run_dir = Path(run_dir).resolve()
     cfg = load_config(run_dir / results.CONFIG)
     level, target = identity(cfg)
-    row = dict.fromkeys(COLUMNS, "")  # a column a run cannot fill stays blank
+    row = dict.fromkeys(REGRESSION_COLUMNS if cfg.regression else COLUMNS, "")  # blank
     row.update({"run": run_dir.name, "level": level, "epsilon_target": _fmt(target),
-                "seed": str(cfg.seed), "run_dir": str(run_dir)})
+                "seed": str(cfg.seed), "run_dir": str(run_dir), "task": cfg.train.task})
     try:
         summary = results.read_summary(run_dir)
     except (OSError, ValueError):
         summary = None
     row["status"] = summary.get("status", "") if summary else "no-summary"
+    if summary and cfg.regression:
+        scores = summary.get("scores") or {}
+        row.update({name: _fmt(scores.get(key)) for name, key in zip(
+            REGRESSION_SCORES, ("test_rmse", "test_mae", "test_r2", "baseline_rmse"))})
+    elif summary:
+        row.update(accuracy=_fmt(summary.get("accuracy")))
     if summary:
-        row.update(accuracy=_fmt(summary.get("accuracy")), loss=_fmt(summary.get("loss")),
+        row.update(loss=_fmt(summary.get("loss")),
                    rounds=str(summary.get("rounds", "")),
                    wall_seconds=_fmt(summary.get("wall_seconds")))
         row.update(achieved_epsilons(summary, level))
@@ -176,15 +214,20 @@ SUMMARY_COLUMNS = [  # (heading, CSV column, digits)
     ("accuracy", "accuracy", 4), ("loss", "loss", 4), ("ε achieved (pld)", "epsilon_pld", 3),
     ("AUC", "auc", 3), ("TPR @ 1% FPR", "tpr_at_fpr_1pct", 3),
     ("ε lower bound", "epsilon_lower_bound", 3), ("wall s", "wall_seconds", 1)]
+REGRESSION_SUMMARY_COLUMNS = [  # not audited: common.audit refuses regression runs
+    ("RMSE", "rmse", 4), ("MAE", "mae", 4), ("R²", "r2", 4),
+    ("baseline RMSE", "baseline_rmse", 4), ("loss", "loss", 4),
+    ("ε achieved (pld)", "epsilon_pld", 3), ("wall s", "wall_seconds", 1)]
 
 
 def summary_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    header = ["level", "ε target", "runs", *(h for h, _, _ in SUMMARY_COLUMNS), "violations"]
+    columns = REGRESSION_SUMMARY_COLUMNS if is_regression(rows) else SUMMARY_COLUMNS
+    header = ["level", "ε target", "runs", *(h for h, _, _ in columns), "violations"]
     body = []
     for g in groups(rows):
         cells = [g.level, _fmt(g.epsilon).replace("inf", "∞"),
                  f"{len(g.finished)}/{len(g.rows)}"]
-        for _, column, digits in SUMMARY_COLUMNS:
+        for _, column, digits in columns:
             mean, std, n = g.stat(column)
             cells.append("–" if n == 0 else "∞" if math.isinf(mean)
                          else f"{mean:.{digits}f} ± {std:.{digits}f}")
@@ -225,18 +268,19 @@ def _baseline(gs: list[Group]) -> Group | None:
     return next((g for g in gs if g.level == "none" and g.finished), None)
 
 
-def plot_accuracy_vs_epsilon(gs: list[Group], path: Path) -> Path:
+def plot_accuracy_vs_epsilon(gs: list[Group], path: Path, metric: Metric = ACCURACY,
+                             title: str = "") -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for level in _private_levels(gs):
-        points = [(g.epsilon, *g.stat("accuracy")[:2]) for g in gs
+        points = [(g.epsilon, *g.stat(metric.column)[:2]) for g in gs
                   if g.level == level and g.finished]
         if points:
             x, y, err = zip(*points)
             ax.errorbar(x, y, yerr=err, marker="o", capsize=4, label=f"{level} level")
     base = _baseline(gs)
     if base is not None:
-        mean, std, n = base.stat("accuracy")
+        mean, std, n = base.stat(metric.column)
         ax.axhline(mean, color="black", linestyle="--", label=f"no DP (mean of {n})")
         ax.axhspan(mean - std, mean + std, color="black", alpha=0.12)
     ax.set_xscale("log")
@@ -244,8 +288,8 @@ def plot_accuracy_vs_epsilon(gs: list[Group], path: Path) -> Path:
     if targets:  # label the budgets that were run, not powers of ten
         ax.set_xticks(targets, [_fmt(t) for t in targets])
         ax.minorticks_off()
-    ax.set(xlabel="target ε (log scale)", ylabel="final test accuracy",
-           title=PLOTS[path.name] + " (mean ± std over seeds)")
+    ax.set(xlabel="target ε (log scale)", ylabel=f"final {metric.label}",
+           title=(title or PLOTS[path.name]) + " (mean ± std over seeds)")
     ax.grid(alpha=0.3, which="both")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
@@ -279,27 +323,29 @@ def _panels(plt, count: int):
     return fig, list(axes[0])
 
 
-def plot_accuracy_per_round(gs: list[Group], path: Path) -> Path:
+def plot_accuracy_per_round(gs: list[Group], path: Path, metric: Metric = ACCURACY,
+                            title: str = "") -> Path:
     plt = _pyplot()
+    title = title or PLOTS[path.name]
     levels = _private_levels(gs) or ["none"]
     fig, axes = _panels(plt, len(levels))
     base = _baseline(gs)
     for ax, level in zip(axes, levels):
         for g in gs:
             if g.level == level and level != "none":
-                x, y = _per_round_mean(g, "test_accuracy")
+                x, y = _per_round_mean(g, metric.per_round)
                 ax.plot(x, y, marker=".", label=f"ε = {_fmt(g.epsilon)}")
         if base is not None:
-            x, y = _per_round_mean(base, "test_accuracy")
+            x, y = _per_round_mean(base, metric.per_round)
             ax.plot(x, y, color="black", linestyle="--", label="no DP")
-        ax.set(xlabel="round", ylabel="test accuracy (mean over seeds)",
-               title=f"{PLOTS[path.name]}: {level} level" if level != "none"
-               else PLOTS[path.name])
+        ax.set(xlabel="round", ylabel=f"{metric.label} (mean over seeds)",
+               title=f"{title}: {level} level" if level != "none" else title)
         _round_axis(ax)
     return _save(fig, path)
 
 
-def plot_epsilon_per_round(gs: list[Group], path: Path) -> Path:
+def plot_epsilon_per_round(gs: list[Group], path: Path, metric: Metric = ACCURACY,
+                           title: str = "") -> Path:
     plt = _pyplot()
     levels = _private_levels(gs)
     fig, axes = _panels(plt, len(levels))
@@ -332,10 +378,17 @@ def _round_axis(ax) -> None:
         ax.legend(fontsize="small")
 
 
+def plot_titles(rows: list[dict]) -> dict[str, str]:
+    """Each plot's file name and title (the HTML headings) for these runs' task."""
+    return REGRESSION_PLOTS if is_regression(rows) else PLOTS
+
+
 def plots(rows: list[dict], out: Path) -> list[Path]:
     gs = groups(rows)
+    metric = RMSE if is_regression(rows) else ACCURACY
     draw = (plot_accuracy_vs_epsilon, plot_accuracy_per_round, plot_epsilon_per_round)
-    return [fn(gs, out / name) for fn, name in zip(draw, PLOTS)]
+    return [fn(gs, out / name, metric, title)
+            for fn, (name, title) in zip(draw, plot_titles(rows).items())]
 
 
 # --- HTML ---------------------------------------------------------------------------------
@@ -354,6 +407,8 @@ pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 """
 RUN_TABLE = ["run", "level", "epsilon_target", "seed", "status", "epsilon_pld", "epsilon_prv",
              "epsilon_rdp", "accuracy", "loss", "rounds", "wall_seconds", *AUDIT_COLUMNS]
+REGRESSION_RUN_TABLE = [c for name in RUN_TABLE if name not in AUDIT_COLUMNS
+                        for c in (REGRESSION_SCORES if name == "accuracy" else [name])]
 
 
 def _html_table(header: list[str], body: list[list[str]], flagged: set[int] = frozenset()
@@ -397,16 +452,25 @@ def config_text(rows: list[dict]) -> str:
 def html_report(rows: list[dict], header: list[str], body: list[list[str]],
                 images: list[Path]) -> str:
     violations = [r for r in rows if r.get("audit_violation") == "true"]
+    regression = is_regression(rows)
+    titles = plot_titles(rows)
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>privet: privacy "
              f"comparison</title><style>{STYLE}</style></head><body>",
-             "<h1>privet: accuracy and privacy across budgets</h1>"]
+             "<h1>privet: " + ("regression error" if regression else "accuracy")
+             + " and privacy across budgets</h1>"]
     if violations:
         names = ", ".join(r["run"] for r in violations)
         parts.append(f'<div class="banner">AUDIT VIOLATION in {len(violations)} run(s): '
                      f"the membership-inference audit measured more privacy loss than the "
                      f"accounted ε allows ({html.escape(names)}). Do not trust these ε values "
                      f"until this is explained.</div>")
-    if not any(r.get("auc") for r in rows):
+    if regression:
+        parts.append('<p class="note">Regression runs: RMSE, MAE and R² on the server\'s '
+                     "test set in the label's own units; the baseline predicts the test rows' "
+                     "mean for every row (R² 0). Not audited: the membership-inference "
+                     "attacks are written for classifiers (<code>privet audit</code> refuses "
+                     "regression runs).</p>")
+    elif not any(r.get("auc") for r in rows):
         parts.append('<p class="note">No audit results: common.audit was not available when '
                      "these runs were compared, or the audit failed (run "
                      "<code>privet audit RUN_DIR</code>).</p>")
@@ -414,10 +478,11 @@ def html_report(rows: list[dict], header: list[str], body: list[list[str]],
                  "ε achieved is recomputed from each run's privacy ledgers (sample level: the "
                  "largest client's; user level: the server's).</p>")
     parts += ["<h2>Summary</h2>", _html_table(header, body)]
-    parts += [_image(path, PLOTS[path.name]) for path in images]
+    parts += [_image(path, titles[path.name]) for path in images]
     flagged = {i for i, r in enumerate(rows) if r.get("audit_violation") == "true"}
+    table = REGRESSION_RUN_TABLE if regression else RUN_TABLE
     parts += ["<h2>Runs</h2>", '<div style="overflow-x: auto">',
-              _html_table(RUN_TABLE, [[r.get(c, "") for c in RUN_TABLE] for r in rows],
+              _html_table(table, [[r.get(c, "") for c in table] for r in rows],
                           flagged), "</div>"]
     parts += ["<h2>Config</h2>", f"<pre>{html.escape(config_text(rows), quote=False)}</pre>",
               "</body></html>"]
@@ -439,7 +504,7 @@ def build(run_dirs: list[Path], out: Path) -> Report:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = collect(run_dirs)
-    results.write_csv(out / CSV, COLUMNS, rows)
+    results.write_csv(out / CSV, REGRESSION_COLUMNS if is_regression(rows) else COLUMNS, rows)
     header, body = summary_table(rows)
     results.atomic_write_text(out / SUMMARY_MD, markdown(header, body))
     images = plots(rows, out)

@@ -170,7 +170,7 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
     the partition report (rows, label balance, missing cells per client) and what reading
     the files skipped or will clean (skipped lines, non-numeric cells)."""
     from privet.common.config import is_import_path
-    from privet.common.data.datasets import (model_input_shape, num_classes, partition_report,
+    from privet.common.data.datasets import (model_input_shape, num_outputs, partition_report,
                                       planned_features, source_warnings, test_data)
     from privet.common.models import check_model
 
@@ -180,7 +180,7 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
     # the model, before Ray starts: a layer DP-SGD cannot train is one line (ModelError)
     features = planned_features(cfg)
     shape = (len(features),) if features is not None else model_input_shape(cfg)
-    notes = tuple(check_model(cfg.train, shape, num_classes(cfg), features))
+    notes = tuple(check_model(cfg.train, shape, num_outputs(cfg), features))
     if is_import_path(cfg.strategy.name):  # a user's strategy: importable, a FedAvg
         from privet.server.strategies import strategy_class
 
@@ -189,7 +189,7 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
         from privet.clients.bookkeeping import unsupported
         from privet.common.models import ModelError, build_model
 
-        refused = unsupported(build_model(cfg.train, shape, num_classes(cfg), features))
+        refused = unsupported(build_model(cfg.train, shape, num_outputs(cfg), features))
         if refused:
             raise ModelError(f"train.dp-path = \"one-pass\" cannot train train.model = "
                              f"{cfg.train.model!r}: {refused}; use \"auto\", \"hooks\" or "

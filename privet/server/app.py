@@ -27,7 +27,8 @@ from privet.common import records as R
 from privet.common.config import ExperimentConfig, from_run_config
 from privet.common.data.datasets import classes as class_names
 from privet.common.data.datasets import partition_report, source_warnings, test_data
-from privet.common.evaluation import Scores, score
+from privet.common.data.target import target_scale
+from privet.common.evaluation import Scores, score, score_regression
 from privet.common.models import build_model, check_model
 from privet.common.privacy.randomness import make_randomness, resolve_noise_source
 from privet.server import accounting, strategies
@@ -162,11 +163,14 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
         features = fitted.features()  # what every client gets with the transform
     if not on_clients:
         test = test_data(cfg, transform)
-        input_shape, classes = test.features.shape[1:], class_names(cfg)
+        input_shape = test.features.shape[1:]
+        classes = [] if cfg.regression else class_names(cfg)
         features = test.feature_spec
     recorder.classes = [str(c) for c in classes]
-    check_model(cfg.train, tuple(input_shape), len(classes), features)  # ModelError: one line
-    model = build_model(cfg.train, tuple(input_shape), len(classes), features)
+    scale = target_scale(cfg)  # regression: scores in the label's units
+    outputs = 1 if cfg.regression else len(classes)  # the classes: not read here on_clients
+    check_model(cfg.train, tuple(input_shape), outputs, features)  # ModelError: one line
+    model = build_model(cfg.train, tuple(input_shape), outputs, features)
     user_account = None
     if cfg.user_level:
         user_account = accounting.user_ledger(cfg, run, deployed(grid), noise_source)
@@ -182,17 +186,19 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
             held_out = strategy.last_evaluation
             scores = Scores(float(held_out.get(R.EVAL_LOSS, math.nan)),
                             float(held_out.get(R.EVAL_ACCURACY, math.nan)))
+        elif scale is not None:
+            R.load_arrays(model, arrays)
+            scores = score_regression(model, test.features, test.labels, scale, cfg.loss_name)
         else:
             R.load_arrays(model, arrays)
             scores = score(model, test.features, test.labels, len(classes))
-        loss, accuracy = scores.loss, scores.accuracy
         if server_round > 0 and not all(np.isfinite(a.numpy()).all() for a in arrays.values()):
             raise RunFailed(f"round {server_round}: the global model's weights are not finite "
                             "(NaN or infinite): training diverged (lower train.lr?)")
         if server_round > 0:
             recorder.end_round(server_round, scores, arrays.to_torch_state_dict())
-            log.info("privet: round %d/%d  test accuracy %.4f  max ε %s  user ε %s",
-                     server_round, cfg.rounds, accuracy, _eps(recorder.max_epsilon()),
+            log.info("privet: round %d/%d  %s  max ε %s  user ε %s",
+                     server_round, cfg.rounds, _headline(scores), _eps(recorder.max_epsilon()),
                      _eps(recorder.user_epsilon()))
             able = cfg.num_clients - len(recorder.exhausted_clients()) \
                 - len(recorder.left_out_clients())
@@ -201,7 +207,9 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
                                       f"clients-per-round = {cfg.clients_per_round}")
             if user_account is not None and server_round < cfg.rounds:
                 reserve_user_round()
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
+        if scale is not None:
+            return MetricRecord({"rmse": scores.rmse, "loss": scores.loss})
+        return MetricRecord({"accuracy": scores.accuracy, "loss": scores.loss})
 
     def reserve_user_round() -> None:
         """The next round's release, recorded before it runs, in one step with the check
@@ -270,6 +278,12 @@ def build_strategy(cfg: ExperimentConfig, recorder: RunRecorder,
                                  server_optimizer=strategies.server_optimizer(cfg), **common)
     recorder.user_strategy = strategy
     return strategy
+
+
+def _headline(scores) -> str:
+    if isinstance(scores, Scores):
+        return f"test accuracy {scores.accuracy:.4f}"
+    return f"test RMSE {scores.rmse:.4g}  R² {scores.r2:.4f}"
 
 
 def _eps(value: float | None) -> str:

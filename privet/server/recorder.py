@@ -18,7 +18,8 @@ from privet.common import records as R
 from privet.common import results
 from privet.common.config import SHIPPED_DATASETS, ExperimentConfig, shaped
 from privet.common.data import adult
-from privet.common.evaluation import Scores
+from privet.common.data.target import target_scale
+from privet.common.evaluation import RegressionScores, Scores
 from privet.common.plots import plot_run
 from privet.common.run_dir import claim as run_dir_claim
 from privet.common.privacy import accountants
@@ -68,14 +69,29 @@ class RunRecorder:
                       stale=results.RUN_FILES)
         results.atomic_write_text(self.run_dir / results.CONFIG, cfg.to_toml())
         # headers now: a run that ends before round 1 still leaves files a program can read
-        results.write_csv(self.run_dir / results.METRICS, results.METRIC_COLUMNS, [])
-        results.write_csv(self.run_dir / results.ROUNDS, results.ROUND_COLUMNS, [])
+        results.write_csv(self.run_dir / results.METRICS, self.metric_columns, [])
+        results.write_csv(self.run_dir / results.ROUNDS, self.round_columns, [])
+
+    @property
+    def metric_columns(self) -> list[str]:
+        return results.metric_columns(self.cfg.regression)
+
+    @property
+    def round_columns(self) -> list[str]:
+        return results.round_columns(self.cfg.regression)
 
     def write_partitions(self, report: list[dict]) -> None:
         """The split over clients, in the run directory and the log."""
         if not report:
             return
         results.write_csv(self.run_dir / results.PARTITIONS, list(report[0]), report)
+        if "label-mean" in report[0]:  # regression: the label's mean and spread per client
+            log.info("privet: partitions (%s): client rows label-mean label-std "
+                     "missing-cells", self.cfg.data.partition)
+            for row in report[:50]:
+                log.info("privet:   %4d %7d %s %s %8d", row["client"], row["rows"],
+                         row["label-mean"], row["label-std"], row["missing-cells"])
+            return
         labels = [k for k in report[0] if k.startswith("label=")]
         log.info("privet: partitions (%s): client rows %s missing-cells majority-share",
                  self.cfg.data.partition, " ".join(k[len("label="):] for k in labels))
@@ -224,10 +240,11 @@ class RunRecorder:
             raise RuntimeError(f"round {server_round}: every sampled client failed; first "
                                f"error: {errors[0]}")
 
-    def end_round(self, server_round: int, scores: Scores,
+    def end_round(self, server_round: int, scores: Scores | RegressionScores,
                   state_dict: dict[str, torch.Tensor]) -> None:
         """After the global evaluation of a round: persist everything finished so far."""
-        loss, accuracy = scores.loss, scores.accuracy
+        loss = scores.loss
+        accuracy = scores.accuracy if isinstance(scores, Scores) else None
         with self._lock:
             pending, self._pending = self._pending, []
         self.client_rows.extend(pending)
@@ -238,20 +255,25 @@ class RunRecorder:
             log.warning("privet: round %d: no client trained (%d declined, %d failed, %d "
                         "left out); the global model is unchanged", server_round, declined,
                         failed, sum(r["status"] == "too-small" for r in pending))
+        if isinstance(scores, RegressionScores):
+            measured = {"test_rmse": _fmt(scores.rmse), "test_mae": _fmt(scores.mae),
+                        "test_r2": _fmt(scores.r2), "test_loss": f"{loss:.6f}",
+                        "baseline_rmse": _fmt(scores.baseline_rmse),
+                        "baseline_mae": _fmt(scores.baseline_mae)}
+        else:
+            measured = {"test_accuracy": f"{accuracy:.6f}", "test_loss": f"{loss:.6f}",
+                        **{f"test_{k}": _fmt(v) for k, v in scores.as_dict().items()
+                           if k not in ("loss", "accuracy", "majority")},
+                        "majority_baseline": _fmt(scores.majority)}
         self.round_rows.append({
-            "round": server_round, "test_accuracy": f"{accuracy:.6f}",
-            "test_loss": f"{loss:.6f}",
-            **{f"test_{k}": _fmt(v) for k, v in scores.as_dict().items()
-               if k not in ("loss", "accuracy", "majority")},
-            "majority_baseline": _fmt(scores.majority),
+            "round": server_round, **measured,
             "max_epsilon": _fmt(self.max_epsilon()),
             "user_epsilon": _fmt(self.user_epsilon()),
             "clients_trained": trained, "clients_declined": declined,
             "clients_failed": failed,
             "elapsed_seconds": f"{time.time() - self.started:.3f}"})
-        results.write_csv(self.run_dir / results.METRICS, results.METRIC_COLUMNS,
-                          self.client_rows)
-        results.write_csv(self.run_dir / results.ROUNDS, results.ROUND_COLUMNS, self.round_rows)
+        results.write_csv(self.run_dir / results.METRICS, self.metric_columns, self.client_rows)
+        results.write_csv(self.run_dir / results.ROUNDS, self.round_columns, self.round_rows)
         buffer = _torch_bytes({"round": server_round, "state_dict": state_dict})
         results.atomic_write_bytes(self.run_dir / results.MODEL, buffer)
         self.write_summary("running", server_round, accuracy, loss)
@@ -347,6 +369,8 @@ class RunRecorder:
                          "each row's influence on the encoding of others is outside every ε")
         if cfg.data.dataset not in SHIPPED_DATASETS:  # csv, parquet, image-folder, a loader
             keys = ("classes", "categories") if cfg.data.tabular else ("classes",)
+            if cfg.regression:  # a regression label has no classes to infer
+                keys = tuple(k for k in keys if k != "classes")
             undeclared = [k for k in keys if not shaped(getattr(cfg.data, k), None)]
             if undeclared:
                 lines.append(f"data.{' and data.'.join(undeclared)} were inferred from every "
@@ -367,15 +391,21 @@ class RunRecorder:
         last = self.round_rows[-1] if self.round_rows else {}
         if completed is None:
             completed = int(last.get("round", 0))
-            accuracy = float(last["test_accuracy"]) if last else None
+            accuracy = float(last["test_accuracy"]) if last.get("test_accuracy") else None
             loss = float(last["test_loss"]) if last else None
         privacy = self.cfg.privacy
+        regression = self.cfg.regression
+        # regression: no accuracy key (left out, as in rounds.csv); the scores in the
+        # label's units, and the scale that maps model.pt's outputs back to them
+        headline = {"loss": loss} if regression else {"accuracy": accuracy, "loss": loss}
+        score_keys = (("test_rmse", "test_mae", "test_r2", "baseline_rmse", "baseline_mae")
+                      if regression else ("test_balanced_accuracy", "test_macro_f1",
+                                          "test_auc", "majority_baseline"))
         summary = {
             "name": self.cfg.name, "run_id": self.run, "status": status,
-            "accuracy": accuracy, "loss": loss,
-            "scores": {k: float(last[k]) if last.get(k) else None
-                       for k in ("test_balanced_accuracy", "test_macro_f1", "test_auc",
-                                 "majority_baseline")},
+            "task": self.cfg.train.task, **headline,
+            "scores": {k: float(last[k]) if last.get(k) else None for k in score_keys},
+            **({"target": self._target()} if regression else {}),
             "rounds": completed, "planned_rounds": self.cfg.rounds,
             "stop_reason": self.stop_reason,
             "wall_seconds": round(time.time() - self.started, 3), "seed": self.cfg.seed,
@@ -422,6 +452,15 @@ class RunRecorder:
             if ended:
                 summary["status"] = ended
             results.write_json(self.run_dir / results.SUMMARY, summary)
+
+    def _target(self) -> dict:
+        """Regression: the label, its public range and the map of model outputs z to its
+        units (y = center + half·z), the loss, and where the baseline constant comes from."""
+        scale = target_scale(self.cfg)
+        return {"label": self.cfg.data.label, **scale.as_dict(), "loss": self.cfg.loss_name,
+                "scaled": "z = (clip(y, low, high) - center) / half on the clients; the "
+                          "model predicts z",
+                "baseline": "the mean of the server's test labels (its own rows)"}
 
     def _sorted_clients(self) -> list[tuple[str, dict]]:
         return sorted(self.clients.items(),

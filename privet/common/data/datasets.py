@@ -30,6 +30,7 @@ from privet.common.data.numbers import PLAIN, NumberFormat
 from privet.common.data.features import Features, layout
 from privet.common.data.preprocess import (OTHER, CleaningReport, FittedTransform, Schema,
                                            clean, fit_local, schema_features)
+from privet.common.data.target import parse_target, partition_bins, target_scale
 from privet.common.privacy.ledger import array_digests, row_digests
 
 log = logging.getLogger("flwr")
@@ -38,7 +39,7 @@ log = logging.getLogger("flwr")
 @dataclass(frozen=True)
 class ClientData:
     features: np.ndarray  # float32, (rows, *example shape)
-    labels: np.ndarray    # int64 class indices
+    labels: np.ndarray    # int64 class indices; regression: float32 targets scaled to [-1, 1]
     cleaning: CleaningReport
     feature_names: tuple[str, ...]
     feature_spec: Features | None = None  # what each column is (tables; common.data.features)
@@ -102,12 +103,15 @@ def declared_format(data: DataConfig) -> NumberFormat | None:
     return NumberFormat(decimal, thousands)
 
 
-def _bounds(data: DataConfig, defaults: dict, numeric: Sequence[str]
+def _bounds(data: DataConfig, defaults: dict, numeric: Sequence[str], label: str = ""
             ) -> dict[str, tuple[float, float]]:
     """data.bounds over `defaults`; raises ValueError (one line, naming the column) for a
     pair that is not [low, high] with finite low < high, or a column that is not numeric."""
     bounds = dict(defaults)
     for column, pair in shaped(data.bounds, {}).items():
+        if column == label:
+            raise ValueError(f"data.bounds: {column!r} is the label (data.label); a "
+                             "regression label's public range is data.label-bounds")
         if (not isinstance(pair, list) or len(pair) != 2
                 or not all(isinstance(v, (int, float)) for v in pair)
                 or not all(map(math.isfinite, pair)) or not pair[0] < pair[1]):
@@ -131,14 +135,33 @@ def _holdout(frame: pd.DataFrame, fraction: float, seed: int
             frame.iloc[np.sort(order[:cut])].reset_index(drop=True), kept)
 
 
+def _adult_schema(data: DataConfig, task: str) -> Schema:
+    """Adult's published schema; for regression `data.label` (a numeric column) is the label
+    and income a categorical feature."""
+    if task != "regression":
+        return Schema(tuple(adult.NUMERIC), {c: tuple(v) for c, v in adult.CATEGORIES.items()},
+                      adult.LABEL, tuple(adult.CLASSES),
+                      _bounds(data, adult.BOUNDS, adult.NUMERIC))
+    label = data.label
+    numeric = tuple(c for c in adult.NUMERIC if c != label)
+    categories = {**{c: tuple(v) for c, v in adult.CATEGORIES.items()},
+                  adult.LABEL: tuple(adult.CLASSES)}
+    defaults = {c: b for c, b in adult.BOUNDS.items() if c != label}
+    return Schema(numeric, categories, label, (), _bounds(data, defaults, numeric, label),
+                  task=task)
+
+
 @functools.lru_cache(maxsize=4)
-def tabular_source(data: DataConfig, seed: int, markers: tuple[str, ...]) -> TabularSource:
+def tabular_source(data: DataConfig, seed: int, markers: tuple[str, ...],
+                   task: str = "classification") -> TabularSource:
+    """The rows clients split, the server's test rows and the schema (`task`: the label is
+    a class, or a number for "regression")."""
     if data.dataset == "adult":
-        schema = Schema(tuple(adult.NUMERIC),
-                        {c: tuple(v) for c, v in adult.CATEGORIES.items()},
-                        adult.LABEL, tuple(adult.CLASSES),
-                        _bounds(data, adult.BOUNDS, adult.NUMERIC))
-        return TabularSource(adult.load_raw("train"), adult.load_raw("test"), schema,
+        schema = _adult_schema(data, task)
+        test = adult.load_raw("test")
+        if task == "regression":  # income is a feature: its test spelling (">50K.") as train's
+            test = test.assign(**{adult.LABEL: normalise_labels(test[adult.LABEL])})
+        return TabularSource(adult.load_raw("train"), test, schema,
                              str(adult.data_file("train")))
     path = Path(data.path).expanduser()
     if data.loader:  # a user's loader returned DataFrames: read them as a CSV file is read
@@ -157,10 +180,11 @@ def tabular_source(data: DataConfig, seed: int, markers: tuple[str, ...]) -> Tab
     inferred = tables.infer_schema(
         found + test_tables, label=data.label, column_types=shaped(data.column_types, {}),
         categories=shaped(data.categories, {}), classes=shaped(data.classes, []),
-        missing_markers=list(markers), number_format=declared_format(data))
+        missing_markers=list(markers), number_format=declared_format(data),
+        regression=task == "regression")
     schema = Schema(tuple(inferred.numeric), dict(inferred.categories), inferred.label,
-                    tuple(inferred.classes), _bounds(data, {}, inferred.numeric),
-                    dict(inferred.formats))
+                    tuple(inferred.classes), _bounds(data, {}, inferred.numeric, data.label),
+                    dict(inferred.formats), task)
     columns = [*schema.numeric, *schema.categories, schema.label]
     warnings = inferred.fallbacks + _file_warnings(found + test_tables, schema, markers)
     frames = [t.frame[columns] for t in found]
@@ -204,18 +228,20 @@ def source_warnings(cfg: ExperimentConfig) -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=2)
-def node_source(data: DataConfig, data_path: str, markers: tuple[str, ...]) -> TabularSource:
+def node_source(data: DataConfig, data_path: str, markers: tuple[str, ...],
+                task: str = "classification") -> TabularSource:
     """A deployed node's own file: all its rows are its partition.
 
     Nodes never see each other's files, so they can only agree on the feature columns if
     the schema does not depend on the rows: Adult's is built in; for csv/parquet (and a
     loader's DataFrame: the loader is called with data.path = data_path) the vocabulary
-    of every categorical column and the classes must be declared.
+    of every categorical column and (classification) the classes must be declared.
     """
     if not data.tabular:
         raise ValueError(f"node data-path = {data_path}: own files are read for tabular "
                          f"datasets; {data.dataset!r} is not one")
-    label = adult.LABEL if data.dataset == "adult" else data.label
+    regression = task == "regression"
+    label = data.label if data.dataset != "adult" or regression else adult.LABEL
     if data.loader:
         table = tables.from_frame(loader.load_node(data, data_path).train_frame, label=label,
                                   where=f"{data.dataset} (data.dataset, data-path {data_path})")
@@ -223,22 +249,24 @@ def node_source(data: DataConfig, data_path: str, markers: tuple[str, ...]) -> T
         table = tables.read_table(data_path, label=label, bad_lines=data.bad_lines)
     fallbacks: tuple[str, ...] = ()
     if data.dataset == "adult":
-        schema = tabular_source(data, 0, markers).schema
+        schema = tabular_source(data, 0, markers, task).schema
     else:
         declared, classes = shaped(data.categories, {}), shaped(data.classes, [])
         inferred = tables.infer_schema(
             [table], label=label, column_types=shaped(data.column_types, {}),
             categories=declared, classes=classes, missing_markers=list(markers),
-            number_format=declared_format(data))
+            number_format=declared_format(data), regression=regression)
         undeclared = [c for c in inferred.categories if c not in declared]
-        if undeclared or not classes:
+        if undeclared or not (classes or regression):
             raise ValueError(
                 f"{data_path}: each node reads only its own file, so the features must not "
-                f"depend on its rows: declare data.classes and data.categories for "
-                f"{undeclared or 'every categorical column'}")
+                f"depend on its rows: declare "
+                + ("data.categories" if regression else "data.classes and data.categories")
+                + f" for {undeclared or 'every categorical column'}")
         schema = Schema(tuple(inferred.numeric), dict(inferred.categories), label,
-                        tuple(classes), _bounds(data, {}, inferred.numeric),
-                        dict(inferred.formats))
+                        () if regression else tuple(classes),
+                        _bounds(data, {}, inferred.numeric, label if regression else ""),
+                        dict(inferred.formats), task)
         fallbacks = inferred.fallbacks
     columns = [*schema.numeric, *schema.categories, schema.label]
     absent = [c for c in columns if c not in table.frame.columns]
@@ -253,8 +281,8 @@ def node_source(data: DataConfig, data_path: str, markers: tuple[str, ...]) -> T
 
 def _source(cfg: ExperimentConfig, data_path: str = "") -> TabularSource:
     if data_path:
-        return node_source(cfg.data, data_path, missing_markers(cfg))
-    return tabular_source(cfg.data, cfg.seed, missing_markers(cfg))
+        return node_source(cfg.data, data_path, missing_markers(cfg), cfg.train.task)
+    return tabular_source(cfg.data, cfg.seed, missing_markers(cfg), cfg.train.task)
 
 
 @functools.lru_cache(maxsize=2)
@@ -324,7 +352,10 @@ def _train_labels_and_groups(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndar
         split = image_source(cfg.data, cfg.seed).train
         return split.labels, None
     source = _source(cfg)
-    labels = np.array(normalise_labels(source.train[source.schema.label]))
+    if source.schema.regression:  # label skew over a number: over its quantile bins
+        labels = partition_bins(_train_targets(cfg))
+    else:
+        labels = np.array(normalise_labels(source.train[source.schema.label]))
     groups = None
     if cfg.data.partition == "natural":
         column = cfg.data.natural_column
@@ -335,6 +366,20 @@ def _train_labels_and_groups(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndar
         missing = values.isin(set(missing_markers(cfg)) | {""})
         groups = values.where(~missing, None).to_numpy(dtype=object)
     return labels, groups
+
+
+def _train_targets(cfg: ExperimentConfig) -> np.ndarray:
+    """A regression source's training labels as numbers, float64 (rows,); NaN where missing
+    (those rows are dropped in cleaning, whichever client holds them)."""
+    source = _source(cfg)
+    table = source.schema
+    values = source.train[table.label].astype("string").str.strip()
+    missing = values.isin(set(missing_markers(cfg)) | {""}) | values.isna()
+    targets = np.full(len(values), np.nan)
+    present = ~missing.to_numpy(dtype=bool)
+    targets[present] = parse_target(values[present], f"{source.where} (training rows)",
+                                    table.label, table.formats.get(table.label, PLAIN))
+    return targets
 
 
 @functools.lru_cache(maxsize=8)
@@ -358,7 +403,7 @@ def _partitions(cfg: ExperimentConfig) -> tuple[np.ndarray, ...]:
 def _partition_key(cfg: ExperimentConfig) -> ExperimentConfig:
     """Only what decides the split: a cache key shared by runs that differ elsewhere."""
     return replace(cfg, name="", rounds=1, clients_per_round=1, min_clients=1, out_dir="",
-                   train=type(cfg.train)(), privacy=type(cfg.privacy)(),
+                   train=type(cfg.train)(task=cfg.train.task), privacy=type(cfg.privacy)(),
                    strategy=type(cfg.strategy)(),
                    preprocess=replace(type(cfg.preprocess)(),
                                       missing_markers=cfg.preprocess.missing_markers))
@@ -387,7 +432,11 @@ def clean_rows(cfg: ExperimentConfig, frame: pd.DataFrame, where: str, *,
                     "as missing", where, report.unparseable_numbers, report.non_finite_numbers)
     if len(cleaned) == 0:
         raise ValueError(f"{where}: no rows left after cleaning ({report.as_dict()})")
-    labels = encode_labels(cleaned[table.label], table.classes, where)
+    if table.regression:  # float64 numbers in the label's units (scaled when encoded)
+        labels = parse_target(cleaned[table.label], where, table.label,
+                              table.formats.get(table.label, PLAIN))
+    else:
+        labels = encode_labels(cleaned[table.label], table.classes, where)
     return cleaned, labels, report
 
 
@@ -416,7 +465,8 @@ PARTITIONS_KEPT = 64
 def _cleaned_all(cfg: ExperimentConfig, client_id: int, data_path: str
                  ) -> tuple[pd.DataFrame, np.ndarray, CleaningReport]:
     if data_path:
-        return clean_rows(cfg, node_source(cfg.data, data_path, missing_markers(cfg)).train,
+        return clean_rows(cfg, node_source(cfg.data, data_path, missing_markers(cfg),
+                                           cfg.train.task).train,
                           data_path, drop_duplicates=cfg.preprocess.drop_duplicates,
                           data_path=data_path)
     where = f"{cfg.data.dataset} client {client_id}"
@@ -449,6 +499,9 @@ def _client_data(cfg: ExperimentConfig, client_id: int, transform_json: str,
                           CleaningReport(n, 0, 0, 0, 0, 0, n), ())
     cleaned, labels, report = cleaned_client(cfg, client_id, data_path, held_out=held_out)
     transform = client_transform(cfg, client_id, transform_json, data_path)
+    scale = target_scale(cfg)
+    if scale is not None:  # a client's own labels: clipped to the public range, scaled
+        labels = scale.encode(labels, clip=True)
     return ClientData(transform.apply(cleaned), labels, report,
                       tuple(transform.feature_names()), transform.features())
 
@@ -515,7 +568,7 @@ def _frame_digests(frame: pd.DataFrame, table: Schema) -> np.ndarray:
     cells = []
     for column in columns:
         text = frame[column].astype(str).str.strip()
-        if column in table.numeric:
+        if column in table.numeric or (column == table.label and table.regression):
             text = _canonical_numbers(text, table.formats.get(column, PLAIN))
         elif column == table.label:
             text = pd.Series(normalise_labels(text), index=text.index)
@@ -524,10 +577,11 @@ def _frame_digests(frame: pd.DataFrame, table: Schema) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=2)
-def _train_digests(data: DataConfig, seed: int, markers: tuple[str, ...]) -> np.ndarray:
+def _train_digests(data: DataConfig, seed: int, markers: tuple[str, ...],
+                   task: str = "classification") -> np.ndarray:
     """One ledger digest per row of the source's `train`, computed over each whole file (so
     a row keeps its digest whatever share is held out and whatever is appended after it)."""
-    source = tabular_source(data, seed, markers)
+    source = tabular_source(data, seed, markers, task)
     if source.origins:
         return np.concatenate([_frame_digests(whole, source.schema)[kept]
                                for whole, kept in zip(source.origins, source.kept)])
@@ -544,10 +598,11 @@ def client_digests(cfg: ExperimentConfig, client_id: int, data_path: str = "") -
         split, rows = _own_arrays(cfg, client_id, data_path)
         return np.unique(array_digests(split.images, split.labels)[rows])
     if data_path:
-        node = node_source(cfg.data, data_path, missing_markers(cfg))
+        node = node_source(cfg.data, data_path, missing_markers(cfg), cfg.train.task)
         return np.unique(_frame_digests(node.train, node.schema))
     rows = partitions(cfg)[client_id]
-    return np.unique(_train_digests(cfg.data, cfg.seed, missing_markers(cfg))[rows])
+    return np.unique(_train_digests(cfg.data, cfg.seed, missing_markers(cfg),
+                                    cfg.train.task)[rows])
 
 
 def _cleaned_test(cfg: ExperimentConfig) -> tuple[pd.DataFrame, np.ndarray, CleaningReport]:
@@ -556,7 +611,8 @@ def _cleaned_test(cfg: ExperimentConfig) -> tuple[pd.DataFrame, np.ndarray, Clea
 
 
 def test_rows(cfg: ExperimentConfig) -> tuple[pd.DataFrame, np.ndarray]:
-    """The server's held-out rows, cleaned but not transformed (tabular datasets)."""
+    """The server's held-out rows, cleaned but not transformed (tabular datasets); labels as
+    `clean_rows` gives them (regression: float64 in the label's units)."""
     cleaned, labels, _ = _cleaned_test(cfg)
     return cleaned, labels
 
@@ -573,7 +629,8 @@ def client_data(cfg: ExperimentConfig, client_id: int, transform_json: str = "",
 @functools.lru_cache(maxsize=2)
 def test_data(cfg: ExperimentConfig, transform_json: str = "") -> ClientData:
     """The server's held-out rows. With a shared transform, transformed by it; otherwise
-    fitted on themselves, as a client fits its rows."""
+    fitted on themselves, as a client fits its rows. Regression: labels scaled by the public
+    range but not clipped to it (scores measure the real values)."""
     if not cfg.data.tabular:
         split = image_source(cfg.data, cfg.seed).test
         n = len(split.labels)
@@ -583,6 +640,9 @@ def test_data(cfg: ExperimentConfig, transform_json: str = "") -> ClientData:
     cleaned, labels, report = _cleaned_test(cfg)
     transform = (FittedTransform.from_json(transform_json) if transform_json
                  else fit_local(cleaned, _source(cfg).schema, cfg.preprocess))
+    scale = target_scale(cfg)
+    if scale is not None:
+        labels = scale.encode(labels, clip=False)
     return ClientData(transform.apply(cleaned), labels, report,
                       tuple(transform.feature_names()), transform.features())
 
@@ -642,6 +702,11 @@ def num_classes(cfg: ExperimentConfig, data_path: str = "") -> int:
     return len(classes(cfg, data_path))
 
 
+def num_outputs(cfg: ExperimentConfig, data_path: str = "") -> int:
+    """The model's outputs: one per class, or 1 for regression (the scaled target)."""
+    return 1 if cfg.regression else num_classes(cfg, data_path)
+
+
 def schema(cfg: ExperimentConfig, data_path: str = "") -> Schema:
     return _source(cfg, data_path).schema
 
@@ -652,7 +717,11 @@ def client_sizes(cfg: ExperimentConfig) -> list[int]:
 
 
 def partition_report(cfg: ExperimentConfig) -> list[dict]:
-    """Per client: rows, rows per class, missing cells, from the raw partition."""
+    """Per client: rows, rows per class, missing cells, from the raw partition; regression:
+    rows, the label's mean and standard deviation (its units; missing labels left out) and
+    missing cells. Simulation only: one person holds every row (this is not sent)."""
+    if cfg.regression:
+        return _regression_report(cfg)
     names = classes(cfg)
     report = []
     if not cfg.data.tabular:
@@ -674,6 +743,28 @@ def partition_report(cfg: ExperimentConfig) -> list[dict]:
         report.append(_report_row(client, len(rows), [int(counts.get(c, 0)) for c in names],
                                   names, int(missing[rows].sum())))
         if groups is not None:  # which values of the natural column this client holds
+            report[-1][cfg.data.natural_column] = " + ".join(groups[client])
+    return report
+
+
+def _regression_report(cfg: ExperimentConfig) -> list[dict]:
+    source = _source(cfg)
+    markers = set(missing_markers(cfg)) | {""}
+    text = source.train.astype(str).apply(lambda col: col.str.strip())
+    missing = text.isin(markers).drop(columns=[source.schema.label]).sum(axis=1).to_numpy()
+    targets = _train_targets(cfg)
+    groups = None
+    if cfg.data.partition == "natural" and not source.files:
+        groups = natural_groups(_train_labels_and_groups(cfg)[1], cfg.num_clients)
+    report = []
+    for client, rows in enumerate(partitions(cfg)):
+        y = targets[rows]
+        y = y[~np.isnan(y)]
+        report.append({"client": client, "rows": len(rows),
+                       "label-mean": round(float(y.mean()), 4) if len(y) else None,
+                       "label-std": round(float(y.std()), 4) if len(y) else None,
+                       "missing-cells": int(missing[rows].sum())})
+        if groups is not None:
             report[-1][cfg.data.natural_column] = " + ".join(groups[client])
     return report
 

@@ -231,8 +231,12 @@ def _codes(frame: pd.DataFrame, column: str, vocabulary: tuple[str, ...]) -> np.
 
 def client_statistics(frame: pd.DataFrame, labels: np.ndarray, schema: Schema, bins: int
                       ) -> Statistics:
-    """Exact statistics of one client's cleaned rows (normalised units, see module doc)."""
-    k = len(schema.classes)
+    """Exact statistics of one client's cleaned rows (normalised units, see module doc).
+    Regression: one "class" for every row (the label's values are not used: its scale is
+    public, common.data.target), so `label` is the row count."""
+    if schema.regression:
+        labels = np.zeros(len(frame), dtype=np.int64)
+    k = len(schema.classes) or 1
     stats: Statistics = {"label": np.bincount(labels, minlength=k).astype(float)}
     for column in schema.numeric:
         low, high = bounds_of(schema, column)

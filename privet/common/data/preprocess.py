@@ -76,6 +76,8 @@ class Schema:
 
     `bounds` are public [low, high] ranges of numeric columns; federated fitting clips to
     them so that one row's influence on the statistics, and so their noise, is bounded.
+    `task` "regression": the label is a number (`classes` is ()); its number format, when
+    not plain, is in `formats` under the label's name.
     """
     numeric: tuple[str, ...]
     categories: dict[str, tuple[str, ...]]
@@ -83,6 +85,11 @@ class Schema:
     classes: tuple[str, ...]
     bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
     formats: dict[str, NumberFormat] = field(default_factory=dict)  # see common.data.numbers
+    task: str = "classification"  # or "regression" (train.task)
+
+    @property
+    def regression(self) -> bool:
+        return self.task == "regression"
 
     @property
     def categorical(self) -> tuple[str, ...]:

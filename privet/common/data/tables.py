@@ -352,7 +352,8 @@ def _check_same_columns(reference: RawTable, table: RawTable) -> None:
 def infer_schema(tables: list[RawTable], *, label: str, column_types: dict[str, str],
                  categories: dict[str, list[str]], classes: list[str],
                  missing_markers: list[str], max_vocabulary: int = 1000,
-                 number_format: NumberFormat | None = None) -> TableSchema:
+                 number_format: NumberFormat | None = None, regression: bool = False
+                 ) -> TableSchema:
     """Column types, vocabularies and classes: the settings where given, else from `tables`.
 
     A column is numeric when at least 95% of its present cells (stripped; missing = ""
@@ -362,6 +363,10 @@ def infer_schema(tables: list[RawTable], *, label: str, column_types: dict[str, 
     categorical although many of its cells are numbers, or dates, is described in
     `fallbacks`. Vocabularies and classes found here come from the rows in `tables`: give
     data.categories and data.classes to keep them from depending on anyone's data.
+
+    With `regression` the label is a number: no classes (`classes` is ()), and its number
+    format is found like a numeric column's (kept in `formats` under the label's name);
+    raises DataError when fewer than 95% of its present cells are numbers.
     """
     if not tables:
         raise ValueError("infer_schema needs at least one table")
@@ -412,8 +417,14 @@ def infer_schema(tables: list[RawTable], *, label: str, column_types: dict[str, 
                 f"than {max_vocabulary} for a category (an identifier or free text?); set "
                 f"data.column-types = {{ {key} = \"ignore\" }} (or \"numeric\")")
         vocabularies[column] = tuple(vocabulary)
-    found = _classes(tables, label, classes, markers, max_vocabulary, where)
-    fallbacks += _label_notes(tables, label, markers, where)
+    if regression:
+        found: tuple[str, ...] = ()
+        fmt = _label_format(tables, label, markers, delimiter, number_format, where)
+        if not fmt.plain:
+            formats[label] = fmt
+    else:
+        found = _classes(tables, label, classes, markers, max_vocabulary, where)
+        fallbacks += _label_notes(tables, label, markers, where)
     return TableSchema(tuple(numeric), vocabularies, label, found, tuple(ignored), formats,
                        tuple(fallbacks))
 
@@ -557,6 +568,19 @@ def _label_notes(tables: list[RawTable], label: str, markers: list[str], where: 
                      f"spacing: {'; '.join(_listing(v) for v in alike[:3])}; they are "
                      "different classes: write each one way, or list data.classes")
     return notes
+
+
+def _label_format(tables: list[RawTable], label: str, markers: list[str], delimiter: str,
+                  number_format: NumberFormat | None, where: str) -> NumberFormat:
+    """A regression label's number format; DataError unless (nearly) all of it is numbers."""
+    counts = _value_counts(tables, label, markers)
+    if not len(counts):
+        raise DataError(f"{where}: label column {label!r} has no value (data.label)")
+    fmt, share = infer_format(counts, delimiter, NUMERIC_SHARE, number_format)
+    if share < NUMERIC_SHARE:
+        raise DataError(f"{where}: label column {label!r}: {share:.0%} of its values are "
+                        "numbers; train.task = \"regression\" needs a numeric data.label")
+    return fmt
 
 
 def _classes(tables: list[RawTable], label: str, classes: Any, markers: list[str],
