@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from test_train import _Recording
 from torch import nn
 
 from privet.clients import bookkeeping, train
@@ -373,23 +374,6 @@ def test_the_path_changes_no_draw_and_no_step():
         calls[mode] = ([c[:2] if c[0] == "gaussian" else c for c in recording.calls],
                        result.steps)
     assert calls[ONE_PASS] == calls["hooks"] == calls["ghost"]
-
-
-class _Recording:
-    def __init__(self, inner):
-        self.inner, self.calls = inner, []
-
-    def start_epoch(self):
-        self.calls.append(("start_epoch",))
-        self.inner.start_epoch()
-
-    def poisson_masks(self, steps, rows, rate):
-        self.calls.append(("poisson_masks", steps, rows, rate))
-        return self.inner.poisson_masks(steps, rows, rate)
-
-    def gaussian(self, shape, std, dtype=torch.float32):
-        self.calls.append(("gaussian", tuple(shape), std))
-        return self.inner.gaussian(shape, std, dtype)
 
 
 def test_embedding_mlp_takes_the_steps_opacus_takes_empty_batches_included():
