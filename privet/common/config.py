@@ -420,11 +420,11 @@ class ExperimentConfig:
         if train.loss == "cross-entropy":
             raise ConfigError("train.loss = \"cross-entropy\" with train.task = \"regression\""
                               ": expected \"auto\", \"mse\" or \"huber\"")
-        if data.dataset in IMAGE_DATASETS:
+        if not data.loader and not data.tabular:  # a loader's kind: known once it has run
             raise ConfigError(
                 f"train.task = \"regression\" with data.dataset = \"{data.dataset}\": "
                 "refused: image datasets have classes; regression needs a numeric data.label "
-                "of adult, csv or parquet")
+                "of a table (adult, csv, parquet, or a loader's DataFrame)")
         if data.classes:
             raise ConfigError("data.classes: a list of classes, with train.task = "
                               "\"regression\" whose label is a number; leave it empty")

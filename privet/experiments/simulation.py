@@ -174,6 +174,12 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
                                       planned_features, source_warnings, test_data)
     from privet.common.models import check_model
 
+    if cfg.regression and not cfg.data.tabular:
+        from privet.common.config import ConfigError
+
+        raise ConfigError(f"train.task = \"regression\" with data.dataset = "
+                          f"\"{cfg.data.dataset}\": refused: its loader returned arrays, not a "
+                          "DataFrame; regression needs a table with a numeric data.label")
     report = partition_report(cfg)
     if not cfg.federated_preprocessing:
         test_data(cfg)
