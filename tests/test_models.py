@@ -240,3 +240,124 @@ def test_one_pass_by_name_refuses_a_model_it_cannot_train_before_round_1(tmp_pat
     with pytest.raises(ModelError, match=r"one-pass.*layer '1' \(PReLU\): no one-pass formula"):
         preflight(cfg)
     preflight(load_config(TINY, ['train.model="prelu_model:net"']))  # auto: Opacus takes it
+
+
+USER_MODELS = '''
+import torch
+from torch import nn
+
+
+class Additive(nn.Module):
+    """A neural additive model that runs every feature through one small net by folding
+    the features into the batch: (B, F) -> (B*F, 1) -> (B, F) -> (B, outputs)."""
+
+    def __init__(self, features, outputs):
+        super().__init__()
+        self.each = nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 1))
+        self.head = nn.Linear(features, outputs)
+
+    def forward(self, x):
+        b, f = x.shape
+        return self.head(self.each(x.reshape(b * f, 1)).reshape(b, f))
+
+
+class Centering(nn.Module):
+    def __init__(self, features, outputs):
+        super().__init__()
+        self.linear = nn.Linear(features, outputs)
+
+    def forward(self, x):
+        h = self.linear(x)
+        return h - h.mean(0)
+
+
+class Remembering(nn.Module):
+    """Keeps the mean of what it saw in a buffer: a statistic of the data, not a parameter."""
+
+    def __init__(self, features, outputs):
+        super().__init__()
+        self.linear = nn.Linear(features, outputs)
+        self.register_buffer("seen", torch.zeros(features))
+
+    def forward(self, x):
+        if self.training and len(x):
+            self.seen = x.mean(0).detach()
+        return self.linear(x)
+
+
+def additive(shape, outputs, train):
+    return Additive(shape[0], outputs)
+
+
+def centering(shape, outputs, train):
+    return Centering(shape[0], outputs)
+
+
+def remembering(shape, outputs, train):
+    return Remembering(shape[0], outputs)
+
+
+def one_output(shape, outputs, train):
+    return nn.Linear(shape[0], 1)
+
+
+def wrong_input(shape, outputs, train):
+    return nn.Linear(shape[0] + 1, outputs)
+'''
+
+
+@pytest.fixture
+def user_models(tmp_path, monkeypatch):
+    (tmp_path / "user_models.py").write_text(USER_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    import user_models
+    return importlib.reload(user_models)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("one_output", r"gave output \(3, 1\); expected \(3, 2\)"),
+    ("wrong_input", "a forward pass on a batch of shape"),
+    ("centering", "mixes examples"),
+    ("Additive", "names the class Additive; expected a factory function")])
+def test_a_model_is_tried_on_made_up_examples_before_round_1(user_models, name, message):
+    with pytest.raises(ModelError, match=message):
+        check_model(TrainConfig(model=f"user_models:{name}"), (5,), 2)
+    check_model(TrainConfig(model="user_models:additive"), (5,), 2)  # per example: fine
+
+
+@pytest.mark.parametrize("mode", ["one-pass", "hooks", "ghost"])
+def test_a_model_that_folds_the_batch_is_refused_on_every_dp_sgd_path(user_models, mode):
+    """(B, F) -> (B·F, 1) inside forward: clipping would bound each row, not each example, so
+    an example could move the sum by F·C; every path stops instead of training."""
+    torch.manual_seed(0)
+    model = user_models.additive((5,), 2, None)
+    x, y = torch.randn(40, 5).numpy(), torch.randint(0, 2, (40,)).numpy()
+    # Opacus' ghost clipping fails inside its own backward pass, before privet's check
+    with pytest.raises(RuntimeError if mode == "ghost" else ValueError,
+                       match="stack expects" if mode == "ghost" else "batch"):
+        train.train_local(model, x, y, epochs=1, batch_size=8, lr=0.1, momentum=0.0, seed=0,
+                          noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode)
+
+
+def test_a_buffer_training_writes_is_never_sent_and_a_failed_clients_spend_is_reported(
+        user_models, tmp_path, monkeypatch):
+    """A buffer holding a mean of the rows would reach the server outside every ε: the client
+    fails instead of replying, and the summary still reports what the failed round cost (it
+    was paid before it ran), as the ledger on disk records it."""
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the CLI runs in a child process
+    ledger = tmp_path / "ledger"
+    code, stdout = run(tmp_path / "run", 'train.model="user_models:remembering"', "rounds=1",
+                       f'privacy.ledger-dir="{ledger}"')
+    assert code != 0, stdout[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    reasons = [c["reason"] for c in summary["failures"]["clients"].values()]
+    assert reasons and all("buffer(s) seen" in r for r in reasons)
+    saved = tmp_path / "run" / "model.pt"  # the global model: no client's update arrived
+    assert not saved.exists() or not torch.load(saved)["state_dict"]["seen"].any()
+    for entry in summary["privacy"]["clients"].values():
+        assert "dp-sgd" in entry["purposes"]
+        assert entry["epsilon"] == pytest.approx(pld_epsilon(entry["history"],
+                                                             summary["privacy"]["delta"]),
+                                                 rel=0.01)

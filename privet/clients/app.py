@@ -78,8 +78,14 @@ def _failures_named(**defaults):
                 metrics = MetricRecord({R.CLIENT_ID: client_id, R.FAILED: 1, R.DECLINED: 1,
                                         R.NUM_EXAMPLES: 0, **defaults})
                 failure = ConfigRecord({"reason": reason[:2000]})
-                return Message(RecordDict({"metrics": metrics, R.FAILURE: failure}),
-                               reply_to=msg)
+                content = {"metrics": metrics, R.FAILURE: failure}
+                try:  # what it spent before failing (a round is paid before it runs)
+                    cfg = _config(context)
+                    content[R.PRIVACY] = _privacy_record(
+                        cfg, A.open_ledger(cfg, context, client_id, _run(msg)))
+                except Exception:  # noqa: BLE001 - the failure may be the ledger's own
+                    pass
+                return Message(RecordDict(content), reply_to=msg)
         return wrapped
     return decorate
 
@@ -123,6 +129,23 @@ def _model(cfg: ExperimentConfig, data: ClientData, arrays: ArrayRecord, data_pa
                         data.feature_spec)
     R.load_arrays(model, arrays)
     return model
+
+
+def _same_buffers(cfg: ExperimentConfig, model: torch.nn.Module,
+                  before: dict[str, torch.Tensor]) -> None:
+    """Raises ValueError (before any reply leaves) when training changed a buffer of the
+    model's state dict: a buffer is not a parameter, so DP-SGD neither clips nor noises it,
+    and the reply carries the whole state dict: what the data wrote into it (a running mean,
+    a count) would reach the server outside every ε."""
+    after = model.state_dict()
+    changed = [name for name, value in before.items()
+               if name in after and not torch.equal(after[name], value)]
+    if changed:
+        raise ValueError(f"train.model = {cfg.train.model!r}: training changed buffer(s) "
+                         f"{', '.join(changed)}, which would leave this client outside every "
+                         "ε (DP-SGD noises parameters only); not sent. Make them parameters, "
+                         "non-persistent buffers (register_buffer(..., persistent=False)) or "
+                         "constants")
 
 
 def _transform(msg: Message) -> str:
@@ -305,6 +328,8 @@ def train(msg: Message, context: Context) -> Message:
                         client_id, server_round, target)
             return declined(transform)
 
+    buffers = {name: b.detach().clone() for name, b in model.state_dict().items()
+               if name not in dict(model.named_parameters())}
     result = train_local(model, data.features, data.labels, epochs=cfg.train.local_epochs,
                          batch_size=cfg.train.batch_size, lr=cfg.train.lr,
                          momentum=cfg.train.momentum, seed=seed, noise_multiplier=sigma,
@@ -314,6 +339,7 @@ def train(msg: Message, context: Context) -> Message:
                          # FedProx (Flower's key): data-independent, added after the noise
                          proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
                          loss=cfg.loss_name)
+    _same_buffers(cfg, model, buffers)
     epsilon = 0.0
     if sigma is not None:
         if result.steps != steps:  # never: the steps are fixed by n and B; paid as planned

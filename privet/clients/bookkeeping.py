@@ -386,12 +386,18 @@ class BookkeepingDPSGD:
         loss_sum = task_loss(self.loss, h, y, reduction="sum")
         if len(y):  # the sum's gradient at each output is each example's own
             for layer, a, z, a_version, z_version in calls:
+                if a.shape[0] != len(y):  # per-example clipping needs one row per example
+                    raise ValueError(
+                        f"book-keeping DP-SGD: a {type(layer).__name__} saw {a.shape[0]} rows "
+                        f"for a batch of {len(y)} examples: the forward pass reshapes or mixes "
+                        "the batch dimension, so no per-example clipping (and no ε) holds; "
+                        "keep the batch as the first dimension, one row per example")
                 if a._version != a_version or z._version != z_version:
                     raise ValueError(
                         f"book-keeping DP-SGD: the forward pass changed the input or output "
                         f"of a {type(layer).__name__} in place after the layer ran "
-                        "(ReLU(inplace=True), `h += …`): write it out of place, or train this "
-                        "model with train.dp-path = \"hooks\"")
+                        "(ReLU(inplace=True), `h += …`): write it out of place (Opacus' modes "
+                        "fail on it too)")
             calls = [call for call in calls if call[2].requires_grad]  # else under no_grad
             outputs = [call[2] for call in calls]
             check = [] if self._checked else self.params

@@ -367,6 +367,7 @@ def _train_opacus(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, ta
             out = net(x)
             loss = criterion(out, y)
             loss.backward()
+            _one_gradient_per_example(dp_optimizer, len(y))
             tally.add(out.detach(), loss.detach() * len(y), y)
         else:  # torch's ExpandedWeights refuses a batch of 0 rows, ghost's Embedding too
             _no_per_sample_gradients(dp_optimizer, grad_sample_mode)
@@ -447,6 +448,25 @@ def _use_randomness(dp_optimizer, randomness: Randomness, *, expected_batch_size
             p.grad.add_(randomness.gaussian(p.grad.shape, std, p.grad.dtype))
 
     dp_optimizer.add_noise = add_noise
+
+
+def _one_gradient_per_example(dp_optimizer, examples: int) -> None:
+    """Raises ValueError unless Opacus computed one per-sample gradient (hooks, functorch,
+    ew: `p.grad_sample`) or gradient norm (ghost: `p._norm_sample`) per example of the batch.
+    A model that reshapes the batch (B, F) into (B·F, 1) rows inside `forward` gets one per
+    row instead: Opacus would clip each row to C, an example's update could reach F·C, and
+    the ε computed for C would not hold."""
+    if not examples:
+        return
+    for p in dp_optimizer.params:
+        for name in ("grad_sample", "_norm_sample"):
+            found = getattr(p, name, None)
+            if isinstance(found, torch.Tensor) and found.dim() and found.shape[0] != examples:
+                raise ValueError(
+                    f"the model computed {found.shape[0]} per-sample gradients for a batch of "
+                    f"{examples} examples: its forward pass reshapes or mixes the batch "
+                    "dimension, so DP-SGD cannot clip per example and no ε would hold; keep "
+                    "the batch as the first dimension, one row per example, in every layer")
 
 
 def _no_per_sample_gradients(dp_optimizer, grad_sample_mode: str) -> None:

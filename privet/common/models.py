@@ -141,6 +141,10 @@ def build_model(train: TrainConfig, input_shape: tuple[int, ...], num_classes: i
     `features` (tables) goes to a factory that takes that keyword, and only to one.
     Raises ModelError when the factory fails or returns something else than an nn.Module."""
     make = factory(train.model)
+    if isinstance(make, type) and issubclass(make, nn.Module):
+        raise ModelError(f"train.model = {train.model!r}: names the class {make.__name__}; "
+                         "expected a factory function (input_shape, num_outputs, train) that "
+                         "returns the module")
     if features is not None and tuple(input_shape) != (len(features),):
         raise ModelError(f"train.model = {train.model!r}: the feature description has "
                          f"{len(features)} columns, the input shape is {tuple(input_shape)}")
@@ -201,5 +205,48 @@ def check_model(train: TrainConfig, input_shape: tuple[int, ...], num_classes: i
     if not any(p.requires_grad for p in model.parameters()):
         raise ModelError(f"train.model = {train.model!r}: the model has no trainable "
                          "parameters")
+    _probe(model, train, input_shape, num_classes, features)
     changes = replaced(train, input_shape, num_classes, features) if train.fix_model else []
     return [f"train.fix-model replaced {', '.join(changes)}"] if changes else []
+
+
+def _probe(model: nn.Module, train: TrainConfig, input_shape: tuple[int, ...],
+           num_outputs: int, features: Features | None) -> None:
+    """One forward pass on 3 made-up examples (in eval mode, no gradient, the global RNG
+    untouched): the model must take (3, *input_shape), give (3, num_outputs), and give the
+    first example the same output whatever the others are (DP-SGD clips per example: a
+    forward pass that mixes the examples of a batch voids it). Raises ModelError (one line).
+    Made-up inputs: uniform on [0, 1), with one-hot blocks where `features` has them."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand((3, *input_shape), generator=generator)
+    if features is not None:
+        for block in features.categorical:
+            x[:, block.start:block.stop] = 0.0
+            x[torch.arange(3), block.start + torch.arange(3) % (block.stop - block.start)] = 1.0
+    other = x.clone()
+    other[1:] = torch.rand((2, *input_shape), generator=generator)
+    name = f"train.model = {train.model!r}"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out, again = model(x), model(other)
+    except Exception as error:  # noqa: BLE001 - the user's forward pass, named
+        raise ModelError(f"{name}: a forward pass on a batch of shape {tuple(x.shape)} failed: "
+                         f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+                         ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (3, num_outputs):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"{name}: a batch of 3 examples gave output {shape}; expected "
+                         f"(3, {num_outputs}): one " + ("output (the scaled target)"
+                                                        if num_outputs == 1 else
+                                                        "logit per class") + " per example")
+    if not torch.allclose(out[0], again[0], rtol=1e-4, atol=1e-5):
+        raise ModelError(f"{name}: the first example's output changed when the other examples "
+                         "of its batch did: the forward pass mixes examples (a batch mean, "
+                         "BatchNorm-like code), which per-example clipping cannot bound; "
+                         "DP-SGD needs each example's output to depend on it alone")
