@@ -91,22 +91,37 @@ def load_run(path: str | os.PathLike) -> Run:
 
 
 def _import_path(what: str, thing: str | Callable) -> str:
-    """`thing`'s `package.module:name` (a string is taken as one already); raises ValueError
+    """`thing`'s `package.module:name` (a string is taken as one already); raises PrivetError
     for something the clients or the server could not import by name."""
     if isinstance(thing, str):
         return thing
     module, name = getattr(thing, "__module__", ""), getattr(thing, "__qualname__", "")
     if not module or module == "__main__" or "<" in name:
-        raise ValueError(f"{what}: pass one defined in an importable module (or its "
-                         "'package.module:name' path): the run imports it by name")
+        raise PrivetError(f"{what}: pass one defined in an importable module (or its "
+                          "'package.module:name' path): the run imports it by name", 2, "")
     return f"{module}:{name}"
+
+
+def _plain(key: str, value: Any) -> Any:
+    """`value` as the TOML writer takes it: numpy scalars as Python numbers, table keys as
+    strings (client ids), nested alike. Raises PrivetError for None (TOML has no null)."""
+    if value is None:
+        raise PrivetError(f"overrides: {key} = None: TOML has no null; leave the key out for "
+                          "its default", 2, "")
+    if isinstance(value, Mapping):
+        return {str(k): _plain(f"{key}.{k}", v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(key, v) for v in value]
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():  # numpy, torch scalars
+        return value.item()
+    return value
 
 
 def _settings(overrides: Mapping[str, Any] | None) -> list[str]:
     """--set arguments: values as TOML (strings quoted, tables inline)."""
     from privet.common.config import _inline  # the config's own TOML writer: one dialect
 
-    return [f"{key}={_inline(value)}" for key, value in (overrides or {}).items()]
+    return [f"{key}={_inline(_plain(key, value))}" for key, value in (overrides or {}).items()]
 
 
 def _run_cli(args: list[str], verbose: bool | None) -> str:

@@ -36,7 +36,7 @@ def test_a_users_factory_is_passed_as_itself_and_rebuilt_by_the_run(run):
     assert run.config.train.model == "experiments.examples.tabular:residual_mlp"
     assert run.config.strategy.name == "flwr.serverapp.strategy.fedmedian:FedMedian"
     assert isinstance(run.model(), tabular.ResidualMLP)
-    with pytest.raises(ValueError, match="importable module"):
+    with pytest.raises(privet.PrivetError, match="importable module"):
         privet.simulate(TINY, model=lambda shape, outputs, cfg: torch.nn.Linear(1, 1))
 
 
@@ -52,3 +52,17 @@ def test_compare_returns_one_row_per_budget_and_seed(tmp_path):
     table = privet.compare(TINY, epsilons=("inf",), seeds=1, overrides={"rounds": 1},
                            out=tmp_path / "cmp")
     assert len(table) == 1 and "accuracy" in table.columns
+
+
+def test_overrides_take_numpy_scalars_and_client_ids_and_refuse_none():
+    import numpy as np
+
+    from privet.api import _settings
+    from privet.common.config import load_config
+
+    settings = _settings({"privacy.epsilon": np.float64(1.5), "rounds": np.int64(2),
+                          "privacy.client-epsilon": {0: 1.0}})
+    cfg = load_config(TINY, settings)
+    assert cfg.privacy.epsilon == 1.5 and cfg.rounds == 2 and cfg.epsilon_for(0) == 1.0
+    with pytest.raises(privet.PrivetError, match="rounds = None"):
+        _settings({"rounds": None})

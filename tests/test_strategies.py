@@ -238,6 +238,11 @@ class Marking(FedAvg):
 
 class NotAStrategy:
     pass
+
+
+class NeedsScale(FedAvg):
+    def __init__(self, scale, **kwargs):
+        super().__init__(**kwargs)
 """
 
 
@@ -256,3 +261,14 @@ def test_a_users_strategy_by_import_path(tmp_path, monkeypatch):
     assert code == 2 and "subclass of Flower's" in one_error_line(stdout)
     code, stdout = simulate_any(tmp_path / "gone", 'strategy.name="my_strategies:Gone"')
     assert code == 2 and "has no 'Gone'" in one_error_line(stdout)
+    code, stdout = simulate_any(tmp_path / "init", 'strategy.name="my_strategies:NeedsScale"')
+    assert code == 2 and "building it with FedAvg's keyword arguments failed" in \
+        one_error_line(stdout)
+
+
+def test_a_trimmed_mean_that_would_trim_nothing_is_refused():
+    with pytest.raises(ConfigError, match="cuts ⌊0.2·3⌋ = 0 updates"):
+        load_config(CONFIGS_DIR / "tiny.toml", ['strategy.name="trimmed-mean"',
+                                                "strategy.trim-beta=0.2"])
+    load_config(CONFIGS_DIR / "tiny.toml", ['strategy.name="trimmed-mean"',
+                                            "strategy.trim-beta=0.34"])

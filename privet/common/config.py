@@ -363,6 +363,12 @@ class ExperimentConfig:
             raise ConfigError(f"strategy.byzantine = {s.byzantine}: krum needs clients-per-round"
                               f" > 2·byzantine + 2 (Blanchard et al.), here "
                               f"{self.clients_per_round}")
+        if s.name == "trimmed-mean" and int(s.trim_beta * self.clients_per_round) == 0:
+            raise ConfigError(f"strategy.trim-beta = {s.trim_beta}: with clients-per-round = "
+                              f"{self.clients_per_round} the trimmed mean cuts "
+                              f"⌊{s.trim_beta}·{self.clients_per_round}⌋ = 0 updates at each "
+                              "end, i.e. it is the plain mean; raise trim-beta to at least "
+                              f"1/{self.clients_per_round} or use fedavg")
         if s.name == "krum" and s.multi > self.clients_per_round:
             raise ConfigError(f"strategy.multi = {s.multi}: at most clients-per-round "
                               f"({self.clients_per_round}) updates can be kept")
@@ -767,7 +773,10 @@ def load_config(path: str | Path = DEFAULT_CONFIG, overrides: list[str] | None =
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise ConfigError(f"{path}: config file not found" + (
+            "; privet runs from its project folder (a Flower App with experiments/configs/): "
+            "clone it and `pip install -e .`" if not (PROJECT_DIR / "pyproject.toml").is_file()
+            else "")) from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the config file ({err.strerror or err})"
                           ) from None

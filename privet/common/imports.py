@@ -15,14 +15,20 @@ def import_attr(reference: str, key: str, error: type[ValueError] = ValueError,
     convention; `attr` may be dotted), for the setting `key` (`train.model`, `data.dataset`).
 
     The module is looked up as Flower does: the installed packages and whatever is on
-    sys.path (Flower puts the app folder there), plus the current folder, which this adds
-    (`privet` is a script: without it the user's folder is not on sys.path). Raises `error`
+    sys.path (Flower puts the app folder there), plus the current folder and then privet's
+    project folder (its `experiments.examples`), which this adds (`privet` is a script:
+    without it the user's folder is not on sys.path; `privet.simulate` adds the same two).
+    Raises `error`
     with one line, `{key} = '{reference}': ...`, when the module cannot be imported (or
     raises while it is), lacks the attribute, or the attribute is not callable; `what` names
     the attribute in the message ("factory", "loader")."""
     module_name, _, attr = reference.partition(":")
+    from privet.common.config import PROJECT_DIR
+
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())  # `privet` is a script: let it see the user's folder
+    if str(PROJECT_DIR) not in sys.path:
+        sys.path.append(str(PROJECT_DIR))  # after the user's: theirs win
     try:
         found = importlib.import_module(module_name)
     except ImportError as problem:

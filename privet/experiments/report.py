@@ -471,7 +471,7 @@ def html_report(rows: list[dict], header: list[str], body: list[list[str]],
                      "attacks are written for classifiers (<code>privet audit</code> refuses "
                      "regression runs).</p>")
     elif not any(r.get("auc") for r in rows):
-        parts.append('<p class="note">No audit results: common.audit was not available when '
+        parts.append('<p class="note">No audit results: privet.common.audit was not available when '
                      "these runs were compared, or the audit failed (run "
                      "<code>privet audit RUN_DIR</code>).</p>")
     parts.append(f"<p>{len(rows)} run(s); mean ± std over seeds of the runs that finished. "

@@ -169,6 +169,12 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
     """Fail before Ray starts if the data cannot be read or split as configured; return
     the partition report (rows, label balance, missing cells per client) and what reading
     the files skipped or will clean (skipped lines, non-numeric cells)."""
+    from privet.common.config import PROJECT_DIR
+
+    if not (PROJECT_DIR / "pyproject.toml").is_file():  # a wheel, not the project folder
+        raise ValueError(f"{PROJECT_DIR} holds no pyproject.toml: privet simulates its Flower "
+                         "App from the project folder; clone it and `pip install -e .` "
+                         "(a plain `pip install` gives `import privet` only)")
     from privet.common.config import is_import_path
     from privet.common.data.datasets import (model_input_shape, num_outputs, partition_report,
                                       planned_features, source_warnings, test_data)
@@ -187,10 +193,19 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
     features = planned_features(cfg)
     shape = (len(features),) if features is not None else model_input_shape(cfg)
     notes = tuple(check_model(cfg.train, shape, num_outputs(cfg), features))
-    if is_import_path(cfg.strategy.name):  # a user's strategy: importable, a FedAvg
-        from privet.server.strategies import strategy_class
+    if is_import_path(cfg.strategy.name):  # a user's strategy: importable, a FedAvg, built
+        from privet.common.config import ConfigError
+        from privet.server.strategies import options, strategy_class
 
-        strategy_class(cfg.strategy.name)  # ConfigError: one line
+        chosen = strategy_class(cfg.strategy.name)  # ConfigError: one line
+        try:
+            chosen(fraction_train=1.0, clients_per_round=cfg.clients_per_round, seed=cfg.seed,
+                   fraction_evaluate=0.0, min_available_nodes=1, **options(cfg))
+        except Exception as error:  # noqa: BLE001 - the user's __init__, named
+            raise ConfigError(f"strategy.name = {cfg.strategy.name!r}: building it with "
+                              "FedAvg's keyword arguments failed: "
+                              f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+                              ) from None
     if cfg.train.dp_path == "one-pass":  # asked for by name: a model it cannot train stops here
         from privet.clients.bookkeeping import unsupported
         from privet.common.models import ModelError, build_model
