@@ -80,6 +80,7 @@ def test_bad_levels_are_refused():
 
 # --- end to end: two tiny runs through `privet compare` -----------------------------------
 
+@pytest.mark.slow  # a whole run or several: CI's slow job runs it
 def test_grid_runs_then_resumes_without_redoing(grid):
     out, first, first_s, second, second_s, mtimes = grid
     assert second.returncode == 0, second.stdout + second.stderr

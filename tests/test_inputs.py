@@ -434,6 +434,7 @@ def test_the_suite_uses_no_fixed_flower_port_and_no_wall_clock_bound():
     assert sys.executable  # the suite runs in the project's environment
 
 
+@pytest.mark.slow  # a whole run or several: CI's slow job runs it
 def test_a_run_in_which_no_client_ever_trains_is_never_complete(tmp_path):
     """Run 1 spends every row's budget; run 2 (its clients fit their own preprocessing) can
     train nobody in any round: budget-exhausted, with the reason, not `complete`."""

@@ -322,6 +322,7 @@ def _run_spend(summary):
             for c, v in summary["privacy"]["clients"].items()}
 
 
+@pytest.mark.slow  # a whole run or several: CI's slow job runs it
 def test_reruns_with_another_config_or_seed_compose_on_the_same_rows(tmp_path):
     """Run 1 spends ε = 1 per client. Run 2 asks rounds = 3 and a new name: before, a new
     experiment id gave every client a fresh budget; now each row's spend composes, so with
@@ -368,6 +369,7 @@ def _ledger_json(ledgers):
     return json.loads(result.output)
 
 
+@pytest.mark.slow  # a whole run or several: CI's slow job runs it
 def test_appending_rows_keeps_the_spend_of_the_old_ones(tmp_path):
     data, test = tmp_path / "data.csv", tmp_path / "test.csv"
     _write_adult(data, 0, 3000)
@@ -419,6 +421,7 @@ def test_a_client_that_gets_another_id_keeps_its_rows_spend(tmp_path):
             pld_epsilon(_run_spend(one)[old], DELTA), rel=0.01)
 
 
+@pytest.mark.slow  # a whole run or several: CI's slow job runs it
 def test_a_damaged_ledger_stops_the_run_in_one_line(tmp_path):
     ledgers = tmp_path / "ledgers"
     _simulate(tmp_path / "r1", ledgers)
@@ -432,6 +435,7 @@ def test_a_damaged_ledger_stops_the_run_in_one_line(tmp_path):
     assert "missing, while its copy records spend" in stdout
 
 
+@pytest.mark.slow  # a whole run or several: CI's slow job runs it
 def test_the_user_level_ledger_persists_over_runs(tmp_path):
     """Run 1 spends the participants' user-level budget (ε = 1); run 2 with the same target
     has nothing left and stops before round 1; run 3 with target 2 calibrates for what is

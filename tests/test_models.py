@@ -144,6 +144,7 @@ def test_deployment_refuses_a_model_flower_would_not_ship(tmp_path, monkeypatch)
     assert "not found" in shipped_with_app("no_such_module_x:net", PROJECT_DIR)
 
 
+@pytest.mark.slow  # a whole run or several: CI's slow job runs it
 def test_an_embedding_model_for_adults_categoricals_trains_at_epsilon_3(tmp_path):
     """The Adult experiment (3 clients, 2 rounds) with a user's non-Sequential model that
     looks each categorical column up in an nn.Embedding: it completes at ε ≤ 3, as the

@@ -173,6 +173,7 @@ def test_the_replay_reproduces_a_seeded_update_exactly():
     assert torch.equal(*runs)
 
 
+@pytest.mark.slow  # a whole run or several: CI's slow job runs it
 def test_two_secure_runs_of_one_config_and_seed_draw_different_noise(tmp_path):
     outs = []
     for name in ("a", "b", "c"):

@@ -198,6 +198,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_rounds(tmp_path):
     assert_no_new_ray_processes(before)
 
 
+@pytest.mark.slow  # a whole run or several: CI's slow job runs it
 def test_flwr_run_runs_the_app_on_a_local_simulation_federation(tmp_path):
     """The repository is a Flower App: `flwr run .` works, as the README says, with a user's
     model from the app folder (Flower ships it in the FAB)."""

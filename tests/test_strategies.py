@@ -246,6 +246,7 @@ class NeedsScale(FedAvg):
 """
 
 
+@pytest.mark.slow  # a whole run or several: CI's slow job runs it
 def test_a_users_strategy_by_import_path(tmp_path, monkeypatch):
     """A FedAvg subclass in the user's folder runs under privet's recording; anything else is
     one line."""
