@@ -177,3 +177,39 @@ def test_every_client_failing_its_statistics_fails_the_run_naming_one(tmp_path,
     with pytest.raises(NoClientsLeft, match=r"every client failed .* client 0: .*gone0\.csv"):
         fit_shared_transform(InProcessGrid(contexts), cfg, "run1", on_spend)
     assert sorted(failures) == [("0", 1), ("1", 1)]
+
+
+_OPEN_LEDGER = """
+import sys
+import numpy as np
+from privet.common.privacy.ledger import ALL_ROWS, DataLedger, LedgerDir, SpendRecord
+store = LedgerDir(sys.argv[1], copy_root=__import__("pathlib").Path(sys.argv[2]))
+DataLedger(store, SpendRecord("reader", "reader", "1", "test", ALL_ROWS, "seeded"),
+           np.arange(5, dtype=np.uint64))
+print("opened")
+"""
+
+
+def test_a_reader_never_sees_a_row_set_whose_record_is_being_written(tmp_path):
+    """A client records its spend as a row set, then the record that names it. Another
+    process that opened the ledger between the two saw an orphaned row set and refused the
+    ledger (seen in CI with three clients sharing one folder). Both writes and every read
+    now happen under the folder's lock: the reader waits, then opens it."""
+    import subprocess
+    import time
+
+    import numpy as np
+
+    store = LedgerDir(tmp_path / "ledgers", copy_root=tmp_path / "copies")
+    writer = DataLedger(store, SpendRecord("writer", "writer", "0", "test", ALL_ROWS,
+                                           "seeded"), np.arange(10, dtype=np.uint64))
+    with store.locked():
+        writer.current.rows = store.save_rows(writer.digests)  # the row set, no record yet
+        reader = subprocess.Popen([sys.executable, "-c", _OPEN_LEDGER, str(tmp_path / "ledgers"),
+                                   str(tmp_path / "copies")], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        time.sleep(2.0)  # room for the reader to get there (it must wait, however long)
+        assert reader.poll() is None, reader.communicate()
+        writer.record(Spend(1.0, 0.1, 10))  # the record naming the row set, same lock
+    out, err = reader.communicate(timeout=120)
+    assert reader.returncode == 0 and out.strip() == "opened", err[-2000:]

@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -366,6 +367,7 @@ class LedgerDir:
         self._copies = copy_root or state_dir() / "ledger-copies"
         self._path_key = hashlib.sha256(str(self.root).encode()).hexdigest()[:16]
         self._rows: dict[str, np.ndarray] = {}
+        self._thread_lock, self._depth = threading.RLock(), 0  # `locked` re-entered: one flock
 
     # -- which copy is this folder's
     def _known_id(self) -> str:
@@ -566,14 +568,27 @@ class LedgerDir:
     @contextlib.contextmanager
     def locked(self):
         """Hold this folder's lock (flock on `<folder>/lock`): a check of the budget and the
-        record of the spend it allows are one step for every process sharing the folder."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / "lock", "a+b") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        record of the spend it allows are one step for every process sharing the folder, and
+        a reader never sees a row set whose record is still being written. Re-entrant within
+        a thread (reserve → record): a second flock on a new descriptor would wait on the
+        first."""
+        with self._thread_lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(self.root / "lock", "a+b") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                self._depth = 1
+                try:
+                    yield
+                finally:
+                    self._depth = 0
+                    fcntl.flock(handle, fcntl.LOCK_UN)
 
     def forget(self, record_ids: Iterable[str]) -> list[str]:
         """Delete records, and the row sets no other record names, from this folder and its
@@ -641,7 +656,8 @@ class DataLedger:
     def __init__(self, store, current: SpendRecord, digests: np.ndarray | None) -> None:
         self.store, self.digests = store, digests
         self.conservative = False  # rows charged with more than they spent (MAX_GROUPS)
-        found = store.records()
+        with store.locked():  # not between another process's row set and its record
+            found = store.records()
         self.current = next((r for r in found if r.id == current.id), current)
         self.current.columns = current.columns
         _same_row_identity(found, current, store)
@@ -727,15 +743,17 @@ class DataLedger:
         """Add spend to this run's record and save it (disk first, before any reply)."""
         if spend.steps <= 0:
             return
-        if not self.current.spends and self.current.rows == ALL_ROWS:
-            self.current.rows = self.store.save_rows(self.digests)
-        elif self.digests is not None and self.current.rows != ALL_ROWS:
-            covered = self.store.rows(self.current.rows)
-            if not np.isin(self.digests, covered, assume_unique=True).all():
-                # the data grew within the run: the record covers every row it ever touched
-                self.current.rows = self.store.save_rows(np.union1d(covered, self.digests))
-        self.current.record(spend)
-        self.store.save(self.current)
+        with self.store.locked():  # the row set and the record that names it: one step
+            if not self.current.spends and self.current.rows == ALL_ROWS:
+                self.current.rows = self.store.save_rows(self.digests)
+            elif self.digests is not None and self.current.rows != ALL_ROWS:
+                covered = self.store.rows(self.current.rows)
+                if not np.isin(self.digests, covered, assume_unique=True).all():
+                    # the data grew within the run: the record covers every row it touched
+                    self.current.rows = self.store.save_rows(np.union1d(covered,
+                                                                        self.digests))
+            self.current.record(spend)
+            self.store.save(self.current)
 
     @property
     def location(self) -> str:
