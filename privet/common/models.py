@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable
 from torch import nn
 
 from privet.common.config import TrainConfig, is_import_path
-from privet.common.imports import import_attr
+from privet.common.imports import import_attr, one_line
 
 if TYPE_CHECKING:
     from privet.common.data.features import Features
@@ -235,7 +235,7 @@ def _probe(model: nn.Module, train: TrainConfig, input_shape: tuple[int, ...],
             out, again = model(x), model(other)
     except Exception as error:  # noqa: BLE001 - the user's forward pass, named
         raise ModelError(f"{name}: a forward pass on a batch of shape {tuple(x.shape)} failed: "
-                         f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+                         f"{type(error).__name__}: {one_line(error)[:300]}"
                          ) from None
     finally:
         model.train(was_training)

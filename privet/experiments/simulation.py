@@ -195,6 +195,7 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
     notes = tuple(check_model(cfg.train, shape, num_outputs(cfg), features))
     if is_import_path(cfg.strategy.name):  # a user's strategy: importable, a FedAvg, built
         from privet.common.config import ConfigError
+        from privet.common.imports import one_line
         from privet.server.strategies import options, strategy_class
 
         chosen = strategy_class(cfg.strategy.name)  # ConfigError: one line
@@ -204,7 +205,7 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
         except Exception as error:  # noqa: BLE001 - the user's __init__, named
             raise ConfigError(f"strategy.name = {cfg.strategy.name!r}: building it with "
                               "FedAvg's keyword arguments failed: "
-                              f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+                              f"{type(error).__name__}: {one_line(error)[:300]}"
                               ) from None
     if cfg.train.dp_path == "one-pass":  # asked for by name: a model it cannot train stops here
         from privet.clients.bookkeeping import unsupported

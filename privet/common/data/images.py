@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from privet.common.imports import one_line
+
 DIGITS_CLASSES = tuple(str(d) for d in range(10))
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                          "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -234,7 +236,7 @@ def _read_image(path: Path, size: int, channels: int) -> np.ndarray:
                 image = image.resize((size, size), Image.Resampling.BILINEAR)
             pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)
     except Exception as error:  # noqa: BLE001 - Pillow raises many kinds; name the file
-        reason = " ".join(str(error).split()) or type(error).__name__
+        reason = one_line(error) or type(error).__name__
         raise DataError(f"{path}: cannot read this image ({reason}); expected an image file "
                         "Pillow can open (data.path)") from None
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
