@@ -25,3 +25,13 @@ def _private_calibration_cache(tmp_path_factory):
     os.environ["PRIVET_CACHE_DIR"] = str(tmp_path_factory.mktemp("privet-cache"))
     os.environ["PRIVET_STATE_DIR"] = str(tmp_path_factory.mktemp("privet-state"))
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _patches_installed():
+    """In-process accounting in tests runs as privet's entry points run it: with the
+    dp-accounting patches (privet.patches) installed. tests/test_patches.py runs stock."""
+    from privet import patches
+
+    patches.install("dp-accounting")
+    yield

@@ -15,7 +15,7 @@ def _event(history):
 
 def pld_epsilon(history, delta, discretisation=1e-4):
     """dp-accounting's PLD (default: at its default, finer discretisation), pessimistic; with
-    dp-accounting's own code even where privet has sped it up (common.privacy.pld_speedups)."""
+    dp-accounting's own code even where privet has sped it up (privet.patches.dp_accounting)."""
     patched = (common.compute_self_convolve_bounds, pld_pmf._get_epsilon_for_delta,
                pld_pmf._truncate_tails)
     common.compute_self_convolve_bounds = getattr(patched[0], "__wrapped__", patched[0])

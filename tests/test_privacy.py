@@ -35,16 +35,16 @@ def test_remembered_convolution_bounds_are_dp_accountings(sigma, q):
     """privet's memo of the Chernoff bounds gives dp-accounting's own numbers, exactly."""
     from dp_accounting.pld import common, privacy_loss_distribution
 
-    from privet.common.privacy import pld_speedups
+    from privet.patches import dp_accounting as patched
 
-    assert common.compute_self_convolve_bounds is pld_speedups.compute_self_convolve_bounds
+    assert common.compute_self_convolve_bounds is patched.compute_self_convolve_bounds
     pld = privacy_loss_distribution.from_gaussian_mechanism(
         sigma, sampling_prob=q, value_discretization_interval=accountants.PLD_DISCRETISATION)
     for pmf in (pld._pmf_remove, pld._pmf_add):
         for steps in (1, 7, 51, 1000, 2980):
             for _ in range(2):  # computed, then remembered
-                assert pld_speedups.compute_self_convolve_bounds(pmf._probs, steps, 1e-15) == \
-                    pld_speedups._original(pmf._probs, steps, 1e-15)
+                assert patched.compute_self_convolve_bounds(pmf._probs, steps, 1e-15) == \
+                    patched._original(pmf._probs, steps, 1e-15)
 
 
 @pytest.mark.parametrize("sigma, q", [(1.14, 1 / 51), (0.73, 1 / 149), (3.0, 0.2), (0.9, 1.0),
@@ -55,9 +55,9 @@ def test_vectorised_epsilon_for_delta_is_dp_accountings(sigma, q):
 
     from dp_accounting.pld import pld_pmf, privacy_loss_distribution
 
-    from privet.common.privacy import pld_speedups
+    from privet.patches import dp_accounting as patched
 
-    assert pld_pmf._get_epsilon_for_delta is pld_speedups.epsilon_for_delta
+    assert pld_pmf._get_epsilon_for_delta is patched.epsilon_for_delta
     base = privacy_loss_distribution.from_gaussian_mechanism(
         sigma, sampling_prob=q, value_discretization_interval=accountants.PLD_DISCRETISATION)
     for steps in (1, 10, 300, 3000):
@@ -66,9 +66,9 @@ def test_vectorised_epsilon_for_delta_is_dp_accountings(sigma, q):
             top = (pmf._lower_loss + len(pmf._probs) - 1) * pmf._discretization
             for delta in (1e-8, 1e-5, 1e-3, 0.5):
                 args = [pmf._infinity_mass, pmf._probs[::-1], delta]
-                ours = pld_speedups.epsilon_for_delta(
+                ours = patched.epsilon_for_delta(
                     args[0], itertools.count(top, -pmf._discretization), *args[1:])
-                theirs = pld_speedups._original_epsilon(
+                theirs = patched._original_epsilon(
                     args[0], itertools.count(top, -pmf._discretization), *args[1:])
                 assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-15), (steps, delta)
 
@@ -79,9 +79,9 @@ def test_vectorised_tail_truncation_is_dp_accountings(pessimistic):
     same masses: on real composed PMFs and on random ones, at several truncation masses."""
     from dp_accounting.pld import pld_pmf, privacy_loss_distribution
 
-    from privet.common.privacy import pld_speedups
+    from privet.patches import dp_accounting as patched
 
-    assert pld_pmf._truncate_tails is pld_speedups.truncate_tails
+    assert pld_pmf._truncate_tails is patched.truncate_tails
     rng = np.random.default_rng(0)
     arrays = [rng.dirichlet(np.full(n, alpha)) for n, alpha in ((5, 1.0), (500, 0.1),
                                                                  (5000, 2.0))]
@@ -91,8 +91,8 @@ def test_vectorised_tail_truncation_is_dp_accountings(pessimistic):
         arrays.append(np.asarray(pld._pmf_remove._probs))
     for probs in arrays:
         for mass in (0.0, 1e-15, 1e-6, 0.3, 0.9):
-            ours = pld_speedups.truncate_tails(probs.copy(), mass, pessimistic)
-            theirs = pld_speedups._original_truncate(probs.copy(), mass, pessimistic)
+            ours = patched.truncate_tails(probs.copy(), mass, pessimistic)
+            theirs = patched._original_truncate(probs.copy(), mass, pessimistic)
             assert ours[0] == theirs[0] and ours[2] == theirs[2]
             assert np.array_equal(ours[1], theirs[1])
 
@@ -108,9 +108,9 @@ def test_one_step_plds_kept_on_disk_give_the_same_epsilon(tmp_path, monkeypatch,
     written = accountants._pld_epsilon(history, DELTA, on_disk=True)
     assert len(list((tmp_path / "pld").glob("*.npz"))) == kept
     accountants._subsampled_gaussian.cache_clear()
-    from privet.common.privacy import pld_speedups
+    from privet.patches import dp_accounting as patched
 
-    pld_speedups._kept.clear()
+    patched._kept.clear()
     loaded = accountants._pld_epsilon(history, DELTA, on_disk=True)
     assert built == written == loaded
 

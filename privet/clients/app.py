@@ -24,6 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.common.logger import update_console_handler
 
+from privet import patches
 from privet.clients import accounting as A
 from privet.clients import metrics as metrics_dp
 from privet.clients.preprocessing import own_transform, planned
@@ -69,6 +70,7 @@ def _failures_named(**defaults):
         @functools.wraps(handler)
         def wrapped(msg: Message, context: Context) -> Message:
             try:
+                patches.install("dp-accounting")  # nothing on stock libraries
                 return handler(msg, context)
             except Exception as error:  # noqa: BLE001 - reported, under the client's id
                 client_id = A.client_id(context)  # without an id: Flower's own error

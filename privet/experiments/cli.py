@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
+import sys
 import threading
 import time
 from datetime import datetime
@@ -641,6 +642,13 @@ app.add_typer(deploy_app, name="deploy")
 
 
 def main() -> None:
+    from privet import patches
+
+    try:  # privet's accounting runs in this process (planning, preflight, ledgers)
+        patches.install("dp-accounting")
+    except patches.PatchError as error:
+        print(f"privet: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     app()
 
 

@@ -86,6 +86,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from privet.patches import STOCK_ENV, stock
+
 log = logging.getLogger("privet.launcher")
 
 DEFAULT_RUNTIME_API_ADDRESS = "127.0.0.1:9094"
@@ -250,6 +252,12 @@ class Launcher:
                 root.removeHandler(handler)
         self.preloaded = project_sources(
             PROJECT_DIR, {n: m for n, m in sys.modules.items() if n not in known})
+        if self.preloaded and stock():  # no loader guard on stock Flower: forget them
+            for name in self.preloaded:
+                sys.modules.pop(name, None)
+            log.info("stock libraries (%s): the project's own modules are imported by each "
+                     "task, not preloaded", STOCK_ENV)
+            self.preloaded = {}
         log.info("warm: imported %s in %.2f s (%d project modules, %d Python threads)",
                  ", ".join(imported) or "nothing", seconds, len(self.preloaded),
                  threading.active_count())
@@ -401,26 +409,22 @@ class Launcher:
                 os._exit(code)  # skip the parent's atexit handlers and finalizers
 
     def _guard_stale_preload(self, runtime) -> None:
-        """Wrap the ClientApp loader so a FAB that differs from the preloaded code wins."""
+        """Wrap the ClientApp loader so a FAB that differs from the preloaded code wins
+        (privet.patches.flower.guard_client_app_loader)."""
         if not self.preloaded:
             return
         from flwr.common.config import get_project_dir
-        make_loader, preloaded = runtime.get_load_client_app_fn, self.preloaded
 
-        def get_load_client_app_fn(*args, **kwargs):
-            load = make_loader(*args, **kwargs)
+        from privet.patches import flower
 
-            def load_checked(fab_id: str, fab_version: str, fab_hash: str):
-                stale = stale_sources(preloaded, get_project_dir(fab_id, fab_version, fab_hash))
-                if stale:
-                    log.warning("FAB differs from the preloaded code (%s): importing the "
-                                "FAB's modules for this task", ", ".join(stale[:5]))
-                    for name in preloaded:
-                        sys.modules.pop(name, None)
-                return load(fab_id, fab_version, fab_hash)
-            return load_checked
+        preloaded = self.preloaded
 
-        runtime.get_load_client_app_fn = get_load_client_app_fn
+        def drop() -> None:
+            for name in preloaded:
+                sys.modules.pop(name, None)
+
+        flower.guard_client_app_loader(
+            runtime, lambda *fab: stale_sources(preloaded, get_project_dir(*fab)), drop, log)
 
     def shutdown(self) -> None:
         """SIGTERM the children (Flower's handler then reports the task), SIGKILL stragglers."""

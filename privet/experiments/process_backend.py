@@ -20,7 +20,6 @@ import os
 import multiprocessing.forkserver
 import threading
 from collections.abc import Callable
-from contextlib import contextmanager
 
 from flwr.app import Context, Message
 from flwr.clientapp.client_app import ClientApp, ClientAppException
@@ -91,17 +90,3 @@ class ProcessPoolBackend(Backend):
         if error is not None:
             raise ClientAppException(error)
         return reply, context
-
-
-@contextmanager
-def installed():
-    """Within: Flower's simulation runtime builds this backend where it would build Ray's
-    (Flower 1.41 always builds `raybackend.RayBackend`, whatever backend name it is given)."""
-    from flwr.server.superlink.fleet.vce.backend import raybackend  # imports Ray: only here
-
-    original = raybackend.RayBackend
-    raybackend.RayBackend = ProcessPoolBackend
-    try:
-        yield
-    finally:
-        raybackend.RayBackend = original

@@ -26,8 +26,6 @@ CLIENT_APP = "privet.clients.app:app"
 # On one machine the clients run in privet's process pool (experiments/process_backend.py);
 # "ray" runs them on a Ray of the run's own instead, as `--ray-address` does on a cluster
 BACKEND_ENV = "PRIVET_BACKEND"
-# "0" keeps Flower's own 100 ms polling (experiments/prompt_polling.py), for comparisons
-PROMPT_POLLING_ENV = "PRIVET_PROMPT_POLLING"
 CPUS_ENV = "PRIVET_CPUS"  # caps the cores; `privet compare --jobs N` splits the machine with it
 
 
@@ -252,23 +250,13 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
     return report, source_warnings(cfg) + notes
 
 
-def _nodes_in_order(register):
-    """Flower's `_register_nodes`, then partition i goes to the i-th smallest node id: node ids
-    are random each run, and the server samples clients among sorted node ids, so the same
-    seed picks the same clients every run."""
-    def register_nodes(num_nodes, state_factory):
-        mapping = register(num_nodes=num_nodes, state_factory=state_factory)
-        return {node_id: i for i, node_id in enumerate(sorted(mapping))}
-
-    register_nodes.original = register
-    return register_nodes
-
-
 def start_early(ray_address: str | None = None) -> None:
     """Before the checks and imports of a run: start the process pool's fork server, which
     imports the ClientApp meanwhile (on one machine; Ray's workers do this themselves)."""
     os.environ.setdefault("PRIVET_TORCH_THREADS", "1")  # inherited by the pool's workers
-    if not ray_address and os.environ.get(BACKEND_ENV, "processes") != "ray":
+    from privet.patches import stock
+
+    if not ray_address and os.environ.get(BACKEND_ENV, "processes") != "ray" and not stock():
         from privet.experiments import process_backend
 
         process_backend.start_fork_server(CLIENT_APP)
@@ -294,7 +282,9 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False,
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
-    from privet.experiments import process_backend, prompt_polling
+    from privet import patches
+    from privet.experiments import process_backend
+    from privet.patches import flower as flower_patches
 
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
@@ -314,17 +304,14 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False,
                       run_config=get_fused_config_from_dir(PROJECT_DIR, overrides))
     workers = min(simulation_cpus(), cfg.clients_per_round)
     config = backend_config(workers, check_ray_address(ray_address) if ray_address else None)
-    on_ray = bool(ray_address) or os.environ.get(BACKEND_ENV, "processes") == "ray"
+    patches.install()  # nothing on stock libraries, whose only backend is Ray
+    on_ray = (bool(ray_address) or os.environ.get(BACKEND_ENV, "processes") == "ray"
+              or patches.stock())
     if not on_ray:
         config[process_backend.CONFIG_KEY] = {"workers": workers, "app": CLIENT_APP}
-    if os.environ.get(PROMPT_POLLING_ENV, "1") != "0":
-        prompt_polling.install()
-    from flwr.server.superlink.fleet.vce import vce_api
-
-    if not hasattr(vce_api._register_nodes, "original"):
-        vce_api._register_nodes = _nodes_in_order(vce_api._register_nodes)
     with (stop_signals("flwr"), _ray_stopped_on_exit(),
-          nullcontext() if on_ray else process_backend.installed()):
+          nullcontext() if on_ray else flower_patches.process_pool_backend(
+              process_backend.ProcessPoolBackend)):
         if ray_address:
             _join_cluster(config["init_args"])
         elif on_ray:

@@ -23,6 +23,7 @@ from flwr.common.logger import update_console_handler
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
+from privet import patches
 from privet.common import records as R
 from privet.common.config import ExperimentConfig, from_run_config
 from privet.common.data.datasets import classes as class_names
@@ -83,6 +84,7 @@ def _wait_for_nodes(grid: Grid, expected: int) -> None:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    patches.install("dp-accounting")  # nothing on stock libraries (privet.patches)
     cfg = from_run_config(context.run_config)
     run_dir = run_directory(cfg)
     noise_source = resolve_noise_source(cfg.privacy.noise_source, deployed(grid),

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from flwr.app import ConfigRecord, Message
 
+from privet import patches
 from privet.common import records as R
 from privet.common import results
 from privet.common.config import SHIPPED_DATASETS, ExperimentConfig, shaped
@@ -446,6 +447,8 @@ class RunRecorder:
                                                 self.estimated_bounds.items()},
                            "estimated_bounds_per_client": self.client_ranges},
             "versions": versions(),
+            # libraries whose internals privet patched in this process (privet.patches)
+            "patched": list(patches.installed()),
         }
         with _ENDED_LOCK:  # a run the CLI has marked ended stays ended
             ended = _ENDED.get(self.run_dir.resolve()) if status == "running" else None

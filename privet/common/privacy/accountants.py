@@ -26,9 +26,7 @@ from pathlib import Path
 from dp_accounting.pld import privacy_loss_distribution
 
 from privet.common.opacus_import import opacus
-from privet.common.privacy import pld_speedups
-
-pld_speedups.install()
+from privet.patches import dp_accounting as dp_patches
 _DP_ACCOUNTING = importlib.metadata.version("dp-accounting")
 
 ACCOUNTANTS = ("pld", "prv", "rdp")
@@ -52,7 +50,7 @@ def _subsampled_gaussian(sigma: float, q: float
     the privacy loss point by point in Python, ~26 ms), and a client asks about the same
     (σ, q) every round: kept per process, and read from the cache directory when another
     simulation worker (or an earlier run) left it there (see _pld_epsilon)."""
-    found = pld_speedups.load_pld(_pld_path(sigma, q))
+    found = dp_patches.load_pld(_pld_path(sigma, q))
     if found is not None:
         return found
     return privacy_loss_distribution.from_gaussian_mechanism(
@@ -71,7 +69,7 @@ def _pld_epsilon(history: History, delta: float, on_disk: bool = False) -> float
             continue
         one_step = _subsampled_gaussian(sigma, q)
         if on_disk and not (path := _pld_path(sigma, q)).exists():
-            pld_speedups.save_pld(path, one_step)
+            dp_patches.save_pld(path, one_step)
         entry = one_step.self_compose(int(steps))
         composed = entry if composed is None else composed.compose(entry)
     return 0.0 if composed is None else float(composed.get_epsilon_for_delta(delta))

@@ -1,4 +1,8 @@
-"""Two hot spots of dp-accounting's PLD queries, made faster with the same results.
+"""dp-accounting's private internals, patched: PLD queries made faster with the same results.
+
+Written against dp-accounting 0.6 (`WRITTEN_FOR`); `install()` refuses another version.
+Three hot spots of its PLD queries, and a cache of one-step PLDs that reads its PMFs' private
+fields:
 
 1. Self-convolution bounds. Each ε query self-composes a client's one-step PLD `steps`
    times. dp-accounting first bounds the result's support with Chernoff bounds, computing
@@ -15,12 +19,15 @@
    calls (a client's preprocessing statistics, then its DP-SGD steps), sums the PMF from
    each end point by point in Python (~4 ms a composition); cumulative sums find the same
    cut, since both add the same numbers in the same order (tests: identical output).
+4. `save_pld`/`load_pld`: a client's one-step PLD kept on disk for the other pool workers and
+   later runs (privet.common.privacy.accountants); off, like the rest, on stock libraries.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import itertools
 import math
 import os
@@ -29,6 +36,11 @@ from pathlib import Path
 import numpy as np
 from dp_accounting.pld import common, pld_pmf, privacy_loss_distribution
 from scipy import special
+
+from privet.patches import PatchError, check_version
+
+WRITTEN_FOR = ("0.6.",)
+INSTALLED = False
 
 _original = common.compute_self_convolve_bounds
 _MAX_KEPT = 256  # PMFs; a client has one or two, a calibration ~20 short-lived ones
@@ -137,17 +149,28 @@ def truncate_tails(probs, tail_mass_truncation: float, pessimistic_estimate: boo
 
 
 def install() -> None:
-    """Make dp-accounting use these (idempotent)."""
+    """Make dp-accounting use these (idempotent). Raises privet.patches.PatchError for a
+    dp-accounting version they were not written for, or whose functions moved."""
+    global INSTALLED
+    if INSTALLED:
+        return
+    check_version("dp-accounting", importlib.metadata.version("dp-accounting"), WRITTEN_FOR)
+    for module, name in ((common, "compute_self_convolve_bounds"),
+                         (pld_pmf, "_get_epsilon_for_delta"), (pld_pmf, "_truncate_tails")):
+        if not callable(getattr(module, name, None)):
+            raise PatchError(f"dp-accounting has no {module.__name__}.{name}: update "
+                             "privet/patches/dp_accounting.py for this version")
     common.compute_self_convolve_bounds = compute_self_convolve_bounds
     pld_pmf._get_epsilon_for_delta = epsilon_for_delta
     pld_pmf._truncate_tails = truncate_tails
+    INSTALLED = True
 
 
 def save_pld(path: Path, pld: privacy_loss_distribution.PrivacyLossDistribution) -> None:
     """A one-step PLD and its PMFs' Chernoff log-MGFs, as arrays (no pickle), atomically;
     a cache that cannot be written only costs time. Only dense PMFs: dp-accounting keeps
-    small ones sparse, and those are cheap to build again."""
-    if not all(isinstance(pmf, pld_pmf.DensePLDPmf) for pmf in (pld._pmf_remove, pld._pmf_add)):
+    small ones sparse, and those are cheap to build again. Nothing on stock libraries."""
+    if not INSTALLED or not all(isinstance(pmf, pld_pmf.DensePLDPmf) for pmf in (pld._pmf_remove, pld._pmf_add)):
         return
     arrays = {}
     for side, pmf in (("remove", pld._pmf_remove), ("add", pld._pmf_add)):
@@ -166,7 +189,10 @@ def save_pld(path: Path, pld: privacy_loss_distribution.PrivacyLossDistribution)
 
 
 def load_pld(path: Path) -> privacy_loss_distribution.PrivacyLossDistribution | None:
-    """What save_pld wrote (None if absent or unreadable); its log-MGFs are remembered."""
+    """What save_pld wrote (None if absent or unreadable, or on stock libraries); its
+    log-MGFs are remembered."""
+    if not INSTALLED:
+        return None
     try:
         with np.load(path) as data:
             pmfs = []
