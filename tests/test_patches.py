@@ -101,3 +101,43 @@ def test_the_tiny_run_on_stock_libraries_equals_the_patched_run(tmp_path):
     assert patched_model.keys() == stock_model.keys()
     assert max((patched_model[k] - stock_model[k]).abs().max().item()
                for k in patched_model) <= 1e-6
+
+
+def test_node_stores_built_on_first_use_hold_the_contexts_flower_builds_up_front():
+    """Patch 5 (privet.patches.flower): a node's context, built when its first message comes,
+    is the one Flower's _register_node_info_stores builds for every node before round 1."""
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.supercore.run import Run
+
+    from privet.patches import flower
+
+    original = getattr(vce_api._register_node_info_stores, "original",
+                       vce_api._register_node_info_stores)
+    run = Run.create_empty(run_id=7)
+    run.override_config = {"rounds": 3, "out-dir": "/nowhere"}
+    mapping = {node: i for i, node in enumerate((11, 23, 35, 47))}
+    eager = original(mapping, run, str(PROJECT_DIR))
+    lazy = flower._node_stores(vce_api)(mapping, run, str(PROJECT_DIR))
+    assert len(lazy) == 0
+    for node in (35, 11):
+        built, flowers = lazy[node].retrieve_context(7), eager[node].retrieve_context(7)
+        assert built.node_id == flowers.node_id == node
+        assert dict(built.node_config) == dict(flowers.node_config) == {
+            "partition-id": mapping[node], "num-partitions": 4}
+        assert built.run_config == flowers.run_config and built.run_config["rounds"] == 3
+    assert sorted(lazy) == [11, 35] and lazy[35] is lazy[35]
+    with pytest.raises(KeyError):
+        lazy[99]
+
+
+def test_the_fused_config_is_read_once_per_run_and_each_caller_gets_its_own_copy():
+    from flwr.common.config import get_fused_config_from_dir
+
+    from privet.patches import flower
+
+    fused = flower._fused_once(get_fused_config_from_dir)
+    first = fused(PROJECT_DIR, {"rounds": 3})
+    second = fused(PROJECT_DIR, {"rounds": 3})
+    assert first == second == get_fused_config_from_dir(PROJECT_DIR, {"rounds": 3})
+    assert first is not second
+    assert fused(PROJECT_DIR, {"rounds": 4})["rounds"] == 4

@@ -97,8 +97,11 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
+def write_json(path: Path, data: dict, *, compact: bool = False) -> None:
+    """`data` as JSON, atomically; indented, or with `compact` on one line through the C
+    encoder (json's indented output is pure Python: at cross-device scale, ~10x slower)."""
+    text = json.dumps(json_safe(data), allow_nan=False, **({} if compact else {"indent": 2}))
+    atomic_write_text(path, text + "\n")
 
 
 def write_csv(path: Path, columns: list[str], rows: Iterable[dict]) -> None:

@@ -170,7 +170,8 @@ def save_pld(path: Path, pld: privacy_loss_distribution.PrivacyLossDistribution)
     """A one-step PLD and its PMFs' Chernoff log-MGFs, as arrays (no pickle), atomically;
     a cache that cannot be written only costs time. Only dense PMFs: dp-accounting keeps
     small ones sparse, and those are cheap to build again. Nothing on stock libraries."""
-    if not INSTALLED or not all(isinstance(pmf, pld_pmf.DensePLDPmf) for pmf in (pld._pmf_remove, pld._pmf_add)):
+    if not INSTALLED or not all(isinstance(pmf, pld_pmf.DensePLDPmf)
+                                for pmf in (pld._pmf_remove, pld._pmf_add)):
         return
     arrays = {}
     for side, pmf in (("remove", pld._pmf_remove), ("add", pld._pmf_add)):

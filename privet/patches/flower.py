@@ -18,10 +18,19 @@ Written against Flower 1.41 (`WRITTEN_FOR`); `install()` refuses another version
    whatever backend name it is given; within the context it builds privet's instead.
 4. The launcher's loader guard (`guard_client_app_loader`): a warm launcher's preloaded
    ClientApp must not shadow a FAB that differs from it.
+5. Scale (cross-device: 100,000 nodes). Flower builds every node's context before the first
+   round, reading and validating pyproject.toml once per node (~20 ms each: 35 minutes
+   for 100,000 nodes) and keeping two copies of the run config per node (~1 GB); here a
+   node's context is built when its first message arrives, from the config read once. And
+   Flower's extractor asks the link state, node by node, for each node's next message, each
+   ask scanning every stored message (100,000 asks a look, each O(messages)); here one scan
+   finds the nodes that have an undelivered message, and only those are asked, in the same
+   node order. Messages, contexts and results are unchanged.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import os
@@ -59,14 +68,76 @@ def _prompt_grid():
     return PromptGrid
 
 
+def _waiting_nodes(state, nodes_mapping) -> list[int]:
+    """Nodes of `nodes_mapping` with an undelivered message in an InMemoryLinkState, in
+    node-id order (the mapping's, see nodes_in_order); all of them for another state."""
+    stored = getattr(state, "message_ins_store", None)
+    if not isinstance(stored, dict):
+        return list(nodes_mapping.keys())
+    waiting = {m.metadata.dst_node_id for m in list(stored.values())
+               if m.metadata.delivered_at == ""}
+    return sorted(n for n in waiting if n in nodes_mapping)
+
+
 def add_messages_to_queue(state, queue: Queue, nodes_mapping, f_stop: threading.Event) -> None:
-    """vce_api.add_messages_to_queue with a shorter, cost-aware wait between looks."""
+    """vce_api.add_messages_to_queue asking only nodes with a message waiting (patch 5),
+    with a shorter, cost-aware wait between looks (patch 1)."""
+    prompt = os.environ.get(PROMPT_POLLING_ENV, "1") != "0"
     while not f_stop.is_set():
         started = time.perf_counter()
-        for node_id in nodes_mapping.keys():
+        for node_id in _waiting_nodes(state, nodes_mapping):
             for message in state.get_message_ins(node_id=node_id, limit=1):
                 queue.put(message)
-        f_stop.wait(max(POLL_SECONDS, 4 * (time.perf_counter() - started)))
+        f_stop.wait(max(POLL_SECONDS, 4 * (time.perf_counter() - started)) if prompt else 0.1)
+
+
+class _NodeStores(dict):
+    """vce_api's {node id: DeprecatedRunInfoStore}, each built on first use (patch 5)."""
+
+    def __init__(self, nodes_mapping, run, app_dir, store_type, keys) -> None:
+        super().__init__()
+        self._mapping, self._run, self._app_dir = nodes_mapping, run, app_dir
+        self._store_type, self._keys = store_type, keys
+        self._partitions = len(set(nodes_mapping.values()))
+        self._lock = threading.Lock()
+
+    def __missing__(self, node_id: int):
+        with self._lock:  # the engine's worker threads ask concurrently
+            if dict.__contains__(self, node_id):
+                return dict.__getitem__(self, node_id)
+            partition_key, partitions_key = self._keys
+            store = self._store_type(node_id=node_id, node_config={
+                partition_key: self._mapping[node_id], partitions_key: self._partitions})
+            store.register_context(run_id=self._run.run_id, run=self._run,
+                                   app_dir=self._app_dir)
+            self[node_id] = store
+            return store
+
+
+def _node_stores(vce_api):
+    def register_node_info_stores(nodes_mapping, run, app_dir=None):
+        """vce_api._register_node_info_stores, each node's store built on first use."""
+        return _NodeStores(nodes_mapping, run, app_dir, vce_api.DeprecatedRunInfoStore,
+                           (vce_api.PARTITION_ID_KEY, vce_api.NUM_PARTITIONS_KEY))
+
+    register_node_info_stores.original = vce_api._register_node_info_stores
+    return register_node_info_stores
+
+
+def _fused_once(fuse):
+    """get_fused_config_from_dir remembered per (app dir, override config): the same
+    pyproject.toml for every node of a run. Each caller gets its own dict."""
+    kept: dict = {}
+
+    @functools.wraps(fuse)
+    def fused(project_dir, override_config):
+        key = (str(project_dir), repr(sorted(override_config.items())))
+        if key not in kept:
+            kept.clear()  # one run at a time
+            kept[key] = fuse(project_dir, override_config)
+        return dict(kept[key])
+
+    return fused
 
 
 class PromptQueue(Queue):
@@ -95,17 +166,25 @@ def install() -> None:
         return
     check_version("flwr", importlib.metadata.version("flwr"), WRITTEN_FOR)
     run_simulation, vce_api = _simulation_modules()
-    if not isinstance(getattr(run_simulation, "InMemoryGrid", None), type) or not callable(
-            getattr(vce_api, "add_messages_to_queue", None)) or getattr(
-            vce_api, "Queue", None) is not Queue or not callable(
-            getattr(vce_api, "_register_nodes", None)):
+    from flwr.compat.client import run_info_store
+
+    needed = {run_simulation: ("InMemoryGrid",),
+              vce_api: ("add_messages_to_queue", "Queue", "_register_nodes",
+                        "_register_node_info_stores", "DeprecatedRunInfoStore",
+                        "PARTITION_ID_KEY", "NUM_PARTITIONS_KEY"),
+              run_info_store: ("get_fused_config_from_dir",)}
+    if any(not hasattr(module, name) for module, names in needed.items() for name in names) \
+            or vce_api.Queue is not Queue:
         raise PatchError("flwr's simulation internals moved: update privet/patches/flower.py "
                          "for this Flower version")
     if os.environ.get(PROMPT_POLLING_ENV, "1") != "0":
         run_simulation.InMemoryGrid = _prompt_grid()
-        vce_api.add_messages_to_queue = add_messages_to_queue
         vce_api.Queue = PromptQueue
+    vce_api.add_messages_to_queue = add_messages_to_queue
     vce_api._register_nodes = nodes_in_order(vce_api._register_nodes)
+    vce_api._register_node_info_stores = _node_stores(vce_api)
+    run_info_store.get_fused_config_from_dir = _fused_once(
+        run_info_store.get_fused_config_from_dir)
     INSTALLED = True
 
 
