@@ -1,0 +1,96 @@
+"""Where tensors live: `train.device` ("auto", "cpu", "cuda", "cuda:N") resolved on this machine.
+
+Client training (both DP-SGD paths and plain SGD, clients.train) and evaluation (server and
+clients, common.evaluation) run on the resolved device; weights cross the wire on the CPU
+as before. Nothing here touches CUDA at import: the process pool's fork server imports the
+ClientApp, and a process that has initialised CUDA cannot hand a working CUDA to the
+children it forks; `torch.cuda` is first asked in a worker (or in the `privet` process,
+which forks nothing that uses torch), when a device is resolved.
+
+In a simulation the clients share GPUs by fractions, as Flower's
+`client-resources.num-gpus` says for Ray (`train.num-gpus`, `client_gpus`): each client that
+trains takes that share, so 1/share clients train on one GPU at once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from privet.common.config import DEVICE_EXPECTED, DEVICE_PATTERN, ConfigError
+
+CPU_CODE = -1  # the reply metric's code for the CPU; N ≥ 0 is cuda:N (`device_code`)
+
+
+class DeviceError(ConfigError):
+    """`train.device` asks for a device this machine (or Ray cluster) does not have."""
+
+
+def _why_no_cuda() -> str:
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no GPU here"
+
+
+def resolve_device(requested: str, key: str = "train.device") -> torch.device:
+    """The torch device for `train.device` = `requested` on this machine: "auto" is cuda
+    (torch's current CUDA device) where `torch.cuda.is_available()`, else cpu; "cpu";
+    "cuda" (the current CUDA device); "cuda:N". Raises DeviceError (one line naming `key`)
+    for cuda where CUDA is unavailable or N is not a GPU here, ConfigError for anything
+    else. Initialises CUDA in this process only for "auto" and cuda requests."""
+    if not isinstance(requested, str) or not DEVICE_PATTERN.fullmatch(requested):
+        raise ConfigError(f"{key} = {requested!r}: expected {DEVICE_EXPECTED}")
+    if requested == "cpu":
+        return torch.device("cpu")
+    available = torch.cuda.is_available()
+    if requested == "auto":
+        return torch.device("cuda") if available else torch.device("cpu")
+    if not available:
+        raise DeviceError(f"{key} = \"{requested}\": CUDA is not available ({_why_no_cuda()}); "
+                          "expected \"auto\" or \"cpu\" on this machine")
+    index = int(requested.partition(":")[2] or torch.cuda.current_device())
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise DeviceError(f"{key} = \"{requested}\": this machine has {count} GPU(s), "
+                          f"cuda:0 to cuda:{count - 1}")
+    return torch.device("cuda", index)
+
+
+def device_code(device: torch.device) -> int:
+    """A device as a number for Flower's MetricRecord (which carries numbers only):
+    `CPU_CODE` for the CPU, N for cuda:N (the current CUDA device where no index is
+    given). Raises ValueError for another kind of device."""
+    if device.type == "cpu":
+        return CPU_CODE
+    if device.type == "cuda":
+        return device.index if device.index is not None else torch.cuda.current_device()
+    raise ValueError(f"device {device}: privet trains on cpu or cuda only")
+
+
+def device_name(code: int) -> str:
+    """`device_code`'s inverse as text: "cpu" or "cuda:N"."""
+    code = int(code)
+    return "cpu" if code == CPU_CODE else f"cuda:{code}"
+
+
+def client_gpus(num_gpus: float, gpus: float, workers: int) -> float:
+    """GPUs each training client takes (Flower's `client-resources.num-gpus`): 0 when the
+    clients train on the CPU (`gpus`, the GPUs they may use, is 0); `num_gpus`
+    (`train.num-gpus`) when set; else (0 = auto) the GPUs shared evenly by the `workers`
+    clients that train at once, at most one each. Raises ValueError for workers < 1."""
+    if workers < 1:
+        raise ValueError(f"workers = {workers}: expected at least 1")
+    if gpus <= 0:
+        return 0.0
+    if num_gpus > 0:
+        return float(num_gpus)
+    return min(1.0, gpus / workers)
+
+
+def clients_per_gpu(share: float) -> int:
+    """How many clients taking `share` of a GPU fit on one at once (⌊1/share⌋, at least 1;
+    a share of 0, CPU training, sets no limit: a very large number)."""
+    if share <= 0:
+        return 1 << 30
+    return max(1, math.floor(1.0 / share + 1e-9))
