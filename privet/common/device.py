@@ -94,3 +94,41 @@ def clients_per_gpu(share: float) -> int:
     if share <= 0:
         return 1 << 30
     return max(1, math.floor(1.0 / share + 1e-9))
+
+
+def check_simulation_device(requested: str, *, on_ray: bool, cluster: bool = False,
+                            key: str = "train.device") -> None:
+    """Before a simulation starts (privet simulate's checks): raises DeviceError, one line,
+    for "cuda"/"cuda:N" where this machine has no such GPU, and for "cuda:N" on Ray
+    (`on_ray`), which gives each client actor its GPU itself (CUDA_VISIBLE_DEVICES: the
+    actor sees it as cuda:0), so a number cannot name one. On a Ray `cluster` this
+    machine's GPUs are not the clients': the cluster's are counted once joined
+    (`cluster_gpus`)."""
+    if on_ray and requested.startswith("cuda:"):
+        raise DeviceError(f"{key} = \"{requested}\": on Ray each client is given its share of "
+                          "a GPU by Ray, which picks the GPU; expected \"cuda\" or \"auto\"")
+    if not cluster:
+        resolve_device(requested, key)
+
+
+def local_gpus(requested: str, on_ray: bool) -> int:
+    """GPUs the clients of a simulation on this machine train on: 0 when `requested`
+    (`train.device`) resolves to the CPU; with the process pool 1 (its workers share the
+    one GPU the device names); on a Ray of the run's own every GPU torch sees (Ray hands
+    them out by share). Raises DeviceError as `resolve_device`."""
+    if resolve_device(requested).type == "cpu":
+        return 0
+    return torch.cuda.device_count() if on_ray else 1
+
+
+def cluster_gpus(requested: str, resources: dict, key: str = "train.device") -> float:
+    """GPUs the clients train on in a Ray cluster whose `resources` are
+    `ray.cluster_resources()` ({"CPU": …, "GPU": …}): 0 for "cpu", and for "auto" on a
+    cluster without GPUs. Raises DeviceError for "cuda" on a cluster without any."""
+    if requested == "cpu":
+        return 0.0
+    gpus = float(resources.get("GPU", 0.0))
+    if gpus <= 0 and requested != "auto":
+        raise DeviceError(f"{key} = \"{requested}\": the Ray cluster has no GPU (its nodes "
+                          "report none to Ray); expected \"auto\" or \"cpu\" there")
+    return gpus

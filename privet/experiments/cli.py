@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
 import threading
 import time
@@ -241,7 +242,8 @@ def _print_regression_partitions(report: list[dict], cfg) -> None:
 
 def _origin(message: str, config: Path, overrides: list[str]) -> str:
     """Where the setting an error names came from: its --set override(s), else the file."""
-    named = [o for o in overrides if message.startswith(o.split("=", 1)[0].strip() + ":")]
+    named = [o for o in overrides if message.startswith(
+        tuple(o.split("=", 1)[0].strip() + end for end in (":", " =")))]
     return ", ".join(f"--set {o}" for o in named) or str(config)
 
 
@@ -314,6 +316,11 @@ def simulate(
 
     try:
         report, data_warnings = simulation.preflight(cfg)
+        from privet.common.device import check_simulation_device
+
+        # a GPU asked for where there is none: one line now, not a traceback in a worker
+        check_simulation_device(cfg.train.device, cluster=bool(ray_address), on_ray=bool(
+            ray_address) or os.environ.get(simulation.BACKEND_ENV, "processes") == "ray")
     except (LedgerError, DataError, ModelError, ValueError, FileNotFoundError) as error:
         _unclaim(run_dir, claimed)  # nothing ran: no run directory is left behind
         if isinstance(error, (LedgerError, DataError, ModelError)):  # they name their file
