@@ -242,8 +242,7 @@ def _print_regression_partitions(report: list[dict], cfg) -> None:
 
 def _origin(message: str, config: Path, overrides: list[str]) -> str:
     """Where the setting an error names came from: its --set override(s), else the file."""
-    named = [o for o in overrides if message.startswith(
-        tuple(o.split("=", 1)[0].strip() + end for end in (":", " =")))]
+    named = [o for o in overrides if message.startswith(o.split("=", 1)[0].strip() + ":")]
     return ", ".join(f"--set {o}" for o in named) or str(config)
 
 
@@ -312,15 +311,18 @@ def simulate(
     simulation.start_early(ray_address)
     from privet.common.data.tables import DataError
     from privet.common.models import ModelError
+    from privet.common.device import DeviceError, check_simulation_device
     from privet.common.privacy.ledger import LedgerError
 
-    try:
-        report, data_warnings = simulation.preflight(cfg)
-        from privet.common.device import check_simulation_device
-
-        # a GPU asked for where there is none: one line now, not a traceback in a worker
+    try:  # a GPU asked for where there is none: one line now, not a traceback in a worker
         check_simulation_device(cfg.train.device, cluster=bool(ray_address), on_ray=bool(
             ray_address) or os.environ.get(simulation.BACKEND_ENV, "processes") == "ray")
+    except DeviceError as error:
+        _unclaim(run_dir, claimed)
+        named = [o for o in overrides or [] if o.split("=", 1)[0].strip() == "train.device"]
+        fail(f"{f'--set {named[-1]}' if named else config}: {error}")
+    try:
+        report, data_warnings = simulation.preflight(cfg)
     except (LedgerError, DataError, ModelError, ValueError, FileNotFoundError) as error:
         _unclaim(run_dir, claimed)  # nothing ran: no run directory is left behind
         if isinstance(error, (LedgerError, DataError, ModelError)):  # they name their file
