@@ -235,6 +235,13 @@ def test_ray_actors_take_the_gpu_share_flower_calls_client_resources_num_gpus():
     assert D.client_gpus(0.0, gpus=1, workers=4) == 0.25
     assert D.client_gpus(0.5, gpus=1, workers=4) == 0.5
     assert D.client_gpus(0.0, gpus=4, workers=2) == 1.0  # at most one GPU each
+    # whole clients per GPU (Ray puts a share below 1 on one GPU), to Ray's precision
+    assert D.client_gpus(0.0, gpus=2, workers=3) == 0.5
+    assert D.client_gpus(0.0, gpus=1, workers=3) == 0.3333
+    for gpus, workers in ((1, 3), (2, 3), (3, 16), (8, 100), (1, 7)):
+        share = D.client_gpus(0.0, gpus, workers)
+        assert D.clients_per_gpu(share) * gpus >= workers  # Ray can place every worker
+        assert int(gpus / share) >= workers  # Flower counts them all (ray_actor.py)
     assert [D.clients_per_gpu(s) for s in (1.0, 0.5, 1 / 3, 0.3, 0.25)] == [1, 2, 3, 3, 4]
     assert D.clients_per_gpu(0.0) > 10 ** 6  # on the CPU: no limit
     # a Ray cluster's GPUs, from ray.cluster_resources()
@@ -246,9 +253,9 @@ def test_ray_actors_take_the_gpu_share_flower_calls_client_resources_num_gpus():
 
 
 @pytest.mark.parametrize("backend, settings, share, workers", [
-    ("processes", (), 1 / 3, 3),                    # three workers share the one GPU
+    ("processes", (), 0.3333, 3),                   # three workers share the one GPU
     ("processes", ("train.num-gpus=0.5",), 0.5, 2),  # two fit on it at once
-    ("ray", (), 2 / 3, None),                         # Ray: both GPUs over three actors
+    ("ray", (), 0.5, None),                           # Ray: three actors over two GPUs
     ("ray", ("train.num-gpus=0.25",), 0.25, None),
     ("processes", ('train.device="cpu"',), 0.0, 3),
 ])

@@ -21,6 +21,7 @@ import torch
 from privet.common.config import DEVICE_EXPECTED, DEVICE_PATTERN, ConfigError
 
 CPU_CODE = -1  # the reply metric's code for the CPU; N ≥ 0 is cuda:N (`device_code`)
+RAY_PRECISION = 10_000  # Ray keeps fractional resources to 1/10⁴
 
 
 class DeviceError(ConfigError):
@@ -77,15 +78,22 @@ def device_name(code: int) -> str:
 def client_gpus(num_gpus: float, gpus: float, workers: int) -> float:
     """GPUs each training client takes (Flower's `client-resources.num-gpus`): 0 when the
     clients train on the CPU (`gpus`, the GPUs they may use, is 0); `num_gpus`
-    (`train.num-gpus`) when set; else (0 = auto) the GPUs shared evenly by the `workers`
-    clients that train at once, at most one each. Raises ValueError for workers < 1."""
+    (`train.num-gpus`) when set; else (0 = auto) 1/k with k = ⌈workers/gpus⌉, the clients
+    each GPU must hold for the `workers` that train at once to fit, at most one GPU each.
+
+    Not gpus/workers: Ray places a share below 1 on one GPU, so 2 GPUs and 3 workers at 2/3
+    each would fit 2 actors, not 3 (Flower would start 3, and one would wait for ever). The
+    share is rounded down to Ray's precision (10⁻⁴), so that k of them fit on one GPU and
+    Flower, which counts ⌊GPUs/share⌋ actors, counts enough. Raises ValueError for
+    workers < 1."""
     if workers < 1:
         raise ValueError(f"workers = {workers}: expected at least 1")
     if gpus <= 0:
         return 0.0
     if num_gpus > 0:
         return float(num_gpus)
-    return min(1.0, gpus / workers)
+    per_gpu = math.ceil(workers / gpus)
+    return math.floor(RAY_PRECISION / per_gpu) / RAY_PRECISION
 
 
 def clients_per_gpu(share: float) -> int:
