@@ -61,7 +61,8 @@ def resolve_device(requested: str, key: str = "train.device") -> torch.device:
 def device_code(device: torch.device) -> int:
     """A device as a number for Flower's MetricRecord (which carries numbers only):
     `CPU_CODE` for the CPU, N for cuda:N (the current CUDA device where no index is
-    given). Raises ValueError for another kind of device."""
+    given; a Ray actor sees the GPU Ray gave it as cuda:0). Raises ValueError for another
+    kind of device."""
     if device.type == "cpu":
         return CPU_CODE
     if device.type == "cuda":
