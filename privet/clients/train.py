@@ -264,9 +264,10 @@ def train_local(model: nn.Module, features: np.ndarray, labels: np.ndarray, *, e
     `train.device`) is where the steps run: `model` and the rows move there for them, and
     `model` moves back to the device it was on before returning (or raising). The rows of
     each step and the noise are drawn on the CPU as on a CPU run and copied to `device`
-    (see the module doc); on the CPU nothing moves. On a GPU, seeded runs repeat to rounding, not
-    bit for bit (some CUDA kernels sum in a varying order), and dropout draws from the
-    GPU's generator, seeded with `seed` too. `LocalResult.seconds` includes the copies."""
+    (see the module doc); on the CPU nothing moves. On a GPU, seeded runs repeat to
+    rounding, not bit for bit (some CUDA kernels sum in a varying order), and dropout draws
+    from the GPU's generator, seeded with `seed` too. `LocalResult.seconds` includes the
+    copies."""
     start = time.perf_counter()
     device = torch.device(device)
     home = next(model.parameters(), torch.empty(0)).device
