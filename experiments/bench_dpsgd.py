@@ -97,12 +97,14 @@ def build(model_name: str, work: Workload) -> torch.nn.Module:
 
 
 def time_per_step(model_name: str, mode: str | None, work: Workload, epochs: int,
-                  seed: int, source: str = "seeded") -> float:
-    """Seconds per step of `mode` (None: plain SGD) with `source` randomness, after a
-    warm-up epoch."""
+                  seed: int, source: str = "seeded", device: str = "cpu") -> float:
+    """Seconds per step of `mode` (None: plain SGD) with `source` randomness on `device`
+    ("cpu", "cuda": clients.train.train_local's), after a warm-up epoch; the time includes
+    moving the rows and the model to the device and back (once per epoch's call)."""
     model = build(model_name, work)
     kwargs = dict(batch_size=64, lr=0.1, momentum=0.0, seed=seed,
-                  noise_multiplier=1.0 if mode else None, grad_sample_mode=mode or "hooks")
+                  noise_multiplier=1.0 if mode else None, grad_sample_mode=mode or "hooks",
+                  device=device)
     if source == "secure":  # else None: SeededRandomness(seed), as in simulation
         kwargs["randomness"] = SecureRandomness()
     train.train_local(model, work.features, work.labels, epochs=1, **kwargs)  # warm-up

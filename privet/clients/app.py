@@ -44,6 +44,7 @@ from privet.common.data.datasets import (
     schema,
 )
 from privet.common.data.preprocess import FittedTransform
+from privet.common.device import device_code, resolve_device
 from privet.common.evaluation import evaluate as evaluate_model
 from privet.common.models import build_model
 from privet.common.privacy.ledger import BudgetDeclined, DataLedger, Spend
@@ -332,6 +333,7 @@ def train(msg: Message, context: Context) -> Message:
 
     buffers = {name: b.detach().clone() for name, b in model.state_dict().items()
                if name not in dict(model.named_parameters())}
+    device = resolve_device(cfg.train.device)  # DeviceError: cuda asked for, none here
     result = train_local(model, data.features, data.labels, epochs=cfg.train.local_epochs,
                          batch_size=cfg.train.batch_size, lr=cfg.train.lr,
                          momentum=cfg.train.momentum, seed=seed, noise_multiplier=sigma,
@@ -340,7 +342,7 @@ def train(msg: Message, context: Context) -> Message:
                          randomness=make_randomness(ledger.current.noise_source, seed),
                          # FedProx (Flower's key): data-independent, added after the noise
                          proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
-                         loss=cfg.loss_name)
+                         loss=cfg.loss_name, device=device)
     _same_buffers(cfg, model, buffers)
     epsilon = 0.0
     if sigma is not None:
@@ -353,6 +355,7 @@ def train(msg: Message, context: Context) -> Message:
                R.TRAIN_SECONDS: result.seconds, R.ACCOUNTING_SECONDS: accounting_seconds}
     if result.dp_path:
         metrics[R.DP_PATH] = R.DP_PATHS.index(result.dp_path)
+    metrics[R.DEVICE] = device_code(device)
     if metrics_dp.noised(cfg, client_id):  # paid for with the steps, above
         randomness = make_randomness(ledger.current.noise_source,
                                      [cfg.seed, server_round, client_id, metrics_dp.STREAM])
@@ -395,7 +398,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     args = (cfg, client_id, transform, data_path)
     data = client_holdout(*args) if cfg.evaluation.mode == "federated" else client_data(*args)
     model = _model(cfg, data, msg.content["arrays"], data_path)
-    loss, accuracy = evaluate_model(model, data.features, data.labels, loss=cfg.loss_name)
+    loss, accuracy = evaluate_model(model, data.features, data.labels, loss=cfg.loss_name,
+                                    device=resolve_device(cfg.train.device))
     metrics = {R.CLIENT_ID: client_id, R.NUM_EXAMPLES: len(data),
                R.EVAL_LOSS: loss, **_accuracy(R.EVAL_ACCURACY, accuracy)}
     return _reply(metrics, _privacy_record(cfg, ledger, transform), msg=msg)

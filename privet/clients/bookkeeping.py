@@ -412,8 +412,8 @@ class BookkeepingDPSGD:
                 grads = self._clipped_sums(per_layer, len(y), h)
             # (clipped sum + noise) / expected batch, the division folded into both terms
             std = self.noise_std / self.expected_batch_size
-            for p in self.params:
-                noise = self.randomness.gaussian(p.shape, std, p.dtype)
+            for p in self.params:  # drawn on the CPU, copied to a GPU (clients.train's doc)
+                noise = self.randomness.gaussian(p.shape, std, p.dtype).to(p.device)
                 clipped = grads.get(id(p))
                 p.grad = noise if clipped is None else noise.add_(clipped)
         self.optimizer.step()

@@ -9,6 +9,22 @@ module (the same steps in one backward pass); the others run it through Opacus' 
 modes (`dp_path` picks, or `train.dp-path` says). Both paths draw the rows of every step and
 the noise from one `Randomness` (common.privacy.randomness): seeded for simulation, secure
 (OS entropy) for a deployed client, which must not use a seed the server could know.
+
+Training runs on a device (`train.device`, common.device): the model and the client's rows
+move there for the steps, and the model comes back to where it was. The draws do not move:
+a `Randomness` draws on the CPU, and each step's rows and noise are copied to the device
+where they are used (here, in `_use_randomness` and in clients.bookkeeping).
+
+Trade-off of drawing on the CPU and copying, rather than drawing on the GPU: seeded, a GPU
+run takes the very rows and noise a CPU run of the same seed takes (torch's CPU generator;
+a CUDA generator seeded alike is another algorithm, Philox, and would draw other numbers),
+so the two differ only by the rounding of the gradient arithmetic; and secure noise stays
+the ChaCha20 stream keyed from OS entropy (common.privacy.randomness) that a CPU run uses,
+with no GPU generator to vet. The price: each step draws its noise, one number per trained
+parameter, on one CPU thread and copies it to the GPU. For the shipped models (≤ 10⁵
+parameters) that is well under a millisecond; for a model of many millions of parameters it
+would dominate a GPU step, and a CUDA generator would be the faster choice for seeded
+noise.
 """
 
 from __future__ import annotations
@@ -54,9 +70,11 @@ def dp_path(model: nn.Module, requested: str = AUTO, *, example: torch.Tensor | 
       its layer's call, does not: `_one_pass_runs`);
     - else, given `example`, the Opacus mode (hooks or ghost) measured fastest for this
       model on zeros shaped like `example` at `batch_size` rows: a few steps of each on a
-      copy, once per process and model (`_MEASURED`), drawing nothing from the run's
-      randomness and leaving torch's global generator as it was; without `example`,
+      copy, once per process, model and device (`_MEASURED`), drawing nothing from the run's
+      randomness and leaving torch's global generators as they were; without `example`,
       `OPACUS_MODE`.
+
+    Both probes run on `example`'s device, where `model` must be too.
 
     Every path takes the same steps with the same noise: the choice changes how the clipped
     sum is computed (and its rounding), never the sampling, the noise or the ε.
@@ -106,7 +124,13 @@ def _signature(model: nn.Module, example: torch.Tensor, batch_size: int) -> tupl
     return (type(model).__module__, type(model).__qualname__, repr(model),
             tuple((name, tuple(p.shape), p.requires_grad)
                   for name, p in model.named_parameters()),
-            tuple(example.shape[1:]), example.dtype, batch_size)
+            tuple(example.shape[1:]), example.dtype, batch_size, str(example.device))
+
+
+def _rng_kept(device: torch.device):
+    """torch.random.fork_rng for the CPU's generator and, on a GPU, that device's: a probe
+    that draws (dropout) leaves the run's streams as they were."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 class _NoUpdate:
@@ -126,12 +150,13 @@ def _one_pass_runs(model: nn.Module, example: torch.Tensor) -> bool | str:
         shape = (4, *example.shape[1:])
         x = (torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(example.dtype)
              if example.is_floating_point() else torch.zeros(shape, dtype=example.dtype))
-        with torch.random.fork_rng(devices=[]):
+        x = x.to(example.device)
+        with _rng_kept(example.device):
             try:
                 BookkeepingDPSGD(copy.deepcopy(model), _NoUpdate(), noise_multiplier=0.0,
                                  max_grad_norm=1.0, expected_batch_size=1,
                                  randomness=SeededRandomness(0)).step(
-                    x, torch.zeros(4, dtype=torch.int64))
+                    x, torch.zeros(4, dtype=torch.int64, device=example.device))
                 _MEASURED[key] = True
             except UsedOutsideItsLayer:
                 _MEASURED[key] = "outside"
@@ -145,10 +170,10 @@ def _fastest_opacus_mode(model: nn.Module, example: torch.Tensor, batch_size: in
     shaped like `example` took least time (the fastest of `MEASURED_STEPS` interleaved steps
     of each, after a warm-up), on copies of `model`; a mode that fails is not a candidate
     (ghost refuses tied weights); `OPACUS_MODE` when both fail."""
-    x = torch.zeros((batch_size, *example.shape[1:]), dtype=example.dtype)
-    y = torch.zeros(batch_size, dtype=torch.int64)
+    x = torch.zeros((batch_size, *example.shape[1:]), dtype=example.dtype, device=example.device)
+    y = torch.zeros(batch_size, dtype=torch.int64, device=example.device)
     steppers, best = {}, {}
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+    with _rng_kept(example.device), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for mode in ("hooks", "ghost"):
             try:
@@ -165,6 +190,7 @@ def _fastest_opacus_mode(model: nn.Module, example: torch.Tensor, batch_size: in
             for mode, stepper in steppers.items():
                 start = time.perf_counter()
                 _opacus_step(*stepper, x, y)
+                _synchronize(example.device)  # a GPU's step is done when it says so
                 best[mode] = min(best.get(mode, math.inf), time.perf_counter() - start)
         for net, _, _ in steppers.values():
             net._close()
@@ -176,6 +202,12 @@ def _opacus_step(net: nn.Module, dp_optimizer, criterion, x: torch.Tensor, y: to
     dp_optimizer.zero_grad(set_to_none=True)
     criterion(net(x), y).backward()
     dp_optimizer.step()
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a GPU runs it asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @dataclass(frozen=True)
@@ -208,7 +240,8 @@ def train_local(model: nn.Module, features: np.ndarray, labels: np.ndarray, *, e
                 batch_size: int, lr: float, momentum: float, seed: int,
                 noise_multiplier: float | None = None, max_grad_norm: float = 1.0,
                 grad_sample_mode: str = "hooks", randomness: Randomness | None = None,
-                proximal_mu: float = 0.0, loss: str = "cross-entropy") -> LocalResult:
+                proximal_mu: float = 0.0, loss: str = "cross-entropy",
+                device: str | torch.device = "cpu") -> LocalResult:
     """Train `model` in place. With `noise_multiplier` set, this is DP-SGD, computed by
     privet's one-pass path (grad_sample_mode "one-pass", or "bookkeeping"), by Opacus (its
     modes "hooks", "ghost", "functorch", "ew"), or by the one `dp_path` picks for "auto"
@@ -225,30 +258,49 @@ def train_local(model: nn.Module, features: np.ndarray, labels: np.ndarray, *, e
     training ignores it: its shuffling, seeded with `seed`, protects nothing.
 
     `proximal_mu` > 0 is FedProx: each step adds μ·(w − w_start) to the (noised) gradient,
-    w_start being the weights `model` has now (clients.sgd.add_proximal_term)."""
+    w_start being the weights `model` has now (clients.sgd.add_proximal_term).
+
+    `device` (a torch device or its name: "cpu", "cuda", "cuda:N"; common.device resolves
+    `train.device`) is where the steps run: `model` and the rows move there for them, and
+    `model` moves back to the device it was on before returning (or raising). The rows of
+    each step and the noise are drawn on the CPU as on a CPU run and copied to `device`
+    (see the module doc); on the CPU nothing moves. On a GPU, seeded runs repeat to
+    rounding, not bit for bit (some CUDA kernels sum in a varying order), and dropout draws
+    from the GPU's generator, seeded with `seed` too. `LocalResult.seconds` includes the
+    copies."""
     start = time.perf_counter()
+    device = torch.device(device)
+    home = next(model.parameters(), torch.empty(0)).device
     torch.manual_seed(seed)
-    x_all, y_all = torch.from_numpy(features), torch.from_numpy(labels)
+    x_all = torch.from_numpy(features).to(device)
+    y_all = torch.from_numpy(labels).to(device)
     tally = _Tally()
+    model.to(device)
     model.train()
-    if noise_multiplier is None:
-        _train_plain(model, x_all, y_all, tally, epochs=epochs, batch_size=batch_size, lr=lr,
-                     momentum=momentum, seed=seed, proximal_mu=proximal_mu, loss=loss)
-    else:
-        randomness = randomness if randomness is not None else SeededRandomness(seed)
-        batches = _poisson_batches(randomness, len(y_all), batch_size, epochs)
-        dp = dict(randomness=randomness, lr=lr, momentum=momentum,
-                  noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                  proximal_mu=proximal_mu, loss=loss)
-        grad_sample_mode = dp_path(model, grad_sample_mode, example=x_all[:1],
-                                   batch_size=batch_size)
-        if grad_sample_mode == ONE_PASS:
-            _train_bookkeeping(model, x_all, y_all, tally, batches,
-                               expected_batch_size=expected_batch_size(len(y_all), batch_size),
-                               **dp)
+    try:
+        if noise_multiplier is None:
+            _train_plain(model, x_all, y_all, tally, epochs=epochs, batch_size=batch_size,
+                         lr=lr, momentum=momentum, seed=seed, proximal_mu=proximal_mu,
+                         loss=loss)
         else:
-            _train_opacus(model, x_all, y_all, tally, batches, batch_size=batch_size,
-                          grad_sample_mode=grad_sample_mode, **dp)
+            randomness = randomness if randomness is not None else SeededRandomness(seed)
+            batches = (rows.to(device) for rows in _poisson_batches(
+                randomness, len(y_all), batch_size, epochs))
+            dp = dict(randomness=randomness, lr=lr, momentum=momentum,
+                      noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                      proximal_mu=proximal_mu, loss=loss)
+            grad_sample_mode = dp_path(model, grad_sample_mode, example=x_all[:1],
+                                       batch_size=batch_size)
+            if grad_sample_mode == ONE_PASS:
+                _train_bookkeeping(model, x_all, y_all, tally, batches,
+                                   expected_batch_size=expected_batch_size(len(y_all),
+                                                                           batch_size),
+                                   **dp)
+            else:
+                _train_opacus(model, x_all, y_all, tally, batches, batch_size=batch_size,
+                              grad_sample_mode=grad_sample_mode, **dp)
+    finally:
+        model.to(home)
     return LocalResult(loss=tally.loss_sum / max(tally.seen, 1),
                        accuracy=tally.correct / max(tally.seen, 1) if loss == "cross-entropy"
                        else math.nan, steps=tally.steps,
@@ -267,7 +319,7 @@ def _train_plain(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, tal
     add_proximal_term(optimizer, optimizer.params, proximal_mu)
     for _ in range(epochs):
         _start_dataloader_epoch(generator)
-        order = torch.randperm(len(y_all), generator=generator)
+        order = torch.randperm(len(y_all), generator=generator).to(y_all.device)
         torch.randperm(len(y_all), generator=generator)
         for batch in order.split(batch_size):
             x, y = x_all[batch], y_all[batch]
@@ -444,8 +496,8 @@ def _use_randomness(dp_optimizer, randomness: Randomness, *, expected_batch_size
         finally:
             dp_optimizer.noise_multiplier = noise_multiplier
         std = noise_multiplier * dp_optimizer.max_grad_norm
-        for p in dp_optimizer.params:
-            p.grad.add_(randomness.gaussian(p.grad.shape, std, p.grad.dtype))
+        for p in dp_optimizer.params:  # drawn on the CPU, copied to a GPU (the module doc)
+            p.grad.add_(randomness.gaussian(p.grad.shape, std, p.grad.dtype).to(p.grad.device))
 
     dp_optimizer.add_noise = add_noise
 

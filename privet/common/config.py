@@ -32,6 +32,10 @@ CONFIGS_DIR = PROJECT_DIR / "experiments" / "configs"
 DEFAULT_CONFIG = CONFIGS_DIR / "adult.toml"
 # where DP random draws come from (common.privacy.randomness)
 NOISE_SOURCES = ("auto", "seeded", "secure")
+# `train.device` (resolved on each machine by common.device)
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d{1,3})?")
+DEVICE_EXPECTED = ('"auto" (cuda where available, else cpu), "cpu", "cuda" or "cuda:N" '
+                   "(GPU number N)")
 TASKS = ("classification", "regression")
 
 
@@ -210,6 +214,14 @@ class TrainConfig:
     loss: str = _spec("auto", choices=("auto", "cross-entropy", "mse", "huber"),
                       help="auto = cross-entropy for classification, mse for regression; "
                            "regression: mse or huber (delta 1 on the scaled target)")
+    device: str = _spec("auto", help="where clients train and models are evaluated: auto (cuda "
+                                     "where torch finds a GPU, else cpu) | cpu | cuda | cuda:N; "
+                                     "weights travel on the CPU either way")
+    num_gpus: float = _spec(0.0, low=0.0, high=1.0,
+                            help="simulation on a GPU: the share of one GPU each training "
+                                 "client takes (Flower's client-resources.num-gpus), e.g. "
+                                 "0.25 = four clients train on a GPU at once; 0 = the clients "
+                                 "that train at once share the GPUs evenly")
 
 
 STRATEGY_NAMES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
@@ -389,6 +401,12 @@ class ExperimentConfig:
         for key in required:
             if not getattr(data, key):
                 raise ConfigError(f"data.{key}: required for data.dataset = {data.dataset!r}")
+        if not DEVICE_PATTERN.fullmatch(self.train.device):
+            raise ConfigError(f"train.device = {self.train.device!r}: expected {DEVICE_EXPECTED}")
+        if self.train.num_gpus > 0 and self.train.device == "cpu":
+            raise ConfigError(f"train.num-gpus = {self.train.num_gpus!r} with train.device = "
+                              "\"cpu\": a GPU share for clients that train on the CPU; set "
+                              "train.device = \"auto\" or \"cuda\", or train.num-gpus = 0")
         if not (self.train.model.isidentifier() or is_import_path(self.train.model)):
             raise ConfigError(f"train.model = {self.train.model!r}: expected a built-in name "
                               "(mlp, logreg, cnn) or an import path package.module:factory")

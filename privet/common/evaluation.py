@@ -1,5 +1,9 @@
 """Evaluation shared by the server (test set) and the clients (their own rows): a
-classifier's `Scores`, a regression model's `RegressionScores`."""
+classifier's `Scores`, a regression model's `RegressionScores`.
+
+The model's forward passes run on a device (`train.device`, resolved by common.device): the
+model and each batch move there, the outputs come back to the CPU, and the model goes back
+to where it was; the scores are computed on the CPU as before."""
 
 from __future__ import annotations
 
@@ -15,12 +19,22 @@ from privet.common.losses import task_loss
 
 
 @torch.no_grad()
-def logits(model: nn.Module, features: np.ndarray, batch_size: int = 4096) -> torch.Tensor:
+def logits(model: nn.Module, features: np.ndarray, batch_size: int = 4096,
+           device: str | torch.device = "cpu") -> torch.Tensor:
     """The model's outputs (N, classes) for `features` (N, ...), in eval mode, in batches
-    (regression: (N, 1), the scaled prediction)."""
+    of `batch_size` rows computed on `device` (a torch device or its name), returned on the
+    CPU (regression: (N, 1), the scaled prediction). `model` is back on the device it was
+    on when this returns."""
     model.eval()
+    device = torch.device(device)
+    home = next(model.parameters(), torch.empty(0)).device
     x_all = torch.from_numpy(features)
-    return torch.cat([model(x_all[i:i + batch_size]) for i in range(0, len(x_all), batch_size)])
+    model.to(device)
+    try:
+        return torch.cat([model(x_all[i:i + batch_size].to(device)).cpu()
+                          for i in range(0, len(x_all), batch_size)])
+    finally:
+        model.to(home)
 
 
 def _loss_and_accuracy(out: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -29,10 +43,12 @@ def _loss_and_accuracy(out: torch.Tensor, y: torch.Tensor) -> tuple[float, float
 
 
 def evaluate(model: nn.Module, features: np.ndarray, labels: np.ndarray,
-             batch_size: int = 4096, loss: str = "cross-entropy") -> tuple[float, float]:
-    """(mean cross-entropy in nats, accuracy) in batched passes; with a regression `loss`
-    (mse, huber: common.losses), (its mean on the scaled target, NaN)."""
-    out, y = logits(model, features, batch_size), torch.from_numpy(labels)
+             batch_size: int = 4096, loss: str = "cross-entropy",
+             device: str | torch.device = "cpu") -> tuple[float, float]:
+    """(mean cross-entropy in nats, accuracy) in batched passes on `device` (`logits`);
+    with a regression `loss` (mse, huber: common.losses), (its mean on the scaled target,
+    NaN)."""
+    out, y = logits(model, features, batch_size, device), torch.from_numpy(labels)
     if loss == "cross-entropy":
         return _loss_and_accuracy(out, y)
     return float(task_loss(loss, out, y, reduction="sum")) / max(len(y), 1), math.nan
@@ -57,13 +73,13 @@ class Scores:
 
 
 def score(model: nn.Module, features: np.ndarray, labels: np.ndarray, num_classes: int,
-          batch_size: int = 4096) -> Scores:
+          batch_size: int = 4096, device: str | torch.device = "cpu") -> Scores:
     """Scores of `model` (logits (B, num_classes)) on `features` (N, ...) with integer
     `labels` (N,), by scikit-learn's metrics (balanced_accuracy_score, f1_score macro,
-    roc_auc_score)."""
+    roc_auc_score); the forward passes on `device` (`logits`)."""
     from sklearn import metrics
 
-    out = logits(model, features, batch_size)
+    out = logits(model, features, batch_size, device)
     loss, accuracy = _loss_and_accuracy(out, torch.from_numpy(labels))
     predicted = out.argmax(1).numpy()
     probabilities = torch.softmax(out.double(), 1).numpy()
@@ -106,11 +122,13 @@ class RegressionScores:
 
 
 def score_regression(model: nn.Module, features: np.ndarray, targets: np.ndarray, scale,
-                     loss: str = "mse", batch_size: int = 4096) -> RegressionScores:
+                     loss: str = "mse", batch_size: int = 4096,
+                     device: str | torch.device = "cpu") -> RegressionScores:
     """Scores of `model` (one output (B, 1): the scaled prediction) on `features` (N, ...)
     with scaled float32 `targets` (N,); `scale` (common.data.target.TargetScale) maps both
-    back to the label's units. Raises ValueError for a model with more than one output."""
-    out = logits(model, features, batch_size)
+    back to the label's units; the forward passes on `device` (`logits`). Raises ValueError
+    for a model with more than one output."""
+    out = logits(model, features, batch_size, device)
     scaled_loss = float(task_loss(loss, out, torch.from_numpy(targets), reduction="sum"))
     predicted = scale.decode(out[:, 0].double().numpy())
     y = scale.decode(targets)

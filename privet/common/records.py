@@ -27,6 +27,7 @@ ACCOUNTING_SECONDS = "accounting-seconds"  # noise calibration and ε queries th
 DATA_PREFIX = "data-"            # + a CleaningReport field: what cleaning did to the rows
 DP_PATH = "dp-path"              # how DP-SGD computed the clipped gradients: DP_PATHS[i]
 DP_PATHS = ("one-pass", "hooks", "ghost", "functorch", "ew")  # clients.train's names
+DEVICE = "device"                # where the client trained: common.device.device_code
 EVAL_LOSS = "eval-loss"          # a client's evaluation of the global model
 EVAL_ACCURACY = "eval-accuracy"
 # Message config keys (ConfigRecord "config")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
 import sys
 import threading
@@ -311,8 +312,16 @@ def simulate(
     simulation.start_early(ray_address)
     from privet.common.data.tables import DataError
     from privet.common.models import ModelError
+    from privet.common.device import DeviceError, check_simulation_device
     from privet.common.privacy.ledger import LedgerError
 
+    try:  # a GPU asked for where there is none: one line now, not a traceback in a worker
+        check_simulation_device(cfg.train.device, cluster=bool(ray_address), on_ray=bool(
+            ray_address) or os.environ.get(simulation.BACKEND_ENV, "processes") == "ray")
+    except DeviceError as error:
+        _unclaim(run_dir, claimed)
+        named = [o for o in overrides or [] if o.split("=", 1)[0].strip() == "train.device"]
+        fail(f"{f'--set {named[-1]}' if named else config}: {error}")
     try:
         report, data_warnings = simulation.preflight(cfg)
     except (LedgerError, DataError, ModelError, ValueError, FileNotFoundError) as error:

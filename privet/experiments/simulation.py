@@ -62,10 +62,13 @@ def check_ray_address(address: str) -> str:
     return address
 
 
-def backend_config(num_cpus: int, ray_address: str | None = None) -> dict:
+def backend_config(num_cpus: int, ray_address: str | None = None, num_gpus: float = 0.0
+                   ) -> dict:
     """Flower's Ray backend config. Without `ray_address` Ray starts here with `num_cpus`;
     with it, Ray joins that cluster and uses its CPUs. Each ClientApp actor takes one CPU
-    either way (and runs one torch thread, see clients/app.py)."""
+    either way (and runs one torch thread, see clients/app.py) and `num_gpus` of a GPU
+    (Flower's `client-resources.num-gpus`: 0.25 = four actors on one GPU; 0 = none, on the
+    CPU; see common.device.client_gpus)."""
     init_args: dict = {"num_cpus": num_cpus, "logging_level": "ERROR",
                        "log_to_driver": False, "include_dashboard": False,
                        # a local Ray of our own, even if RAY_ADDRESS is set or `ray start`
@@ -73,7 +76,8 @@ def backend_config(num_cpus: int, ray_address: str | None = None) -> dict:
                        "address": "local"}
     if ray_address:
         init_args = {"address": ray_address, "logging_level": "ERROR", "log_to_driver": False}
-    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
+    return {"client_resources": {"num_cpus": 1, "num_gpus": float(num_gpus)},
+            "init_args": init_args}
 
 
 def import_client_app() -> None:
@@ -302,11 +306,19 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False,
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
                       run_config=get_fused_config_from_dir(PROJECT_DIR, overrides))
+    from privet.common.device import client_gpus, clients_per_gpu, cluster_gpus, local_gpus
+
     workers = min(simulation_cpus(), cfg.clients_per_round)
-    config = backend_config(workers, check_ray_address(ray_address) if ray_address else None)
     patches.install()  # nothing on stock libraries, whose only backend is Ray
     on_ray = (bool(ray_address) or os.environ.get(BACKEND_ENV, "processes") == "ray"
               or patches.stock())
+    # each client's share of a GPU (0: the CPU); on a cluster, known once joined (below)
+    share = 0.0 if ray_address else client_gpus(
+        cfg.train.num_gpus, local_gpus(cfg.train.device, on_ray), workers)
+    if not on_ray:  # the pool's workers share one GPU: no more of them than fit on it
+        workers = min(workers, clients_per_gpu(share))
+    config = backend_config(workers, check_ray_address(ray_address) if ray_address else None,
+                            num_gpus=share)
     if not on_ray:
         config[process_backend.CONFIG_KEY] = {"workers": workers, "app": CLIENT_APP}
     with (stop_signals("flwr"), _ray_stopped_on_exit(),
@@ -314,6 +326,12 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False,
               process_backend.ProcessPoolBackend)):
         if ray_address:
             _join_cluster(config["init_args"])
+            import ray
+
+            resources = ray.cluster_resources()
+            config["client_resources"]["num_gpus"] = client_gpus(
+                cfg.train.num_gpus, cluster_gpus(cfg.train.device, resources),
+                max(1, int(resources.get("CPU", 1))))
         elif on_ray:
             _start_local_ray(config["init_args"])
         _run_simulation(

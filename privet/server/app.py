@@ -29,6 +29,7 @@ from privet.common.config import ExperimentConfig, from_run_config
 from privet.common.data.datasets import classes as class_names
 from privet.common.data.datasets import partition_report, source_warnings, test_data
 from privet.common.data.target import target_scale
+from privet.common.device import DeviceError, device_code, device_name, resolve_device
 from privet.common.evaluation import Scores, score, score_regression
 from privet.common.models import build_model, check_model
 from privet.common.privacy.randomness import make_randomness, resolve_noise_source
@@ -131,6 +132,21 @@ def main(grid: Grid, context: Context) -> None:
                  len(recorder.round_rows), run_dir)
 
 
+def evaluation_device(cfg: ExperimentConfig, deployed_run: bool) -> torch.device:
+    """Where the server evaluates the global model: `train.device` resolved on this machine
+    (common.device). Raises DeviceError for a GPU this machine lacks in simulation (where
+    privet simulate refuses it before the run); a deployed server, whose machine is not the
+    clients', then evaluates on the CPU and logs why."""
+    try:
+        return resolve_device(cfg.train.device)
+    except DeviceError as why:
+        if not deployed_run:
+            raise
+        log.warning("privet: %s; the server evaluates on the CPU (each client trains where "
+                    "train.device says on its own machine)", why)
+        return torch.device("cpu")
+
+
 def _check_something_trained(rounds: list[dict]) -> None:
     """A run in which no client ever trained learnt nothing: never "complete". Raises
     BudgetExhausted when clients declined (no budget left), else RunFailed."""
@@ -163,11 +179,14 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
         recorder.write_transform(fitted, estimated)
         input_shape = (len(fitted.feature_names()),)
         features = fitted.features()  # what every client gets with the transform
+    device = None
     if not on_clients:
         test = test_data(cfg, transform)
         input_shape = test.features.shape[1:]
         classes = [] if cfg.regression else class_names(cfg)
         features = test.feature_spec
+        device = evaluation_device(cfg, deployed(grid))
+        recorder.server_device = device_name(device_code(device))
     recorder.classes = [str(c) for c in classes]
     scale = target_scale(cfg)  # regression: scores in the label's units
     outputs = 1 if cfg.regression else len(classes)  # the classes: not read here on_clients
@@ -190,10 +209,11 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
                             float(held_out.get(R.EVAL_ACCURACY, math.nan)))
         elif scale is not None:
             R.load_arrays(model, arrays)
-            scores = score_regression(model, test.features, test.labels, scale, cfg.loss_name)
+            scores = score_regression(model, test.features, test.labels, scale, cfg.loss_name,
+                                      device=device)
         else:
             R.load_arrays(model, arrays)
-            scores = score(model, test.features, test.labels, len(classes))
+            scores = score(model, test.features, test.labels, len(classes), device=device)
         if server_round > 0 and not all(np.isfinite(a.numpy()).all() for a in arrays.values()):
             raise RunFailed(f"round {server_round}: the global model's weights are not finite "
                             "(NaN or infinite): training diverged (lower train.lr?)")

@@ -20,6 +20,7 @@ from privet.common import results
 from privet.common.config import SHIPPED_DATASETS, ExperimentConfig, shaped
 from privet.common.data import adult
 from privet.common.data.target import target_scale
+from privet.common.device import device_name
 from privet.common.evaluation import RegressionScores, Scores
 from privet.common.plots import plot_run
 from privet.common.run_dir import claim as run_dir_claim
@@ -66,6 +67,7 @@ class RunRecorder:
         self.estimated_bounds: dict = {}  # ranges of undeclared numeric columns, found with DP
         self.data_warnings: list[str] = []  # skipped lines, non-numeric cells in the files
         self.classes: list[str] = []  # the model's outputs, in order
+        self.server_device: str | None = None  # where the server evaluates ("cpu", "cuda:0")
         # privet simulate claimed it already (a no-op then); a deployed ServerApp claims it
         run_dir_claim(self.run_dir, option="out-dir", finished=results.SUMMARY,
                       stale=results.RUN_FILES)
@@ -139,8 +141,9 @@ class RunRecorder:
 
     def _released(self, client: str, keys) -> None:
         noised = self.cfg.metrics_noised(int(client)) if client.isdigit() else False
-        # noised: inside its ε; the DP-SGD path depends on the model and the machine only
-        covered = {R.CLIENT_ID, R.DP_PATH, *(R.AVERAGED if noised else ())}
+        # noised: inside its ε; the DP-SGD path and the device depend on the model and the
+        # machine only
+        covered = {R.CLIENT_ID, R.DP_PATH, R.DEVICE, *(R.AVERAGED if noised else ())}
         self.released.setdefault(client, set()).update(
             "cleaning counts" if k.startswith(R.DATA_PREFIX) else k
             for k in keys if k not in covered)
@@ -216,6 +219,8 @@ class RunRecorder:
                                  if k.startswith(R.DATA_PREFIX)}
             if R.DP_PATH in m:
                 entry["dp_path"] = R.DP_PATHS[int(m[R.DP_PATH])]
+            if R.DEVICE in m:
+                entry["device"] = device_name(m[R.DEVICE])
             if failure:
                 entry["left_out"] = "failed"
             elif too_small:
@@ -338,7 +343,7 @@ class RunRecorder:
         out = {"rounds_trained": c["rounds_trained"], "stopped_round": c["stopped_round"],
                "left_out": c.get("left_out"),
                "target_epsilon": c.get("target_epsilon") if self.cfg.private else None,
-               "dp_path": c.get("dp_path"),
+               "dp_path": c.get("dp_path"), "device": c.get("device"),
                "epsilon": None, "history": [], "spent_on": {}}
         if report is None:
             return out
@@ -448,6 +453,11 @@ class RunRecorder:
             "data_warnings": self.data_warnings,
             "classes": self.classes,
             "evaluation": self.cfg.evaluation.mode,
+            # train.device, and where it took the server's evaluation and the clients that
+            # trained (per client: privacy.clients.<id>.device)
+            "device": {"requested": self.cfg.train.device, "server": self.server_device,
+                       "clients": sorted({c["device"] for c in self.clients.values()
+                                          if c.get("device")})},
             "preprocess": {"fit": self.cfg.fit_mode,
                            "epsilon": self.cfg.preprocess.epsilon if self.cfg.private
                            and self.cfg.data.tabular else None,
