@@ -95,7 +95,8 @@ def run(level: str, rounds: int, keep: Path | None, ray_address: str | None,
         "accounting_share": accounting / workers / wall,
         "console_lines": len(log_path.read_text().splitlines()),
         "accuracy": summary["accuracy"], "max_epsilon": summary["privacy"].get("max_epsilon"),
-        "user_epsilon": summary["privacy"].get("user_epsilon"), "run_dir": str(run_dir),
+        "user_epsilon": (summary["privacy"].get("user_level") or {}).get("epsilon"),
+        "run_dir": str(run_dir),
     }
 
 

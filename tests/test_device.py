@@ -280,7 +280,7 @@ def test_a_simulation_hands_flower_the_gpu_share(two_gpus, monkeypatch, tmp_path
         monkeypatch.setenv(name, os.environ.get(name, "1" if name == "PRIVET_TORCH_THREADS"
                                                 else "0"))
     monkeypatch.setenv(simulation.BACKEND_ENV, backend)
-    monkeypatch.setenv(simulation.PROMPT_POLLING_ENV, "0")
+    monkeypatch.setenv("PRIVET_PROMPT_POLLING", "0")  # privet.patches.flower: keep Flower's
     simulation.run(load_config(TINY, list(settings)), tmp_path)
     assert captured["client_resources"]["num_gpus"] == pytest.approx(share)
     pool = captured.get(process_backend.CONFIG_KEY)
