@@ -111,6 +111,11 @@ def test_plan_matches_a_user_level_run(tmp_path):
     assert eps == pytest.approx(user["epsilon"], rel=0.01)
 
 
+def test_a_target_only_tiny_noise_reaches_is_an_error_not_gigabytes():
+    with pytest.raises(ValueError, match="too little to account for"):
+        pld_plan.calibrate(5000.0, DELTA, 1.0, 1)
+
+
 def _budget(*args):
     return CliRunner().invoke(app, ["budget", *args], catch_exceptions=False)
 
@@ -146,6 +151,7 @@ def test_budget_command_at_user_level(tmp_path):
      "--batch-size and --local-epochs go with --rows"),
     (["--users", "100", "--cohort", "10", "--epsilon", "1", "--sigma", "1"],
      "exactly one of --sigma"),
+    (["--users", "1000", "--cohort", "10", "--sigma", "0.01"], "too little noise"),
 ])
 def test_bad_combinations_are_one_line(args, says, tmp_path):
     if "--sigma" not in args and "--epsilon" not in args:

@@ -461,8 +461,15 @@ def budget(
     if left_out:
         console.print(f"accountants: {', '.join(names)}; left out: {', '.join(left_out)} "
                       "(--accountant all adds them)")
+    elif isinstance(plan, planning.UserPlan) and plan.rounds >= 1000:
+        console.print(f"accountants: pld, prv, rdp; PRV and RDP take longer over "
+                      f"{plan.rounds:,} rounds (tens of seconds): --accountant pld answers "
+                      "in seconds")
     if sigma is not None:
-        curves = planning.epsilon_over_rounds(plan, sigma, names)
+        try:
+            curves = planning.epsilon_over_rounds(plan, sigma, names)
+        except ValueError as error:  # σ so small that the PLD grid would not fit
+            fail(f"--sigma {sigma:g}: {error}")
         table = Table(title=f"ε after each round (σ = {sigma:g})")
         table.add_column("round", justify="right")
         for name in curves:
@@ -489,7 +496,9 @@ def budget(
     for name in needed:
         table.add_column(f"σ {name}", justify="right")
     for i, t in enumerate(targets):
-        table.add_row(f"{t:g}", *(f"{needed[name][i][1]:.4f}" for name in needed))
+        # rounded up: the σ printed meets the target too
+        table.add_row(f"{t:g}", *(f"{math.ceil(needed[name][i][1] * 1e4) / 1e4:.4f}"
+                                  for name in needed))
     console.print(table)
     console.print(f"plot: {planning.plot_sigma(needed, out)}")
 

@@ -35,6 +35,15 @@ from dp_accounting.pld.privacy_loss_mechanism import AdjacencyType, GaussianPriv
 # dp-accounting's defaults for from_gaussian_mechanism and PLDAccountant
 DEFAULT_DISCRETISATION = 1e-4
 LOG_MASS_TRUNCATION_BOUND = -50.0
+# The widest one-step privacy loss accounted for, in nats: 2,000,000 points of the default
+# grid (16 MB of float64). σ = 0.45 at q = 1e-3 spans 17 nats, σ = 0.25 at q = 1 96; below
+# σ ≈ 0.1 the loss spans hundreds of nats (ε in the hundreds), and composing it takes GBs.
+MAX_LOSS_SPAN = 200.0
+
+
+class NoiseTooSmall(ValueError):
+    """The one-step privacy loss spans more than MAX_LOSS_SPAN nats: so little noise that ε
+    is very large, and accounting for it would take GBs of memory."""
 
 
 def _isclose(values: np.ndarray, target: float) -> np.ndarray:
@@ -101,6 +110,11 @@ def _pmf(sigma: float, q: float, discretisation: float, adjacency: AdjacencyType
     bounds = loss.connect_dots_bounds()
     upper = math.ceil(bounds.epsilon_upper / discretisation)
     lower = math.floor(bounds.epsilon_lower / discretisation)
+    if (upper - lower) * discretisation > MAX_LOSS_SPAN:
+        raise NoiseTooSmall(
+            f"σ = {sigma:g} at q = {q:g}: one round's privacy loss spans "
+            f"{(upper - lower) * discretisation:,.0f} nats, {upper - lower + 1:,} points of the "
+            f"{discretisation:g} grid; too little noise to account for (ε would be huge)")
     epsilons = np.arange(lower, upper + 1) * discretisation
     return pld_pmf.create_pmf_pessimistic_connect_dots_fixed_gap(
         discretisation, lower, upper, _deltas(loss, sigma, q, epsilons))
@@ -117,7 +131,8 @@ def subsampled_gaussian_pld(sigma: float, sampling_rate: float,
     `from_gaussian_mechanism(sigma, sampling_prob=sampling_rate,
     value_discretization_interval=discretisation)`, which `PLDAccountant` builds for
     `PoissonSampledDpEvent(q, GaussianDpEvent(σ))`. Raises ValueError for σ ≤ 0 or a rate
-    outside (0, 1] (dp-accounting's checks)."""
+    outside (0, 1] (dp-accounting's checks), NoiseTooSmall (a ValueError) when the loss
+    would span more than MAX_LOSS_SPAN nats."""
     if not 0 < sampling_rate <= 1:
         raise ValueError(f"sampling rate {sampling_rate}: expected a value in (0, 1]")
     remove = _pmf(sigma, sampling_rate, discretisation, AdjacencyType.REMOVE)
@@ -183,7 +198,7 @@ def _gdp_guess(target: float, delta: float, sampling_rate: float, rounds: int) -
 
     def gdp_delta(mu: float) -> float:
         return float(stats.norm.cdf(-target / mu + mu / 2)
-                     - math.exp(target) * stats.norm.cdf(-target / mu - mu / 2)) - delta
+                     - np.exp(target + stats.norm.logcdf(-target / mu - mu / 2))) - delta
 
     high = 1.0
     while gdp_delta(high) < 0 and high < 1e3:
@@ -241,6 +256,8 @@ def _search(spent, target: float, start: float, rtol: float, slope: float, most:
             probe = min(max(guess, 0.7 * high), high * (1 - 0.6 * rtol))
         elif high is None:
             probe = max(min(guess, 1.5 * low), low * (1 + 0.6 * rtol))
+        elif guess <= low:  # the secant disagrees with the bracket (ε = inf at low): halve
+            probe = (low + high) / 2
         else:
             width = rtol * high
             probe = min(max(guess, low + 0.6 * width), high - 0.6 * width)
@@ -269,19 +286,37 @@ def calibrate(target_epsilon: float, delta: float, sampling_rate: float, rounds:
         raise ValueError(f"target ε {target_epsilon}: expected a finite value > 0")
     low, high = SIGMA_RANGE
     coarse = max(discretisation, COARSE_DISCRETISATION)
-    found, slope = _search(
-        lambda s: pld_epsilon(s, sampling_rate, rounds, delta, coarse), target_epsilon,
-        _gdp_guess(target_epsilon, delta, sampling_rate, rounds), rtol, -2.0, 40)
+    too_small: list[float] = []
+
+    def spent(sigma: float, grid: float) -> float:
+        try:
+            return pld_epsilon(sigma, sampling_rate, rounds, delta, grid)
+        except NoiseTooSmall:  # ε far past any target: more noise
+            too_small.append(sigma)
+            return math.inf
+
+    found, slope = _search(lambda s: spent(s, coarse), target_epsilon,
+                           _gdp_guess(target_epsilon, delta, sampling_rate, rounds), rtol,
+                           -2.0, 40)
     if found is None:
         raise ValueError(f"no noise multiplier ≤ {high:g} reaches ε = {target_epsilon:g} at "
                          f"δ = {delta:g}")
-    if found == low:
-        raise ValueError(f"noise below {low:g} would do for ε = {target_epsilon:g}")
+
+    def at_the_floor(sigma: float) -> bool:
+        """σ is as small as can be accounted for, not as small as the target allows."""
+        return sigma == low or bool(too_small) and max(too_small) > sigma * (1 - 2 * rtol)
+
+    if at_the_floor(found):
+        raise ValueError(f"ε = {target_epsilon:g} needs less noise than σ = {found:.3g}, too "
+                         "little to account for (the PLD grid would not fit in memory)")
     if coarse == discretisation:
         return found
-    fine, _ = _search(lambda s: pld_epsilon(s, sampling_rate, rounds, delta, discretisation),
-                      target_epsilon, found, rtol, slope, 12, trust_secant=True)
+    fine, _ = _search(lambda s: spent(s, discretisation), target_epsilon, found, rtol, slope,
+                      12, trust_secant=True)
     if fine is None:  # not seen: the coarse grid is pessimistic, `found` meets it here too
         raise ValueError(f"no noise multiplier met ε = {target_epsilon:g} at δ = {delta:g} "
                          f"on the {discretisation:g} grid near σ = {found:.4g}")
+    if at_the_floor(fine):
+        raise ValueError(f"ε = {target_epsilon:g} needs less noise than σ = {fine:.3g}, too "
+                         "little to account for (the PLD grid would not fit in memory)")
     return fine
