@@ -380,9 +380,10 @@ def budget(
         min=1, help="sample level: rows on the client: q = 1/⌈rows/B⌉, ⌈rows/B⌉ steps per "
                     "epoch")] = None,
     batch_size: Annotated[Optional[int], typer.Option(
-        min=1, help="sample level, with --rows: expected batch size B  [default: 64]")] = None,
+        min=1, show_default="64", help="sample level, with --rows: expected batch size B"
+    )] = None,
     local_epochs: Annotated[Optional[int], typer.Option(
-        min=1, help="sample level, with --rows: local epochs  [default: 1]")] = None,
+        min=1, show_default="1", help="sample level, with --rows: local epochs")] = None,
     sigma: Annotated[Optional[float], typer.Option(
         min=0.0, help="noise multiplier: print ε over rounds")] = None,
     epsilon: Annotated[Optional[str], typer.Option(

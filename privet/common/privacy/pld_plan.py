@@ -160,7 +160,8 @@ def epsilon_over_rounds(sigma: float, sampling_rate: float, rounds: list[int], d
     self-composed once and composed onto the previous entry's PLD (equal to a fresh
     self-composition up to dp-accounting's tail truncation, ~1e-8 relative; both upper
     bounds). Raises ValueError for rounds that are not increasing positive integers or a
-    rate outside (0, 1]."""
+    rate outside (0, 1], NoiseTooSmall (a ValueError) for a σ so small that one round's
+    loss spans more than MAX_LOSS_SPAN nats."""
     if any(r < 1 for r in rounds) or any(b <= a for a, b in zip(rounds, rounds[1:])):
         raise ValueError(f"rounds {rounds}: expected increasing positive integers")
     if sigma <= 0:
