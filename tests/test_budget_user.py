@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from privet.common.config import CONFIGS_DIR
 from privet.common.privacy import pld_plan
-from privet.experiments.budget import UserPlan, epsilon_over_rounds, report_rounds, sigma_for_targets
+from privet.experiments.budget import (UserPlan, epsilon_over_rounds, report_rounds,
+                                      sigma_for_targets)
 from privet.experiments.cli import app
 
 DELTA = 1e-5
