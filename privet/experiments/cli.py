@@ -376,26 +376,45 @@ def simulate(
 @app.command()
 def budget(
     rounds: Annotated[int, typer.Option(min=1, help="federated rounds")] = 20,
+    users: Annotated[Optional[int], typer.Option(
+        min=1, help="user level (DP-FedAvg): participants in the federation (privet "
+                    "simulate's num-clients); give --cohort too")] = None,
+    cohort: Annotated[Optional[int], typer.Option(
+        min=1, help="user level: participants expected in each round (clients-per-round); "
+                    "each joins a round with probability q = cohort/users")] = None,
     steps_per_round: Annotated[Optional[int], typer.Option(
-        min=1, help="DP-SGD steps per round (or give --rows)")] = None,
+        min=1, help="sample level: DP-SGD steps per round (or give --rows)")] = None,
     sample_rate: Annotated[Optional[float], typer.Option(
-        min=0.0, max=1.0, help="Poisson sampling rate q (or give --rows)")] = None,
+        min=0.0, max=1.0, help="sample level: Poisson sampling rate q (or give --rows)")] = None,
     rows: Annotated[Optional[int], typer.Option(
-        min=1, help="rows on the client: q = 1/⌈rows/B⌉, ⌈rows/B⌉ steps per epoch")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="expected batch size B")] = 64,
-    local_epochs: Annotated[int, typer.Option(min=1)] = 1,
+        min=1, help="sample level: rows on the client: q = 1/⌈rows/B⌉, ⌈rows/B⌉ steps per "
+                    "epoch")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        min=1, show_default="64", help="sample level, with --rows: expected batch size B"
+    )] = None,
+    local_epochs: Annotated[Optional[int], typer.Option(
+        min=1, show_default="1", help="sample level, with --rows: local epochs")] = None,
     sigma: Annotated[Optional[float], typer.Option(
         min=0.0, help="noise multiplier: print ε over rounds")] = None,
     epsilon: Annotated[Optional[str], typer.Option(
         help="target ε values, comma-separated: print the σ each needs")] = None,
     delta: Annotated[float, typer.Option(min=0.0, max=0.1)] = 1e-5,
     preprocess_epsilon: Annotated[float, typer.Option(
-        min=0.0, help="ε spent before DP-SGD on preprocessing statistics (privet simulate's "
-                      "preprocess.epsilon, 0.3 by default; 0 = none)")] = 0.0,
+        min=0.0, help="sample level: ε spent before DP-SGD on preprocessing statistics "
+                      "(privet simulate's preprocess.epsilon, 0.3 by default; 0 = none)")] = 0.0,
+    accountant: Annotated[str, typer.Option(
+        help="accountants to tabulate, comma-separated: pld, prv, rdp, or all")] = "all",
     out: Annotated[Path, typer.Option(help="PNG to write (never over a file privet did not "
                                            "write)")] = Path("budget.png"),
 ) -> None:
     """Plan a privacy budget without training, with every accountant side by side.
+
+    Sample level (DP-SGD on one client): --rows (with --batch-size, --local-epochs), or
+    --steps-per-round with --sample-rate. User level (DP-FedAvg: one noised, clipped sum of
+    updates a round, participants Poisson-sampled at q = cohort/users): --users with
+    --cohort; σ is then the noise multiplier of each round's release, relative to the clip
+    S. The PLD column is tight (dp-accounting's PLD, an upper bound); at cross-device scale
+    PRV and RDP take much longer: --accountant pld.
 
     Examples:
 
@@ -404,28 +423,64 @@ def budget(
       privet budget --rows 3256 --rounds 20 --epsilon 0.5,1,2,4,8
 
       privet budget --steps-per-round 50 --sample-rate 0.02 --rounds 30 --sigma 1
+
+      privet budget --users 1000000 --cohort 1000 --rounds 10000 --sigma 1 --accountant pld
+
+      privet budget --users 1000000 --cohort 1000 --rounds 10000 --epsilon 1,2,4,8
+      --accountant pld
     """
     from privet.experiments import budget as planning
 
     if out.exists() and not planning.written_by_privet(out):
         fail(f"--out {out}: exists and was not written by privet budget; choose another path")
-    prior = planning.release_at(preprocess_epsilon, delta)
-    if rows is not None:
-        plan = planning.Plan.from_rows(rows, batch_size, local_epochs, rounds, delta, prior)
-    elif steps_per_round is not None and sample_rate:
-        plan = planning.Plan(rounds, steps_per_round, sample_rate, delta, prior)
-    else:
-        fail("give --rows (with --batch-size), or both --steps-per-round and --sample-rate")
+    names = _accountant_names(accountant)
     if (sigma is None) == (epsilon is None):
         fail("give exactly one of --sigma (to get ε) or --epsilon (to get σ)")
-    console.print(f"plan: {plan.rounds} rounds × {plan.steps_per_round} steps at q = "
-                  f"{plan.sample_rate:.5g}, δ = {plan.delta:g}"
-                  + (f", after preprocessing statistics at ε = {preprocess_epsilon:g}"
-                     if prior else "; DP-SGD only: privet simulate first spends "
-                     "preprocess.epsilon (0.3 by default) on its preprocessing statistics, "
-                     "--preprocess-epsilon 0.3 plans with it"))
+    if users is not None or cohort is not None:
+        plan = _user_plan(users, cohort, rounds, delta, rows=rows, batch_size=batch_size,
+                          local_epochs=local_epochs, steps_per_round=steps_per_round,
+                          sample_rate=sample_rate, preprocess_epsilon=preprocess_epsilon)
+        console.print(f"plan: user level (DP-FedAvg), {plan.rounds} rounds, each of "
+                      f"{plan.users:,} users joining with probability q = {plan.cohort:,}/"
+                      f"{plan.users:,} = {plan.sample_rate:.5g}, δ = {plan.delta:g}; σ is "
+                      "each round's noise multiplier (noise σ·S for clip S; with adaptive "
+                      "clipping, of the model and count queries together)")
+        if plan.delta * plan.users >= 1:
+            console.print(f"note: δ = {plan.delta:g} is not below 1/users = "
+                          f"{1 / plan.users:.3g}: a user-level guarantee usually asks for "
+                          "δ < 1/users (--delta)")
+    else:
+        prior = planning.release_at(preprocess_epsilon, delta)
+        if rows is not None:
+            plan = planning.Plan.from_rows(rows, batch_size or 64, local_epochs or 1, rounds,
+                                           delta, prior)
+        elif steps_per_round is not None and sample_rate:
+            if batch_size is not None or local_epochs is not None:
+                fail("--batch-size and --local-epochs go with --rows, not with "
+                     "--steps-per-round and --sample-rate")
+            plan = planning.Plan(rounds, steps_per_round, sample_rate, delta, prior)
+        else:
+            fail("give --rows (with --batch-size), or both --steps-per-round and "
+                 "--sample-rate (sample level), or --users with --cohort (user level)")
+        console.print(f"plan: {plan.rounds} rounds × {plan.steps_per_round} steps at q = "
+                      f"{plan.sample_rate:.5g}, δ = {plan.delta:g}"
+                      + (f", after preprocessing statistics at ε = {preprocess_epsilon:g}"
+                         if prior else "; DP-SGD only: privet simulate first spends "
+                         "preprocess.epsilon (0.3 by default) on its preprocessing statistics, "
+                         "--preprocess-epsilon 0.3 plans with it"))
+    left_out = [n for n in planning.ACCOUNTANTS if n not in names]
+    if left_out:
+        console.print(f"accountants: {', '.join(names)}; left out: {', '.join(left_out)} "
+                      "(--accountant all adds them)")
+    elif isinstance(plan, planning.UserPlan) and plan.rounds >= 1000:
+        console.print(f"accountants: pld, prv, rdp; PRV and RDP take longer over "
+                      f"{plan.rounds:,} rounds (tens of seconds): --accountant pld answers "
+                      "in seconds")
     if sigma is not None:
-        curves = planning.epsilon_over_rounds(plan, sigma)
+        try:
+            curves = planning.epsilon_over_rounds(plan, sigma, names)
+        except ValueError as error:  # σ so small that the PLD grid would not fit
+            fail(f"--sigma {sigma:g}: {error}")
         table = Table(title=f"ε after each round (σ = {sigma:g})")
         table.add_column("round", justify="right")
         for name in curves:
@@ -441,15 +496,53 @@ def budget(
         fail(f"--epsilon {epsilon!r}: expected numbers separated by commas, e.g. 1,2,4")
     if not targets or any(not 0 < t < math.inf for t in targets):
         fail(f"--epsilon {epsilon!r}: every target must be a finite number > 0")
-    needed = planning.sigma_for_targets(plan, targets)
-    table = Table(title=f"σ needed for the whole run ({plan.steps} steps)")
+    try:
+        needed = planning.sigma_for_targets(plan, targets, names)
+    except ValueError as error:  # a target no noise level in range reaches
+        fail(f"--epsilon {epsilon}: {error}")
+    whole = (f"{plan.rounds} rounds" if isinstance(plan, planning.UserPlan)
+             else f"{plan.steps} steps")
+    table = Table(title=f"σ needed for the whole run ({whole})")
     table.add_column("target ε", justify="right")
     for name in needed:
         table.add_column(f"σ {name}", justify="right")
     for i, t in enumerate(targets):
-        table.add_row(f"{t:g}", *(f"{needed[name][i][1]:.4f}" for name in needed))
+        # rounded up: the σ printed meets the target too
+        table.add_row(f"{t:g}", *(f"{math.ceil(needed[name][i][1] * 1e4) / 1e4:.4f}"
+                                  for name in needed))
     console.print(table)
     console.print(f"plot: {planning.plot_sigma(needed, out)}")
+
+
+def _accountant_names(text: str) -> tuple[str, ...]:
+    """`--accountant`'s list (all = pld, prv, rdp), in the given order; one line on error."""
+    from privet.common.privacy.accountants import ACCOUNTANTS
+
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    if names == ["all"]:
+        return ACCOUNTANTS
+    unknown = [n for n in names if n not in ACCOUNTANTS]
+    if unknown or not names:
+        fail(f"--accountant {text!r}: expected pld, prv, rdp (comma-separated) or all")
+    return tuple(dict.fromkeys(names))
+
+
+def _user_plan(users, cohort, rounds, delta, **sample_level):
+    """The user-level plan, or one line on what does not go with it."""
+    from privet.experiments.budget import UserPlan
+
+    if users is None or cohort is None:
+        fail("user level needs both --users and --cohort (participants expected each round)")
+    given = [f"--{k.replace('_', '-')}" for k, v in sample_level.items()
+             if v is not None and not (k == "preprocess_epsilon" and v == 0)]
+    if given:
+        fail(f"{', '.join(given)}: sample-level options, not with --users/--cohort (user "
+             "level: nothing is charged before DP-FedAvg there; preprocessing is fitted "
+             "locally)")
+    if cohort > users:
+        fail(f"--cohort {cohort}: more than --users {users}; the cohort is the number of "
+             "participants expected in a round")
+    return UserPlan(users, cohort, rounds, delta)
 
 
 @app.command()
