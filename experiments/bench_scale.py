@@ -4,7 +4,8 @@
 
 Runs `privet simulate` on the config as a whole process and, while it runs, samples twice a
 second the proportional set size (PSS) of its whole process tree (driver, fork server, pool
-workers; with --ray-address only the processes this machine's run started). Prints:
+workers; with --ray-address, also every Ray worker process on this machine, `ray::*`: the
+client actors). Prints:
 
 - peak PSS, and the peak while each number of rounds was done (it should not grow);
 - start-up: from launch to the end of round 1 (start-up plus one round: an upper bound);
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -33,6 +35,20 @@ from privet.common.config import PROJECT_DIR
 
 CONFIG = PROJECT_DIR / "experiments" / "configs" / "cross-device.toml"
 USER_LEVEL = ("privacy.level=\"user\"", "privacy.user-epsilon=3.0")
+
+
+def _ray_workers() -> list[int]:
+    """Ray's worker processes on this machine (their command line starts `ray::`)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if f.read(5) == b"ray::":
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
 
 
 def run(level: str, rounds: int, keep: Path | None, ray_address: str | None,
@@ -57,7 +73,10 @@ def run(level: str, rounds: int, keep: Path | None, ray_address: str | None,
 
         def sample() -> None:
             while not stop.is_set():
-                total = sum(_pss_kib(pid) for pid in _descendants(process.pid))
+                pids = set(_descendants(process.pid))
+                if ray_address:
+                    pids.update(_ray_workers())
+                total = sum(_pss_kib(pid) for pid in pids)
                 try:
                     done = len(_rows(run_dir / "rounds.csv"))
                 except (OSError, csv.Error):
