@@ -28,8 +28,9 @@ seed). privet runs as users run it (`python -m privet simulate --config digits.t
 pfl runs experiments/pfl_digits.py in an environment of its own (torch 2.13.0, pfl 0.6.0,
 scikit-learn; made under --pfl-env when missing, outside privet's dependencies), on one torch
 thread (--pfl-threads), its fastest setting here. Pairs alternate who goes first; each run is a
-whole process timed from launch to exit, its process tree's peak PSS sampled every 0.2 s and
-the 1-minute load average read before and after it.
+whole process timed from launch to exit, its process tree's peak PSS sampled every 0.2 s, its
+CPU time (user + system, the whole tree: less swayed by other load than wall time) and the
+1-minute load average read before and after it.
 """
 
 from __future__ import annotations
@@ -326,7 +327,28 @@ class Measured:
     peak_pss_kib: int
     load_before: float
     load_after: float
+    cpu: float = float("nan")  # user + system seconds of the whole process tree
     accuracy: float = float("nan")
+
+
+def _adopt_orphans() -> bool:
+    """Make this process the reaper of its descendants' orphans (Linux), so that the CPU time
+    of processes that outlive their parent (privet's fork server and pool workers: the driver
+    leaves with os._exit) still reaches RUSAGE_CHILDREN once they are reaped here."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _sampled(command: list[str], log: Path, env: dict | None = None,
@@ -336,6 +358,8 @@ def _sampled(command: list[str], log: Path, env: dict | None = None,
     load_before = os.getloadavg()[0]
     peak = 0
     stop = threading.Event()
+    adopted = _adopt_orphans()
+    cpu_before = _children_cpu()
     with open(log, "w") as out:
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
@@ -351,11 +375,18 @@ def _sampled(command: list[str], log: Path, env: dict | None = None,
         sampler.start()
         code = process.wait()
         wall = time.perf_counter() - start
+        load_after = os.getloadavg()[0]
         stop.set()
         sampler.join()
+        while adopted:  # the orphans it left: reaped here, their CPU time counted
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
     if code:
         raise SystemExit(f"{' '.join(map(str, command))} failed ({code}); see {log}")
-    return Measured(wall, peak, load_before, os.getloadavg()[0])
+    cpu = _children_cpu() - cpu_before if adopted else float("nan")
+    return Measured(wall, peak, load_before, load_after, cpu)
 
 
 def _privet_env() -> dict:
@@ -396,27 +427,33 @@ def vs_pfl(pairs: int, env: Path, threads: int, keep: Path | None) -> None:
             out = root / f"pair{pair}-{side}"
             m = (_privet_vs_pfl(out) if side == "privet" else _pfl(python, out, threads))
             runs[side].append(m)
-            print(f"  pair {pair} {side:6s}: {m.wall:6.2f} s  accuracy {m.accuracy:.4f}  peak "
-                  f"PSS {m.peak_pss_kib / 1024:5.0f} MiB  load {m.load_before:.2f} → "
-                  f"{m.load_after:.2f}", flush=True)
+            print(f"  pair {pair} {side:6s}: {m.wall:6.2f} s  CPU {m.cpu:6.2f} s  accuracy "
+                  f"{m.accuracy:.4f}  peak PSS {m.peak_pss_kib / 1024:5.0f} MiB  load "
+                  f"{m.load_before:.2f} → {m.load_after:.2f}", flush=True)
     summary = {}
     print()
-    print("side   | wall median (min–max) s | peak PSS median (min–max) MiB | accuracy")
+    print("side   | wall s: median (min–max) | CPU s: median (min–max) | peak PSS MiB: median "
+          "(min–max) | accuracy")
     for side, ms in runs.items():
         walls = [m.wall for m in ms]
+        cpus = [m.cpu for m in ms]
         pss = [m.peak_pss_kib / 1024 for m in ms]
         summary[side] = {"wall_median": statistics.median(walls), "wall_min": min(walls),
-                         "wall_max": max(walls), "pss_median_mib": statistics.median(pss),
+                         "wall_max": max(walls), "cpu_median": statistics.median(cpus),
+                         "pss_median_mib": statistics.median(pss),
                          "pss_min_mib": min(pss), "pss_max_mib": max(pss),
                          "accuracy": statistics.median(m.accuracy for m in ms),
                          "runs": [m.__dict__ for m in ms]}
         print(f"{side:6s} | {summary[side]['wall_median']:6.2f} ({min(walls):.2f}–"
-              f"{max(walls):.2f})      | {summary[side]['pss_median_mib']:5.0f} ({min(pss):.0f}–"
-              f"{max(pss):.0f})                | {summary[side]['accuracy']:.4f}")
+              f"{max(walls):.2f})     | {summary[side]['cpu_median']:6.2f} ({min(cpus):.2f}–"
+              f"{max(cpus):.2f})   | {summary[side]['pss_median_mib']:5.0f} ({min(pss):.0f}–"
+              f"{max(pss):.0f})             | {summary[side]['accuracy']:.4f}")
     ratio = summary["privet"]["wall_median"] / summary["pfl"]["wall_median"]
     difference = summary["privet"]["accuracy"] - summary["pfl"]["accuracy"]
     loads = [x for ms in runs.values() for m in ms for x in (m.load_before, m.load_after)]
-    print(f"privet/pfl (medians of wall time): {ratio:.2f}; accuracy privet − pfl: "
+    print(f"privet/pfl (medians of wall time): {ratio:.2f}; of CPU time: "
+          f"{summary['privet']['cpu_median'] / summary['pfl']['cpu_median']:.2f}; accuracy "
+          f"privet − pfl: "
           f"{difference:+.4f}; 1-minute load average over the runs {min(loads):.2f}–"
           f"{max(loads):.2f} (median {statistics.median(loads):.2f}) on {_cores()} cores")
     summary.update(ratio=ratio, accuracy_difference=difference, cores=_cores(),
