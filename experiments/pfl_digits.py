@@ -42,27 +42,11 @@ import time
 
 STARTED = time.perf_counter()
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-from pfl.aggregate.simulate import SimulatedBackend  # noqa: E402
-from pfl.aggregate.weighting import WeightByUser  # noqa: E402
-from pfl.algorithm import FederatedAveraging, NNAlgorithmParams  # noqa: E402
-from pfl.callback.base import TrainingProcessCallback  # noqa: E402
-from pfl.callback.central_evaluation import CentralEvaluationCallback  # noqa: E402
-from pfl.data.dataset import Dataset  # noqa: E402
-from pfl.data.federated_dataset import FederatedDataset  # noqa: E402
-from pfl.data.sampling import get_user_sampler  # noqa: E402
-from pfl.hyperparam import NNEvalHyperParams, NNTrainHyperParams  # noqa: E402
-from pfl.metrics import Weighted  # noqa: E402
-from pfl.model.pytorch import PyTorchModel  # noqa: E402
-
-IMPORTED = time.perf_counter()
-
 
 def digits(seed: int, test_fraction: float):
     """privet's digits split (common/data/images.py): pixels / 16 as float32 (N, 1, 8, 8),
     int64 labels, stratified hold-out with sklearn's random_state = seed."""
+    import numpy as np
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -73,64 +57,66 @@ def digits(seed: int, test_fraction: float):
                             stratify=labels)
 
 
-def iid(num_rows: int, num_clients: int, seed: int) -> list[np.ndarray]:
-    """privet's iid partition (common/data/partition.py)."""
+def iid(num_rows: int, num_clients: int, seed: int) -> list:
+    """privet's iid partition (common/data/partition.py): sorted row indices per user."""
+    import numpy as np
+
     order = np.random.default_rng(seed).permutation(num_rows)
     return [np.sort(part) for part in np.array_split(order, num_clients)]
 
 
-def _loss(self: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-          eval: bool = False) -> torch.Tensor:  # noqa: A002 - pfl's signature
-    self.eval() if eval else self.train()
-    return nn.functional.cross_entropy(self(inputs), targets)
-
-
-@torch.no_grad()
-def _metrics(self: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-             eval: bool = True) -> dict:  # noqa: A002 - pfl's signature
-    self.eval() if eval else self.train()
-    logits = self(inputs)
-    correct = (logits.argmax(-1) == targets).float().sum().item()
-    loss = nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-    return {"loss": Weighted(loss, len(inputs)), "accuracy": Weighted(correct, len(inputs))}
-
-
-def mlp(inputs: int, hidden: int, outputs: int) -> nn.Module:
+def mlp(inputs: int, hidden: int, outputs: int):
     """privet's `mlp` (common/models.py): Flatten, Linear(inputs, hidden), ReLU,
     Linear(hidden, outputs); with pfl's loss/metrics methods attached as in pfl's
     benchmarks/model/pytorch/dnn.py."""
     import types
 
+    import torch
+    import torch.nn as nn
+    from pfl.metrics import Weighted
+
+    def loss(self, inputs, targets, eval=False):  # noqa: A002 - pfl's signature
+        self.eval() if eval else self.train()
+        return nn.functional.cross_entropy(self(inputs), targets)
+
+    @torch.no_grad()
+    def metrics(self, inputs, targets, eval=True):  # noqa: A002 - pfl's signature
+        self.eval() if eval else self.train()
+        logits = self(inputs)
+        correct = (logits.argmax(-1) == targets).float().sum().item()
+        total = nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        return {"loss": Weighted(total, len(inputs)), "accuracy": Weighted(correct, len(inputs))}
+
     model = nn.Sequential(nn.Flatten(), nn.Linear(inputs, hidden), nn.ReLU(),
                           nn.Linear(hidden, outputs))
-    model.loss = types.MethodType(_loss, model)
-    model.metrics = types.MethodType(_metrics, model)
+    model.loss = types.MethodType(loss, model)
+    model.metrics = types.MethodType(metrics, model)
     return model
 
 
-class Record(TrainingProcessCallback):
-    """Keeps the central accuracy of every evaluation and when each round ended."""
+def recorder():
+    """A pfl callback keeping the central accuracy of every evaluation and when each round
+    ended."""
+    from pfl.callback.base import TrainingProcessCallback
+    from pfl.metrics import Metrics
 
-    def __init__(self) -> None:
-        self.accuracy: list[float] = []
-        self.round_end: list[float] = []
+    class Record(TrainingProcessCallback):
+        def __init__(self) -> None:
+            self.accuracy: list[float] = []
+            self.round_end: list[float] = []
 
-    def on_train_begin(self, *, model):
-        from pfl.metrics import Metrics
-        return Metrics()
+        def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
+            self.round_end.append(time.perf_counter() - STARTED)
+            for name, value in aggregate_metrics:
+                if str(name) == "Central val | accuracy":
+                    self.accuracy.append(float(getattr(value, "overall_value", value)))
+            return False, Metrics()
 
-    def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
-        from pfl.metrics import Metrics
-
-        self.round_end.append(time.perf_counter() - STARTED)
-        for name, value in aggregate_metrics:
-            if str(name) == "Central val | accuracy":
-                self.accuracy.append(float(value.overall_value
-                                           if hasattr(value, "overall_value") else value))
-        return False, Metrics()
+    return Record()
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The workload's numbers; experiments/bench.py's VS_PFL gives privet the same."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--test-fraction", type=float, default=0.2)
@@ -150,8 +136,24 @@ def main() -> None:
                              "two threads on two busy cores make a step ~50x slower); 0 = torch's "
                              "default")
     parser.add_argument("--json", help="write the result here")
-    args = parser.parse_args()
+    return parser
 
+
+def main() -> None:
+    args = parser().parse_args()
+    import numpy as np
+    import torch
+    from pfl.aggregate.simulate import SimulatedBackend
+    from pfl.aggregate.weighting import WeightByUser
+    from pfl.algorithm import FederatedAveraging, NNAlgorithmParams
+    from pfl.callback.central_evaluation import CentralEvaluationCallback
+    from pfl.data.dataset import Dataset
+    from pfl.data.federated_dataset import FederatedDataset
+    from pfl.data.sampling import get_user_sampler
+    from pfl.hyperparam import NNEvalHyperParams, NNTrainHyperParams
+    from pfl.model.pytorch import PyTorchModel
+
+    imported = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.random.manual_seed(args.seed)  # as pfl's benchmarks seed
@@ -181,7 +183,7 @@ def main() -> None:
                                       local_num_epochs=args.epochs,
                                       local_batch_size=args.batch_size)
     eval_params = NNEvalHyperParams(local_batch_size=None)  # the test set in one batch
-    record = Record()
+    record = recorder()
     FederatedAveraging().run(
         algorithm_params=algorithm_params, backend=backend, model=model,
         model_train_params=train_params, model_eval_params=eval_params,
@@ -190,8 +192,8 @@ def main() -> None:
     finished = time.perf_counter()
     result = {"accuracy": record.accuracy[-1], "accuracies": record.accuracy,
               "evaluations": len(record.accuracy) + 1,  # + the one before training
-              "rounds": args.rounds, "import_s": IMPORTED - STARTED,
-              "data_s": loaded - IMPORTED, "model_s": built - loaded,
+              "rounds": args.rounds, "import_s": imported - STARTED,
+              "data_s": loaded - imported, "model_s": built - loaded,
               "train_s": finished - built,
               "round_end_s": record.round_end, "torch_threads": torch.get_num_threads(),
               "train_rows": int(len(train_y)), "test_rows": int(len(test_y)),
