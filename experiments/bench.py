@@ -2,6 +2,7 @@
 
     python -m experiments.bench [--repeats 3] [--only adult,digits,fashion-mnist]
     python -m experiments.bench --memory [--clients 1000]
+    python -m experiments.bench --vs-pfl [--pairs 5] [--pfl-env PATH]
 
 Each repeat runs, side by side and in turns, as separate processes timed from launch to exit
 (start-up included):
@@ -18,6 +19,18 @@ actors running at once) and the orchestration overhead per client message after 
 `--memory` runs privet with many small clients (Adult, IID, 10 per round, 20 rounds) and
 samples the proportional set size (PSS) of the whole process tree (driver, Ray, actors) twice a
 second: peak, and the total at each round's end, which should not grow with rounds.
+
+`--vs-pfl` times privet against pfl-research 0.6 on pfl's best case (issue 18): 8x8 digits, 100
+users, 10 per round, 30 rounds, 2 local epochs of batch 5, SGD lr 0.1 without momentum, an MLP
+with 64 hidden units, no DP, the global model evaluated on the test set every round; both sides
+get the same split and the same 100 users (experiments/pfl_digits.py rebuilds privet's from the
+seed). privet runs as users run it (`python -m privet simulate --config digits.toml --set ...`);
+pfl runs experiments/pfl_digits.py in an environment of its own (torch 2.13.0, pfl 0.6.0,
+scikit-learn; made under --pfl-env when missing, outside privet's dependencies), on one torch
+thread (--pfl-threads), its fastest setting here. Pairs alternate who goes first; each run is a
+whole process timed from launch to exit, its process tree's peak PSS sampled every 0.2 s, its
+CPU time (user + system, the whole tree: less swayed by other load than wall time) and the
+1-minute load average read before and after it.
 """
 
 from __future__ import annotations
@@ -274,6 +287,180 @@ def memory(clients: int, rounds: int, keep: Path | None) -> None:
     print("  " + ", ".join(f"{r}: {kib / 1024:.0f}" for r, kib in sorted(by_round.items())))
 
 
+# --- privet against pfl-research on pfl's best case -------------------------------------
+
+PFL_REQUIREMENTS = ("torch==2.13.0", "pfl==0.6.0", "scikit-learn")
+PFL_SCRIPT = PROJECT_DIR / "experiments" / "pfl_digits.py"
+DEFAULT_PFL_ENV = Path.home() / ".cache" / "privet" / "pfl-env"
+# the workload, on privet's side: experiments/pfl_digits.py's defaults are the same numbers
+VS_PFL = Workload(CONFIGS / "digits.toml", (
+    "seed=42", "num-clients=100", "clients-per-round=10", "rounds=30",
+    "data.partition=iid", "data.test-fraction=0.2", "data.min-rows=5",
+    "train.model=mlp", "train.hidden=64", "train.local-epochs=2", "train.batch-size=5",
+    "train.lr=0.1", "train.momentum=0", "strategy.name=fedavg", "strategy.weighting=uniform",
+    "evaluation.mode=server", "privacy.level=none"))
+
+
+def pfl_python(env: Path) -> Path:
+    """The pfl environment's python, made (venv + pip) when it is missing or broken."""
+    python = env / "bin" / "python"
+    probe = [str(python), "-c", "import pfl, torch, sklearn"]
+    if python.exists() and subprocess.call(probe, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL) == 0:
+        return python
+    print(f"making the pfl environment in {env} ({', '.join(PFL_REQUIREMENTS)})", flush=True)
+    env.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.check_call(["python3", "-m", "venv", str(env)])
+    pip = [str(python), "-m", "pip", "install", "--quiet"]
+    subprocess.check_call(pip + ["--upgrade", "pip"])
+    # the CPU build of torch (PyPI's Linux wheel pulls CUDA), then pfl against it
+    subprocess.check_call(pip + [PFL_REQUIREMENTS[0], "--index-url",
+                                 "https://download.pytorch.org/whl/cpu"])
+    subprocess.check_call(pip + list(PFL_REQUIREMENTS))
+    subprocess.check_call(probe)
+    return python
+
+
+@dataclass
+class Measured:
+    wall: float
+    peak_pss_kib: int
+    load_before: float
+    load_after: float
+    cpu: float = float("nan")  # user + system seconds of the whole process tree
+    accuracy: float = float("nan")
+
+
+def _adopt_orphans() -> bool:
+    """Make this process the reaper of its descendants' orphans (Linux), so that the CPU time
+    of processes that outlive their parent (privet's fork server and pool workers: the driver
+    leaves with os._exit) still reaches RUSAGE_CHILDREN once they are reaped here."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _sampled(command: list[str], log: Path, env: dict | None = None,
+             every: float = 0.2) -> Measured:
+    """Run `command` to its exit, timed from launch; its process tree's PSS sampled `every`
+    seconds (the peak kept) and the 1-minute load average read before and after."""
+    load_before = os.getloadavg()[0]
+    peak = 0
+    stop = threading.Event()
+    adopted = _adopt_orphans()
+    cpu_before = _children_cpu()
+    with open(log, "w") as out:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   cwd=PROJECT_DIR, env=env)
+
+        def sample() -> None:
+            nonlocal peak
+            while not stop.is_set():
+                peak = max(peak, sum(_pss_kib(pid) for pid in _descendants(process.pid)))
+                stop.wait(every)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        code = process.wait()
+        wall = time.perf_counter() - start
+        load_after = os.getloadavg()[0]
+        stop.set()
+        sampler.join()
+        while adopted:  # the orphans it left: reaped here, their CPU time counted
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+    if code:
+        raise SystemExit(f"{' '.join(map(str, command))} failed ({code}); see {log}")
+    cpu = _children_cpu() - cpu_before if adopted else float("nan")
+    return Measured(wall, peak, load_before, load_after, cpu)
+
+
+def _privet_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(PROJECT_DIR), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _privet_vs_pfl(out: Path) -> Measured:
+    command = [sys.executable, "-m", "privet", "simulate", "--config", str(VS_PFL.config),
+               "--out", str(out), "--overwrite"]
+    for assignment in VS_PFL.overrides:
+        command += ["--set", assignment]
+    measured = _sampled(command, out.with_suffix(".log"), _privet_env())
+    measured.accuracy = float(_rows(out / "rounds.csv")[-1]["test_accuracy"])
+    return measured
+
+
+def _pfl(python: Path, out: Path, threads: int) -> Measured:
+    result = out.with_suffix(".json")
+    measured = _sampled([str(python), str(PFL_SCRIPT), "--json", str(result),
+                         "--threads", str(threads)], out.with_suffix(".log"))
+    measured.accuracy = float(json.loads(result.read_text())["accuracy"])
+    return measured
+
+
+def vs_pfl(pairs: int, env: Path, threads: int, keep: Path | None) -> None:
+    python = pfl_python(env)
+    root = keep or Path(tempfile.mkdtemp(prefix="privet-vs-pfl-"))
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"{_cores()} cores; {pairs} alternated pairs; pfl from {python} on {threads} torch "
+          f"thread(s); runs in {root}", flush=True)
+    runs: dict[str, list[Measured]] = {"privet": [], "pfl": []}
+    for pair in range(1, pairs + 1):
+        order = ("privet", "pfl") if pair % 2 else ("pfl", "privet")
+        for side in order:
+            out = root / f"pair{pair}-{side}"
+            m = (_privet_vs_pfl(out) if side == "privet" else _pfl(python, out, threads))
+            runs[side].append(m)
+            print(f"  pair {pair} {side:6s}: {m.wall:6.2f} s  CPU {m.cpu:6.2f} s  accuracy "
+                  f"{m.accuracy:.4f}  peak PSS {m.peak_pss_kib / 1024:5.0f} MiB  load "
+                  f"{m.load_before:.2f} → {m.load_after:.2f}", flush=True)
+    summary = {}
+    print()
+    print("side   | wall s: median (min–max) | CPU s: median (min–max) | peak PSS MiB: median "
+          "(min–max) | accuracy")
+    for side, ms in runs.items():
+        walls = [m.wall for m in ms]
+        cpus = [m.cpu for m in ms]
+        pss = [m.peak_pss_kib / 1024 for m in ms]
+        summary[side] = {"wall_median": statistics.median(walls), "wall_min": min(walls),
+                         "wall_max": max(walls), "cpu_median": statistics.median(cpus),
+                         "pss_median_mib": statistics.median(pss),
+                         "pss_min_mib": min(pss), "pss_max_mib": max(pss),
+                         "accuracy": statistics.median(m.accuracy for m in ms),
+                         "runs": [m.__dict__ for m in ms]}
+        print(f"{side:6s} | {summary[side]['wall_median']:6.2f} ({min(walls):.2f}–"
+              f"{max(walls):.2f})     | {summary[side]['cpu_median']:6.2f} ({min(cpus):.2f}–"
+              f"{max(cpus):.2f})   | {summary[side]['pss_median_mib']:5.0f} ({min(pss):.0f}–"
+              f"{max(pss):.0f})             | {summary[side]['accuracy']:.4f}")
+    ratio = summary["privet"]["wall_median"] / summary["pfl"]["wall_median"]
+    difference = summary["privet"]["accuracy"] - summary["pfl"]["accuracy"]
+    loads = [x for ms in runs.values() for m in ms for x in (m.load_before, m.load_after)]
+    print(f"privet/pfl (medians of wall time): {ratio:.2f}; of CPU time: "
+          f"{summary['privet']['cpu_median'] / summary['pfl']['cpu_median']:.2f}; accuracy "
+          f"privet − pfl: "
+          f"{difference:+.4f}; 1-minute load average over the runs {min(loads):.2f}–"
+          f"{max(loads):.2f} (median {statistics.median(loads):.2f}) on {_cores()} cores")
+    summary.update(ratio=ratio, accuracy_difference=difference, cores=_cores(),
+                   pfl_threads=threads, pairs=pairs)
+    (root / "vs-pfl.json").write_text(json.dumps(summary, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -283,6 +470,13 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="the many-clients memory run")
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--vs-pfl", action="store_true",
+                        help="privet against pfl-research 0.6 on pfl's best case (digits)")
+    parser.add_argument("--pairs", type=int, default=5, help="--vs-pfl: alternated pairs")
+    parser.add_argument("--pfl-env", type=Path, default=DEFAULT_PFL_ENV,
+                        help="--vs-pfl: pfl's virtualenv (made there when missing)")
+    parser.add_argument("--pfl-threads", type=int, default=1,
+                        help="--vs-pfl: pfl's torch threads (0 = torch's default)")
     parser.add_argument("--floor", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -292,6 +486,9 @@ def main() -> None:
         return
     if args.memory:
         memory(args.clients, args.rounds, args.keep)
+        return
+    if args.vs_pfl:
+        vs_pfl(args.pairs, args.pfl_env.expanduser(), args.pfl_threads, args.keep)
         return
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(names) - set(WORKLOADS))
