@@ -87,3 +87,38 @@ def test_a_run_reports_the_scores_of_its_saved_model_and_the_majority_baseline(t
     assert summary["scores"]["majority_baseline"] == pytest.approx(majority, abs=1e-5)
     assert f"majority class {majority:.4f}" in stdout and "ROC AUC" in stdout
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["scores"]["test_auc"] > 0.5
+
+
+@pytest.mark.parametrize("classes", [2, 3, 10])
+def test_numpy_scores_equal_scikit_learns(classes):
+    """privet's balanced accuracy, macro F1 and ROC AUC (numpy, common.evaluation) against
+    scikit-learn's own functions: with ties in the scores, classes never predicted, a class
+    absent from the labels (AUC: NaN, as scikit-learn refuses)."""
+    from sklearn import metrics
+
+    from privet.common.evaluation import balanced_accuracy, macro_f1, roc_auc
+
+    rng = np.random.default_rng(classes)
+    for trial in range(30):
+        n = int(rng.integers(2, 400))
+        labels = rng.integers(0, classes, n)
+        if trial % 7 == 3:
+            labels[labels == classes - 1] = 0  # a class absent
+        raw = rng.integers(0, 4, (n, classes)) if trial % 2 else rng.normal(size=(n, classes))
+        probabilities = torch.softmax(torch.as_tensor(raw, dtype=torch.float64), 1).numpy()
+        predicted = probabilities.argmax(1)
+        if trial % 5 == 1:
+            predicted[:] = 0  # classes never predicted
+        assert balanced_accuracy(labels, predicted, classes) == pytest.approx(
+            metrics.balanced_accuracy_score(labels, predicted), abs=1e-12)
+        assert macro_f1(labels, predicted, classes) == pytest.approx(metrics.f1_score(
+            labels, predicted, average="macro", labels=list(range(classes)), zero_division=0),
+            abs=1e-12)
+        try:
+            expected = (metrics.roc_auc_score(labels, probabilities[:, 1]) if classes == 2
+                        else metrics.roc_auc_score(labels, probabilities, multi_class="ovr",
+                                                   labels=list(range(classes))))
+        except ValueError:
+            expected = float("nan")
+        assert roc_auc(labels, probabilities) == pytest.approx(expected, abs=1e-12,
+                                                               nan_ok=True)

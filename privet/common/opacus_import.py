@@ -11,11 +11,22 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 import threading
 import warnings
 from types import ModuleType
 
 _lock = threading.Lock()
+
+
+def imported(module: str) -> ModuleType:
+    """`module`, imported under the lock that Opacus' lazy imports take."""
+    found = sys.modules.get(module)
+    if found is not None and not getattr(getattr(found, "__spec__", None), "_initializing",
+                                         False):
+        return found
+    with _lock:
+        return importlib.import_module(module)
 
 
 def opacus(module: str = "opacus") -> ModuleType:

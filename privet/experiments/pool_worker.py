@@ -1,5 +1,5 @@
 """What runs inside the process pool's workers (experiments/process_backend.py); kept apart so
-that a worker imports only this and the ClientApp."""
+that a worker imports only this and the ClientApp (and pyplot: `warm`)."""
 
 from __future__ import annotations
 

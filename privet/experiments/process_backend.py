@@ -25,6 +25,7 @@ from flwr.app import Context, Message
 from flwr.clientapp.client_app import ClientApp, ClientAppException
 from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
 
+from privet.common import plots
 from privet.experiments import pool_worker
 
 # backend config: {"workers": N, "app": "module:attr"}; no "-" (Flower turns them into "_")
@@ -34,7 +35,8 @@ def start_fork_server(reference: str) -> None:
     """Start the fork server now, so that it imports the ClientApp while this process is
     still starting the ServerApp (the pool's workers are forked from it later)."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([reference.partition(":")[0], pool_worker.__name__])
+    context.set_forkserver_preload([reference.partition(":")[0], pool_worker.__name__,
+                                    "privet.experiments.pool_warm"])
     multiprocessing.forkserver.ensure_running()
 
 
@@ -62,6 +64,7 @@ class ProcessPoolBackend(Backend):
         for future in [self.pool.submit(pool_worker.load_app, self.reference)
                        for _ in range(self.workers)]:
             future.result()
+        plots.EXECUTOR = self.pool  # the run's plot is drawn by a worker (pyplot imported)
 
     @property
     def num_workers(self) -> int:
@@ -72,6 +75,8 @@ class ProcessPoolBackend(Backend):
             return self._busy < self.workers
 
     def terminate(self) -> None:
+        if plots.EXECUTOR is self.pool:
+            plots.EXECUTOR = None
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None

@@ -159,9 +159,8 @@ def _ray_stopped_on_exit():
         yield
     finally:
         try:
-            import ray
-
-            if ray.is_initialized():
+            ray = sys.modules.get("ray")  # not imported: not started (the process pool)
+            if ray is not None and ray.is_initialized():
                 ray.shutdown()
         except Exception:  # noqa: BLE001 - best effort cleanup
             pass
@@ -194,7 +193,8 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
     # the model, before Ray starts: a layer DP-SGD cannot train is one line (ModelError)
     features = planned_features(cfg)
     shape = (len(features),) if features is not None else model_input_shape(cfg)
-    notes = tuple(check_model(cfg.train, shape, num_outputs(cfg), features))
+    notes = tuple(check_model(cfg.train, shape, num_outputs(cfg), features,
+                              dp_sgd=cfg.private))
     if is_import_path(cfg.strategy.name):  # a user's strategy: importable, a FedAvg, built
         from privet.common.config import ConfigError
         from privet.common.imports import one_line

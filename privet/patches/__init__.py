@@ -21,7 +21,10 @@ and checks that ε and the model are the same (tests/test_patches.py).
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
 import os
+import sys
 
 STOCK_ENV = "PRIVET_STOCK_LIBRARIES"
 LIBRARIES = {"flwr": "privet.patches.flower", "dp-accounting": "privet.patches.dp_accounting"}
@@ -36,21 +39,80 @@ def stock() -> bool:
     return os.environ.get(STOCK_ENV, "").strip() not in ("", "0")
 
 
+# libraries whose patches wait until privet first imports them (dp-accounting costs ~0.8 s
+# to import, which a run without DP never needs): the package imported last of them
+DEFERRED = {"dp-accounting": "dp_accounting"}
+
+
 def install(*libraries: str) -> tuple[str, ...]:
     """Install the patches of `libraries` (names as in LIBRARIES; default: all) unless
-    running stock; idempotent. Returns the libraries now patched in this process.
+    running stock; idempotent. A library in DEFERRED that is not imported yet is patched
+    the moment its import completes. Returns the libraries patched in this process so far.
     Raises PatchError where an installed version differs from the one a patch was
     written against, KeyError for an unknown library name."""
     if not stock():
         for name in libraries or tuple(LIBRARIES):
-            importlib.import_module(LIBRARIES[name]).install()
+            patch = LIBRARIES[name]
+            package = DEFERRED.get(name)
+            if package and package not in sys.modules:
+                _after_import(package, lambda patch=patch: _install_module(patch))
+            else:
+                importlib.import_module(patch).install()
     return installed()
+
+
+def _install_module(patch: str) -> None:
+    """Install `patch` (a module's name) now; if that module is what is importing the
+    library (partway through its own import), ask it to install itself as it finishes."""
+    module = sys.modules.get(patch)
+    if module is not None and getattr(getattr(module, "__spec__", None), "_initializing",
+                                      False):
+        module.INSTALL_WHEN_LOADED = True
+        return
+    importlib.import_module(patch).install()
+
+
+class _Then(importlib.abc.Loader):
+    """A module's own loader, then `then()` once the module has run."""
+
+    def __init__(self, loader, then) -> None:
+        self._loader, self._then = loader, then
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._loader.exec_module(module)
+        self._then()
+
+    def __getattr__(self, name: str):
+        return getattr(self._loader, name)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: gives `package`'s own spec a loader that calls `then` after."""
+
+    def __init__(self, package: str, then) -> None:
+        self.package, self.then = package, then
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.package:
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _Then(spec.loader, self.then)
+        return spec
+
+
+def _after_import(package: str, then) -> None:
+    if not any(isinstance(f, _AfterImport) and f.package == package for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(package, then))
 
 
 def installed() -> tuple[str, ...]:
     """The libraries whose patches this process has installed (for summary.json)."""
-    import sys
-
     return tuple(name for name, module in LIBRARIES.items()
                  if getattr(sys.modules.get(module), "INSTALLED", False))
 

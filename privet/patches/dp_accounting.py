@@ -207,3 +207,7 @@ def load_pld(path: Path) -> privacy_loss_distribution.PrivacyLossDistribution | 
     except (OSError, KeyError, ValueError):
         return None
     return privacy_loss_distribution.PrivacyLossDistribution(pmfs[0], pmfs[1])
+
+
+if globals().get("INSTALL_WHEN_LOADED"):  # privet.patches.install() ran before this import
+    install()

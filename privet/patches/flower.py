@@ -5,7 +5,7 @@ Written against Flower 1.41 (`WRITTEN_FOR`); `install()` refuses another version
 1. Prompt polling. Flower 1.41's simulation moves messages with two polling loops that sleep
    0.1 s between looks: the ServerApp's InMemoryGrid waiting for replies, and the engine's
    extractor handing new messages to the actors. Every round therefore idles about 0.1 s,
-   more than DP-SGD takes on a small client. These look again after 5 ms; the extractor,
+   more than DP-SGD takes on a small client. These look again after 2 ms; the extractor,
    which visits every node on each look, waits at least 4x what its last look cost, so that
    with a thousand nodes it does not take a core away from the clients. The engine's queue
    readers wake every 50 ms instead of every second, so a finished run stops at once.
@@ -15,7 +15,8 @@ Written against Flower 1.41 (`WRITTEN_FOR`); `install()` refuses another version
    partitions in creation order; the server samples clients among sorted node ids. Mapping
    partition i to the i-th smallest id makes a seeded run sample the same clients every run.
 3. The process pool (`process_pool_backend`): Flower 1.41 builds `raybackend.RayBackend`
-   whatever backend name it is given; within the context it builds privet's instead.
+   whatever backend name it is given; within the context it builds privet's instead (and
+   where Ray's backend module is not imported yet, a stand-in module spares importing Ray).
 4. The launcher's loader guard (`guard_client_app_loader`): a warm launcher's preloaded
    ClientApp must not shadow a FAB that differs from it.
 5. Scale (cross-device: 100,000 nodes). Flower builds every node's context before the first
@@ -34,8 +35,10 @@ import functools
 import importlib
 import importlib.metadata
 import os
+import sys
 import threading
 import time
+import types
 from collections.abc import Callable
 from contextlib import contextmanager
 from queue import Queue
@@ -45,7 +48,7 @@ from privet.patches import PatchError, check_version
 WRITTEN_FOR = ("1.41.",)
 INSTALLED = False
 PROMPT_POLLING_ENV = "PRIVET_PROMPT_POLLING"  # "0" keeps Flower's own 100 ms polling
-POLL_SECONDS = 0.005
+POLL_SECONDS = 0.002
 
 
 def _simulation_modules():
@@ -59,7 +62,7 @@ def _prompt_grid():
     from flwr.superlink.grid import InMemoryGrid
 
     class PromptGrid(InMemoryGrid):
-        """Flower's in-memory grid, pulling replies every 5 ms instead of every 100 ms."""
+        """Flower's in-memory grid, pulling replies every 2 ms instead of every 100 ms."""
 
         def __init__(self, *args, **kwargs) -> None:
             kwargs.setdefault("pull_interval", POLL_SECONDS)
@@ -195,8 +198,20 @@ def process_pool_backend(backend: type):
     if not INSTALLED:
         raise PatchError("the process pool replaces a Flower internal: install "
                          "privet.patches first, or run stock on Ray")
-    from flwr.server.superlink.fleet.vce.backend import raybackend  # imports Ray: only here
-
+    name = "flwr.server.superlink.fleet.vce.backend.raybackend"
+    raybackend = sys.modules.get(name)
+    if raybackend is None:
+        # Not imported yet (it imports Ray: ~0.4 s, which the process pool never uses):
+        # within, Flower's `from .backend.raybackend import RayBackend` finds a stand-in
+        stand_in = types.ModuleType(name)
+        stand_in.RayBackend = backend
+        sys.modules[name] = stand_in
+        try:
+            yield
+        finally:
+            if sys.modules.get(name) is stand_in:
+                del sys.modules[name]
+        return
     original = raybackend.RayBackend
     raybackend.RayBackend = backend
     try:

@@ -190,7 +190,8 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
     recorder.classes = [str(c) for c in classes]
     scale = target_scale(cfg)  # regression: scores in the label's units
     outputs = 1 if cfg.regression else len(classes)  # the classes: not read here on_clients
-    check_model(cfg.train, tuple(input_shape), outputs, features)  # ModelError: one line
+    check_model(cfg.train, tuple(input_shape), outputs, features,  # ModelError: one line
+                dp_sgd=cfg.private)
     model = build_model(cfg.train, tuple(input_shape), outputs, features)
     user_account = None
     if cfg.user_level:

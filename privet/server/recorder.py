@@ -22,7 +22,7 @@ from privet.common.data import adult
 from privet.common.data.target import target_scale
 from privet.common.device import device_name
 from privet.common.evaluation import RegressionScores, Scores
-from privet.common.plots import plot_run
+from privet.common import plots
 from privet.common.run_dir import claim as run_dir_claim
 from privet.common.privacy import accountants
 
@@ -279,10 +279,14 @@ class RunRecorder:
             "clients_trained": trained, "clients_declined": declined,
             "clients_failed": failed,
             "elapsed_seconds": f"{time.time() - self.started:.3f}"})
-        results.write_csv(self.run_dir / results.METRICS, self.metric_columns, self.client_rows)
-        results.write_csv(self.run_dir / results.ROUNDS, self.round_columns, self.round_rows)
+        # atomic, not fsynced each round (~2 ms a file): a killed run's files are whole;
+        # finish() syncs them
+        results.write_csv(self.run_dir / results.METRICS, self.metric_columns, self.client_rows,
+                          durable=False)
+        results.write_csv(self.run_dir / results.ROUNDS, self.round_columns, self.round_rows,
+                          durable=False)
         buffer = _torch_bytes({"round": server_round, "state_dict": state_dict})
-        results.atomic_write_bytes(self.run_dir / results.MODEL, buffer)
+        results.atomic_write_bytes(self.run_dir / results.MODEL, buffer, durable=False)
         # summary.json grows with the clients that trained (5,000 of them by round 50 of the
         # cross-device config: ~0.3 s a write). Rewritten after a round unless the last
         # write was under 20x its own time ago: at most ~5% of the run, every round for a
@@ -475,8 +479,9 @@ class RunRecorder:
                 summary["status"] = ended
             # rewritten after every round while running: on one line then (json's C encoder),
             # indented once the run has ended
-            results.write_json(self.run_dir / results.SUMMARY, summary,
-                               compact=summary["status"] == "running")
+            running = summary["status"] == "running"
+            results.write_json(self.run_dir / results.SUMMARY, summary, compact=running,
+                               durable=not running)
 
     def _target(self) -> dict:
         """Regression: the label, its public range and the map of model outputs z to its
@@ -492,8 +497,10 @@ class RunRecorder:
                       key=lambda kv: int(kv[0]) if kv[0].isdigit() else 1 << 30)
 
     def finish(self, status: str) -> None:
+        results.sync(*(self.run_dir / name for name in (results.METRICS, results.ROUNDS,
+                                                         results.MODEL)))
         self.write_summary(status)
-        plot_run(self.run_dir)
+        plots.draw(self.run_dir)
         for line in self.not_covered():  # a deployment's operator reads the streamed log
             log.info("privet: not covered by ε: %s", line)
 

@@ -20,13 +20,21 @@ import os
 import warnings
 from pathlib import Path
 
-# Imported here, not lazily: the ServerApp thread and the ClientApp loader import these
-# concurrently in simulation, and lazy imports of the same modules deadlock. Opacus is the
-# exception, loaded under a lock by common.opacus_import only where its accountants are used.
-from dp_accounting.pld import privacy_loss_distribution
+from privet.common.opacus_import import imported, opacus
 
-from privet.common.opacus_import import opacus
-from privet.patches import dp_accounting as dp_patches
+# dp-accounting (~0.8 s with scipy) and Opacus are imported on first use, under
+# common.opacus_import's lock (two threads importing the same modules lazily at once, the
+# ServerApp thread and a ClientApp loader, deadlocked): a run without DP never pays for them.
+
+
+def _pld():
+    """dp_accounting.pld.privacy_loss_distribution."""
+    return imported("dp_accounting.pld.privacy_loss_distribution")
+
+
+def _cache():
+    """privet.patches.dp_accounting: the on-disk cache of one-step PLDs (off when stock)."""
+    return imported("privet.patches.dp_accounting")
 _DP_ACCOUNTING = importlib.metadata.version("dp-accounting")
 
 ACCOUNTANTS = ("pld", "prv", "rdp")
@@ -45,15 +53,15 @@ def _pld_path(sigma: float, q: float) -> Path:
 
 @functools.lru_cache(maxsize=128)
 def _subsampled_gaussian(sigma: float, q: float
-                         ) -> privacy_loss_distribution.PrivacyLossDistribution:
+                         ):  # -> dp_accounting's PrivacyLossDistribution
     """One step's PLD. Building it is most of a first query's cost (dp-accounting evaluates
     the privacy loss point by point in Python, ~26 ms), and a client asks about the same
     (σ, q) every round: kept per process, and read from the cache directory when another
     simulation worker (or an earlier run) left it there (see _pld_epsilon)."""
-    found = dp_patches.load_pld(_pld_path(sigma, q))
+    found = _cache().load_pld(_pld_path(sigma, q))
     if found is not None:
         return found
-    return privacy_loss_distribution.from_gaussian_mechanism(
+    return _pld().from_gaussian_mechanism(
         standard_deviation=sigma, sampling_prob=q,
         value_discretization_interval=PLD_DISCRETISATION)
 
@@ -69,7 +77,7 @@ def _pld_epsilon(history: History, delta: float, on_disk: bool = False) -> float
             continue
         one_step = _subsampled_gaussian(sigma, q)
         if on_disk and not (path := _pld_path(sigma, q)).exists():
-            dp_patches.save_pld(path, one_step)
+            _cache().save_pld(path, one_step)
         entry = one_step.self_compose(int(steps))
         composed = entry if composed is None else composed.compose(entry)
     return 0.0 if composed is None else float(composed.get_epsilon_for_delta(delta))
