@@ -23,7 +23,8 @@ from privet.common.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, 
 from privet.common.run_dir import RunDirError
 from privet.experiments.lifetime import exit_code, stop_signals
 from privet.common.run_dir import claim as run_dir_claim
-from privet.experiments.cli_common import ConfigFile, Overrides, console, err, exit_now, fail
+from privet.experiments.cli_common import (ConfigFile, Overrides, console, err, exit_now,
+                                            fail, say)
 from privet.experiments.cli_deploy import deploy_app, run_deployed
 from privet.experiments.cli_ledger import ledger
 
@@ -662,6 +663,64 @@ def report(
         fail(str(error))
     print_comparison(built)
     console.print(f"{len(dirs)} run(s); report: {out / reporting.HTML}")
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory (finished or running)")],
+    file: Annotated[Path, typer.Argument(
+        help="rows to score: CSV/TSV/Parquet (gzipped text too) with the run's feature "
+             "columns; image runs: an image or a folder of images")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="CSV to write, one row per input row (never over a file privet "
+                            "predict did not write)")] = Path("predictions.csv"),
+) -> None:
+    """Score new rows with a run's model, cleaned and encoded as its training rows were.
+
+    Writes one row per input row: its row number (and line), the predicted class and the
+    probability of each class, or the prediction in the label's units (regression). A label
+    column, if the file has one, is not used to predict: the accuracy on it (regression:
+    RMSE, MAE, R²) is printed. Needs only the run directory: the encoding (the shared
+    transform fitted with DP) and the model's inputs are saved in it (model.json).
+
+    Examples:
+
+      privet predict runs/a privet/common/data/adult/adult.test.gz --out runs/a-test.csv
+
+      privet predict runs/a new-customers.parquet
+    """
+    from privet.common import predict as scoring
+    from privet.common.data.tables import DataError
+
+    try:
+        scoring.check_out(out, file)
+        predictor = scoring.Predictor(run_dir)
+        scored = predictor.score_file(file)
+        scoring.write(scored.table, out)
+    except (scoring.PredictError, DataError) as error:
+        fail(str(error))
+    for note in scored.notes:
+        err.print(f"privet: note: {note}", soft_wrap=True)
+    summary = results.read_summary(run_dir)
+    say(f"privet predict: {len(scored.table)} row(s) of {file} scored with the model of "
+        f"{run_dir} (round {summary.get('rounds')}) → {out}")
+    scores = scored.scores
+    if scores is None:
+        return
+    named = f"label column {predictor.spec.label!r}" if predictor.spec.data == "table" \
+        else "class subfolders"
+    if predictor.spec.regression:
+        reported = (summary.get("scores") or {}).get("test_rmse")
+        say(f"RMSE {scores['rmse']:.6g}, MAE {scores['mae']:.6g}, R² {scores['r2']:.6f} in the "
+            f"label's units, over {scores['rows']} labelled row(s) ({named})"
+            + (f"; the run's test RMSE: {reported:.6g}" if reported is not None else ""))
+        return
+    reported = summary.get("accuracy")
+    which = ("held-out accuracy (its clients' own rows)" if summary.get("evaluation") ==
+             "federated" else "test accuracy")
+    say(f"accuracy {scores['accuracy']:.6f} ({scores['correct']} of {scores['rows']} labelled "
+        f"row(s), {named})" + (f"; the run's {which}: {reported:.6f}"
+                               if reported is not None else ""))
 
 
 @app.command()
