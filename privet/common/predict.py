@@ -291,7 +291,7 @@ class Predictor:
         if hasattr(rows, "detach"):
             rows = rows.detach().cpu().numpy()
         try:
-            x = np.asarray(rows, dtype=np.float32)
+            x = np.array(rows, dtype=np.float32)  # a copy: torch wants it writable
         except (TypeError, ValueError) as error:
             raise PredictError(f"rows: not numbers ({error}); expected an array of shape "
                                f"(N, {', '.join(map(str, shape))})") from None
