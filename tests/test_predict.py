@@ -257,3 +257,26 @@ def test_image_runs_need_no_transform(tmp_path):
     assert "of 1 labelled" in proc.stdout and "'misc'" in proc.stderr
     with pytest.raises(privet.PrivetError, match="expected \\(N, 1, 8, 8\\)"):
         run.predict(np.zeros((2, 64)))
+
+
+def test_export_writes_a_torch_export_program_carrying_the_encoding(tiny, tmp_path):
+    import json
+    import torch
+
+    out = tmp_path / "model.pt2"
+    proc = cli("export", str(tiny.path), "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "float32 (N, 113) in, logits over <=50K, >50K out" in proc.stdout
+    extra = {"privet.json": ""}
+    program = torch.export.load(out, extra_files=extra).module()
+    note = json.loads(extra["privet.json"])
+    assert note["round"] == 2 and note["model"]["encoding"] == "shared"
+    transform = (tiny.path / "transform.json").read_text()
+    assert note["model"]["transform"] == json.loads(transform)
+    features = torch.from_numpy(datasets.test_data(tiny.config, transform).features[:100])
+    assert torch.equal(program(features), tiny.model()(features))
+    assert cli("export", str(tiny.path), "--out", str(out)).returncode == 0  # its own: replaced
+    mine = tmp_path / "mine.pt2"
+    mine.write_bytes(b"precious")
+    line = one_line_error(cli("export", str(tiny.path), "--out", str(mine)))
+    assert "not written by privet export" in line and mine.read_bytes() == b"precious"

@@ -213,3 +213,50 @@ def build(cfg: ExperimentConfig, spec: ModelSpec, run_dir: Path):
     model = build_model(cfg.train, spec.input_shape, spec.outputs, spec.features)
     model.load_state_dict(saved["state_dict"])
     return model.eval()
+
+
+EXPORT_NOTE = "privet.json"  # in an exported program's extra files: model.json and the round
+
+
+def exported_by_privet(path: Path) -> bool:
+    """Whether `path` is a program `privet export` wrote (a .pt2 zip holding its note)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith(f"/extra/{EXPORT_NOTE}") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def export(cfg: ExperimentConfig, spec: ModelSpec, run_dir: Path, out: Path) -> int:
+    """The run's model as a torch.export ExportedProgram saved to `out` (torch.export.save;
+    load with torch.export.load(out).module()): float32 (N, *input_shape) encoded rows in,
+    logits (N, outputs) out (regression: the scaled target z), any N. model.json and the
+    round ride along as the extra file `privet.json`, so the encoding travels with it.
+    Returns the round exported. Raises FileNotFoundError before round 1 is saved,
+    ModelError for a user's factory that does not import or build, RuntimeError (torch's
+    own) for a model torch.export cannot trace, OSError for `out`."""
+    import os
+    import tempfile
+
+    import torch
+
+    model = build(cfg, spec, run_dir)
+    round_ = int(torch.load(Path(run_dir) / results.MODEL, map_location="cpu")["round"])
+    batch = torch.export.Dim("batch")
+    example = torch.zeros(2, *spec.input_shape)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    note = json.dumps({"model": json.loads(spec.to_json()), "round": round_,
+                       "run_dir": str(Path(run_dir).resolve()),
+                       "train.model": cfg.train.model})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=".pt2")
+    os.close(fd)
+    try:
+        torch.export.save(program, tmp, extra_files={EXPORT_NOTE: note})
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return round_

@@ -724,6 +724,66 @@ def predict(
 
 
 @app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory (finished or running)")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="program to write (never over a file privet export did not "
+                            "write)")] = Path("model.pt2"),
+) -> None:
+    """Export a run's model with torch.export, for serving it without privet.
+
+    The program takes encoded rows, float32 (N, *input shape), any N, and returns logits
+    (regression: the scaled target); load it with torch.export.load(PATH).module(). The
+    encoding (the shared transform), the classes and the target's scale ride along in it
+    as the extra file privet.json (the run's model.json); `privet predict` does the
+    encoding for you.
+
+    Example:
+
+      privet export runs/a --out runs/a/model.pt2
+    """
+    from privet.common import saved_model
+    from privet.common.models import ModelError
+
+    if not (run_dir / results.SUMMARY).is_file() or not (run_dir / results.CONFIG).is_file():
+        fail(f"{run_dir}: not a privet run directory (no {results.SUMMARY} and "
+             f"{results.CONFIG})")
+    if out.is_dir() or out.suffix != ".pt2":
+        fail(f"--out {out}: expected the path of a file ending in .pt2 (torch.export's "
+             "archive)")
+    if out.exists() and not saved_model.exported_by_privet(out):
+        fail(f"--out {out}: exists and was not written by privet export; choose another path "
+             "(privet never writes over a file it did not write)")
+    if not (run_dir / results.MODEL).is_file():
+        fail(f"{run_dir}: no {results.MODEL}: no round has finished yet")
+    from privet.common.data.tables import DataError
+
+    try:
+        cfg = load_config(run_dir / results.CONFIG)
+        spec = saved_model.read(run_dir, cfg)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as error:
+        fail(str(error))
+    try:
+        done = saved_model.export(cfg, spec, run_dir, out)
+    except ModelError as error:
+        fail(str(error))
+    except OSError as error:
+        fail(f"--out {out}: cannot write ({(error.strerror or str(error)).lower()})")
+    except Exception as error:  # noqa: BLE001 - torch.export's many kinds: one line
+        fail(f"{run_dir}: torch.export cannot export train.model = {cfg.train.model!r}: "
+             f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}")
+    takes = ", ".join(map(str, spec.input_shape))
+    gives = "the scaled target z (y = center + half·z: privet.json's target)" \
+        if spec.regression else f"logits over {', '.join(spec.classes)}"
+    say(f"privet export: the model of {run_dir} (round {done}) → {out}: float32 (N, {takes}) "
+        f"in, {gives} out" + (f"; rows encoded with the {spec.encoding} transform in its "
+                              "privet.json" if spec.transform else
+                              "; each client encoded its rows its own way: no shared "
+                              "transform (privet predict refuses this run)"
+                              if spec.encoding == "per-client" else ""))
+
+
+@app.command()
 def audit(
     run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
     max_rows: Annotated[int, typer.Option(min=1, help="rows audited (members + non-members)")
