@@ -68,7 +68,8 @@ class Run:
 
     def predict(self, rows, *, labels=None):
         """Score new rows as `privet predict` does: a pandas DataFrame for a table (the run's
-        feature columns, by name, as text or numbers; any others ignored, the label column
+        feature columns, by name: text read as the run's files were, number formats
+        included, or numeric dtypes taken as numbers; any other column ignored, the label
         too), cleaned and encoded as the run's clients encoded theirs (the shared transform
         saved in model.json: missing markers, the columns' number formats, values outside
         a vocabulary as `other`); for an image or array run, a numpy array or torch tensor

@@ -221,6 +221,8 @@ def test_a_csv_run_with_a_users_model_needs_neither_its_file_nor_its_folder(tmp_
     assert len(pd.read_csv(tmp_path / "p.csv")) == 4 and "of 4 labelled" in proc.stdout
     scored = run.predict(new)
     assert set(scored["prediction"]) <= {"<=50K", ">50K"}
+    numbers = run.predict(new.assign(score=[12.5, 3.5, None, 7.5]))  # floats: as Python writes
+    assert (numbers["prob_>50K"] == scored["prob_>50K"]).all()
     new.loc[1, "score"] = "3.5.1"
     new.to_csv(path, sep=";", index=False)
     line = one_line_error(cli("predict", str(moved), str(path)))

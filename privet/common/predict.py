@@ -129,7 +129,9 @@ class Predictor:
                 raise PredictError("labels=: for a table the frame's label column "
                                    f"{self.spec.label!r} gives them")
             raw = tables.from_frame(rows, label=None, where="rows")
-            return self.score_table(raw, index=rows.index)
+            typed = {str(c).strip() for c in rows.columns  # numbers already: as Python writes
+                     if pd.api.types.is_numeric_dtype(rows[c])}  # them, whatever the file's
+            return self.score_table(raw, index=rows.index, plain=typed)
         if isinstance(rows, pd.DataFrame):
             raise PredictError(f"rows: a DataFrame; the run's model takes arrays of examples "
                                f"of shape {self.spec.input_shape}")
@@ -144,11 +146,15 @@ class Predictor:
 
     # --- tables ---------------------------------------------------------------------------
 
-    def score_table(self, raw: tables.RawTable, index: pd.Index | None = None) -> Scored:
+    def score_table(self, raw: tables.RawTable, index: pd.Index | None = None,
+                    plain: frozenset[str] | set[str] = frozenset()) -> Scored:
         """Clean, encode and score a table's rows (see the module doc); `index` (a frame's)
-        labels the output rows, else `row` and `line` columns do."""
+        labels the output rows, else `row` and `line` columns do; the numbers of `plain`
+        columns (a frame's numeric dtypes) are read as Python writes them, not in the
+        format training found in its files."""
         spec, transform = self.spec, self.transform
         frame = raw.frame
+        formats = {c: f for c, f in spec.formats.items() if c not in plain}
 
         def where(line: int) -> str:
             return f"rows, index {index[line - 1]!r}" if index is not None else raw.at(line)
@@ -166,11 +172,11 @@ class Predictor:
             notes.append(f"{raw.path}: skipped {len(raw.skipped_lines)} line(s) with the wrong "
                          f"number of fields (the run's data.bad-lines = \"skip\"), which get "
                          f"no prediction: {_listing(raw.skipped_lines)}")
-        bad = tables.check_numeric(raw, numeric, self.markers, spec.formats)
+        bad = tables.check_numeric(raw, numeric, self.markers, formats)
         for column, kinds in bad.items():
             cells = kinds.get("non-numeric")
             if cells:
-                fmt = spec.formats.get(column, PLAIN)
+                fmt = formats.get(column, PLAIN)
                 written = "" if fmt.plain else f" ({fmt.describe()}, as in training)"
                 more = f"; {len(cells)} such cells in this column" if len(cells) > 1 else ""
                 raise DataError(
@@ -187,7 +193,7 @@ class Predictor:
             chosen[adult.LABEL] = [tables.normalise_label(v) for v in chosen[adult.LABEL]]
         chosen[_LABEL] = "x"  # every row kept: no label needed, duplicates scored too
         cleaned, _ = clean(chosen, numeric=numeric, label=_LABEL, missing_markers=self.markers,
-                           drop_duplicates=False, formats=spec.formats)
+                           drop_duplicates=False, formats=formats)
         for step in transform.categorical:
             values = cleaned[step.column]
             outside = np.flatnonzero(values.notna().to_numpy()
@@ -199,7 +205,7 @@ class Predictor:
                              f"encoded as `other` as the transform does; first at "
                              f"{where(int(raw.lines[outside[0]]))}")
         features = transform.apply(cleaned)
-        labels, label_notes = self._table_labels(raw, where)
+        labels, label_notes = self._table_labels(raw, where, formats)
         scored = self._score(features, labels)
         if index is not None:
             scored.table.index = index
@@ -211,7 +217,8 @@ class Predictor:
         scored.notes = notes + label_notes + scored.notes
         return scored
 
-    def _table_labels(self, raw: tables.RawTable, where) -> tuple[np.ndarray | None, list[str]]:
+    def _table_labels(self, raw: tables.RawTable, where, formats
+                      ) -> tuple[np.ndarray | None, list[str]]:
         """The label column's values as class indices (-1: none or not a class) or numbers
         (NaN: none); None without a label column."""
         spec = self.spec
@@ -225,7 +232,7 @@ class Predictor:
                          f"label, left out of the scores: "
                          + _listing(where(int(raw.lines[i])) for i in np.flatnonzero(missing)))
         if spec.regression:
-            fmt = spec.formats.get(spec.label, PLAIN)
+            fmt = formats.get(spec.label, PLAIN)
             y = np.array(fmt.parse(values.mask(missing)), dtype=float)
             bad = np.flatnonzero(~np.isfinite(y) & ~missing)
             if len(bad):
@@ -405,7 +412,8 @@ def _headerless_adult(path: Path) -> bool:
         if line.startswith("|"):
             return True
         fields = [f.strip() for f in next(csv.reader(io.StringIO(line)))]
-        return len(fields) == len(adult.COLUMNS) and not set(fields) & set(adult.COLUMNS)
+        return (len(fields) == len(adult.COLUMNS) and not set(fields) & set(adult.COLUMNS)
+                and fields[0].isdigit())  # an age: a row, not a header
     return False
 
 

@@ -770,8 +770,10 @@ def export(
     except OSError as error:
         fail(f"--out {out}: cannot write ({(error.strerror or str(error)).lower()})")
     except Exception as error:  # noqa: BLE001 - torch.export's many kinds: one line
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else \
+            type(error).__name__
         fail(f"{run_dir}: torch.export cannot export train.model = {cfg.train.model!r}: "
-             f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}")
+             f"{reason}")
     takes = ", ".join(map(str, spec.input_shape))
     gives = "the scaled target z (y = center + half·z: privet.json's target)" \
         if spec.regression else f"logits over {', '.join(spec.classes)}"
