@@ -4,6 +4,7 @@
     run = privet.simulate("experiments/configs/tiny.toml", overrides={"rounds": 3})
     run.summary["accuracy"], run.rounds[["round", "test_accuracy", "max_epsilon"]]
     model = run.model()                       # the trained torch module, rebuilt
+    run.predict(frame)                        # new rows scored as the run's test rows were
     again = privet.load_run(run.path)         # any run directory, finished or not
 
 The experiment itself runs as `privet simulate` does, in a child process (Flower's

@@ -53,29 +53,52 @@ class Run:
         return load_config(self.path / "config.toml")
 
     def model(self):
-        """The latest global model as a torch nn.Module in eval mode, rebuilt from the run's
-        `train.model` (a built-in or the user's factory, which must be importable) and
-        loaded with model.pt (regression: it predicts the scaled target z; y = center +
-        half·z with summary["target"]). Raises FileNotFoundError before the first round is
-        saved."""
-        import torch
-
-        from privet.common.data import datasets
-        from privet.common.models import build_model
+        """The latest global model as a torch nn.Module on the CPU in eval mode, rebuilt from
+        the run's `train.model` (a built-in or the user's factory, which must be importable)
+        with the input shape, outputs and feature layout in model.json, and loaded with
+        model.pt. It maps a batch of encoded rows (B, *input_shape) float32 to logits (B,
+        classes); regression: (B, 1), the scaled target z (y = center + half·z with
+        summary["target"]). The run directory suffices; a run from before model.json existed
+        is rebuilt from its data, which must then still be where its config says. Raises
+        FileNotFoundError before the first round is saved."""
+        from privet.common import saved_model
 
         cfg = self.config
-        saved = torch.load(self.path / "model.pt", map_location="cpu")
-        transform = self.path / "transform.json"
-        features = None
-        if not cfg.data.tabular:
-            shape = datasets.model_input_shape(cfg)
-        else:
-            test = datasets.test_data(cfg, transform.read_text(encoding="utf-8")
-                                      if transform.exists() else "")
-            shape, features = test.features.shape[1:], test.feature_spec
-        model = build_model(cfg.train, tuple(shape), datasets.num_outputs(cfg), features)
-        model.load_state_dict(saved["state_dict"])
-        return model.eval()
+        return saved_model.build(cfg, saved_model.read(self.path, cfg), self.path)
+
+    def predict(self, rows, *, labels=None):
+        """Score new rows as `privet predict` does: a pandas DataFrame for a table (the run's
+        feature columns, by name: text read as the run's files were, number formats
+        included, or numeric dtypes taken as numbers; any other column ignored, the label
+        too), cleaned and encoded as the run's clients encoded theirs (the shared transform
+        saved in model.json: missing markers, the columns' number formats, values outside
+        a vocabulary as `other`); for an image or array run, a numpy array or torch tensor
+        (N, *input_shape) (or one example), float, images in [0, 1].
+
+        Returns a pandas DataFrame with the input's index (arrays: 0..N-1): `prediction`
+        (the class name; regression: the prediction in the label's units) and, classifying,
+        `prob_<class>` per class (softmax, float64). `attrs["scores"]`: with a label column
+        in the frame (or `labels` given for arrays: class indices or names), accuracy
+        (regression: rmse, mae, r2 in the label's units) over the labelled rows and their
+        count, else None; `attrs["notes"]`: what was done to the rows (non-finite numbers
+        made missing, values outside a vocabulary, unlabelled rows).
+
+        Raises PrivetError (code 2) with one line: a missing column, a cell that is not a
+        number, rows of the wrong shape, a run whose rows were encoded per client (no
+        shared transform: re-run with preprocess.fit = "federated"), a run without model.pt.
+        """
+        from privet.common import predict as scoring
+        from privet.common.data.tables import DataError
+
+        try:
+            scorer = scoring.Predictor(self.path)
+            scored = scorer.score_python(rows, labels)
+        except (scoring.PredictError, DataError) as error:
+            raise PrivetError(str(error), 2, "") from None
+        table = scored.table
+        table.attrs["scores"] = scored.scores
+        table.attrs["notes"] = list(scored.notes)
+        return table
 
     def _csv(self, name: str):
         import pandas as pd

@@ -7,6 +7,8 @@
     summary.json   final (or latest) accuracy, ε per client with its history, wall time,
                    versions, seed, and `status`: running | complete | interrupted | failed
     model.pt       the latest global weights
+    model.json     what the model takes and gives: input shape, classes, feature layout, the
+                   transform rows are encoded with, the regression target's scale
     *.png          plots
 
 Every file is rewritten whole through a temp file and a rename, so a run stopped at
@@ -36,8 +38,9 @@ PARTITIONS = "partitions.csv"    # per client: rows, label balance, missing cell
 TRANSFORM = "transform.json"     # the shared transform of federated preprocessing
 AUDIT = "audit.json"             # `privet audit`: the membership-inference audit
 CLIENT_TRANSFORMS = "client_transforms.json"  # each client's own DP-fitted transform
+MODEL_SPEC = "model.json"        # what model.pt takes and gives (common.saved_model)
 RUN_FILES = (CONFIG, METRICS, ROUNDS, SUMMARY, MODEL, PLOT, PARTITIONS, TRANSFORM,
-             CLIENT_TRANSFORMS, AUDIT)  # what a run writes: replaced by the next run there
+             CLIENT_TRANSFORMS, AUDIT, MODEL_SPEC)  # what a run writes: replaced by the next
 
 METRIC_COLUMNS = ["round", "client", "status", "examples", "loss", "accuracy", "epsilon",
                   "steps", "noise_multiplier", "sample_rate", "train_seconds",

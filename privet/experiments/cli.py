@@ -23,7 +23,8 @@ from privet.common.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, 
 from privet.common.run_dir import RunDirError
 from privet.experiments.lifetime import exit_code, stop_signals
 from privet.common.run_dir import claim as run_dir_claim
-from privet.experiments.cli_common import ConfigFile, Overrides, console, err, exit_now, fail
+from privet.experiments.cli_common import (ConfigFile, Overrides, console, err, exit_now,
+                                            fail, say)
 from privet.experiments.cli_deploy import deploy_app, run_deployed
 from privet.experiments.cli_ledger import ledger
 
@@ -662,6 +663,126 @@ def report(
         fail(str(error))
     print_comparison(built)
     console.print(f"{len(dirs)} run(s); report: {out / reporting.HTML}")
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory (finished or running)")],
+    file: Annotated[Path, typer.Argument(
+        help="rows to score: CSV/TSV/Parquet (gzipped text too) with the run's feature "
+             "columns; image runs: an image or a folder of images")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="CSV to write, one row per input row (never over a file privet "
+                            "predict did not write)")] = Path("predictions.csv"),
+) -> None:
+    """Score new rows with a run's model, cleaned and encoded as its training rows were.
+
+    Writes one row per input row: its row number (and line), the predicted class and the
+    probability of each class, or the prediction in the label's units (regression). A label
+    column, if the file has one, is not used to predict: the accuracy on it (regression:
+    RMSE, MAE, R²) is printed. Needs only the run directory: the encoding (the shared
+    transform fitted with DP) and the model's inputs are saved in it (model.json).
+
+    Examples:
+
+      privet predict runs/a privet/common/data/adult/adult.test.gz --out runs/a-test.csv
+
+      privet predict runs/a new-customers.parquet
+    """
+    from privet.common import predict as scoring
+    from privet.common.data.tables import DataError
+
+    try:
+        scoring.check_out(out, file)
+        predictor = scoring.Predictor(run_dir)
+        scored = predictor.score_file(file)
+        scoring.write(scored.table, out)
+    except (scoring.PredictError, DataError) as error:
+        fail(str(error))
+    for note in scored.notes:
+        err.print(f"privet: note: {note}", soft_wrap=True)
+    summary = results.read_summary(run_dir)
+    say(f"privet predict: {len(scored.table)} row(s) of {file} scored with the model of "
+        f"{run_dir} (round {summary.get('rounds')}) → {out}")
+    scores = scored.scores
+    if scores is None:
+        return
+    named = f"label column {predictor.spec.label!r}" if predictor.spec.data == "table" \
+        else "class subfolders"
+    if predictor.spec.regression:
+        reported = (summary.get("scores") or {}).get("test_rmse")
+        say(f"RMSE {scores['rmse']:.6g}, MAE {scores['mae']:.6g}, R² {scores['r2']:.6f} in the "
+            f"label's units, over {scores['rows']} labelled row(s) ({named})"
+            + (f"; the run's test RMSE: {reported:.6g}" if reported is not None else ""))
+        return
+    reported = summary.get("accuracy")
+    which = ("held-out accuracy (its clients' own rows)" if summary.get("evaluation") ==
+             "federated" else "test accuracy")
+    say(f"accuracy {scores['accuracy']:.6f} ({scores['correct']} of {scores['rows']} labelled "
+        f"row(s), {named})" + (f"; the run's {which}: {reported:.6f}"
+                               if reported is not None else ""))
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory (finished or running)")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="program to write (never over a file privet export did not "
+                            "write)")] = Path("model.pt2"),
+) -> None:
+    """Export a run's model with torch.export, for serving it without privet.
+
+    The program takes encoded rows, float32 (N, *input shape), any N, and returns logits
+    (regression: the scaled target); load it with torch.export.load(PATH).module(). The
+    encoding (the shared transform), the classes and the target's scale ride along in it
+    as the extra file privet.json (the run's model.json); `privet predict` does the
+    encoding for you.
+
+    Example:
+
+      privet export runs/a --out runs/a/model.pt2
+    """
+    from privet.common import saved_model
+    from privet.common.models import ModelError
+
+    if not (run_dir / results.SUMMARY).is_file() or not (run_dir / results.CONFIG).is_file():
+        fail(f"{run_dir}: not a privet run directory (no {results.SUMMARY} and "
+             f"{results.CONFIG})")
+    if out.is_dir() or out.suffix != ".pt2":
+        fail(f"--out {out}: expected the path of a file ending in .pt2 (torch.export's "
+             "archive)")
+    if out.exists() and not saved_model.exported_by_privet(out):
+        fail(f"--out {out}: exists and was not written by privet export; choose another path "
+             "(privet never writes over a file it did not write)")
+    if not (run_dir / results.MODEL).is_file():
+        fail(f"{run_dir}: no {results.MODEL}: no round has finished yet")
+    from privet.common.data.tables import DataError
+
+    try:
+        cfg = load_config(run_dir / results.CONFIG)
+        spec = saved_model.read(run_dir, cfg)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as error:
+        fail(str(error))
+    try:
+        done = saved_model.export(cfg, spec, run_dir, out)
+    except ModelError as error:
+        fail(str(error))
+    except OSError as error:
+        fail(f"--out {out}: cannot write ({(error.strerror or str(error)).lower()})")
+    except Exception as error:  # noqa: BLE001 - torch.export's many kinds: one line
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else \
+            type(error).__name__
+        fail(f"{run_dir}: torch.export cannot export train.model = {cfg.train.model!r}: "
+             f"{reason}")
+    takes = ", ".join(map(str, spec.input_shape))
+    gives = "the scaled target z (y = center + half·z: privet.json's target)" \
+        if spec.regression else f"logits over {', '.join(spec.classes)}"
+    say(f"privet export: the model of {run_dir} (round {done}) → {out}: float32 (N, {takes}) "
+        f"in, {gives} out" + (f"; rows encoded with the {spec.encoding} transform in its "
+                              "privet.json" if spec.transform else
+                              "; each client encoded its rows its own way: no shared "
+                              "transform (privet predict refuses this run)"
+                              if spec.encoding == "per-client" else ""))
 
 
 @app.command()

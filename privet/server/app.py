@@ -25,9 +25,11 @@ from flwr.superlink.grid import InMemoryGrid
 
 from privet import patches
 from privet.common import records as R
+from privet.common import saved_model
 from privet.common.config import ExperimentConfig, from_run_config
 from privet.common.data.datasets import classes as class_names
 from privet.common.data.datasets import partition_report, source_warnings, test_data
+from privet.common.data.datasets import schema as data_schema
 from privet.common.data.target import target_scale
 from privet.common.device import DeviceError, device_code, device_name, resolve_device
 from privet.common.evaluation import Scores, score, score_regression
@@ -192,6 +194,9 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
     outputs = 1 if cfg.regression else len(classes)  # the classes: not read here on_clients
     check_model(cfg.train, tuple(input_shape), outputs, features,  # ModelError: one line
                 dp_sgd=cfg.private)
+    recorder.write_model_spec(saved_model.describe(  # before round 1: the run dir suffices
+        cfg, input_shape, classes, features, transform,
+        data_schema(cfg) if not on_clients and cfg.data.tabular else None))
     model = build_model(cfg.train, tuple(input_shape), outputs, features)
     user_account = None
     if cfg.user_level:

@@ -179,6 +179,11 @@ class RunRecorder:
             self._released(str(row["client"]),
                            ["rows", "label counts", "missing cells"])
 
+    def write_model_spec(self, spec) -> None:
+        """model.json (common.saved_model.ModelSpec): what model.pt takes and gives, so that
+        the run directory alone rebuilds the model and encodes new rows."""
+        results.atomic_write_text(self.run_dir / results.MODEL_SPEC, spec.to_json())
+
     def write_transform(self, transform, estimated_bounds: dict | None = None) -> None:
         self.transform_features = len(transform.feature_names())
         self.estimated_bounds = dict(estimated_bounds or {})

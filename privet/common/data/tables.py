@@ -71,7 +71,9 @@ class TableSchema:
 # --- reading ----------------------------------------------------------------------------
 
 
-def read_table(path: str | Path, *, label: str, bad_lines: str = "error") -> RawTable:
+def read_table(path: str | Path, *, label: str | None, bad_lines: str = "error",
+               header: tuple[str, ...] = (), comment: str = "",
+               setting: str = "data.path") -> RawTable:
     """One CSV/TSV/TXT (optionally gzipped) or Parquet file, every cell as text.
 
     The format follows the suffix (.parquet/.pq, else text), with the file's first bytes
@@ -80,26 +82,31 @@ def read_table(path: str | Path, *, label: str, bad_lines: str = "error") -> Raw
     read (bad_lines="error") or is skipped and listed in `skipped_lines` ("skip");
     malformed quoting is always an error, since skipping it could swallow the rest of
     the file.
+
+    `label` must be a column (None: no label is needed, as when scoring new rows). A text
+    file given `header` (column names) has none of its own: every line is a row; lines
+    starting with `comment` (UCI's "|") are passed over. `setting` is what messages name as
+    where the path came from ("" names nothing).
     """
     if bad_lines not in ("error", "skip"):
         raise ValueError(f"bad_lines = {bad_lines!r}: expected 'error' or 'skip'")
     path = Path(path)
+    named = f" ({setting})" if setting else ""
     if path.is_dir():
-        raise DataError(f"{path}: a folder, not a file; expected a CSV or Parquet file "
-                        "(data.path)")
+        raise DataError(f"{path}: a folder, not a file; expected a CSV or Parquet file{named}")
     if not path.is_file():
-        raise DataError(f"{path}: no such file; expected a CSV or Parquet file (data.path)")
+        raise DataError(f"{path}: no such file; expected a CSV or Parquet file{named}")
     try:
         with path.open("rb") as f:
             head = f.read(4)
         if head == b"PAR1" or (path.suffix.lower() in PARQUET_SUFFIXES
                                and head[:2] != b"\x1f\x8b"):
             return _read_parquet(path, label)
-        return _read_text(path, head, label, bad_lines)
+        return _read_text(path, head, label, bad_lines, header, comment, named)
     except OSError as error:  # permission denied, a vanished file, an I/O error
         reason = (error.strerror or str(error)).lower()
-        raise DataError(f"{path}: {reason}; expected a readable CSV or Parquet file "
-                        "(data.path)") from None
+        raise DataError(f"{path}: {reason}; expected a readable CSV or Parquet file{named}"
+                        ) from None
 
 
 def read_folder(path: str | Path, *, label: str, bad_lines: str = "error") -> list[RawTable]:
@@ -134,7 +141,7 @@ def read_folder(path: str | Path, *, label: str, bad_lines: str = "error") -> li
     return aligned
 
 
-def from_frame(frame: pd.DataFrame, *, label: str, where: str) -> RawTable:
+def from_frame(frame: pd.DataFrame, *, label: str | None, where: str) -> RawTable:
     """A DataFrame a user's loader returned, every cell as text, as if read from a CSV file
     that pandas wrote (`frame.to_csv(index=False)`): numbers as Python writes them (39,
     39.5), missing cells (None, NaN, NA, NaT) empty. `where` names the source in messages
@@ -161,7 +168,9 @@ def from_frame(frame: pd.DataFrame, *, label: str, where: str) -> RawTable:
                     np.arange(1, len(frame) + 1, dtype=np.int64), path, (), unit="row")
 
 
-def _read_text(path: Path, head: bytes, label: str, bad_lines: str) -> RawTable:
+def _read_text(path: Path, head: bytes, label: str | None, bad_lines: str,
+               header: tuple[str, ...] = (), comment: str = "",
+               named: str = " (data.path)") -> RawTable:
     raw = path.read_bytes()
     if head[:2] == b"\x1f\x8b":
         try:
@@ -182,13 +191,16 @@ def _read_text(path: Path, head: bytes, label: str, bad_lines: str) -> RawTable:
     nul = text.find("\x00")
     if nul >= 0:  # Python's csv module accepts NUL; it means a binary file here
         raise DataError(f"{path}, line {text.count(chr(10), 0, nul) + 1}: a NUL byte; "
-                        "a binary file? expected CSV text or Parquet (data.path)")
+                        f"a binary file? expected CSV text or Parquet{named}")
     tsv = any(s == ".tsv" for s in (s.lower() for s in path.suffixes))
-    delimiter = "\t" if tsv else _sniff(text)
+    sample = text if not comment else "".join(
+        line for line in text[:_SNIFF_CHARS].splitlines(keepends=True)
+        if not line.startswith(comment))
+    delimiter = "\t" if tsv else _sniff(sample)
     # skipinitialspace: `a, "b, c"` is two fields, as a person writing ", " means it.
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True,
                         skipinitialspace=True)
-    names: list[str] | None = None
+    names: list[str] | None = list(header) if header else None
     rows: list[list[str]] = []
     lines: list[int] = []
     bad: list[tuple[int, int, int]] = []  # (first line, last line, fields)
@@ -203,6 +215,8 @@ def _read_text(path: Path, head: bytes, label: str, bad_lines: str) -> RawTable:
         first, last, start = start, reader.line_num, reader.line_num + 1
         if not record or (len(record) == 1 and not record[0].strip()):
             continue  # blank line
+        if comment and record[0].startswith(comment):
+            continue
         if names is None:
             names = [name.strip() for name in record]
             _check_header(path, names, f"{path}, line {first}")
@@ -268,7 +282,7 @@ def _bad_lines_error(path: Path, bad: list[tuple[int, int, int]], width: int) ->
     return message + "; fix them or set data.bad-lines = \"skip\" to skip them"
 
 
-def _read_parquet(path: Path, label: str) -> RawTable:
+def _read_parquet(path: Path, label: str | None) -> RawTable:
     try:
         import pyarrow as pa
         import pyarrow.compute as pc
@@ -315,8 +329,8 @@ def _check_header(path: Path, names: list[str], where: str) -> None:
                         + "; ".join(duplicates) + "; column names must be unique")
 
 
-def _check_label(path: Path, label: str, names: list[str]) -> None:
-    if label in names:
+def _check_label(path: Path, label: str | None, names: list[str]) -> None:
+    if label is None or label in names:  # None: no label needed (scoring new rows)
         return
     columns = _listing(names, shown=20, quote=False)
     if not label:
