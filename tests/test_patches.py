@@ -41,8 +41,17 @@ def test_install_patches_named_libraries_once_and_stock_installs_none():
             "hasattr(pld_pmf._truncate_tails, '__wrapped__'))")
     assert _python(code) == "('dp-accounting',) ('dp-accounting',) True"
     assert _python(code, PRIVET_STOCK_LIBRARIES="1") == "() () False"
-    assert _python("from privet import patches; print(patches.install())") == \
-        "('flwr', 'dp-accounting')"
+    # dp-accounting not imported yet: patched the moment it is (it costs ~0.8 s to import)
+    assert _python("from privet import patches; print(patches.install())\n"
+                   "import dp_accounting\n"
+                   "from dp_accounting.pld import pld_pmf\n"
+                   "print(patches.installed(), hasattr(pld_pmf._truncate_tails, '__wrapped__'))"
+                   ) == "('flwr',)\n('flwr', 'dp-accounting') True"
+    # and when privet's own patch module is what imports it first
+    assert _python("from privet import patches; patches.install('dp-accounting')\n"
+                   "from privet.common.privacy import accountants\n"
+                   "accountants.epsilon(((1.0, 0.01, 10),), 1e-5, 'pld')\n"
+                   "print(patches.installed())") == "('dp-accounting',)"
 
 
 def test_a_version_the_patches_were_not_written_for_is_refused_in_one_line():
