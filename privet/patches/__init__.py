@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
+import importlib.metadata
 import importlib.util
 import os
 import sys
 
 STOCK_ENV = "PRIVET_STOCK_LIBRARIES"
 LIBRARIES = {"flwr": "privet.patches.flower", "dp-accounting": "privet.patches.dp_accounting"}
+# the releases each library's patches were written against (version prefixes)
+WRITTEN_FOR = {"flwr": ("1.41.",), "dp-accounting": ("0.6.",)}
 
 
 class PatchError(RuntimeError):
@@ -53,6 +56,9 @@ def install(*libraries: str) -> tuple[str, ...]:
     if not stock():
         for name in libraries or tuple(LIBRARIES):
             patch = LIBRARIES[name]
+            # the version first, from the package's metadata (no import): one line now,
+            # not an error at the first use of a deferred library
+            check_version(name, importlib.metadata.version(name), WRITTEN_FOR[name])
             package = DEFERRED.get(name)
             if package and package not in sys.modules:
                 _after_import(package, lambda patch=patch: _install_module(patch))

@@ -37,9 +37,10 @@ import numpy as np
 from dp_accounting.pld import common, pld_pmf, privacy_loss_distribution
 from scipy import special
 
+from privet.patches import WRITTEN_FOR as RELEASES
 from privet.patches import PatchError, check_version
 
-WRITTEN_FOR = ("0.6.",)
+WRITTEN_FOR = RELEASES["dp-accounting"]
 INSTALLED = False
 
 _original = common.compute_self_convolve_bounds

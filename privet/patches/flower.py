@@ -43,9 +43,10 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from queue import Queue
 
+from privet.patches import WRITTEN_FOR as RELEASES
 from privet.patches import PatchError, check_version
 
-WRITTEN_FOR = ("1.41.",)
+WRITTEN_FOR = RELEASES["flwr"]
 INSTALLED = False
 PROMPT_POLLING_ENV = "PRIVET_PROMPT_POLLING"  # "0" keeps Flower's own 100 ms polling
 POLL_SECONDS = 0.002
