@@ -175,7 +175,22 @@ def print_summary(run_dir: Path) -> None:
                   f"{summary['num_clients']} clients failed", soft_wrap=True)
     for line in privacy.get("not_covered", []):
         console.print(f"not covered by ε: {line}")
+    for line in tracking_lines(summary):
+        console.print(line)
     console.print(f"results: {run_dir}")
+
+
+def tracking_lines(summary: dict) -> list[str]:
+    """Where `[tracking]` logged the run (summary.json → tracking), one line per backend; a
+    backend that failed was named in a warning when it did."""
+    lines = []
+    for key, state in (summary.get("tracking") or {}).items():
+        where = (f"experiment {state.get('experiment')!r}, run {state.get('run_id')} at "
+                 f"{state.get('uri')}" if key == "mlflow" else state.get("dir"))
+        lines.append(f"tracked in {key}: {where}" if state.get("ok") else
+                     f"tracking in {key} stopped ({state.get('error')}); the run directory "
+                     "holds every result")
+    return lines
 
 
 def _print_regression_scores(summary: dict, eps_line: str) -> None:
@@ -243,7 +258,8 @@ def _print_regression_partitions(report: list[dict], cfg) -> None:
 
 def _origin(message: str, config: Path, overrides: list[str]) -> str:
     """Where the setting an error names came from: its --set override(s), else the file."""
-    named = [o for o in overrides if message.startswith(o.split("=", 1)[0].strip() + ":")]
+    named = [o for o in overrides if message.startswith(
+        tuple(o.split("=", 1)[0].strip() + end for end in (":", " = ")))]
     return ", ".join(f"--set {o}" for o in named) or str(config)
 
 
@@ -583,14 +599,22 @@ def compare(
     from privet.experiments import report
     from privet.experiments.simulation import simulation_cpus
 
+    from privet.server.tracking import check as check_tracking
+
     try:
         eps, chosen = grid.parse_epsilons(epsilons), grid.parse_levels(levels)
         base = load_config(config, overrides or [])
+        out = (out or Path("runs") / f"compare-{base.name}").resolve()
+        # [tracking]: one MLflow experiment for the sweep (the folder's name, unless set)
+        overrides = [*(overrides or []), *grid.tracking_overrides(base, out)]
         runs = grid.grid(base.seed, chosen, eps, seeds)
-        expected = grid.resolve(config, overrides or [], runs)
+        expected = grid.resolve(config, overrides, runs)
     except ValueError as error:  # ConfigError included
         fail(str(error))
-    out = (out or Path("runs") / f"compare-{base.name}").resolve()
+    try:  # a missing library: one line now, not in every run's log
+        check_tracking(base)
+    except ValueError as error:
+        fail(f"{_origin(str(error), config, overrides)}: {error}")
     try:  # one comparison at a time in a folder; re-running it resumes (nothing is cleared)
         run_dir_claim(out)
     except RunDirError as error:
@@ -734,6 +758,9 @@ def _mark(run_dir: Path, status: str) -> None:
         plot_run(run_dir)
     except (OSError, ValueError) as error:
         err.print(f"privet: warning: could not mark {path} {status}: {error}", soft_wrap=True)
+    from privet.server.tracking import end_open
+
+    end_open(run_dir, status)  # MLflow: the run KILLED or FAILED, with the files so far
 
 
 # --- deployment: SuperLink and SuperNodes on separate machines ----------------------------
