@@ -640,6 +640,8 @@ def compare(
     if dirs:
         built = report.build(dirs, out)
         print_comparison(built)
+        for line in built.warnings:
+            err.print(f"privet: warning: {line}", soft_wrap=True)
         console.print(f"report: {out / report.HTML}  ({time.time() - started:.0f}s)")
     if code:
         failed = [r.name for r in runs if cells.state.get(r) != "done"]
@@ -685,6 +687,8 @@ def report(
     except ValueError as error:
         fail(str(error))
     print_comparison(built)
+    for line in built.warnings:  # runs that differ in more than level, ε and seed
+        err.print(f"privet: warning: {line}", soft_wrap=True)
     console.print(f"{len(dirs)} run(s); report: {out / reporting.HTML}")
 
 
