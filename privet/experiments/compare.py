@@ -192,7 +192,7 @@ class Grid:
             if not self.run_audit(run):
                 audit_note = f"  [yellow]audit failed (log: {escape(str(run_dir / AUDIT_LOG))})[/]"
         if configured(self.expected[run]):  # a reused run, the audit: each logged once
-            for line in sync_finished_run(run_dir):
+            for line in sync_finished_run(run_dir, self.expected[run]):
                 audit_note += f"  [yellow]{escape(line)}[/]"
         row = report.audit_columns(run_dir)
         summary = results.read_summary(run_dir)

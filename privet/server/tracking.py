@@ -56,6 +56,7 @@ LIBRARIES = {"mlflow": ("mlflow.tracking", "MLflow", "mlflow"),
 PER_CLIENT_CSV = "epsilon_per_client.csv"  # artifact: every client's final ε
 RUN_ID_TAG = "privet.run_id"                # summary.json → run_id: one MLflow run per privet run
 STATUS_TAG = "privet.status"
+AUDIT_TAG = "audit_violation"              # set once the audit is logged
 # privet's end states -> MLflow's (RunStatus names)
 MLFLOW_STATUS = {"complete": "FINISHED", "complete-with-failures": "FINISHED",
                  "budget-exhausted": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
@@ -211,7 +212,7 @@ class MlflowCallback:
         if audit is None or run_id is None:
             return False
         client = self._client()
-        if any(a.path == results.AUDIT for a in client.list_artifacts(run_id)):
+        if AUDIT_TAG in client.get_run(run_id).data.tags:
             return False
         tpr = audit.get("tpr_at_fpr") or {}
         values = {"audit/auc": audit.get("auc"), "audit/tpr_at_fpr_1pct": tpr.get("0.01"),
@@ -221,9 +222,10 @@ class MlflowCallback:
         step = int(summary.get("rounds") or 0)
         client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, step)
                                           for k, v in values.items() if v is not None],
-                         tags=[RunTag("audit_violation",
+                         tags=[RunTag(AUDIT_TAG,
                                       str(bool(audit.get("violation"))).lower())])
-        client.log_artifact(run_id, str(run_dir / results.AUDIT))
+        if not any(a.path == results.AUDIT for a in client.list_artifacts(run_id)):
+            client.log_artifact(run_id, str(run_dir / results.AUDIT))
         return True
 
 
@@ -484,18 +486,22 @@ def run_files(run_dir: Path) -> list[Path]:
 
 # --- a finished run, from its files (privet compare) --------------------------------------
 
-def sync_finished_run(run_dir: Path) -> list[str]:
-    """Make sure a finished run is tracked where its config says, from its files: a run its
-    own ServerApp did not log (tracking added on a resumed `privet compare`, or it failed) is
-    logged now, and its audit added. Never twice: MLflow is asked for the run's id
-    (tag privet.run_id), TensorBoard's run folder for event files. Returns warning lines
-    (nothing raises)."""
+def sync_finished_run(run_dir: Path, where: ExperimentConfig | None = None) -> list[str]:
+    """Make sure a finished run is tracked, from its files, where `where`'s `[tracking]` says
+    (privet compare's config now; default: the run's own): a run its own ServerApp did not
+    log there (tracking added or moved on a resumed sweep, or it failed) is logged now, and
+    its audit added. Never twice: MLflow is asked for the run's id (tag privet.run_id),
+    TensorBoard's run folder for event files. Returns warning lines (nothing raises)."""
+    import dataclasses
+
     from privet.common.config import load_config
 
     run_dir = Path(run_dir)
     warnings: list[str] = []
     try:
         cfg = load_config(run_dir / results.CONFIG)
+        if where is not None:
+            cfg = dataclasses.replace(cfg, tracking=where.tracking)
         summary = results.read_summary(run_dir)
         rows = results.read_csv(run_dir / results.ROUNDS)
     except (OSError, ValueError) as error:
@@ -503,7 +509,10 @@ def sync_finished_run(run_dir: Path) -> list[str]:
     callbacks = callbacks_for(cfg)
     if not callbacks:
         return []
-    check(cfg)
+    try:
+        check(cfg)
+    except TrackingUnavailable as error:
+        return [str(error)]
     status = str(summary.get("status") or "complete")
     for cb in callbacks:
         try:
