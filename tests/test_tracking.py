@@ -3,7 +3,6 @@ warning about runs that differ in more than the swept keys."""
 
 import csv
 import json
-import math
 import os
 import subprocess
 import sys

@@ -258,8 +258,7 @@ def _print_regression_partitions(report: list[dict], cfg) -> None:
 
 def _origin(message: str, config: Path, overrides: list[str]) -> str:
     """Where the setting an error names came from: its --set override(s), else the file."""
-    named = [o for o in overrides if message.startswith(
-        tuple(o.split("=", 1)[0].strip() + end for end in (":", " = ")))]
+    named = [o for o in overrides if message.startswith(o.split("=", 1)[0].strip() + ":")]
     return ", ".join(f"--set {o}" for o in named) or str(config)
 
 

@@ -90,7 +90,7 @@ def check(cfg: ExperimentConfig) -> None:
             why = ("is not installed" if missing
                    else f"cannot be imported ({type(error).__name__}: {_one_line(error)})")
             raise TrackingUnavailable(
-                f"tracking.{key} = {getattr(cfg.tracking, key)!r}: needs {library}, which "
+                f"tracking.{key}: {getattr(cfg.tracking, key)!r} needs {library}, which "
                 f"{why}: pip install 'privet[{extra}]' (or set tracking.{key} = \"\")"
             ) from None
 
