@@ -331,9 +331,10 @@ def test_failures_are_warned_once_and_the_rest_is_skipped():
 
 
 @pytest.mark.parametrize("store", ["mlruns", "sqlite"])
-def test_an_interrupted_run_is_killed_in_mlflow(tmp_path, store):
+def test_an_interrupted_run_is_killed_in_mlflow(tmp_path, monkeypatch, store):
     """Ctrl-C: privet simulate ends the run's tracking itself; in a file store and in SQLite
     (MLflow's recommended local store: SQLAlchemy and Alembic come with Flower)."""
+    monkeypatch.chdir(tmp_path)  # SQLite: MLflow keeps the artifacts in ./mlruns
     uri = (f"sqlite:///{tmp_path / 'mlflow.db'}" if store == "sqlite"
            else str(tmp_path / "mlruns"))
     cfg = load_config(TINY, [f'tracking.mlflow="{uri}"'])
