@@ -313,6 +313,21 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Where a run is also logged, besides its own directory (server.tracking). Nothing is
+    imported for an empty key; where the library is missing, privet stops before any client
+    trains with one line naming the key and the extra to install."""
+    mlflow: str = _spec("", help="MLflow tracking URI: a folder (./mlruns, a local file "
+                                 "store), sqlite:///mlflow.db or http(s)://host:port; empty = "
+                                 "off; needs pip install 'privet[mlflow]'")
+    tensorboard: str = _spec("", help="folder for TensorBoard event files (the rounds.csv "
+                                      "scalars per round), in <folder>/<experiment>/<run>; "
+                                      "empty = off; needs pip install 'privet[tensorboard]'")
+    experiment: str = _spec("", help="MLflow experiment (and TensorBoard subfolder); empty = "
+                                     "the run's name (privet compare: its folder's name)")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = _spec("adult", help="run name; the run directory starts with it")
     seed: int = _spec(42, low=0, high=2 ** 63 - 1,
@@ -329,6 +344,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         for client, _ in parse_client_epsilon(self.privacy.client_epsilon):

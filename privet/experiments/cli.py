@@ -176,7 +176,22 @@ def print_summary(run_dir: Path) -> None:
                   f"{summary['num_clients']} clients failed", soft_wrap=True)
     for line in privacy.get("not_covered", []):
         console.print(f"not covered by ε: {line}")
+    for line in tracking_lines(summary):
+        console.print(line)
     console.print(f"results: {run_dir}")
+
+
+def tracking_lines(summary: dict) -> list[str]:
+    """Where `[tracking]` logged the run (summary.json → tracking), one line per backend; a
+    backend that failed was named in a warning when it did."""
+    lines = []
+    for key, state in (summary.get("tracking") or {}).items():
+        where = (f"experiment {state.get('experiment')!r}, run {state.get('run_id')} at "
+                 f"{state.get('uri')}" if key == "mlflow" else state.get("dir"))
+        lines.append(f"tracked in {key}: {where}" if state.get("ok") else
+                     f"tracking in {key} stopped ({state.get('error')}); the run directory "
+                     "holds every result")
+    return lines
 
 
 def _print_regression_scores(summary: dict, eps_line: str) -> None:
@@ -584,14 +599,22 @@ def compare(
     from privet.experiments import report
     from privet.experiments.simulation import simulation_cpus
 
+    from privet.server.tracking import check as check_tracking
+
     try:
         eps, chosen = grid.parse_epsilons(epsilons), grid.parse_levels(levels)
         base = load_config(config, overrides or [])
+        out = (out or Path("runs") / f"compare-{base.name}").resolve()
+        # [tracking]: one MLflow experiment for the sweep (the folder's name, unless set)
+        overrides = [*(overrides or []), *grid.tracking_overrides(base, out)]
         runs = grid.grid(base.seed, chosen, eps, seeds)
-        expected = grid.resolve(config, overrides or [], runs)
+        expected = grid.resolve(config, overrides, runs)
     except ValueError as error:  # ConfigError included
         fail(str(error))
-    out = (out or Path("runs") / f"compare-{base.name}").resolve()
+    try:  # a missing library: one line now, not in every run's log
+        check_tracking(base)
+    except ValueError as error:
+        fail(f"{_origin(str(error), config, overrides)}: {error}")
     try:  # one comparison at a time in a folder; re-running it resumes (nothing is cleared)
         run_dir_claim(out)
     except RunDirError as error:
@@ -617,6 +640,8 @@ def compare(
     if dirs:
         built = report.build(dirs, out)
         print_comparison(built)
+        for line in built.warnings:
+            err.print(f"privet: warning: {line}", soft_wrap=True)
         console.print(f"report: {out / report.HTML}  ({time.time() - started:.0f}s)")
     if code:
         failed = [r.name for r in runs if cells.state.get(r) != "done"]
@@ -662,6 +687,8 @@ def report(
     except ValueError as error:
         fail(str(error))
     print_comparison(built)
+    for line in built.warnings:  # runs that differ in more than level, ε and seed
+        err.print(f"privet: warning: {line}", soft_wrap=True)
     console.print(f"{len(dirs)} run(s); report: {out / reporting.HTML}")
 
 
@@ -855,6 +882,9 @@ def _mark(run_dir: Path, status: str) -> None:
         plot_run(run_dir)
     except (OSError, ValueError) as error:
         err.print(f"privet: warning: could not mark {path} {status}: {error}", soft_wrap=True)
+    from privet.server.tracking import end_open
+
+    end_open(run_dir, status)  # MLflow: the run KILLED or FAILED, with the files so far
 
 
 # --- deployment: SuperLink and SuperNodes on separate machines ----------------------------

@@ -9,6 +9,7 @@ resolved config is reused; anything else (interrupted, failed, changed) is run a
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -25,9 +26,10 @@ from rich.markup import escape
 from privet.common import results
 from privet.experiments.lifetime import die_with_parent
 from privet.common import run_dir as run_dirs
-from privet.common.config import ExperimentConfig, load_config
+from privet.common.config import ExperimentConfig, TrackingConfig, load_config
 from privet.experiments import report
 from privet.experiments.simulation import CPUS_ENV
+from privet.server.tracking import configured, sync_finished_run
 
 LEVELS = ("sample", "user")
 LOG = "simulate.log"        # a run's console output, next to its results
@@ -87,12 +89,14 @@ def grid(base_seed: int, levels: list[str], epsilons: list[float], seeds: int
 
 
 def _comparable(cfg: ExperimentConfig) -> str:
-    """The config as a finished run must match it: where results go does not count."""
+    """The config as a finished run must match it: where results go (the run directory,
+    `[tracking]`) does not count."""
     privacy = cfg.privacy
     if privacy.ledger_dir:  # simulate stores it absolute
         privacy = dataclasses.replace(
             privacy, ledger_dir=str(Path(privacy.ledger_dir).expanduser().resolve()))
-    return dataclasses.replace(cfg, out_dir="", privacy=privacy).to_toml()
+    return dataclasses.replace(cfg, out_dir="", privacy=privacy,
+                               tracking=TrackingConfig()).to_toml()
 
 
 def reusable(run_dir: Path, expected: ExperimentConfig) -> bool:
@@ -187,6 +191,9 @@ class Grid:
                 and not self.stopping.is_set():
             if not self.run_audit(run):
                 audit_note = f"  [yellow]audit failed (log: {escape(str(run_dir / AUDIT_LOG))})[/]"
+        if configured(self.expected[run]):  # a reused run, the audit: each logged once
+            for line in sync_finished_run(run_dir, self.expected[run]):
+                audit_note += f"  [yellow]{escape(line)}[/]"
         row = report.audit_columns(run_dir)
         summary = results.read_summary(run_dir)
         verb = "reused" if reuse else f"done in {time.time() - started:.0f}s"
@@ -263,6 +270,14 @@ def _show_current(progress, grid_: Grid, current: dict) -> None:
         label = f"  {run.name} " + ("auditing" if state == "auditing" else "round")
         progress.update(current[run], description=label,
                         completed=rounds_done(grid_.run_dir(run)))
+
+
+def tracking_overrides(base: ExperimentConfig, out: Path) -> list[str]:
+    """With `[tracking]` on and no `tracking.experiment`, the sweep's runs go to one
+    experiment named after the comparison folder."""
+    if not configured(base) or base.tracking.experiment:
+        return []
+    return [f"tracking.experiment={json.dumps(Path(out).name)}"]
 
 
 def resolve(config: Path, overrides: list[str], runs: list[GridRun]

@@ -403,6 +403,8 @@ tr.violation td { background: #fdd; } img { max-width: 100%; border: 1px solid #
 .banner { background: #c00; color: #fff; font-size: 1.3em; font-weight: bold; padding: 1em;
           border-radius: 6px; margin: 1em 0; }
 .note { background: #f5f5f5; padding: 0.6em 1em; border-left: 4px solid #999; }
+.warning { background: #fff4e0; padding: 0.6em 1em; border-left: 4px solid #e08a00;
+           margin: 1em 0; }
 pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 """
 RUN_TABLE = ["run", "level", "epsilon_target", "seed", "status", "epsilon_pld", "epsilon_prv",
@@ -428,6 +430,49 @@ def _image(path: Path, title: str) -> str:
             f'<img src="data:image/png;base64,{data}" alt="{html.escape(title)}">')
 
 
+# What a sweep varies (privet compare's grid: compare.GridRun.overrides), and what names a run
+# or says where its results go: runs may differ in these and still be compared
+SWEPT_KEYS = ("privacy.level", "privacy.epsilon", "privacy.user-epsilon", "seed")
+UNCOMPARED_KEYS = ("name", "out-dir")
+UNCOMPARED_SECTIONS = ("tracking.",)
+
+
+def config_differences(rows: list[dict]) -> list[str]:
+    """One line per config key, other than the swept ones (level, ε, seed) and those that
+    only name a run or say where it is logged, whose value differs between the runs of this
+    report: e.g. `rounds` or `data.dataset`. Such runs are pooled and compared as if only
+    their budget differed."""
+    configs = [(r["run"], load_config(Path(r["run_dir"]) / results.CONFIG).to_run_config())
+               for r in rows]
+    keys = list(dict.fromkeys(k for _, flat in configs for k in flat))
+    lines = []
+    for key in keys:
+        if key in SWEPT_KEYS or key in UNCOMPARED_KEYS or key.startswith(UNCOMPARED_SECTIONS):
+            continue
+        by_value: dict[str, list[str]] = {}
+        for run, flat in configs:
+            by_value.setdefault(_shown(flat.get(key)), []).append(run)
+        if len(by_value) < 2:
+            continue
+        parts = [f"{value} in {_names(runs)}" for value, runs in by_value.items()]
+        lines.append(f"the runs compared differ in {key}, which the sweep does not vary: "
+                     + "; ".join(parts))
+    return lines
+
+
+def _shown(value) -> str:
+    text = "(unset)" if value is None else (
+        ("true" if value else "false") if isinstance(value, bool) else
+        "inf" if isinstance(value, float) and math.isinf(value) else
+        repr(value) if isinstance(value, str) else str(value))
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _names(runs: list[str], shown: int = 3) -> str:
+    more = f" and {len(runs) - shown} more" if len(runs) > shown else ""
+    return f"{len(runs)} run(s): {', '.join(runs[:shown])}{more}"
+
+
 def config_text(rows: list[dict]) -> str:
     """The first run's config.toml, with the keys that differ between runs marked."""
     if not rows:
@@ -450,7 +495,7 @@ def config_text(rows: list[dict]) -> str:
 
 
 def html_report(rows: list[dict], header: list[str], body: list[list[str]],
-                images: list[Path]) -> str:
+                images: list[Path], warnings: list[str] | None = None) -> str:
     violations = [r for r in rows if r.get("audit_violation") == "true"]
     regression = is_regression(rows)
     titles = plot_titles(rows)
@@ -464,6 +509,11 @@ def html_report(rows: list[dict], header: list[str], body: list[list[str]],
                      f"the membership-inference audit measured more privacy loss than the "
                      f"accounted ε allows ({html.escape(names)}). Do not trust these ε values "
                      f"until this is explained.</div>")
+    if warnings:
+        parts.append('<div class="warning"><b>These runs differ in more than the swept keys '
+                     "(level, ε, seed):</b><ul>" + "".join(
+                         f"<li>{html.escape(line)}</li>" for line in warnings)
+                     + "</ul></div>")
     if regression:
         parts.append('<p class="note">Regression runs: RMSE, MAE and R² on the server\'s '
                      "test set in the label's own units; the baseline predicts the test rows' "
@@ -497,6 +547,7 @@ class Report:
     header: list[str]
     body: list[list[str]]
     files: list[Path]
+    warnings: list[str] = field(default_factory=list)  # config_differences: one per key
 
 
 def build(run_dirs: list[Path], out: Path) -> Report:
@@ -504,12 +555,14 @@ def build(run_dirs: list[Path], out: Path) -> Report:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = collect(run_dirs)
+    warnings = config_differences(rows)
     results.write_csv(out / CSV, REGRESSION_COLUMNS if is_regression(rows) else COLUMNS, rows)
     header, body = summary_table(rows)
     results.atomic_write_text(out / SUMMARY_MD, markdown(header, body))
     images = plots(rows, out)
-    results.atomic_write_text(out / HTML, html_report(rows, header, body, images))
-    return Report(rows, header, body, [out / CSV, out / SUMMARY_MD, *images, out / HTML])
+    results.atomic_write_text(out / HTML, html_report(rows, header, body, images, warnings))
+    return Report(rows, header, body, [out / CSV, out / SUMMARY_MD, *images, out / HTML],
+                  warnings)
 
 
 def chromium_binary() -> str | None:

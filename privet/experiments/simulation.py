@@ -176,6 +176,9 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
         raise ValueError(f"{PROJECT_DIR} holds no pyproject.toml: privet simulates its Flower "
                          "App from the project folder; clone it and `pip install -e .` "
                          "(a plain `pip install` gives `import privet` only)")
+    from privet.server.tracking import check as check_tracking
+
+    check_tracking(cfg)  # [tracking]'s libraries: one line naming the key and the extra
     from privet.common.config import is_import_path
     from privet.common.data.datasets import (model_input_shape, num_outputs, partition_report,
                                       planned_features, source_warnings, test_data)

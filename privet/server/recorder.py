@@ -25,6 +25,7 @@ from privet.common.evaluation import RegressionScores, Scores
 from privet.common import plots
 from privet.common.run_dir import claim as run_dir_claim
 from privet.common.privacy import accountants
+from privet.server.tracking import Tracking
 
 log = logging.getLogger("flwr")
 
@@ -75,6 +76,8 @@ class RunRecorder:
         # headers now: a run that ends before round 1 still leaves files a program can read
         results.write_csv(self.run_dir / results.METRICS, self.metric_columns, [])
         results.write_csv(self.run_dir / results.ROUNDS, self.round_columns, [])
+        # [tracking]: MLflow, TensorBoard (server.tracking); callbacks, empty when not asked
+        self.tracking = Tracking.for_run(cfg, self.run_dir, run, self.started)
 
     @property
     def metric_columns(self) -> list[str]:
@@ -290,6 +293,7 @@ class RunRecorder:
                           durable=False)
         results.write_csv(self.run_dir / results.ROUNDS, self.round_columns, self.round_rows,
                           durable=False)
+        self.tracking.round_end(server_round, self.round_rows[-1])
         buffer = _torch_bytes({"round": server_round, "state_dict": state_dict})
         results.atomic_write_bytes(self.run_dir / results.MODEL, buffer, durable=False)
         # summary.json grows with the clients that trained (5,000 of them by round 50 of the
@@ -477,6 +481,7 @@ class RunRecorder:
             "versions": versions(),
             # libraries whose internals privet patched in this process (privet.patches)
             "patched": list(patches.installed()),
+            "tracking": self.tracking.summary(),  # where it was logged, and whether all went
         }
         with _ENDED_LOCK:  # a run the CLI has marked ended stays ended
             ended = _ENDED.get(self.run_dir.resolve()) if status == "running" else None
@@ -506,6 +511,8 @@ class RunRecorder:
                                                          results.MODEL)))
         self.write_summary(status)
         plots.draw(self.run_dir)
+        if self.tracking.end(status):  # logs the files just written; then what it did
+            self.write_summary(status)
         for line in self.not_covered():  # a deployment's operator reads the streamed log
             log.info("privet: not covered by ε: %s", line)
 
