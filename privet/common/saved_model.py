@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from privet.common import results
-from privet.common.config import IMAGE_DATASETS, ExperimentConfig, shaped
+from privet.common.config import ExperimentConfig, shaped
 from privet.common.data.features import Features
 from privet.common.data.numbers import NumberFormat
 from privet.common.data.preprocess import OTHER, FittedTransform, Schema
@@ -110,7 +110,7 @@ def data_kind(cfg: ExperimentConfig) -> str:
     or "arrays" (a loader's arrays, used as they are). Calls a loader (cached) to tell."""
     if cfg.data.tabular:
         return "table"
-    return "images" if cfg.data.dataset in IMAGE_DATASETS else "arrays"
+    return "arrays" if cfg.data.loader else "images"  # not a table: a loader's, or images
 
 
 def schema_from_features(cfg: ExperimentConfig, features: Features) -> Schema:
