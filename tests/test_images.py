@@ -218,3 +218,26 @@ def test_cnn_bookkeeping_takes_the_steps_opacus_takes(size):
     assert ours.steps == opacus.steps == 20 and ours.accuracy == opacus.accuracy
     for a, b in zip(ours_params, opacus_params):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_digits_kept_in_the_cache_directory_are_scikit_learns_split(tmp_path, monkeypatch):
+    """The digits split read back from the cache (sparing scikit-learn's import) is the split
+    scikit-learn makes: the same pixels, labels and order."""
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    from privet.common.data import images
+
+    monkeypatch.setenv("PRIVET_CACHE_DIR", str(tmp_path))
+    bunch = sklearn_digits()
+    x = (bunch.images / 16.0).astype(np.float32)[:, None]
+    train_x, test_x, train_y, test_y = train_test_split(
+        x, bunch.target.astype(np.int64), test_size=0.3, random_state=5, stratify=bunch.target)
+    for _ in range(2):  # computed and written, then read from the file
+        images._digits.cache_clear()
+        train = images.load_digits("train", seed=5, test_fraction=0.3)
+        test = images.load_digits("test", seed=5, test_fraction=0.3)
+        assert np.array_equal(train.images, train_x) and np.array_equal(train.labels, train_y)
+        assert np.array_equal(test.images, test_x) and np.array_equal(test.labels, test_y)
+        assert len(list((tmp_path / "digits").glob("*.npz"))) == 1
+    images._digits.cache_clear()

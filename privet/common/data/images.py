@@ -58,18 +58,43 @@ def _frozen(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) ->
 
 # --- digits -------------------------------------------------------------------------------
 
+def _digits_split_path(seed: int, test_fraction: float) -> Path:
+    import importlib.metadata
+
+    root = os.environ.get("PRIVET_CACHE_DIR") or Path.home() / ".cache" / "privet"
+    version = importlib.metadata.version("scikit-learn")
+    return Path(root) / "digits" / f"sklearn-{version}-seed{seed}-test{test_fraction!r}.npz"
+
+
 @functools.lru_cache(maxsize=8)
 def _digits(seed: int, test_fraction: float) -> dict[str, ImageSplit]:
-    from sklearn.datasets import load_digits as sklearn_digits  # ships with sklearn: offline
-    from sklearn.model_selection import train_test_split
+    """The split, kept in the cache directory per (scikit-learn version, seed, fraction):
+    importing scikit-learn to read its digits costs ~1 s per process (the driver's and every
+    worker's), more than a whole small run's training. A cache that cannot be read or
+    written only costs that time again."""
+    path = _digits_split_path(seed, test_fraction)
+    try:
+        with np.load(path) as kept:
+            arrays = {k: kept[k] for k in ("train_x", "train_y", "test_x", "test_y")}
+    except (OSError, KeyError, ValueError):
+        from sklearn.datasets import load_digits as sklearn_digits  # ships with sklearn
+        from sklearn.model_selection import train_test_split
 
-    bunch = sklearn_digits()
-    images = (bunch.images / 16.0).astype(np.float32)[:, None]  # pixels are 0..16
-    labels = bunch.target.astype(np.int64)
-    train_x, test_x, train_y, test_y = train_test_split(
-        images, labels, test_size=test_fraction, random_state=seed, stratify=labels)
-    return {"train": _frozen(train_x, train_y, DIGITS_CLASSES),
-            "test": _frozen(test_x, test_y, DIGITS_CLASSES)}
+        bunch = sklearn_digits()
+        images = (bunch.images / 16.0).astype(np.float32)[:, None]  # pixels are 0..16
+        labels = bunch.target.astype(np.int64)
+        train_x, test_x, train_y, test_y = train_test_split(
+            images, labels, test_size=test_fraction, random_state=seed, stratify=labels)
+        arrays = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return {"train": _frozen(arrays["train_x"], arrays["train_y"], DIGITS_CLASSES),
+            "test": _frozen(arrays["test_x"], arrays["test_y"], DIGITS_CLASSES)}
 
 
 def load_digits(split: str, *, seed: int, test_fraction: float) -> ImageSplit:
