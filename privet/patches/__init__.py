@@ -45,6 +45,7 @@ def stock() -> bool:
 # libraries whose patches wait until privet first imports them (dp-accounting costs ~0.8 s
 # to import, which a run without DP never needs): the package imported last of them
 DEFERRED = {"dp-accounting": "dp_accounting"}
+_REQUESTED: set[str] = set()  # libraries install() has patched or set to patch on import
 
 
 def install(*libraries: str) -> tuple[str, ...]:
@@ -55,6 +56,8 @@ def install(*libraries: str) -> tuple[str, ...]:
     written against, KeyError for an unknown library name."""
     if not stock():
         for name in libraries or tuple(LIBRARIES):
+            if name in _REQUESTED:  # installed, or waiting for its import: nothing to do
+                continue
             patch = LIBRARIES[name]
             # the version first, from the package's metadata (no import): one line now,
             # not an error at the first use of a deferred library
@@ -64,6 +67,7 @@ def install(*libraries: str) -> tuple[str, ...]:
                 _after_import(package, lambda patch=patch: _install_module(patch))
             else:
                 importlib.import_module(patch).install()
+            _REQUESTED.add(name)
     return installed()
 
 
