@@ -50,6 +50,23 @@ def test_a_failing_client_is_reported_as_its_error(backend):
     assert backend.process_message("again", {})[0] == "again done"  # the pool survives
 
 
+def test_a_worker_that_dies_fails_its_message_and_is_replaced(backend):
+    with pytest.raises(ClientAppException, match="exit code 3"):
+        backend.process_message("die", {})
+    replies = [backend.process_message(f"m{i}", {}) for i in range(2)]
+    assert [reply for reply, _ in replies] == ["m0 done", "m1 done"]
+    assert backend.num_workers == 2 and backend.is_worker_idle()
+
+
+def test_a_function_runs_in_a_worker_for_the_driver(backend):
+    """What common.plots.draw uses: a picklable call, its result or its error."""
+    import os
+
+    assert backend.submit(os.getpid).result() != os.getpid()
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        backend.submit(divmod, 1, 0).result()
+
+
 def test_a_client_process_trains_on_one_torch_thread():
     """Workers × torch threads ≤ cores: the pool has one worker per core, each one thread."""
     import os

@@ -59,3 +59,37 @@ def run(reference: str, message, context):
         return load_app(reference)(message=message, context=context), context, None
     except Exception as error:  # noqa: BLE001 - reported to Flower as the ClientApp's error
         return None, context, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"
+
+
+def serve(pipe, reference: str, parent: int) -> None:
+    """A pool worker's life (process_backend.ProcessPoolBackend): load the ClientApp, say
+    so (None, or why not), then answer requests on `pipe` until ("stop",) or the pipe
+    closes: ("run", message, context) → run(...); ("call", function, args) → (True,
+    result) or (False, the error as text)."""
+    start(parent)
+    try:
+        load_app(reference)
+    except Exception as error:  # noqa: BLE001 - reported to the backend, which raises it
+        pipe.send(f"{type(error).__name__}: {error}")
+        return
+    pipe.send(None)
+    while True:
+        try:
+            request = pipe.recv()
+        except (EOFError, OSError):
+            return
+        if request[0] == "stop":
+            return
+        if request[0] == "run":
+            answer = run(reference, request[1], request[2])
+            try:
+                pipe.send(answer)
+            except Exception as error:  # noqa: BLE001 - a reply that cannot be pickled
+                pipe.send((None, request[2], f"the ClientApp's reply cannot be sent back: "
+                                             f"{type(error).__name__}: {error}"))
+        else:
+            _, function, args = request
+            try:
+                pipe.send((True, function(*args)))
+            except Exception as error:  # noqa: BLE001 - the caller raises it
+                pipe.send((False, f"{type(error).__name__}: {error}"))

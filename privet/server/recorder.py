@@ -30,6 +30,9 @@ from privet.server.tracking import Tracking
 log = logging.getLogger("flwr")
 
 
+SUMMARY_EVERY_SECONDS = 1.0  # while running; see RunRecorder.end_round
+
+
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
     for package in ("flwr", "torch", "opacus", "dp-accounting", "numpy", "scikit-learn"):
@@ -297,14 +300,15 @@ class RunRecorder:
         buffer = _torch_bytes({"round": server_round, "state_dict": state_dict})
         results.atomic_write_bytes(self.run_dir / results.MODEL, buffer, durable=False)
         # summary.json grows with the clients that trained (5,000 of them by round 50 of the
-        # cross-device config: ~0.3 s a write). Rewritten after a round unless the last
-        # write was under 20x its own time ago: at most ~5% of the run, every round for a
-        # small one; rounds.csv, metrics.csv and model.pt are always current, and the end
-        # of the run (complete, stopped, interrupted, failed) always writes it.
+        # cross-device config: ~0.3 s a write). While running it is rewritten after a round
+        # at most once a second, and not until 20x its last write's time has passed (at most
+        # ~5% of the run); rounds.csv, metrics.csv and model.pt are always current, and the
+        # end of the run (complete, stopped, interrupted, failed) always writes it.
         began = time.perf_counter()
         if began >= self._summary_due:
             self.write_summary("running", server_round, accuracy, loss)
-            self._summary_due = began + 20 * (time.perf_counter() - began)
+            self._summary_due = began + max(SUMMARY_EVERY_SECONDS,
+                                            20 * (time.perf_counter() - began))
 
     def exhausted_clients(self) -> list[str]:
         """Clients that declined a round because their budget is spent."""
