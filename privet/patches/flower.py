@@ -5,7 +5,7 @@ Written against Flower 1.41 (`WRITTEN_FOR`); `install()` refuses another version
 1. Prompt polling. Flower 1.41's simulation moves messages with two polling loops that sleep
    0.1 s between looks: the ServerApp's InMemoryGrid waiting for replies, and the engine's
    extractor handing new messages to the actors. Every round therefore idles about 0.1 s,
-   more than DP-SGD takes on a small client. These look again after 2 ms; the extractor,
+   more than DP-SGD takes on a small client. These look again after 1 ms; the extractor,
    which visits every node on each look, waits at least 4x what its last look cost, so that
    with a thousand nodes it does not take a core away from the clients. The engine's queue
    readers wake every 50 ms instead of every second, so a finished run stops at once.
@@ -49,7 +49,7 @@ from privet.patches import PatchError, check_version
 WRITTEN_FOR = RELEASES["flwr"]
 INSTALLED = False
 PROMPT_POLLING_ENV = "PRIVET_PROMPT_POLLING"  # "0" keeps Flower's own 100 ms polling
-POLL_SECONDS = 0.002
+POLL_SECONDS = 0.001
 
 
 def _simulation_modules():
@@ -63,7 +63,7 @@ def _prompt_grid():
     from flwr.superlink.grid import InMemoryGrid
 
     class PromptGrid(InMemoryGrid):
-        """Flower's in-memory grid, pulling replies every 2 ms instead of every 100 ms."""
+        """Flower's in-memory grid, pulling replies every 1 ms instead of every 100 ms."""
 
         def __init__(self, *args, **kwargs) -> None:
             kwargs.setdefault("pull_interval", POLL_SECONDS)
