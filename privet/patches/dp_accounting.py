@@ -30,13 +30,13 @@ import hashlib
 import importlib.metadata
 import itertools
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 from dp_accounting.pld import common, pld_pmf, privacy_loss_distribution
 from scipy import special
 
+from privet.common.cache import save_arrays
 from privet.patches import WRITTEN_FOR as RELEASES
 from privet.patches import PatchError, check_version
 
@@ -181,13 +181,7 @@ def save_pld(path: Path, pld: privacy_loss_distribution.PrivacyLossDistribution)
                        f"{side}_log_mgfs": np.asarray(log_mgfs, dtype=float),
                        f"{side}_scalars": np.array([pmf._discretization, pmf._lower_loss,
                                                     pmf._infinity_mass])})
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    save_arrays(path, arrays)
 
 
 def load_pld(path: Path) -> privacy_loss_distribution.PrivacyLossDistribution | None:

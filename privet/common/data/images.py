@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from privet.common.cache import cache_dir, save_arrays
 from privet.common.imports import one_line
 
 DIGITS_CLASSES = tuple(str(d) for d in range(10))
@@ -61,9 +62,8 @@ def _frozen(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) ->
 def _digits_split_path(seed: int, test_fraction: float) -> Path:
     import importlib.metadata
 
-    root = os.environ.get("PRIVET_CACHE_DIR") or Path.home() / ".cache" / "privet"
     version = importlib.metadata.version("scikit-learn")
-    return Path(root) / "digits" / f"sklearn-{version}-seed{seed}-test{test_fraction!r}.npz"
+    return cache_dir() / "digits" / f"sklearn-{version}-seed{seed}-test{test_fraction!r}.npz"
 
 
 @functools.lru_cache(maxsize=8)
@@ -86,13 +86,7 @@ def _digits(seed: int, test_fraction: float) -> dict[str, ImageSplit]:
         train_x, test_x, train_y, test_y = train_test_split(
             images, labels, test_size=test_fraction, random_state=seed, stratify=labels)
         arrays = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
-        except OSError:
-            pass
+        save_arrays(path, arrays)
     return {"train": _frozen(arrays["train_x"], arrays["train_y"], DIGITS_CLASSES),
             "test": _frozen(arrays["test_x"], arrays["test_y"], DIGITS_CLASSES)}
 

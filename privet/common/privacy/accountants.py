@@ -20,6 +20,7 @@ import os
 import warnings
 from pathlib import Path
 
+from privet.common.cache import cache_dir
 from privet.common.opacus_import import imported, opacus
 
 # dp-accounting (~0.8 s with scipy) and Opacus are imported on first use, under
@@ -127,8 +128,7 @@ def epsilon(history, delta: float, accountant: str = "pld") -> float:
 
 
 def _cache_file() -> Path:
-    root = os.environ.get("PRIVET_CACHE_DIR") or Path.home() / ".cache" / "privet"
-    return Path(root) / "noise-calibration.json"
+    return cache_dir() / "noise-calibration.json"
 
 
 def _read_cache() -> dict[str, float]:
