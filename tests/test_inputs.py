@@ -316,7 +316,15 @@ def test_terminate_or_kill_leaves_no_process_and_terminate_marks_the_run(tmp_pat
     if sig == signal.SIGTERM:
         assert proc.returncode == 128 + signal.SIGTERM, stdout[-2000:]
         assert "interrupted (SIGTERM); finished rounds are kept" in stdout
-        assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["status"] == "interrupted"
+        # the summary is the last round written, never fewer rounds or less ε than the
+        # files (and the model) hold
+        last = rows(out / "rounds.csv")[-1]
+        assert summary["rounds"] == int(last["round"])
+        assert summary["privacy"]["max_epsilon"] == pytest.approx(float(last["max_epsilon"]),
+                                                                  rel=1e-5)
+        assert torch.load(out / "model.pt", weights_only=True)["round"] == summary["rounds"]
     deadline = time.time() + 20  # workers notice their parent is gone within seconds
     while _session_processes(sid) and time.time() < deadline:
         time.sleep(0.5)

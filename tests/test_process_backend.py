@@ -78,3 +78,12 @@ def test_a_client_process_trains_on_one_torch_thread():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env=env)
     assert out.stdout.strip() == "1"
+
+
+def test_a_stopped_pool_runs_nothing_and_replaces_no_worker(backend):
+    """After Flower terminates the backend (the run is ending: Ctrl-C, SIGTERM), a message
+    fails at once instead of running in a worker started anew."""
+    backend.terminate()
+    with pytest.raises(ClientAppException, match="stopped"):
+        backend.process_message("late", {})
+    assert not backend._processes

@@ -19,7 +19,7 @@ from privet.server import tracking
 
 TINY = CONFIGS_DIR / "tiny.toml"
 RUNS = ("sample-eps1-seed7", "none-epsinf-seed7")  # tiny.toml's seed is 7
-FILES = {"config.toml", "rounds.csv", "metrics.csv", "summary.json", "model.pt",
+FILES = {"config.toml", "rounds.csv", "metrics.csv", "summary.json", "model.pt", "model.json",
          "partitions.csv", "accuracy_epsilon.png", "transform.json", "epsilon_per_client.csv"}
 # MLflow 3.18 opens a ./mlruns file store only when asked to (privet asks in its own process)
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")

@@ -452,6 +452,19 @@ def budget(
     names = _accountant_names(accountant)
     if (sigma is None) == (epsilon is None):
         fail("give exactly one of --sigma (to get ε) or --epsilon (to get σ)")
+    if not delta > 0:
+        fail(f"--delta {delta:g}: expected a probability above 0 (and at most 0.1), e.g. 1e-5")
+    if sigma is not None and not 0 < sigma < math.inf:
+        fail(f"--sigma {sigma:g}: expected a finite noise multiplier above 0, e.g. 1.0")
+    targets: list[float] = []
+    if epsilon is not None:  # checked before anything is printed
+        items = [t.strip() for t in epsilon.split(",")]
+        try:
+            targets = [float(t) for t in items]
+        except ValueError:
+            fail(f"--epsilon {epsilon!r}: expected numbers separated by commas, e.g. 1,2,4")
+        if any(not 0 < t < math.inf for t in targets):
+            fail(f"--epsilon {epsilon!r}: every target must be a finite number > 0")
     if users is not None or cohort is not None:
         plan = _user_plan(users, cohort, rounds, delta, rows=rows, batch_size=batch_size,
                           local_epochs=local_epochs, steps_per_round=steps_per_round,
@@ -506,12 +519,6 @@ def budget(
         console.print(table)
         console.print(f"plot: {planning.plot_epsilon(curves, sigma, out)}")
         return
-    try:
-        targets = [float(t) for t in epsilon.split(",") if t.strip()]
-    except ValueError:
-        fail(f"--epsilon {epsilon!r}: expected numbers separated by commas, e.g. 1,2,4")
-    if not targets or any(not 0 < t < math.inf for t in targets):
-        fail(f"--epsilon {epsilon!r}: every target must be a finite number > 0")
     try:
         needed = planning.sigma_for_targets(plan, targets, names)
     except ValueError as error:  # a target no noise level in range reaches

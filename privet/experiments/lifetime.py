@@ -39,12 +39,16 @@ def exit_code(interrupt: KeyboardInterrupt) -> int:
 
 
 @contextmanager
-def stop_signals(quiet_logger: str | None = None):
+def stop_signals(quiet_logger: str | None = None, on_stop=None):
     """Within: SIGINT and SIGTERM raise Stopped in the main thread (first muting
-    `quiet_logger`, whose threads would otherwise log every worker that goes away)."""
+    `quiet_logger`, whose threads would otherwise log every worker that goes away, and
+    calling `on_stop(signum)`: what other threads must see at once, before the main thread
+    gets to handle Stopped; it runs in a signal handler, so keep it to setting a flag)."""
     def on_signal(signum, frame):
         if quiet_logger:
             logging.getLogger(quiet_logger).setLevel(logging.CRITICAL + 1)
+        if on_stop is not None:
+            on_stop(signum)
         raise Stopped(signum)
 
     if threading.current_thread() is not threading.main_thread():

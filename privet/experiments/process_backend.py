@@ -60,6 +60,7 @@ class ProcessPoolBackend(Backend):
         self._processes: dict[int, multiprocessing.process.BaseProcess] = {}  # by pipe id
         self._busy = 0
         self._lock = threading.Lock()
+        self._stopped = False  # terminated: no message runs, no worker is replaced
 
     def _spawn(self):
         """A worker forked from the fork server (which imported the ClientApp), loaded and
@@ -104,6 +105,7 @@ class ProcessPoolBackend(Backend):
         if plots.EXECUTOR is self:
             plots.EXECUTOR = None
         atexit.unregister(self.terminate)
+        self._stopped = True
         if self._idle is None:
             return
         pipes = []
@@ -127,15 +129,21 @@ class ProcessPoolBackend(Backend):
             pipe.close()
         for process in self._processes.values():  # busy ones (an engine thread still waits)
             process.kill()
-        self._idle = None
 
     def _call(self, request: tuple):
         """Send `request` to an idle worker and return its answer; a worker that dies
         meanwhile is replaced and the request fails with RuntimeError."""
         if self._idle is None:
-            raise RuntimeError("the process pool is not built")
+            raise RuntimeError("the process pool is not running")
         idle = self._idle
-        pipe = idle.get()
+        while True:  # an idle worker, unless the pool stops meanwhile
+            if self._stopped:
+                raise RuntimeError("the process pool has stopped (the run is ending)")
+            try:
+                pipe = idle.get(timeout=0.1)
+                break
+            except queue.Empty:
+                continue
         with self._lock:
             self._busy += 1
         try:
@@ -148,7 +156,8 @@ class ProcessPoolBackend(Backend):
             code = process.exitcode if process is not None else None
             pipe.close()
             pipe = None
-            pipe = self._spawn()  # its replacement (if that fails: one worker fewer)
+            if not self._stopped:  # a replacement (if that fails: one worker fewer)
+                pipe = self._spawn()
             raise RuntimeError(f"the pool worker running it ended (exit code {code}): "
                                f"{type(error).__name__}") from None
         finally:

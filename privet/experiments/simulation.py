@@ -324,7 +324,11 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False,
                             num_gpus=share)
     if not on_ray:
         config[process_backend.CONFIG_KEY] = {"workers": workers, "app": CLIENT_APP}
-    with (stop_signals("flwr"), _ray_stopped_on_exit(),
+    from privet.server import recorder as run_recorder
+
+    resolved = Path(run_dir).resolve()
+    with (stop_signals("flwr", on_stop=lambda signum: run_recorder.stopping(resolved)),
+          _ray_stopped_on_exit(),
           nullcontext() if on_ray else flower_patches.process_pool_backend(
               process_backend.ProcessPoolBackend)):
         if ray_address:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import platform
 import threading
 import time
+import weakref
 from importlib import metadata
 from pathlib import Path
 
@@ -43,6 +45,15 @@ def versions() -> dict[str, str]:
     return found
 
 
+def _locked(method):
+    """Run `method` under the recorder's write lock (see RunRecorder.__init__)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._write_lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class RunRecorder:
     def __init__(self, run_dir: Path, cfg: ExperimentConfig, *, run: str = "",
                  noise_source: str = "seeded") -> None:
@@ -56,6 +67,10 @@ class RunRecorder:
         self.clients: dict[str, dict] = {}  # client id -> latest ε, history, status
         self._pending: list[dict] = []
         self._lock = threading.Lock()
+        # what the ServerApp's thread records and what mark_ended writes from the main
+        # thread (Ctrl-C, SIGTERM) take turns: an interrupted run's summary is its last round
+        self._write_lock = threading.RLock()
+        _LIVE[self.run_dir.resolve()] = weakref.ref(self)
         self.user_strategy = None  # the UserLevelDPFedAvg, when user-level DP is on
         self.user_ledger = None    # its participants' ledger over runs (server.accounting)
         # client id -> what it reported spending (common.privacy.ledger.DataLedger.report)
@@ -195,6 +210,7 @@ class RunRecorder:
         self.estimated_bounds = dict(estimated_bounds or {})
         results.atomic_write_text(self.run_dir / results.TRANSFORM, transform.to_json())
 
+    @_locked
     def record_replies(self, server_round: int, replies: list[Message],
                        sent_to: dict[str, int] | None = None) -> None:
         """Per-client facts of one training round (called before aggregation).
@@ -258,9 +274,15 @@ class RunRecorder:
             raise RuntimeError(f"round {server_round}: every sampled client failed; first "
                                f"error: {errors[0]}")
 
+    @_locked
     def end_round(self, server_round: int, scores: Scores | RegressionScores,
                   state_dict: dict[str, torch.Tensor]) -> None:
-        """After the global evaluation of a round: persist everything finished so far."""
+        """After the global evaluation of a round: persist everything finished so far.
+        Nothing once the run has been marked ended (mark_ended: Ctrl-C, SIGTERM): its files
+        and summary stay those of the last round before, which the ServerApp's thread may
+        otherwise still add to while the process stops."""
+        if self.run_dir.resolve() in _ENDED:
+            return
         loss = scores.loss
         accuracy = scores.accuracy if isinstance(scores, Scores) else None
         with self._lock:
@@ -418,6 +440,7 @@ class RunRecorder:
                          + " (per client: privacy.released_in_clear)")
         return lines
 
+    @_locked
     def write_summary(self, status: str, completed: int | None = None,
                       accuracy: float | None = None, loss: float | None = None) -> None:
         last = self.round_rows[-1] if self.round_rows else {}
@@ -487,8 +510,8 @@ class RunRecorder:
             "patched": list(patches.installed()),
             "tracking": self.tracking.summary(),  # where it was logged, and whether all went
         }
-        with _ENDED_LOCK:  # a run the CLI has marked ended stays ended
-            ended = _ENDED.get(self.run_dir.resolve()) if status == "running" else None
+        with _ENDED_LOCK:  # a run the CLI has marked ended stays ended, whatever the
+            ended = _ENDED.get(self.run_dir.resolve())  # ServerApp's thread says after
             if ended:
                 summary["status"] = ended
             # rewritten after every round while running: on one line then (json's C encoder),
@@ -521,11 +544,20 @@ class RunRecorder:
             log.info("privet: not covered by ε: %s", line)
 
 
+# The recorders of the runs this process hosts, by run directory (mark_ended writes theirs)
+_LIVE: dict[Path, "weakref.ReferenceType[RunRecorder]"] = {}
+
 # Run directories whose end the process hosting the ServerApp has seen first (Ctrl-C,
 # SIGTERM, a failure): the ServerApp's thread may still finish a round after that, and must
 # not write "running" over it.
 _ENDED: dict[Path, str] = {}
 _ENDED_LOCK = threading.Lock()
+
+
+def stopping(resolved_run_dir: Path, status: str = "interrupted") -> None:
+    """From a signal handler: the run in `resolved_run_dir` (already resolved) is ending;
+    its recorder writes no more rounds (end_round) from now on. mark_ended follows."""
+    _ENDED.setdefault(resolved_run_dir, status)  # one dict operation: no lock
 
 
 def mark_ended(run_dir: Path, status: str) -> None:
@@ -535,7 +567,17 @@ def mark_ended(run_dir: Path, status: str) -> None:
     run_dir = Path(run_dir).resolve()
     path = run_dir / results.SUMMARY
     with _ENDED_LOCK:
-        _ENDED[run_dir] = status
+        _ENDED[run_dir] = status  # (over what `stopping` set)
+    recorder = _LIVE.get(run_dir, lambda: None)()
+    if recorder is not None:  # this process records the run: the summary of its last round
+        try:
+            recorder.write_summary(status)
+            return
+        except OSError:
+            raise
+        except Exception:  # noqa: BLE001 - state mid-change: at least the status, below
+            pass
+    with _ENDED_LOCK:
         if path.exists():
             summary = json.loads(path.read_text(encoding="utf-8"))
             if summary.get("status") == "running":
