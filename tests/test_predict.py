@@ -176,6 +176,7 @@ def test_a_run_with_per_client_transforms_is_refused_and_says_what_to_do(tmp_pat
     assert run.model() is not None  # the model itself is rebuilt all the same
 
 
+@pytest.mark.slow
 def test_regression_predictions_are_in_the_labels_units(tmp_path):
     run = privet.simulate(CONFIGS_DIR / "adult-regression.toml",
                           {"rounds": 2, "num-clients": 3, "clients-per-round": 3},
@@ -194,6 +195,7 @@ def test_regression_predictions_are_in_the_labels_units(tmp_path):
         scored["prediction"].to_numpy())
 
 
+@pytest.mark.slow
 def test_a_csv_run_with_a_users_model_needs_neither_its_file_nor_its_folder(tmp_path):
     """A `;` file with a decimal-comma column, a user's factory taking `features`: after
     training, the data file goes away and the run directory moves; scoring still works,
@@ -230,6 +232,7 @@ def test_a_csv_run_with_a_users_model_needs_neither_its_file_nor_its_folder(tmp_
            "(no thousands separator, ',' as decimal mark, as in training)" in line
 
 
+@pytest.mark.slow
 def test_image_runs_need_no_transform(tmp_path):
     run = privet.simulate(CONFIGS_DIR / "digits.toml",
                           {"rounds": 2, "num-clients": 3, "clients-per-round": 3,

@@ -166,6 +166,7 @@ def grid_runs(client, experiment: str) -> dict:
     return {r.info.run_name: r for r in client.search_runs([found.experiment_id])}
 
 
+@pytest.mark.slow
 def test_compare_logs_each_grid_point_once_in_one_experiment(tracked_grid):
     base, out, store, args, first, mtimes = tracked_grid
     client = mlflow_client(store)
@@ -189,6 +190,7 @@ def test_compare_logs_each_grid_point_once_in_one_experiment(tracked_grid):
         n: r.info.run_id for n, r in runs.items()}
 
 
+@pytest.mark.slow
 def test_compare_logs_reused_runs_where_tracking_was_added(tracked_grid):
     """Tracking pointed somewhere new on a resumed sweep: the reused runs are logged there
     from their files, with the audit a run has, and a third call adds nothing."""
@@ -401,6 +403,7 @@ def test_report_names_each_key_the_runs_differ_in(tmp_path):
     assert report.config_differences(rows[:2]) == []  # ε, seed and level are swept
 
 
+@pytest.mark.slow
 def test_privet_report_warns_on_the_console_and_in_the_page(tracked, tracked_grid, tmp_path):
     run_dir = tracked[0]  # rounds = 2; the grid's runs: rounds = 1
     out = tracked_grid[1]
