@@ -100,8 +100,11 @@ def print_summary(run_dir: Path) -> None:
         table.add_column(column, justify="right")
     shown = clients
     if len(clients) > CLIENTS_SHOWN:
-        shown = sorted(clients, key=lambda kv: -(kv[1]["epsilon"] or 0.0))[:10]
-        table.caption = (f"the 10 of {len(clients)} clients that spent most; every client is "
+        shown = sorted(clients, key=lambda kv: (-(kv[1]["epsilon"] or 0.0),
+                                                -kv[1]["rounds_trained"]))[:10]
+        most = ("spent most" if any(c["epsilon"] is not None for _, c in clients) else
+                "trained most (none ran DP-SGD: the user-level ε below covers each)")
+        table.caption = (f"the 10 of {len(clients)} clients that {most}; every client is "
                          f"in summary.json")
     for cid, c in shown:
         eps = "- (no DP-SGD)" if c["epsilon"] is None else f"{c['epsilon']:.4f}"
