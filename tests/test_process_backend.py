@@ -63,8 +63,11 @@ def test_a_function_runs_in_a_worker_for_the_driver(backend):
     import os
 
     assert backend.submit(os.getpid).result() != os.getpid()
-    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+    with pytest.raises(ZeroDivisionError):  # the function's own error, as it was
         backend.submit(divmod, 1, 0).result()
+    backend.terminate()  # a stopped pool refuses, as a shut-down Executor does
+    with pytest.raises(RuntimeError, match="stopped"):
+        backend.submit(os.getpid)
 
 
 def test_a_client_process_trains_on_one_torch_thread():

@@ -65,7 +65,7 @@ def serve(pipe, reference: str, parent: int) -> None:
     """A pool worker's life (process_backend.ProcessPoolBackend): load the ClientApp, say
     so (None, or why not), then answer requests on `pipe` until ("stop",) or the pipe
     closes: ("run", message, context) → run(...); ("call", function, args) → (True,
-    result) or (False, the error as text)."""
+    result) or (False, the exception, or its text where it does not pickle)."""
     start(parent)
     try:
         load_app(reference)
@@ -91,5 +91,8 @@ def serve(pipe, reference: str, parent: int) -> None:
             _, function, args = request
             try:
                 pipe.send((True, function(*args)))
-            except Exception as error:  # noqa: BLE001 - the caller raises it
-                pipe.send((False, f"{type(error).__name__}: {error}"))
+            except Exception as error:  # noqa: BLE001 - the caller raises it, as it was
+                try:  # (an OSError stays one: a full disk is told apart from a bug)
+                    pipe.send((False, error))
+                except Exception:  # noqa: BLE001 - an error that does not pickle: its text
+                    pipe.send((False, f"{type(error).__name__}: {error}"))

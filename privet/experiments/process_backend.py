@@ -177,16 +177,15 @@ class ProcessPoolBackend(Backend):
         return reply, context
 
     def submit(self, function: Callable, *args) -> concurrent.futures.Future:
-        """Run `function(*args)` (picklable) in a worker; a Future of its result (the
-        Executor interface common.plots.draw needs)."""
+        """Run `function(*args)` (picklable) in a worker; a Future of its result or of the
+        exception it raised (a RuntimeError of its text if it does not pickle). Raises RuntimeError, as an Executor shut down
+        does, when the pool cannot run it (stopped, or the worker died): common.plots.draw
+        then draws here."""
+        ok, value = self._call(("call", function, args))
         future: concurrent.futures.Future = concurrent.futures.Future()
-        try:
-            ok, value = self._call(("call", function, args))
-        except RuntimeError as error:
-            future.set_exception(error)
-            return future
         if ok:
             future.set_result(value)
         else:
-            future.set_exception(RuntimeError(value))
+            future.set_exception(value if isinstance(value, BaseException)
+                                 else RuntimeError(value))
         return future

@@ -163,8 +163,9 @@ def nodes_in_order(register):
 
 
 def install() -> None:
-    """Install patches 1 and 2 (idempotent). Raises privet.patches.PatchError for a Flower
-    version they were not written for, or whose internals moved."""
+    """Install patches 1, 2 and 5 (idempotent; 3 and 4 are applied where they are used).
+    Raises privet.patches.PatchError for a Flower version they were not written for, or
+    whose internals moved."""
     global INSTALLED
     if INSTALLED:
         return
@@ -201,24 +202,20 @@ def process_pool_backend(backend: type):
                          "privet.patches first, or run stock on Ray")
     name = "flwr.server.superlink.fleet.vce.backend.raybackend"
     raybackend = sys.modules.get(name)
-    if raybackend is None:
+    stand_in = raybackend is None
+    if stand_in:
         # Not imported yet (it imports Ray: ~0.4 s, which the process pool never uses):
         # within, Flower's `from .backend.raybackend import RayBackend` finds a stand-in
-        stand_in = types.ModuleType(name)
-        stand_in.RayBackend = backend
-        sys.modules[name] = stand_in
-        try:
-            yield
-        finally:
-            if sys.modules.get(name) is stand_in:
-                del sys.modules[name]
-        return
-    original = raybackend.RayBackend
+        raybackend = sys.modules[name] = types.ModuleType(name)
+    original = getattr(raybackend, "RayBackend", None)
     raybackend.RayBackend = backend
     try:
         yield
     finally:
-        raybackend.RayBackend = original
+        if not stand_in:
+            raybackend.RayBackend = original
+        elif sys.modules.get(name) is raybackend:
+            del sys.modules[name]
 
 
 def guard_client_app_loader(runtime, stale: Callable[[str, str, str], list[str]],

@@ -70,7 +70,8 @@ class RunRecorder:
         # what the ServerApp's thread records and what mark_ended writes from the main
         # thread (Ctrl-C, SIGTERM) take turns: an interrupted run's summary is its last round
         self._write_lock = threading.RLock()
-        _LIVE[self.run_dir.resolve()] = weakref.ref(self)
+        self._key = self.run_dir.resolve()  # how _LIVE and _ENDED name this run
+        _LIVE[self._key] = weakref.ref(self)
         self.user_strategy = None  # the UserLevelDPFedAvg, when user-level DP is on
         self.user_ledger = None    # its participants' ledger over runs (server.accounting)
         # client id -> what it reported spending (common.privacy.ledger.DataLedger.report)
@@ -281,7 +282,7 @@ class RunRecorder:
         Nothing once the run has been marked ended (mark_ended: Ctrl-C, SIGTERM): its files
         and summary stay those of the last round before, which the ServerApp's thread may
         otherwise still add to while the process stops."""
-        if self.run_dir.resolve() in _ENDED:
+        if self._key in _ENDED:
             return
         loss = scores.loss
         accuracy = scores.accuracy if isinstance(scores, Scores) else None
@@ -511,11 +512,11 @@ class RunRecorder:
             "tracking": self.tracking.summary(),  # where it was logged, and whether all went
         }
         with _ENDED_LOCK:  # a run the CLI has marked ended stays ended, whatever the
-            ended = _ENDED.get(self.run_dir.resolve())  # ServerApp's thread says after
+            ended = _ENDED.get(self._key)  # ServerApp's thread says after
             if ended:
                 summary["status"] = ended
-            # rewritten after every round while running: on one line then (json's C encoder),
-            # indented once the run has ended
+            # while running (see end_round): on one line, by json's C encoder; indented once
+            # the run has ended
             running = summary["status"] == "running"
             results.write_json(self.run_dir / results.SUMMARY, summary, compact=running,
                                durable=not running)
