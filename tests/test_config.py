@@ -7,6 +7,7 @@ from conftest import PROJECT_DIR
 
 from privet.common.config import (
     CONFIGS_DIR,
+    EXECUTION_KEYS,
     ConfigError,
     ExperimentConfig,
     from_run_config,
@@ -94,6 +95,8 @@ def test_flower_app_defaults_are_the_default_experiment():
             flat.update({f"{key}.{k}": v for k, v in value.items()})
         else:
             flat[key] = value
+    # and the keys that say how to run (resume, pause), off by default
+    assert {k: flat.pop(k) for k in EXECUTION_KEYS} == {"resume": False, "pause-after": 0}
     assert flat == load_config(CONFIGS_DIR / "adult.toml").to_run_config()
 
 

@@ -461,7 +461,8 @@ def test_without_a_ledger_dir_the_ledger_lives_and_dies_with_its_run(tmp_path):
     two, _ = _simulate(tmp_path / "r2", "")
     for client in one["privacy"]["clients"]:
         assert two["privacy"]["clients"][client]["rounds_trained"] == 2
-        assert two["privacy"]["clients"][client]["ledger"]["location"].startswith("memory")
+        assert two["privacy"]["clients"][client]["ledger"]["location"] == \
+            f"{tmp_path / 'r2' / 'ledgers' / f'client-{client}.json'} (this run only)"
     assert not list(tmp_path.glob("**/.privet-ledger"))
     statuses = {r["status"] for r in rows(tmp_path / "r2" / "metrics.csv")}
     assert statuses == {"trained"}

@@ -18,10 +18,12 @@ from privet.clients.train import sample_rate, steps_per_epoch
 from privet.common.config import ExperimentConfig
 from privet.common.data.datasets import client_digests, digest_columns, source_name
 from privet.common.privacy import accountants
-from privet.common.privacy.ledger import ALL_ROWS, DataLedger, LedgerDir, MemoryStore, Spend, SpendRecord
+from privet.common.privacy.ledger import (ALL_ROWS, DataLedger, LedgerDir, MemoryStore,
+                                          RunFileStore, Spend, SpendRecord)
 from privet.common.privacy.randomness import resolve_noise_source
 
 LEDGER_KEY = "privacy-ledger"
+RUN_LEDGERS = "ledgers"  # a simulation's ledgers in its run directory (common.results.LEDGERS)
 RUN_CLIENTAPP = "flwr.supernode.runtime.run_clientapp"  # how a SuperNode runs a ClientApp
 
 
@@ -80,8 +82,10 @@ def _ledger_dir(directory: str) -> LedgerDir:
 def open_ledger(cfg: ExperimentConfig, context: Context, client: int, run: str
                 ) -> DataLedger:
     """This client's ledger: on disk when the node says where (`ledger-dir`, or the folder of
-    its `data-path`) or the experiment sets `privacy.ledger-dir`; otherwise in context.state,
-    for this run only. Raises LedgerError when a ledger on disk cannot be trusted."""
+    its `data-path`) or the experiment sets `privacy.ledger-dir`; otherwise for this run
+    only: a simulated client's in the run directory (`ledgers/client-<id>.json`, so that a
+    resumed run continues it), else in context.state. Raises LedgerError when a ledger on
+    disk cannot be trusted."""
     node, path = context.node_config, data_path(context)
     if "ledger-dir" in node:
         directory = str(node["ledger-dir"])
@@ -89,7 +93,12 @@ def open_ledger(cfg: ExperimentConfig, context: Context, client: int, run: str
         directory = os.path.dirname(os.path.abspath(path))
     else:
         directory = cfg.privacy.ledger_dir
-    store = _ledger_dir(os.path.abspath(directory)) if directory else _StateStore(context.state)
+    if directory:
+        store = _ledger_dir(os.path.abspath(directory))
+    elif cfg.out_dir and not deployed(context):
+        store = RunFileStore(os.path.join(cfg.out_dir, RUN_LEDGERS, f"client-{client}.json"))
+    else:
+        store = _StateStore(context.state)
     digests = None if isinstance(store, MemoryStore) else client_digests(cfg, client, path)
     current = SpendRecord(f"{run or 'run'}-client{client}", run, str(client),
                           source_name(cfg, path), ALL_ROWS, noise_source(cfg, context),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -318,6 +319,9 @@ def train(msg: Message, context: Context) -> Message:
     base.update({R.DATA_PREFIX + k: v for k, v in data.cleaning.as_dict().items()})
     model = _model(cfg, data, msg.content["arrays"], data_path)
     seed = (cfg.seed * 1_000_003 + server_round * 1009 + client_id) % (1 << 63)
+    # what this round's release depends on besides the rows and the seed: paid once per
+    # distinct input (a resumed run replaying it with seeded noise pays nothing more)
+    release = (f"train-{server_round}", _fingerprint(msg, transform))
 
     sigma = q = None
     if private:
@@ -331,12 +335,16 @@ def train(msg: Message, context: Context) -> Message:
             [metrics_dp.one_round(cfg)] if metrics_dp.noised(cfg, client_id) else [])
         # recorded before the steps run, in one step with the check (other runs may share
         # the ledger): a round that then fails has been paid for, never the other way round
-        reserved = ledger.reserve(this_round, target, delta, accountant)
+        reserved = ledger.reserve(this_round, target, delta, accountant, release)
         accounting_seconds += time.perf_counter() - accounting_start
         if reserved is None:
             log.warning("client %d declines round %d: ε would pass target %.4f",
                         client_id, server_round, target)
             return declined(transform)
+        attempt = ledger.attempt(*release)
+        if attempt:  # a redo on other inputs: never the noise of a release already made
+            seed = int.from_bytes(hashlib.blake2b(f"{seed}|{attempt}".encode(),
+                                                  digest_size=8).digest(), "little") >> 1
 
     buffers = {name: b.detach().clone() for name, b in model.state_dict().items()
                if name not in dict(model.named_parameters())}
@@ -365,7 +373,9 @@ def train(msg: Message, context: Context) -> Message:
     metrics[R.DEVICE] = device_code(device)
     if metrics_dp.noised(cfg, client_id):  # paid for with the steps, above
         randomness = make_randomness(ledger.current.noise_source,
-                                     [cfg.seed, server_round, client_id, metrics_dp.STREAM])
+                                     [cfg.seed, server_round, client_id, metrics_dp.STREAM]
+                                     + ([ledger.attempt(*release)]
+                                        if ledger.attempt(*release) else []))
         loss, accuracy = metrics_dp.release(model, data.features, data.labels,
                                             this_round[-1].sigma, randomness, cfg.loss_name)
         metrics.update({R.TRAIN_LOSS: loss, **_accuracy(R.TRAIN_ACCURACY, accuracy)})
@@ -373,6 +383,20 @@ def train(msg: Message, context: Context) -> Message:
         metrics.update({R.TRAIN_LOSS: result.loss,
                         **_accuracy(R.TRAIN_ACCURACY, result.accuracy)})
     return _reply(metrics, _privacy_record(cfg, ledger, transform), model, msg)
+
+
+def _fingerprint(msg: Message, transform: str) -> str:
+    """A digest of what a training reply depends on besides the client's rows and its seed:
+    the global model it starts from (names, dtypes, shapes, bytes), the transform and the
+    round's config (BLAKE2b, 128 bits)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, array in msg.content["arrays"].items():
+        digest.update(f"{name}|{array.dtype}|{array.shape}|".encode())
+        digest.update(array.data)
+    digest.update(transform.encode())
+    config = msg.content["config"]
+    digest.update(repr(sorted((k, str(config[k])) for k in config.keys())).encode())
+    return digest.hexdigest()
 
 
 def _accuracy(key: str, value: float | None) -> dict:

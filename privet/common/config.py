@@ -845,6 +845,12 @@ def key_named(key: str, message: str) -> bool:
         f" {key} " in message or f" {key}:" in message
 
 
+# run_config keys that say how to run, not what: `privet simulate --resume`, `--pause-after`
+# (server.app.resume_options); never part of the experiment's config
+EXECUTION_KEYS = ("resume", "pause-after")
+
+
 def from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
     """Rebuild the config from Flower's flat run_config (server and client side)."""
-    return from_mapping(_unflatten(dict(run_config)))
+    return from_mapping(_unflatten({k: v for k, v in run_config.items()
+                                    if k not in EXECUTION_KEYS}))

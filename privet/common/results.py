@@ -39,8 +39,11 @@ TRANSFORM = "transform.json"     # the shared transform of federated preprocessi
 AUDIT = "audit.json"             # `privet audit`: the membership-inference audit
 CLIENT_TRANSFORMS = "client_transforms.json"  # each client's own DP-fitted transform
 MODEL_SPEC = "model.json"        # what model.pt takes and gives (common.saved_model)
+CHECKPOINT = "checkpoint.pt"  # server.checkpoint: what --resume continues from
+LEDGERS = "ledgers"  # a simulation's own ledgers (folder; clients.accounting.RUN_LEDGERS)
 RUN_FILES = (CONFIG, METRICS, ROUNDS, SUMMARY, MODEL, PLOT, PARTITIONS, TRANSFORM,
-             CLIENT_TRANSFORMS, AUDIT, MODEL_SPEC)  # what a run writes: replaced by the next
+             CLIENT_TRANSFORMS, AUDIT, MODEL_SPEC, CHECKPOINT,
+             LEDGERS)  # what a run writes: replaced by the next
 
 METRIC_COLUMNS = ["round", "client", "status", "examples", "loss", "accuracy", "epsilon",
                   "steps", "noise_multiplier", "sample_rate", "train_seconds",

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -117,7 +118,10 @@ def claim(path: Path, *, option: str = "--out", finished: str = "",
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         for name in stale:
-            (path / name).unlink(missing_ok=True)
+            if (path / name).is_dir() and not (path / name).is_symlink():
+                shutil.rmtree(path / name)  # e.g. the ledgers of the run it replaces
+            else:
+                (path / name).unlink(missing_ok=True)
     except OSError as error:
         os.close(fd)
         raise RunDirError(f"{option} {path}: cannot write to the run directory "

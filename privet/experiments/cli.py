@@ -44,18 +44,21 @@ def default_run_dir(cfg: ExperimentConfig) -> Path:
 class RoundWatcher(threading.Thread):
     """Reports each finished round by reading the run directory the server writes."""
 
-    def __init__(self, run_dir: Path, cfg: ExperimentConfig) -> None:
+    def __init__(self, run_dir: Path, cfg: ExperimentConfig, after: int = 0) -> None:
+        """`after`: the rounds a resumed run had finished (not reported again)."""
         super().__init__(daemon=True)
         self.run_dir, self.cfg = run_dir, cfg
         self.stop = threading.Event()
-        self.reported = 0
+        self.reported = after  # the last round reported
 
     def poll(self) -> None:
         try:
             rows = results.read_csv(self.run_dir / results.ROUNDS)
         except (FileNotFoundError, OSError):
             return
-        for row in rows[self.reported:]:
+        for row in rows:
+            if int(row["round"]) <= self.reported:
+                continue
             privacy = ""
             if row.get("max_epsilon"):
                 privacy += f"max ε {row['max_epsilon']:>8}  "
@@ -67,7 +70,7 @@ class RoundWatcher(threading.Thread):
                           f"{float(row['elapsed_seconds']):6.1f}s"  # rounds.csv's clock
                           + ("  no client trained: the model is unchanged"
                              if int(row["clients_trained"]) == 0 else ""), soft_wrap=True)
-        self.reported = len(rows)
+            self.reported = int(row["round"])
 
     def run(self) -> None:
         while not self.stop.wait(0.5):
@@ -296,6 +299,13 @@ def simulate(
         help="run the clients on this running Ray cluster (`ray start --head` prints its "
              "address; `auto`: the one started on this machine) instead of a Ray of its own"
     )] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        "--resume", metavar="RUN_DIR", help="continue the stopped run in RUN_DIR after its "
+        "last finished round, with its own config (Ctrl-C, SIGTERM, SIGKILL or "
+        "--pause-after stopped it)")] = None,
+    pause_after: Annotated[int, typer.Option(
+        "--pause-after", metavar="ROUND", min=0, help="stop after this round with status "
+        "paused; --resume continues it (0: run to the end)")] = 0,
 ) -> None:
     """Run an experiment on Flower's simulation runtime and write its results.
 
@@ -308,24 +318,44 @@ def simulate(
       privet simulate --config experiments/configs/tiny.toml --set privacy.level=none
 
       privet simulate --ray-address 10.0.0.5:6379      # on a Ray cluster, one client per CPU
+
+      privet simulate --resume runs/a                  # go on after its last finished round
     """
-    try:
-        cfg = load_config(config, overrides or [])
-    except ConfigError as error:
-        fail(str(error))
-    if cfg.privacy.ledger_dir:  # Ray actors need an absolute path
-        cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(
-            cfg.privacy, ledger_dir=str(Path(cfg.privacy.ledger_dir).expanduser().resolve())))
-    run_dir = (out or default_run_dir(cfg)).resolve()
-    claimed = not run_dir.exists()  # this invocation makes it: removed if nothing runs
-    try:  # before any data is read: a second run into one --out is refused at once
-        run_dir_claim(run_dir, finished=results.SUMMARY, stale=results.RUN_FILES,
-                      overwrite=overwrite)
-        results.atomic_write_text(run_dir / results.CONFIG, cfg.to_toml())
-    except RunDirError as error:
-        fail(str(error))
-    except OSError as error:
-        fail(f"--out {run_dir}: cannot write the run directory ({error.strerror or error})")
+    resumed_after = 0
+    if resume is not None:  # the run's own config, from its directory
+        if overrides or out is not None or overwrite or config != DEFAULT_CONFIG:
+            fail("--resume continues a run with the config it started with: leave out "
+                 "--config, --set, --out and --overwrite")
+        run_dir = resume.expanduser().resolve()
+        cfg, resumed_after = resumable(run_dir)
+        claimed = False
+        try:
+            run_dir_claim(run_dir, option="--resume")
+        except RunDirError as error:
+            fail(str(error))
+    else:
+        try:
+            cfg = load_config(config, overrides or [])
+        except ConfigError as error:
+            fail(str(error))
+        if cfg.privacy.ledger_dir:  # Ray actors need an absolute path
+            cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(
+                cfg.privacy,
+                ledger_dir=str(Path(cfg.privacy.ledger_dir).expanduser().resolve())))
+        run_dir = (out or default_run_dir(cfg)).resolve()
+        claimed = not run_dir.exists()  # this invocation makes it: removed if nothing runs
+        try:  # before any data is read: a second run into one --out is refused at once
+            run_dir_claim(run_dir, finished=results.SUMMARY, stale=results.RUN_FILES,
+                          overwrite=overwrite)
+            results.atomic_write_text(run_dir / results.CONFIG, cfg.to_toml())
+        except RunDirError as error:
+            fail(str(error))
+        except OSError as error:
+            fail(f"--out {run_dir}: cannot write the run directory "
+                 f"({error.strerror or error})")
+    if pause_after and pause_after <= resumed_after:
+        fail(f"--pause-after {pause_after}: the run has finished round {resumed_after} "
+             "already")
     from privet.experiments import simulation  # heavy imports (torch, flwr, ray) only now
 
     simulation.start_early(ray_address)
@@ -360,15 +390,18 @@ def simulate(
                if levels else "no differential privacy")
     console.print(f"privet: {cfg.name}: {cfg.num_clients} clients, {cfg.clients_per_round} "
                   f"per round, {cfg.rounds} rounds, {privacy} → {run_dir}")
+    if resumed_after:
+        console.print(f"privet: resuming after round {resumed_after} of {cfg.rounds}")
 
     for line in data_warnings:
         err.print(f"privet: warning: {line}", soft_wrap=True)
     print_partitions(report, cfg)
-    watcher = RoundWatcher(run_dir, cfg)
+    watcher = RoundWatcher(run_dir, cfg, after=resumed_after)
     watcher.start()
     code = 0
     try:
-        simulation.run(cfg, run_dir, verbose=verbose, ray_address=ray_address)
+        simulation.run(cfg, run_dir, verbose=verbose, ray_address=ray_address,
+                       resume=resume is not None, pause_after=pause_after)
     except simulation.RayAddressError as error:
         code = 2
         err.print(f"privet: error: {error}", markup=False, soft_wrap=True)
@@ -387,9 +420,43 @@ def simulate(
         watcher.join(timeout=5)
     if (run_dir / results.SUMMARY).exists():
         print_summary(run_dir)
-        if not code and results.read_summary(run_dir)["status"] == "complete-with-failures":
+        status = results.read_summary(run_dir)["status"]
+        if not code and status == "complete-with-failures":
             code = EXIT_FAILURES
+        if status in RESUMABLE:
+            err.print(f"privet: continue it with: privet simulate --resume {run_dir}",
+                      soft_wrap=True)
     exit_now(code)
+
+
+RESUMABLE = ("paused", "interrupted", "failed", "running")  # a run --resume continues
+FINISHED = ("complete", "complete-with-failures", "budget-exhausted")
+
+
+def resumable(run_dir: Path) -> tuple[ExperimentConfig, int]:
+    """The config of the stopped run in `run_dir` and the round its checkpoint holds; exits
+    with one line when there is nothing to resume (not a run, finished, no checkpoint, a
+    checkpoint of another config)."""
+    where = f"--resume {run_dir}"
+    if not (run_dir / results.CONFIG).is_file():
+        fail(f"{where}: not a privet run directory (no {results.CONFIG})")
+    try:
+        status = results.read_summary(run_dir).get("status")
+    except (OSError, ValueError):
+        status = None
+    if status in FINISHED:
+        fail(f"{where}: the run is {status}: there is nothing to resume")
+    try:
+        cfg = load_config(run_dir / results.CONFIG, [])
+    except ConfigError as error:
+        fail(str(error))
+    cfg = dataclasses.replace(cfg, out_dir=str(run_dir))
+    from privet.server.checkpoint import Checkpoint, CheckpointError
+
+    try:
+        return cfg, Checkpoint.load(run_dir, cfg.to_toml()).round
+    except CheckpointError as error:
+        fail(str(error))
 
 
 @app.command()

@@ -3,7 +3,9 @@
 Every run is its own `privet simulate` subprocess: Ray is per process, so a crashed or
 interrupted run cannot take the others down, and runs can go in parallel. Re-running the
 same command resumes: a run whose directory holds a finished summary.json and the same
-resolved config is reused; anything else (interrupted, failed, changed) is run again.
+resolved config is reused; a stopped one (interrupted, killed, failed) with the same config
+and a checkpoint goes on from its last finished round (`privet simulate --resume`); anything
+else (changed, stopped before round 1 ended) is run again.
 """
 
 from __future__ import annotations
@@ -108,6 +110,21 @@ def reusable(run_dir: Path, expected: ExperimentConfig) -> bool:
     return status in report.FINISHED and _comparable(done) == _comparable(expected)
 
 
+def resumable(run_dir: Path, expected: ExperimentConfig) -> bool:
+    """A stopped run of the same config that `privet simulate --resume` can continue."""
+    if not (run_dir / results.CHECKPOINT).is_file():
+        return False
+    try:
+        done = load_config(run_dir / results.CONFIG)
+    except (OSError, ValueError):
+        return False
+    try:
+        status = results.read_summary(run_dir).get("status")
+    except (OSError, ValueError):
+        status = None  # killed before its first summary: the checkpoint says where it is
+    return status not in report.FINISHED and _comparable(done) == _comparable(expected)
+
+
 def rounds_done(run_dir: Path) -> int:
     try:
         with open(run_dir / results.ROUNDS, encoding="utf-8") as handle:
@@ -127,6 +144,7 @@ class Grid:
         self.env = {**os.environ, CPUS_ENV: str(cpus)}
         self.state: dict[GridRun, str] = {}   # running | auditing | done | failed | ...
         self.outcome: dict[GridRun, str] = {}  # one line per finished run
+        self.resumed: dict[GridRun, int] = {}  # runs resumed, after how many rounds
         self.procs: dict[GridRun, subprocess.Popen] = {}
         self.stopping = threading.Event()
         self.lock = threading.Lock()
@@ -137,11 +155,11 @@ class Grid:
     def command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "privet.experiments.cli", *args]
 
-    def _spawn(self, run: GridRun, args: list[str], log: Path) -> int:
+    def _spawn(self, run: GridRun, args: list[str], log: Path, append: bool = False) -> int:
         with self.lock:
             if self.stopping.is_set():
                 return 130
-            with open(log, "w", encoding="utf-8") as handle:
+            with open(log, "a" if append else "w", encoding="utf-8") as handle:
                 # a run ends with this process, even if this one is killed (SIGKILL)
                 proc = subprocess.Popen(self.command(*args), stdout=handle,
                                         stderr=subprocess.STDOUT, env=self.env,
@@ -155,12 +173,17 @@ class Grid:
 
     def simulate(self, run: GridRun) -> bool:
         run_dir = run_dirs.mark(self.run_dir(run))  # privet's: its simulate may claim it
-        for stale in (results.ROUNDS, results.SUMMARY, results.AUDIT):  # a redo starts clean
-            (run_dir / stale).unlink(missing_ok=True)
-        sets = [a for o in [*self.overrides, *run.overrides()] for a in ("--set", o)]
+        if resumable(run_dir, self.expected[run]):  # its finished rounds are kept
+            self.resumed[run] = rounds_done(run_dir)
+            args = ["simulate", "--resume", str(run_dir)]
+        else:
+            for stale in (results.ROUNDS, results.SUMMARY, results.AUDIT):  # a redo: clean
+                (run_dir / stale).unlink(missing_ok=True)
+            sets = [a for o in [*self.overrides, *run.overrides()] for a in ("--set", o)]
+            args = ["simulate", "--config", str(self.config), *sets, "--out", str(run_dir),
+                    "--overwrite"]
         self.state[run] = "running"
-        code = self._spawn(run, ["simulate", "--config", str(self.config), *sets,
-                                 "--out", str(run_dir), "--overwrite"], run_dir / LOG)
+        code = self._spawn(run, args, run_dir / LOG, append=run in self.resumed)
         return code == 0 and reusable(run_dir, self.expected[run])
 
     def run_audit(self, run: GridRun) -> bool:
@@ -196,7 +219,8 @@ class Grid:
                 audit_note += f"  [yellow]{escape(line)}[/]"
         row = report.audit_columns(run_dir)
         summary = results.read_summary(run_dir)
-        verb = "reused" if reuse else f"done in {time.time() - started:.0f}s"
+        verb = "reused" if reuse else f"done in {time.time() - started:.0f}s" + (
+            f" (resumed after round {self.resumed[run]})" if run in self.resumed else "")
         auc = f"  audit AUC {float(row['auc']):.3f}" if row.get("auc") else ""
         if row.get("audit_violation") == "true":
             auc += "  [bold red]AUDIT VIOLATION[/]"

@@ -270,8 +270,11 @@ def start_early(ray_address: str | None = None) -> None:
 
 
 def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False,
-        ray_address: str | None = None) -> None:
-    """Run `cfg` through Flower's simulation runtime; results land in `run_dir`.
+        ray_address: str | None = None, resume: bool = False, pause_after: int = 0
+        ) -> None:
+    """Run `cfg` through Flower's simulation runtime; results land in `run_dir`. `resume`:
+    go on from the checkpoint in `run_dir` (server.checkpoint); `pause_after`: stop after
+    that round, leaving a checkpoint to resume from (0: never).
 
     The ClientApps run in a pool of local worker processes, one per core (at most one per
     client of a round). With `ray_address` (HOST:PORT or auto) they run as actors on that Ray
@@ -298,7 +301,8 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False,
     # Flower has its own handler; Opacus adds a root one on import (basicConfig), so
     # propagating would print every line twice.
     flwr_logger.propagate = False
-    overrides = {**cfg.to_run_config(), "out-dir": str(run_dir)}
+    overrides = {**cfg.to_run_config(), "out-dir": str(run_dir), "resume": resume,
+                 "pause-after": pause_after}
     run_id = int.from_bytes(os.urandom(7), "big")
     flower_run = Run.create_empty(run_id=run_id)
     flower_run.override_config = overrides

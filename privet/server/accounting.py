@@ -14,6 +14,8 @@ what earlier runs left and never passes `privacy.user-epsilon`.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from privet.common.config import ExperimentConfig
 from privet.common.data.datasets import source_name
 from privet.common.privacy import accountants
@@ -22,6 +24,7 @@ from privet.common.privacy.ledger import (
     DataLedger,
     LedgerDir,
     MemoryStore,
+    RunFileStore,
     Spend,
     SpendRecord,
     row_digests,
@@ -36,13 +39,20 @@ class BudgetExhausted(Exception):
     status "budget-exhausted"."""
 
 
-def user_ledger(cfg: ExperimentConfig, run: str, deployed: bool, noise_source: str
-                ) -> DataLedger:
-    """The participants' user-level ledger for this run (raises LedgerError when a ledger
-    on disk cannot be trusted)."""
+def user_ledger(cfg: ExperimentConfig, run: str, deployed: bool, noise_source: str,
+                run_dir: Path | None = None) -> DataLedger:
+    """The participants' user-level ledger for this run: at `privacy.ledger-dir`, in the
+    state directory when deployed, else for this run only, in `run_dir` (ledgers/, so that a
+    resumed run continues it) or in memory. Raises LedgerError when a ledger on disk cannot
+    be trusted."""
     directory = cfg.privacy.ledger_dir or (str(state_dir() / "server-ledger") if deployed
                                            else "")
-    store = LedgerDir(directory, part="user-level") if directory else MemoryStore()
+    if directory:
+        store = LedgerDir(directory, part="user-level")
+    elif run_dir is not None:
+        store = RunFileStore(Path(run_dir) / "ledgers" / "user-level.json")  # results.LEDGERS
+    else:
+        store = MemoryStore()
     federation = "deployment" if deployed else source_name(cfg)
     participants = row_digests([federation, "participant", i] for i in range(cfg.num_clients))
     current = SpendRecord(f"{run}-user-level", run, "server", federation, ALL_ROWS,
@@ -61,9 +71,11 @@ def calibrate(cfg: ExperimentConfig, ledger: DataLedger) -> float | None:
 
 
 def reserve_round(cfg: ExperimentConfig, ledger: DataLedger, noise_multiplier: float,
-                  sample_rate: float) -> float | None:
+                  sample_rate: float, release: tuple[str, str] | None = None
+                  ) -> float | None:
     """One more round of DP-FedAvg on every participant, recorded before it runs if it keeps
-    them within `user-epsilon` (checked under the ledger's lock); the ε after, or None."""
+    them within `user-epsilon` (checked under the ledger's lock); the ε after, or None.
+    `release`: (round name, fingerprint of its inputs), see DataLedger.reserve."""
     p = cfg.privacy
     return ledger.reserve([Spend(noise_multiplier, sample_rate, 1, PURPOSE)], p.user_epsilon,
-                          p.delta, p.accountant)
+                          p.delta, p.accountant, release)

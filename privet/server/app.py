@@ -7,6 +7,7 @@ the run directory is updated as each round finishes.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import math
 import random
@@ -37,6 +38,7 @@ from privet.common.models import build_model, check_model
 from privet.common.privacy.randomness import make_randomness, resolve_noise_source
 from privet.server import accounting, strategies
 from privet.server.accounting import BudgetExhausted
+from privet.server.checkpoint import Checkpoint, load_strategy_state, strategy_state
 from privet.server.describe import describe_clients
 from privet.server.preprocessing import fit_shared_transform
 from privet.server.recorder import RunRecorder
@@ -92,18 +94,27 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = run_directory(cfg)
     noise_source = resolve_noise_source(cfg.privacy.noise_source, deployed(grid),
                                         "the ServerApp")
-    run = uuid.uuid4().hex[:16]  # spend recorded under it is this run's, on every ledger
+    resume, pause_after = resume_options(context.run_config)
+    saved = None
+    if resume:  # CheckpointError: one line (no checkpoint, another config)
+        saved = Checkpoint.load(run_dir, cfg.to_toml())
+    # spend recorded under the run id is this run's, on every ledger: a resumed run keeps it
+    run = saved.run if saved else uuid.uuid4().hex[:16]
     random.seed(cfg.seed)  # Flower samples clients with the `random` module
     torch.manual_seed(cfg.seed)
     _wait_for_nodes(grid, cfg.num_clients)
 
-    recorder = RunRecorder(run_dir, cfg, run=run, noise_source=noise_source)
+    recorder = RunRecorder(run_dir, cfg, run=run, noise_source=noise_source,
+                           restored=saved.recorder if saved else None)
     log.info("privet: run directory %s", run_dir)
+    if saved:
+        log.info("privet: resuming run %s after round %d of %d", run, saved.round, cfg.rounds)
     status = "failed"
     try:
-        _run(grid, cfg, recorder, run, noise_source)
+        paused = _run(grid, cfg, recorder, run, noise_source, saved, pause_after)
         _check_something_trained(recorder.round_rows)
-        status = "complete-with-failures" if recorder.failures else "complete"
+        status = ("paused" if paused else
+                  "complete-with-failures" if recorder.failures else "complete")
     except BudgetExhausted as reason:
         status = "budget-exhausted"
         recorder.stop_reason = str(reason)
@@ -160,12 +171,24 @@ def _check_something_trained(rounds: list[dict]) -> None:
                     "fewer rows than train.batch-size")
 
 
+def resume_options(run_config) -> tuple[bool, int]:
+    """(resume, pause after round): the run_config keys `privet simulate --resume` and
+    `--pause-after` set (config.EXECUTION_KEYS: how to run, not what)."""
+    return bool(run_config.get("resume", False)), int(run_config.get("pause-after", 0))
+
+
 def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
-         noise_source: str) -> None:
-    """Everything from the data description to the last round; raises BudgetExhausted when
-    budgets run out before the planned rounds are done."""
+         noise_source: str, saved: Checkpoint | None = None, pause_after: int = 0) -> bool:
+    """Everything from the data description to the last round, or from the round after the
+    checkpoint `saved`; raises BudgetExhausted when budgets run out before the planned
+    rounds are done. True when it paused after round `pause_after` (a checkpoint to resume
+    from is written)."""
     on_clients = cfg.evaluation.mode == "federated"  # then the server reads no rows at all
-    if on_clients:
+    transform = ""
+    if saved is not None:  # described and fitted before round 1, paid for once: reused
+        transform = saved.transform
+        input_shape, classes, features = saved.model_input
+    elif on_clients:
         described = describe_clients(grid)
         recorder.write_partitions(described.report)
         recorder.note_described(described.report)
@@ -174,8 +197,7 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
     else:
         recorder.write_partitions(partition_report(cfg))
         recorder.data_warnings = list(source_warnings(cfg))
-    transform = ""
-    if cfg.federated_preprocessing:
+    if cfg.federated_preprocessing and saved is None:
         fitted, estimated = fit_shared_transform(grid, cfg, run, recorder.record_statistics)
         transform = fitted.to_json()
         recorder.write_transform(fitted, estimated)
@@ -200,11 +222,18 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
     model = build_model(cfg.train, tuple(input_shape), outputs, features)
     user_account = None
     if cfg.user_level:
-        user_account = accounting.user_ledger(cfg, run, deployed(grid), noise_source)
+        user_account = accounting.user_ledger(cfg, run, deployed(grid), noise_source,
+                                              recorder.run_dir)
         recorder.user_ledger = user_account
     strategy = build_strategy(cfg, recorder, user_account, noise_source)
     if strategy is not None:
         strategy.left_out.update(recorder.failed_nodes)  # failed in preprocessing
+    first_round, arrays = 1, R.to_arrays(model)
+    if saved is not None and strategy is not None:
+        load_strategy_state(strategy, saved.strategy)
+        saved.restore_random()
+        first_round, arrays = saved.round + 1, ArrayRecord(saved.arrays)
+    model_input = (tuple(input_shape), list(classes), features)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if on_clients:  # the clients just evaluated this round's model on held-out rows
@@ -224,7 +253,11 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
             raise RunFailed(f"round {server_round}: the global model's weights are not finite "
                             "(NaN or infinite): training diverged (lower train.lr?)")
         if server_round > 0:
-            recorder.end_round(server_round, scores, arrays.to_torch_state_dict())
+            state = arrays.to_torch_state_dict()
+            recorder.end_round(server_round, scores, state)
+            recorder.checkpoint(lambda kept: Checkpoint(
+                server_round, run, cfg.to_toml(), state, strategy_state(strategy), kept,
+                transform, model_input, random.getstate(), torch.get_rng_state()))
             log.info("privet: round %d/%d  %s  max ε %s  user ε %s",
                      server_round, cfg.rounds, _headline(scores), _eps(recorder.max_epsilon()),
                      _eps(recorder.user_epsilon()))
@@ -233,7 +266,10 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
             if cfg.privacy.on_exhausted == "stop" and able < cfg.clients_per_round:
                 raise BudgetExhausted(f"only {able} client(s) have budget left; "
                                       f"clients-per-round = {cfg.clients_per_round}")
-            if user_account is not None and server_round < cfg.rounds:
+            arrays_now[0] = arrays
+            # a run paused here reserves the next round when it resumes (secure noise
+            # would otherwise pay it twice)
+            if user_account is not None and server_round not in (cfg.rounds, pause_after):
                 reserve_user_round()
         if scale is not None:
             return MetricRecord({"rmse": scores.rmse, "loss": scores.loss})
@@ -241,23 +277,46 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
 
     def reserve_user_round() -> None:
         """The next round's release, recorded before it runs, in one step with the check
-        (another run may share the ledger folder)."""
+        (another run may share the ledger folder). Its fingerprint is the model it starts
+        from and the seeded noise stream's position: a resumed run replaying it from the
+        checkpoint draws the same noise, and pays nothing more (DataLedger.reserve)."""
+        release = (f"round-{len(recorder.round_rows) + 1}",
+                   _fingerprint(arrays_now[0], strategy.randomness))
         if accounting.reserve_round(cfg, user_account, strategy.ledger_noise,
-                                    strategy.sample_rate) is None:
+                                    strategy.sample_rate, release) is None:
             raise BudgetExhausted(f"another round would take the participants' user-level "
                                   f"ε past target {cfg.privacy.user_epsilon:g}")
 
     if strategy is None:
         raise BudgetExhausted("earlier runs have spent the participants' user-level budget "
                               f"(ε = {cfg.privacy.user_epsilon:g}) in {user_account.location}")
+    arrays_now = [arrays]  # the global model the next round starts from
     if user_account is not None:
         reserve_user_round()
-    strategy.start(grid=grid, initial_arrays=R.to_arrays(model), num_rounds=cfg.rounds,
+    strategy.start(grid=grid, initial_arrays=arrays, num_rounds=cfg.rounds,
                    train_config=ConfigRecord({R.TRANSFORM: transform, R.RUN: run,
                                               # fedprox also at user level (FedAvg's server)
                                               "proximal-mu": proximal_mu(cfg)}),
                    evaluate_config=ConfigRecord({R.TRANSFORM: transform, R.RUN: run}),
-                   evaluate_fn=evaluate)
+                   evaluate_fn=evaluate, first_round=first_round,
+                   stop=lambda done: done == pause_after)
+    last = int(recorder.round_rows[-1]["round"]) if recorder.round_rows else 0
+    return 0 < pause_after == last < cfg.rounds
+
+
+def _fingerprint(arrays: ArrayRecord, randomness) -> str:
+    """A digest of a user-level round's inputs besides the clients' updates: the global model
+    it starts from and, for seeded noise, the stream's position (BLAKE2b, 128 bits)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, array in arrays.items():
+        digest.update(f"{name}|{array.dtype}|{array.shape}|".encode())
+        digest.update(array.data)
+    state = getattr(randomness, "state_dict", None)
+    for key, value in sorted(state().items()) if callable(state) else ():
+        digest.update(key.encode())
+        digest.update(value.numpy().tobytes() if isinstance(value, torch.Tensor)
+                      else repr(value).encode())
+    return digest.hexdigest()
 
 
 def _writing_results(error: OSError, run_dir: Path) -> bool:

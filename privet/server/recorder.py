@@ -55,8 +55,19 @@ def _locked(method):
 
 
 class RunRecorder:
+    """Writes a run's directory as it goes (see the module doc). `restored`: the state a
+    checkpoint kept (`state_dict`), for a resumed run: its rows and per-client facts go on
+    from there, and rounds.csv and metrics.csv are rewritten to end at its round (a round
+    written after the checkpoint is done again)."""
+
+    # what a checkpoint keeps: everything the rows, the summary and the stop rules read
+    STATE = ("client_rows", "round_rows", "clients", "spend", "released",
+             "client_transforms", "client_ranges", "failures", "failed_nodes",
+             "node_clients", "transform_features", "estimated_bounds", "data_warnings",
+             "classes", "server_device")
+
     def __init__(self, run_dir: Path, cfg: ExperimentConfig, *, run: str = "",
-                 noise_source: str = "seeded") -> None:
+                 noise_source: str = "seeded", restored: dict | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.run, self.noise_source = run, noise_source
@@ -89,14 +100,29 @@ class RunRecorder:
         self.classes: list[str] = []  # the model's outputs, in order
         self.server_device: str | None = None  # where the server evaluates ("cpu", "cuda:0")
         # privet simulate claimed it already (a no-op then); a deployed ServerApp claims it
-        run_dir_claim(self.run_dir, option="out-dir", finished=results.SUMMARY,
-                      stale=results.RUN_FILES)
-        results.atomic_write_text(self.run_dir / results.CONFIG, cfg.to_toml())
+        if restored is None:
+            run_dir_claim(self.run_dir, option="out-dir", finished=results.SUMMARY,
+                          stale=results.RUN_FILES)
+            results.atomic_write_text(self.run_dir / results.CONFIG, cfg.to_toml())
+        else:  # the same run goes on: nothing of it is cleared
+            run_dir_claim(self.run_dir, option="out-dir")
+            self.load_state_dict(restored)
         # headers now: a run that ends before round 1 still leaves files a program can read
-        results.write_csv(self.run_dir / results.METRICS, self.metric_columns, [])
-        results.write_csv(self.run_dir / results.ROUNDS, self.round_columns, [])
+        results.write_csv(self.run_dir / results.METRICS, self.metric_columns, self.client_rows)
+        results.write_csv(self.run_dir / results.ROUNDS, self.round_columns, self.round_rows)
         # [tracking]: MLflow, TensorBoard (server.tracking); callbacks, empty when not asked
         self.tracking = Tracking.for_run(cfg, self.run_dir, run, self.started)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the recorder (plain data, not copied: pickle it before
+        the next round changes it), with the seconds run so far."""
+        return {**{name: getattr(self, name) for name in self.STATE},
+                "elapsed": time.time() - self.started}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self.STATE:
+            setattr(self, name, state[name])
+        self.started = time.time() - float(state["elapsed"])  # wall time: both parts
 
     @property
     def metric_columns(self) -> list[str]:
@@ -332,6 +358,16 @@ class RunRecorder:
             self.write_summary("running", server_round, accuracy, loss)
             self._summary_due = began + max(SUMMARY_EVERY_SECONDS,
                                             20 * (time.perf_counter() - began))
+
+    @_locked
+    def checkpoint(self, make) -> bool:
+        """Write the checkpoint `make(self.state_dict())` returns (server.checkpoint) into the
+        run directory, unless the run has been marked ended (its files then stay those of
+        the round before, and so does the checkpoint). True when written."""
+        if self._key in _ENDED:
+            return False
+        make(self.state_dict()).save(self.run_dir)
+        return True
 
     def exhausted_clients(self) -> list[str]:
         """Clients that declined a round because their budget is spent."""

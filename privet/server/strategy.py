@@ -13,15 +13,18 @@ Decentralized Data") with two additions that privet needs and Flower's FedAvg la
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 
 from privet.common import records as R
+
+log = logging.getLogger("flwr")
 
 # (round, replies, node each message was sent to by message id): error replies made by the
 # SuperLink for a lost node carry the SuperLink as sender, so the reply alone cannot say who.
@@ -117,6 +120,46 @@ class PrivetFedAvg(FedAvg):
         self._sent: list[Message] = []
         # the latest federated evaluation: clients' held-out rows, example-weighted
         self.last_evaluation: MetricRecord = MetricRecord({})
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              timeout: float = 3600, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              *, first_round: int = 1, stop: Callable[[int], bool] | None = None) -> Result:
+        """Flower's `Strategy.start` loop (train, federated evaluation, the server's
+        evaluation per round), from round `first_round` on: a resumed run passes the round
+        after its checkpoint and the model of that checkpoint as `initial_arrays` (the
+        evaluation of round 0 is then not repeated). `stop(round)`, asked after each round's
+        evaluation, ends the loop early when it returns True (a paused run)."""
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result, arrays = Result(), initial_arrays
+        if evaluate_fn is not None and first_round == 1:
+            found = evaluate_fn(0, arrays)
+            if found is not None:
+                result.evaluate_metrics_serverapp[0] = found
+        for current in range(first_round, num_rounds + 1):
+            log.info("[ROUND %s/%s]", current, num_rounds)
+            replies = grid.send_and_receive(
+                self.configure_train(current, arrays, train_config, grid), timeout=timeout)
+            new_arrays, train_metrics = self.aggregate_train(current, replies)
+            if new_arrays is not None:
+                result.arrays = arrays = new_arrays
+            if train_metrics is not None:
+                result.train_metrics_clientapp[current] = train_metrics
+            replies = grid.send_and_receive(
+                self.configure_evaluate(current, arrays, evaluate_config, grid),
+                timeout=timeout)
+            evaluated = self.aggregate_evaluate(current, replies)
+            if evaluated is not None:
+                result.evaluate_metrics_clientapp[current] = evaluated
+            if evaluate_fn is not None:
+                found = evaluate_fn(current, arrays)
+                if found is not None:
+                    result.evaluate_metrics_serverapp[current] = found
+            if stop is not None and current < num_rounds and stop(current):
+                break
+        return result
 
     def reachable(self, grid: Grid) -> Grid:
         """The grid without the left-out nodes; raises NoClientsLeft when leaving them out is

@@ -59,7 +59,8 @@ STATUS_TAG = "privet.status"
 AUDIT_TAG = "audit_violation"              # set once the audit is logged
 # privet's end states -> MLflow's (RunStatus names)
 MLFLOW_STATUS = {"complete": "FINISHED", "complete-with-failures": "FINISHED",
-                 "budget-exhausted": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
+                 "budget-exhausted": "FINISHED", "interrupted": "KILLED", "failed": "FAILED",
+                 "paused": "KILLED"}  # a paused run resumes into the same MLflow run
 # an unreachable server costs a few seconds, not MLflow's default ~4 minutes of retries per
 # call (the user's own settings of these win)
 MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -170,6 +171,11 @@ class MlflowCallback:
         from mlflow.entities import Param
 
         client = self._client()
+        resumed = self.find(run.run_id)  # a resumed privet run goes on in its MLflow run
+        if resumed is not None:
+            self.run_id = resumed
+            client.update_run(resumed, status="RUNNING")
+            return
         created = client.create_run(self.experiment_id(), run_name=run.name,
                                     start_time=int(run.started * 1000), tags=run_tags(run))
         self.run_id = created.info.run_id
@@ -480,8 +486,10 @@ def write_per_client(summary: dict, path: Path) -> Path | None:
 
 
 def run_files(run_dir: Path) -> list[Path]:
-    """The run's own files (results.RUN_FILES) that exist: what MLflow keeps as artifacts."""
-    return [run_dir / name for name in results.RUN_FILES if (run_dir / name).is_file()]
+    """The run's own files (results.RUN_FILES) that exist: what MLflow keeps as artifacts
+    (not the checkpoint, which only --resume reads)."""
+    return [run_dir / name for name in results.RUN_FILES
+            if name != results.CHECKPOINT and (run_dir / name).is_file()]
 
 
 # --- a finished run, from its files (privet compare) --------------------------------------

@@ -149,6 +149,11 @@ class SpendRecord:
     transform: str = ""  # the client's own DP-fitted transform (JSON), reused within the run
     # the columns a row's digest was computed from (tables; () for images or unknown)
     columns: tuple[str, ...] = ()
+    # release -> the fingerprints of its inputs, one per time it was paid for (e.g.
+    # "train-5" -> [digest of the global model it started from]): a resumed run that
+    # replays a release with seeded noise and the same inputs releases the same output,
+    # which costs nothing more (DataLedger.reserve)
+    releases: dict[str, list[str]] = field(default_factory=dict)
 
     def record(self, spend: Spend) -> None:
         _append(self.spends, spend)
@@ -161,7 +166,7 @@ class SpendRecord:
         return {"format": FORMAT, "id": self.id, "run": self.run, "client": self.client,
                 "source": self.source, "rows": self.rows, "noise_source": self.noise_source,
                 "spends": [s.to_list() for s in self.spends], "transform": self.transform,
-                "columns": list(self.columns)}
+                "columns": list(self.columns), "releases": self.releases}
 
     @classmethod
     def from_dict(cls, data, where: str) -> "SpendRecord":
@@ -178,9 +183,16 @@ class SpendRecord:
         if not spends:
             raise LedgerError(f"{where}: privacy ledger holds no spend; a record is only "
                               "written once something was spent, so it has been emptied")
+        releases = data.get("releases", {})
+        if not (isinstance(releases, dict) and all(
+                isinstance(v, list) and all(isinstance(f, str) for f in v)
+                for v in releases.values())):
+            raise LedgerError(f"{where}: privacy ledger unreadable (releases: expected "
+                              "{release: [fingerprint, ...]})")
         return cls(str(data["id"]), str(data["run"]), str(data["client"]),
                    str(data["source"]), str(data["rows"]), str(data["noise_source"]), spends,
-                   str(data.get("transform", "")), tuple(map(str, data.get("columns", ()))))
+                   str(data.get("transform", "")), tuple(map(str, data.get("columns", ()))),
+                   {str(k): list(v) for k, v in releases.items()})
 
     @property
     def file_name(self) -> str:
@@ -337,6 +349,43 @@ class MemoryStore:
     @classmethod
     def from_json(cls, text: str) -> "MemoryStore":
         return cls(SpendRecord.from_dict(item, "in-memory ledger") for item in json.loads(text))
+
+
+class RunFileStore(MemoryStore):
+    """A simulation's ledger without `ledger-dir`: it covers this run only, like a
+    MemoryStore, but is kept in one JSON file of the run directory (`ledgers/`), so that a
+    run resumed after its process ended (`privet simulate --resume`) continues it instead of
+    starting from nothing. Written atomically before each reply leaves; not fsynced (a
+    killed process loses nothing; a power loss may). Raises LedgerError for a file that is
+    not a ledger."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            records: list[SpendRecord] = []
+        except OSError as error:
+            raise LedgerError(f"{self.path}: privacy ledger unreadable ({error})") from None
+        else:
+            try:
+                items = json.loads(text)
+            except ValueError:
+                items = None
+            if not isinstance(items, list):
+                raise LedgerError(f"{self.path}: privacy ledger unreadable (expected a JSON "
+                                  "list of privet ledger records)")
+            records = [SpendRecord.from_dict(item, str(self.path)) for item in items]
+        super().__init__(records)
+
+    @property
+    def location(self) -> str:
+        return f"{self.path} (this run only)"
+
+    def save(self, record: SpendRecord) -> None:
+        super().save(record)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, self.to_json(), durable=False)
 
 
 def state_dir() -> Path:
@@ -668,20 +717,44 @@ class DataLedger:
         self._prior = self._groups(others)
 
     def reserve(self, spends: Sequence[Spend], target: float, delta: float,
-                accountant: str) -> float | None:
+                accountant: str, release: tuple[str, str] | None = None) -> float | None:
         """Record `spends` (before what they pay for runs) if the ε of every row stays
         within `target` with everything recorded on these rows until now, re-read under the
         store's lock, so that runs sharing a ledger folder cannot both pass a check that only
         one of them fits in. Returns the ε after, or None (nothing recorded) when it would
-        pass the target."""
+        pass the target.
+
+        `release` = (name, fingerprint of its inputs) names what the spends pay for, e.g.
+        ("train-5", digest of round 5's global model). A release already paid for with the
+        same fingerprint under seeded noise is a replay (a resumed run redoing a round the
+        server never checkpointed): the same inputs and the same noise give the same
+        output, so nothing more is spent and the ε now is returned. Under secure noise, or
+        with other inputs, the redo draws new noise and is paid again (`attempt` then
+        counts it)."""
         with self.store.locked():
             self._read_others(self.store.records())
+            if release is not None and self.replay(*release):
+                return self.epsilon(delta, accountant)
             after = self.epsilon(delta, accountant, spends)
             if after > target:
                 return None
+            if release is not None:  # saved with the first spend, below
+                self.current.releases.setdefault(release[0], []).append(release[1])
             for spend in spends:
                 self.record(spend)
             return after
+
+    def replay(self, name: str, fingerprint: str) -> bool:
+        """Whether release `name` with these inputs was paid for before under seeded noise."""
+        return (self.current.noise_source == "seeded"
+                and fingerprint in self.current.releases.get(name, ()))
+
+    def attempt(self, name: str, fingerprint: str) -> int:
+        """Which payment of release `name` these inputs are (0: the first). Seeded noise is
+        drawn from a seed that includes it: a redo with other inputs never reuses the
+        noise of a release already made (their difference would be noise-free)."""
+        paid = self.current.releases.get(name, [])
+        return paid.index(fingerprint) if fingerprint in paid else len(paid)
 
     def _groups(self, records: list[SpendRecord]) -> list[tuple[Spend, ...]]:
         """Distinct spend histories over this client's rows (one per group of rows touched

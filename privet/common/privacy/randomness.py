@@ -121,6 +121,17 @@ class SeededRandomness(Randomness):
     def uniform(self, size):
         return self._numpy.random(size)
 
+    def state_dict(self) -> dict:
+        """The streams' positions (torch's generator states, numpy's bit generator state):
+        a run resumed from a checkpoint draws what the uninterrupted run would have."""
+        return {"sampling": self.sampling.get_state(), "noise": self.noise.get_state(),
+                "numpy": self._numpy.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampling.set_state(state["sampling"])
+        self.noise.set_state(state["noise"])
+        self._numpy.bit_generator.state = state["numpy"]
+
 
 class SecureRandomness(Randomness):
     """Draws from a ChaCha20 key stream keyed with 256 bits of OS entropy (see module doc)."""

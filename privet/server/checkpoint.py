@@ -1,0 +1,153 @@
+"""Checkpoints: everything a round depends on, written after each round, so that a stopped
+run continues after its last finished round (`privet simulate --resume RUN_DIR`, `privet
+run --resume RUN_DIR`).
+
+A checkpoint is one file, `checkpoint.pt` in the run directory, replaced atomically after
+every round (torch.save of a dict; not fsynced, like the other per-round files: a killed
+process loses nothing, a power loss may lose the file, and the run then cannot resume).
+It holds:
+
+- the global model after the round;
+- the strategy's state (`strategy_state`): a server optimizer's moments, the adaptive
+  clip, the seeded noise stream's position, the clients left out, ...;
+- the recorder's state (the rows of rounds.csv and metrics.csv, what each client reported);
+- what the model was built from (input shape, classes, features) and the shared
+  transform, so that nothing before round 1 (data description, federated preprocessing,
+  each paid for once) runs again;
+- the config it was written under: a resume under another config is refused.
+
+What it does not hold: the clients' ledgers. Each client records its spend before it
+trains, in its own ledger (a simulation's in the run directory, a deployed node's next to
+its data), so a round the server never checkpointed is still on them; the resumed run
+replays it, and `DataLedger.reserve` charges a seeded replay of the same inputs nothing
+more and a secure redo again.
+
+Loading runs pickle: a checkpoint is trusted as the run directory that holds it is (privet
+writes it; never resume from a file someone else gave you).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from privet.common import results
+
+CHECKPOINT = results.CHECKPOINT
+FORMAT = 1
+# strategy attributes that are per-round scratch, not state (the messages just sent)
+_SCRATCH = frozenset({"_sent"})
+
+
+class CheckpointError(ValueError):
+    """A run cannot resume from its directory (no checkpoint, another config, unreadable)."""
+
+
+def strategy_state(strategy: Any) -> dict[str, tuple[str, Any]]:
+    """What a strategy object carries from round to round, by attribute.
+
+    A strategy with its own `state_dict()` (and `load_state_dict`) is saved by it (the
+    Opacus/torch convention; a user's strategy may define one). Otherwise every attribute
+    is saved that is plain data pickle can keep: Flower's FedOpt moments (`m_t`, `v_t`,
+    `current_arrays`), FedAvgM's `momentum_vector`, the adaptive clip, the clients left
+    out. An attribute with a `state_dict()` (a seeded noise stream) is saved by it; a nested
+    strategy (DP-FedAvg's server optimizer) the same way as this one; functions, the
+    observers and what cannot be pickled (a secure noise stream, drawn afresh on resume)
+    are not saved."""
+    own = getattr(type(strategy), "state_dict", None)
+    if callable(own):
+        return {"": ("own", strategy.state_dict())}
+    state: dict[str, tuple[str, Any]] = {}
+    for name, value in vars(strategy).items():
+        if name in _SCRATCH:
+            continue
+        if callable(getattr(value, "state_dict", None)):
+            state[name] = ("state_dict", value.state_dict())
+        elif _is_strategy(value):
+            state[name] = ("strategy", strategy_state(value))
+        elif not callable(value):
+            try:
+                pickle.dumps(value)
+            except Exception:  # noqa: BLE001 - not data: left as constructed
+                continue
+            state[name] = ("value", value)
+    return state
+
+
+def load_strategy_state(strategy: Any, state: dict[str, tuple[str, Any]]) -> None:
+    """Put back what `strategy_state` saved into a strategy built from the same config."""
+    if "" in state and state[""][0] == "own":
+        strategy.load_state_dict(state[""][1])
+        return
+    for name, (kind, value) in state.items():
+        if kind == "state_dict":
+            target = getattr(strategy, name, None)
+            if callable(getattr(target, "load_state_dict", None)):
+                target.load_state_dict(value)
+        elif kind == "strategy":
+            load_strategy_state(getattr(strategy, name), value)
+        else:
+            setattr(strategy, name, value)
+
+
+def _is_strategy(value: Any) -> bool:
+    from flwr.serverapp.strategy import Strategy
+
+    return isinstance(value, Strategy)
+
+
+@dataclass
+class Checkpoint:
+    """One round's checkpoint (see the module doc). `arrays` is the global model's
+    state_dict after round `round`; `model_input` = (input_shape, classes, features)."""
+    round: int
+    run: str
+    config: str
+    arrays: dict[str, torch.Tensor]
+    strategy: dict[str, tuple[str, Any]]
+    recorder: dict[str, Any]
+    transform: str
+    model_input: tuple
+    python_random: Any
+    torch_random: torch.Tensor
+
+    def save(self, run_dir: Path) -> None:
+        buffer = io.BytesIO()
+        torch.save({"format": FORMAT, **vars(self)}, buffer)
+        results.atomic_write_bytes(Path(run_dir) / CHECKPOINT, buffer.getvalue(),
+                                   durable=False)
+
+    def restore_random(self) -> None:
+        """The server process's global streams as they were after the round."""
+        random.setstate(self.python_random)
+        torch.set_rng_state(self.torch_random)
+
+    @classmethod
+    def load(cls, run_dir: Path, config: str) -> "Checkpoint":
+        """The checkpoint in `run_dir`, written under the config `config` (TOML); raises
+        CheckpointError naming the file and what is wrong."""
+        path = Path(run_dir) / CHECKPOINT
+        if not path.is_file():
+            raise CheckpointError(
+                f"{path}: no checkpoint: the run stopped before its first round ended, or "
+                "was written by privet before resume existed; start it again instead")
+        try:
+            data = torch.load(path, weights_only=False, map_location="cpu")
+        except Exception as error:  # noqa: BLE001 - torn, truncated, not a checkpoint
+            raise CheckpointError(f"{path}: unreadable checkpoint ({type(error).__name__}: "
+                                  f"{error})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise CheckpointError(f"{path}: not a privet checkpoint of format {FORMAT}")
+        data.pop("format")
+        found = cls(**data)
+        if found.config != config:
+            raise CheckpointError(f"{path}: written under another config than "
+                                  f"{Path(run_dir) / results.CONFIG}; a run resumes with the "
+                                  "config it started with")
+        return found
