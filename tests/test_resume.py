@@ -253,3 +253,14 @@ def test_compare_resumes_a_stopped_grid_point(tmp_path):
     assert summary["status"] == "complete" and summary["rounds"] == 3
     assert [r["round"] for r in rows(run_dir / "rounds.csv")] == ["1", "2", "3"]
     assert not math.isnan(summary["accuracy"])
+
+
+def test_a_second_run_into_a_stopped_one_is_told_how_to_resume(tmp_path):
+    from privet.experiments.cli import _resume_hint
+
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    assert _resume_hint(tmp_path) == ""  # no checkpoint: nothing to resume from
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    assert f"continue it with privet simulate --resume {tmp_path}" in _resume_hint(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "complete"}))
+    assert _resume_hint(tmp_path) == ""

@@ -349,7 +349,7 @@ def simulate(
                           overwrite=overwrite)
             results.atomic_write_text(run_dir / results.CONFIG, cfg.to_toml())
         except RunDirError as error:
-            fail(str(error))
+            fail(str(error) + _resume_hint(run_dir))
         except OSError as error:
             fail(f"--out {run_dir}: cannot write the run directory "
                  f"({error.strerror or error})")
@@ -430,6 +430,19 @@ def simulate(
 
 
 RESUMABLE = ("paused", "interrupted", "failed", "running")  # a run --resume continues
+
+
+def _resume_hint(run_dir: Path) -> str:
+    """For a refused --out that holds a stopped run with a checkpoint: how to continue it
+    (--overwrite would start again at round 1)."""
+    try:
+        status = results.read_summary(run_dir).get("status")
+    except (OSError, ValueError):
+        return ""
+    if status in RESUMABLE and (run_dir / results.CHECKPOINT).is_file():
+        return (f"; it is {status}: continue it with privet simulate --resume {run_dir} "
+                "(--overwrite starts again at round 1)")
+    return ""
 FINISHED = ("complete", "complete-with-failures", "budget-exhausted")
 
 
