@@ -260,7 +260,7 @@ def test_a_second_run_into_a_stopped_one_is_told_how_to_resume(tmp_path):
 
     (tmp_path / "summary.json").write_text(json.dumps({"status": "interrupted"}))
     assert _resume_hint(tmp_path) == ""  # no checkpoint: nothing to resume from
-    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    (tmp_path / "checkpoint.pkl").write_bytes(b"")
     assert f"continue it with privet simulate --resume {tmp_path}" in _resume_hint(tmp_path)
     (tmp_path / "summary.json").write_text(json.dumps({"status": "complete"}))
     assert _resume_hint(tmp_path) == ""

@@ -39,7 +39,7 @@ TRANSFORM = "transform.json"     # the shared transform of federated preprocessi
 AUDIT = "audit.json"             # `privet audit`: the membership-inference audit
 CLIENT_TRANSFORMS = "client_transforms.json"  # each client's own DP-fitted transform
 MODEL_SPEC = "model.json"        # what model.pt takes and gives (common.saved_model)
-CHECKPOINT = "checkpoint.pt"  # server.checkpoint: what --resume continues from
+CHECKPOINT = "checkpoint.pkl"  # server.checkpoint: what --resume continues from
 LEDGERS = "ledgers"  # a simulation's own ledgers (folder; clients.accounting.RUN_LEDGERS)
 RUN_FILES = (CONFIG, METRICS, ROUNDS, SUMMARY, MODEL, PLOT, PARTITIONS, TRANSFORM,
              CLIENT_TRANSFORMS, AUDIT, MODEL_SPEC, CHECKPOINT,
