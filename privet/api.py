@@ -166,7 +166,7 @@ def _run_cli(args: list[str], verbose: bool | None) -> str:
 def simulate(config: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None,
              *, out: str | os.PathLike | None = None, model: str | Callable | None = None,
              dataset: str | Callable | None = None, strategy: str | type | None = None,
-             verbose: bool | None = None) -> Run:
+             pause_after: int = 0, verbose: bool | None = None) -> Run:
     """Run one experiment as `privet simulate` does and return its Run.
 
     config: an experiment TOML (default: the default experiment); overrides: keys as in the
@@ -175,6 +175,7 @@ def simulate(config: str | os.PathLike | None = None, overrides: Mapping[str, An
     dataset: `data.dataset` (a built-in name, or a loader as path or itself); strategy:
     `strategy.name` (a built-in name, or a Flower FedAvg subclass as path or itself);
     out: the run directory (default: a new folder under the system's temp directory);
+    pause_after: stop after that round with status "paused" (`resume` continues it);
     verbose: show privet's console output (default: on a terminal yes, in a notebook or a
     pipe no: captured, and in PrivetError.output if the run fails).
     Raises PrivetError with privet's one-line error when the run is refused or fails."""
@@ -189,8 +190,22 @@ def simulate(config: str | os.PathLike | None = None, overrides: Mapping[str, An
         args += ["--config", str(config)]
     for setting in _settings(settings):
         args += ["--set", setting]
+    if pause_after:
+        args += ["--pause-after", str(int(pause_after))]
     _run_cli(args, verbose)
     return load_run(out)
+
+
+def resume(path: str | os.PathLike, *, pause_after: int = 0, verbose: bool | None = None
+           ) -> Run:
+    """Continue a stopped run (paused, interrupted, killed) after its last finished round,
+    as `privet simulate --resume` does, and return its Run. Raises PrivetError with privet's
+    one line when there is nothing to resume (finished, no checkpoint)."""
+    args = ["simulate", "--resume", str(path)]
+    if pause_after:
+        args += ["--pause-after", str(int(pause_after))]
+    _run_cli(args, verbose)
+    return load_run(path)
 
 
 def compare(config: str | os.PathLike | None = None, *, epsilons=(0.5, 1, 2, 4, 8, "inf"),

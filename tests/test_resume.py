@@ -264,3 +264,15 @@ def test_a_second_run_into_a_stopped_one_is_told_how_to_resume(tmp_path):
     assert f"continue it with privet simulate --resume {tmp_path}" in _resume_hint(tmp_path)
     (tmp_path / "summary.json").write_text(json.dumps({"status": "complete"}))
     assert _resume_hint(tmp_path) == ""
+
+
+def test_python_api_pauses_and_resumes(tmp_path):
+    import privet
+
+    run = privet.simulate(TINY, {"rounds": 3, "num-clients": 2, "clients-per-round": 2},
+                          out=tmp_path / "run", pause_after=1, verbose=False)
+    assert run.summary["status"] == "paused" and len(run.rounds) == 1
+    with pytest.raises(privet.PrivetError, match="--pause-after 1: the run has finished"):
+        privet.resume(run.path, pause_after=1, verbose=False)
+    again = privet.resume(run.path, verbose=False)
+    assert again.summary["status"] == "complete" and list(again.rounds["round"]) == [1, 2, 3]
