@@ -84,7 +84,7 @@ def open_ledger(cfg: ExperimentConfig, context: Context, client: int, run: str
     """This client's ledger: on disk when the node says where (`ledger-dir`, or the folder of
     its `data-path`) or the experiment sets `privacy.ledger-dir`; otherwise for this run
     only: a simulated client's in the run directory (`ledgers/client-<id>.json`, so that a
-    resumed run continues it), else in context.state. Raises LedgerError when a ledger on
+    resumed run continues it) where this machine sees it, else in context.state. Raises LedgerError when a ledger on
     disk cannot be trusted."""
     node, path = context.node_config, data_path(context)
     if "ledger-dir" in node:
@@ -95,7 +95,9 @@ def open_ledger(cfg: ExperimentConfig, context: Context, client: int, run: str
         directory = cfg.privacy.ledger_dir
     if directory:
         store = _ledger_dir(os.path.abspath(directory))
-    elif cfg.out_dir and not deployed(context):
+    elif cfg.out_dir and not deployed(context) and os.path.isdir(cfg.out_dir):
+        # (a Ray worker on another machine does not see the run directory: in memory then,
+        # and the run cannot be resumed; server.checkpoint.check_ledgers says so)
         store = RunFileStore(os.path.join(cfg.out_dir, RUN_LEDGERS, f"client-{client}.json"))
     else:
         store = _StateStore(context.state)

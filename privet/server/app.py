@@ -38,7 +38,8 @@ from privet.common.models import build_model, check_model
 from privet.common.privacy.randomness import make_randomness, resolve_noise_source
 from privet.server import accounting, strategies
 from privet.server.accounting import BudgetExhausted
-from privet.server.checkpoint import Checkpoint, load_strategy_state, strategy_state
+from privet.server.checkpoint import (Checkpoint, check_ledgers, load_strategy_state,
+                                      strategy_state)
 from privet.server.describe import describe_clients
 from privet.server.preprocessing import fit_shared_transform
 from privet.server.recorder import RunRecorder
@@ -98,6 +99,7 @@ def main(grid: Grid, context: Context) -> None:
     saved = None
     if resume:  # CheckpointError: one line (no checkpoint, another config)
         saved = Checkpoint.load(run_dir, cfg.to_toml())
+        check_ledgers(saved, run_dir)
     # spend recorded under the run id is this run's, on every ledger: a resumed run keeps it
     run = saved.run if saved else uuid.uuid4().hex[:16]
     random.seed(cfg.seed)  # Flower samples clients with the `random` module

@@ -97,6 +97,22 @@ def load_strategy_state(strategy: Any, state: dict[str, tuple[str, Any]]) -> Non
             setattr(strategy, name, value)
 
 
+def check_ledgers(saved: "Checkpoint", where: Path) -> None:
+    """Refuse (CheckpointError) a resume on which some client's spend would be forgotten:
+    its ledger lived in memory (a Ray worker on another machine, without a shared run
+    directory), so the resumed run would start its spend from nothing."""
+    lost = sorted((c for c, report in saved.recorder.get("spend", {}).items()
+                   if str(report.get("ledger", "")).startswith("memory")),
+                  key=lambda c: int(c) if c.isdigit() else 1 << 30)
+    if lost:
+        raise CheckpointError(
+            f"{Path(where) / CHECKPOINT}: client(s) {', '.join(lost[:5])}"
+            f"{' ...' if len(lost) > 5 else ''} kept their privacy ledger in memory (a Ray "
+            "worker that does not see the run directory), so a resumed run would forget "
+            "their spend; set privacy.ledger-dir to storage every machine shares, and start "
+            "the run again")
+
+
 def _is_strategy(value: Any) -> bool:
     from flwr.serverapp.strategy import Strategy
 
