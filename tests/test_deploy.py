@@ -135,6 +135,67 @@ def test_run_config_file_is_what_flower_reads(tmp_path):
     assert cmd[1:] == ["run", str(PROJECT_DIR), "lab", "--run-config", str(path), "--stream"]
 
 
+def test_run_config_file_carries_resume_as_execution_keys(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    from privet.common.config import from_run_config
+    from privet.server.app import resume_options
+
+    cfg = load_config(CONFIGS_DIR / "tiny.toml", ['out-dir="/srv/runs/a"'])
+    path = deploy.run_config_file(cfg, tmp_path, {"resume": True, "pause-after": 3})
+    found = parse_config_args([str(path)])
+    assert resume_options(found) == (True, 3)
+    assert from_run_config(found) == from_run_config(cfg.to_run_config())
+
+
+def test_checkpoint_is_the_run_directorys_wherever_it_was_named_from(tmp_path):
+    """A deployed run started with a relative --out resumes with the directory's absolute
+    path (or after the folder moved); another experiment is still refused."""
+    import torch
+
+    from privet.server.checkpoint import Checkpoint, CheckpointError
+
+    first = load_config(CONFIGS_DIR / "tiny.toml", ['out-dir="runs/a"'])
+    Checkpoint(2, "r", first.to_toml(), {"w": torch.zeros(1)}, {}, {}, "", ((1,), [], None),
+               None, torch.get_rng_state()).save(tmp_path)
+    again = load_config(CONFIGS_DIR / "tiny.toml", [f'out-dir="{tmp_path}"'])
+    assert Checkpoint.load(tmp_path, again.to_toml()).round == 2
+    other = load_config(CONFIGS_DIR / "tiny.toml", [f'out-dir="{tmp_path}"', "rounds=9"])
+    with pytest.raises(CheckpointError, match="written under another config"):
+        Checkpoint.load(tmp_path, other.to_toml())
+
+
+def test_claim_waits_for_the_previous_holder_when_asked(tmp_path):
+    from privet.common.run_dir import RunDirError, claim
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from privet.common.run_dir import claim; "
+         f"claim({str(tmp_path / 'run')!r}); print('held', flush=True); time.sleep(3)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(PROJECT_DIR)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirError, match=f"in use by another privet run .pid {holder.pid}"):
+            claim(tmp_path / "run")
+        seen = []
+        claim(tmp_path / "run", wait=30, waiting=seen.append)
+        assert seen == [str(holder.pid)] and holder.poll() is not None
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_privet_run_resume_refuses_out_and_a_finished_run(tmp_path):
+    runner = CliRunner()
+    done = runner.invoke(app, ["run", "--federation", "lab", "--resume", str(tmp_path),
+                               "--out", str(tmp_path / "x")])
+    assert done.exit_code == 2 and "leave out --out" in done.output
+    (tmp_path / "config.toml").write_text((CONFIGS_DIR / "tiny.toml").read_text())
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "complete"}))
+    done = runner.invoke(app, ["run", "--federation", "lab", "--resume", str(tmp_path)])
+    assert done.exit_code == 2 and "the run is complete: there is nothing to resume" in \
+        done.output, done.output
+
+
 def test_connection_is_written_where_flwr_reads_it(tmp_path, monkeypatch):
     from flwr.cli.flower_config import read_superlink_connection
 
@@ -551,3 +612,4 @@ def test_deployment_node_lost_mid_run_and_restarted_resumes_its_ledger(tmp_path,
         "kill_to_lost_s": round(lost - killed, 1), "lost_to_online_s": round(back - lost, 1),
         "round_seconds": latencies, "total_s": round(finished - started, 1)}))
     print(f"timings: {(tmp_path / 'timings.json').read_text()}")
+
