@@ -135,6 +135,67 @@ def test_run_config_file_is_what_flower_reads(tmp_path):
     assert cmd[1:] == ["run", str(PROJECT_DIR), "lab", "--run-config", str(path), "--stream"]
 
 
+def test_run_config_file_carries_resume_as_execution_keys(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    from privet.common.config import from_run_config
+    from privet.server.app import resume_options
+
+    cfg = load_config(CONFIGS_DIR / "tiny.toml", ['out-dir="/srv/runs/a"'])
+    path = deploy.run_config_file(cfg, tmp_path, {"resume": True, "pause-after": 3})
+    found = parse_config_args([str(path)])
+    assert resume_options(found) == (True, 3)
+    assert from_run_config(found) == from_run_config(cfg.to_run_config())
+
+
+def test_checkpoint_is_the_run_directorys_wherever_it_was_named_from(tmp_path):
+    """A deployed run started with a relative --out resumes with the directory's absolute
+    path (or after the folder moved); another experiment is still refused."""
+    import torch
+
+    from privet.server.checkpoint import Checkpoint, CheckpointError
+
+    first = load_config(CONFIGS_DIR / "tiny.toml", ['out-dir="runs/a"'])
+    Checkpoint(2, "r", first.to_toml(), {"w": torch.zeros(1)}, {}, {}, "", ((1,), [], None),
+               None, torch.get_rng_state()).save(tmp_path)
+    again = load_config(CONFIGS_DIR / "tiny.toml", [f'out-dir="{tmp_path}"'])
+    assert Checkpoint.load(tmp_path, again.to_toml()).round == 2
+    other = load_config(CONFIGS_DIR / "tiny.toml", [f'out-dir="{tmp_path}"', "rounds=9"])
+    with pytest.raises(CheckpointError, match="written under another config"):
+        Checkpoint.load(tmp_path, other.to_toml())
+
+
+def test_claim_waits_for_the_previous_holder_when_asked(tmp_path):
+    from privet.common.run_dir import RunDirError, claim
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from privet.common.run_dir import claim; "
+         f"claim({str(tmp_path / 'run')!r}); print('held', flush=True); time.sleep(3)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(PROJECT_DIR)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirError, match=f"in use by another privet run .pid {holder.pid}"):
+            claim(tmp_path / "run")
+        seen = []
+        claim(tmp_path / "run", wait=30, waiting=seen.append)
+        assert seen == [str(holder.pid)] and holder.poll() is not None
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_privet_run_resume_refuses_out_and_a_finished_run(tmp_path):
+    runner = CliRunner()
+    done = runner.invoke(app, ["run", "--federation", "lab", "--resume", str(tmp_path),
+                               "--out", str(tmp_path / "x")])
+    assert done.exit_code == 2 and "leave out --out" in done.output
+    (tmp_path / "config.toml").write_text((CONFIGS_DIR / "tiny.toml").read_text())
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "complete"}))
+    done = runner.invoke(app, ["run", "--federation", "lab", "--resume", str(tmp_path)])
+    assert done.exit_code == 2 and "the run is complete: there is nothing to resume" in \
+        done.output, done.output
+
+
 def test_connection_is_written_where_flwr_reads_it(tmp_path, monkeypatch):
     from flwr.cli.flower_config import read_superlink_connection
 
@@ -316,8 +377,10 @@ class Deployment:
         assert done.returncode == 0, f"{args}\n{done.stdout}\n{done.stderr}"
         return done
 
-    def start_superlink(self) -> subprocess.Popen:
-        link = self.processes.start("superlink", [
+    def start_superlink(self, name: str = "superlink") -> subprocess.Popen:
+        """`privet deploy superlink` with its state in link/state.db (SQLite: a restart on
+        the same file keeps runs and registered nodes), logged to <name>.log."""
+        link = self.processes.start(name, [
             self.privet, "deploy", "superlink", "--certs", str(self.certs),
             "--host", "127.0.0.1", "--port", str(self.port),
             "--database", str(self.root / "link" / "state.db")],
@@ -551,3 +614,155 @@ def test_deployment_node_lost_mid_run_and_restarted_resumes_its_ledger(tmp_path,
         "kill_to_lost_s": round(lost - killed, 1), "lost_to_online_s": round(back - lost, 1),
         "round_seconds": latencies, "total_s": round(finished - started, 1)}))
     print(f"timings: {(tmp_path / 'timings.json').read_text()}")
+
+
+@pytest.mark.slow
+def test_deployment_superlink_restart_and_privet_run_resume(tmp_path, processes, request):
+    """The SuperLink crashes (SIGKILL of its process group) after round 2 of 6 and is
+    restarted on the same database and port: `privet run` says how to continue, the nodes
+    reconnect by themselves, and `privet run --resume RUN_DIR` finishes the same run from
+    its checkpoint. Each node's ledger holds one record for the run: the rounds it trained,
+    plus a round in flight at the crash paid again (secure noise: a redo is a new release)."""
+    from independent import pld_epsilon
+
+    started = time.time()
+    orphans = OrphanReaper(processes)  # as init would: Flower's processes watch parent PIDs
+    request.addfinalizer(orphans.stop)  # before `processes` stops what is left
+    dep = Deployment(tmp_path, processes)
+    link = dep.start_superlink()
+    for i in range(3):
+        dep.register(i)
+    for i in range(3):
+        dep.start_supernode(i, free_port())
+    wait_for("3 SuperNodes online", lambda: len(dep.online()) == 3, 90, dep.tails)
+
+    out, rounds = tmp_path / "run", 6
+    run = processes.start("run", [
+        dep.privet, "run", "--federation", "test", "--config", str(CONFIGS_DIR / "tiny.toml"),
+        "--set", f"rounds={rounds}", "--set", "num-clients=3", "--set", "clients-per-round=3",
+        "--set", 'evaluation.mode="federated"', "--out", str(out)], dep.env, tmp_path)
+
+    def run_alive() -> bool:
+        if run.poll() is not None:
+            pytest.fail(f"`privet run` ended early ({run.returncode})\n{dep.tails()}")
+        return True
+
+    wait_for("round 2", lambda: run_alive() and len(read_csv(out / "rounds.csv")) >= 2, 240,
+             dep.tails)
+    run_id = json.loads((out / "summary.json").read_text())["run_id"]
+    os.killpg(link.pid, signal.SIGKILL)  # a crash: its SuperExec then exits, and its
+    link.wait(timeout=10)                 # ServerApp with it (each watches its parent)
+    killed = time.time()
+    checkpointed = torch_round(out)
+    try:
+        run.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`privet run` did not notice the SuperLink was gone\n{dep.tails()}")
+    assert run.returncode != 0
+    told = processes.log("run")
+    assert f"privet run --federation test --resume {out}" in told, told[-3000:]
+
+    dep.start_superlink(name="superlink-restarted")
+    restarted = time.time()
+    wait_for("3 SuperNodes online again", lambda: len(dep.online()) == 3, 180, dep.tails)
+    back = time.time()
+
+    # another experiment than the checkpoint's is refused by the ServerApp, in one line
+    refused = subprocess.run([
+        dep.privet, "run", "--federation", "test", "--resume", str(out), "--config",
+        str(CONFIGS_DIR / "tiny.toml"), "--set", "rounds=7", "--set", "num-clients=3",
+        "--set", "clients-per-round=3", "--set", 'evaluation.mode="federated"'],
+        env=dep.env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    said = refused.stdout + refused.stderr
+    assert refused.returncode != 0, said[-3000:]
+    assert said.splitlines()[-1].startswith("privet: error: cannot resume: "), said[-3000:]
+    assert "written under another config" in said.splitlines()[-1]
+    assert "continue the run with" not in said
+
+    resumed = processes.start("resume", [dep.privet, "run", "--federation", "test",
+                                         "--resume", str(out)], dep.env, tmp_path)
+    try:
+        resumed.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the resumed run did not finish\n{dep.tails()}")
+    finished = time.time()
+    log = processes.log("resume")
+    assert resumed.returncode == 0, f"{log[-4000:]}\n{dep.tails()}"
+    assert "finished:completed" in log and f"resuming after round {checkpointed}" in log
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["rounds"] == rounds
+    assert summary["run_id"] == run_id
+    assert [int(r["round"]) for r in read_csv(out / "rounds.csv")] == \
+        list(range(1, rounds + 1))
+    metrics = read_csv(out / "metrics.csv")
+    privacy = summary["privacy"]
+    redone_total = 0
+    for i in range(3):
+        ledgers = list(dep.data(i).parent.glob(f".privet-ledger/spend/*-client{i}.json"))
+        assert len(ledgers) == 1, ledgers  # one record: the resumed run kept its run id
+        record = json.loads(ledgers[0].read_text())
+        assert record["run"] == run_id
+        spends, steps = ledger_steps(ledgers[0])
+        rows = [r for r in metrics if r["client"] == str(i) and r["status"] == "trained"]
+        trained = sorted(int(r["round"]) for r in rows)
+        # every round once; the last may be declined: the redo spent part of the budget
+        assert trained == list(range(1, len(trained) + 1)) and len(trained) >= rounds - 1, \
+            metrics
+        per_round = {int(r["steps"]) for r in rows}
+        assert len(per_round) == 1, rows
+        paid = record["releases"]
+        assert set(paid) == {f"train-{n}" for n in trained}, paid
+        # a secure redo is paid again; a round the server checkpointed is never redone
+        redone = [name for name, prints in paid.items() if len(prints) == 2]
+        assert all(len(prints) in (1, 2) for prints in paid.values()), paid
+        assert all(int(name.split("-")[1]) > checkpointed for name in redone), paid
+        redone_total += len(redone)
+        assert steps == per_round.pop() * (len(trained) + len(redone)), (spends, paid)
+        # ε in summary.json: dp-accounting's own PLD of what the ledger recorded
+        reference = pld_epsilon([(s, q, n) for s, q, n, _ in spends], privacy["delta"])
+        epsilon = privacy["clients"][str(i)]["epsilon"]
+        assert reference * (1 - 1e-9) <= epsilon <= reference * 1.01, (epsilon, reference)
+
+    (tmp_path / "timings.json").write_text(json.dumps({
+        "checkpointed_round": checkpointed, "rounds_redone_on_nodes": redone_total,
+        "declined": sorted((r["round"], r["client"]) for r in metrics
+                           if r["status"] == "declined"),
+        "kill_to_restart_s": round(restarted - killed, 1),
+        "restart_to_nodes_online_s": round(back - restarted, 1),
+        "resume_s": round(finished - back, 1), "total_s": round(finished - started, 1)}))
+    print(f"timings: {(tmp_path / 'timings.json').read_text()}")
+
+
+class OrphanReaper:
+    """Reaps, every half second, the processes that end orphaned below the test (it is their
+    child subreaper) and that it did not start itself, as init would. Flower's SuperExec and
+    ServerApp exit when their parent's PID is gone, and a zombie parent's PID is not."""
+
+    def __init__(self, processes: Processes) -> None:
+        import threading
+
+        self.processes, self.done = processes, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(0.5):
+            started = {proc.pid for _, proc in self.processes.started}
+            for pid in _children().get(os.getpid(), []):
+                if pid not in started and not _alive(pid):
+                    try:
+                        os.waitpid(pid, os.WNOHANG)
+                    except ChildProcessError:
+                        pass
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=5)
+
+
+def torch_round(run_dir: Path) -> int:
+    """The round the run directory's checkpoint holds."""
+    import torch
+
+    return int(torch.load(run_dir / "checkpoint.pt", weights_only=False)["round"])

@@ -89,11 +89,14 @@ def mark(path: Path, option: str = "--out") -> Path:
 
 
 def claim(path: Path, *, option: str = "--out", finished: str = "",
-          stale: tuple[str, ...] = (), overwrite: bool = False) -> Path:
+          stale: tuple[str, ...] = (), overwrite: bool = False, wait: float = 0.0,
+          waiting=None) -> Path:
     """Claim `path` for this process's run: refuse a file, a folder of the user's, one in use
     by another run, or (without `overwrite`) one holding a finished run (its `finished`
     file); then delete the `stale` files an earlier run of privet's left there. Raises
-    RunDirError. Claiming a directory this process already holds is a no-op."""
+    RunDirError. Claiming a directory this process already holds is a no-op. `wait`: seconds
+    to wait for another process to let go of it (calling `waiting(pid)` once first), e.g. a
+    resumed ServerApp while the one its crashed SuperLink left behind shuts down."""
     path = Path(path).resolve()
     if path in _held:
         return path
@@ -103,13 +106,21 @@ def claim(path: Path, *, option: str = "--out", finished: str = "",
     except OSError as error:
         raise RunDirError(f"{option} {path}: cannot write to the run directory "
                           f"({_reason(error)})") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise RunDirError(f"{option} {path}: in use by another privet run (pid {holder}); "
-                          "wait for it or pass another folder") from None
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        if time.monotonic() >= deadline:
+            os.close(fd)
+            raise RunDirError(f"{option} {path}: in use by another privet run (pid {holder}); "
+                              "wait for it or pass another folder") from None
+        if waiting is not None:
+            waiting(holder)
+            waiting = None
+        time.sleep(0.5)
     if finished and (path / finished).exists() and not overwrite:
         os.close(fd)
         raise RunDirError(f"{option} {path}: already holds a run ({finished}); pass another "

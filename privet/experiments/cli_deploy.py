@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from privet.common import results
 from privet.common.config import DEFAULT_CONFIG, PROJECT_DIR, ConfigError, load_config
 from privet.experiments.cli_common import ConfigFile, Overrides, err, exit_now, fail, say
 
@@ -231,18 +232,45 @@ def run_deployed(
     out: Annotated[Optional[str], typer.Option(
         "--out", "-o", help="run directory on the SuperLink machine (default "
                             "runs/<name>-<timestamp> where the SuperLink was started)")] = None,
+    resume: Annotated[Optional[str], typer.Option(
+        "--resume", metavar="RUN_DIR", help="continue the stopped run in RUN_DIR (on the "
+        "SuperLink's machine: the first run's --out) after its last checkpointed round; "
+        "with its config.toml when this machine can read it, else give the same --config "
+        "and --set as the first time")] = None,
+    pause_after: Annotated[int, typer.Option(
+        "--pause-after", metavar="ROUND", min=0, help="stop after this round with status "
+        "paused; --resume continues it (0: run to the end)")] = 0,
 ) -> None:
     """Run an experiment on deployed SuperNodes (over `flwr run`).
 
     Submits the resolved config and streams the ServerApp's log until the run ends.
 
     Example: privet run --federation lab --config experiments/configs/adult.toml --set rounds=5
+
+    After a SuperLink restart: privet run --federation lab --resume RUN_DIR
     """
     from privet.experiments import deploy
 
     extra = list(overrides or [])
-    if out:
+    run_config: dict = {}
+    if resume is not None:
+        if out:
+            fail("--resume RUN_DIR names the run directory: leave out --out")
+        local = Path(resume).expanduser()
+        if not extra and config == DEFAULT_CONFIG and (local / results.CONFIG).is_file():
+            from privet.experiments.cli import resumable  # cli imports this module
+
+            cfg, after = resumable(local.resolve())  # one line if finished or no checkpoint
+            say(f"privet: resuming after round {after} of {cfg.rounds} with "
+                f"{local.resolve() / results.CONFIG}")
+            config, extra = local.resolve() / results.CONFIG, []
+            resume = str(local.resolve())
+        run_config["resume"] = True
+        extra.append(f"out-dir={_toml_string(resume)}")
+    elif out:
         extra.append(f"out-dir={_toml_string(out)}")
+    if pause_after:
+        run_config["pause-after"] = pause_after
     try:
         cfg = load_config(config, extra)
     except ConfigError as error:
@@ -270,17 +298,43 @@ def run_deployed(
         err.print(f"privet: warning: {online} of num-clients = {cfg.num_clients} SuperNodes "
                   f"online at {federation!r}; the run waits for the others")
     try:
-        code, run_id = deploy.run(cfg, federation, echo=say)
+        seen = deploy.run(cfg, federation, echo=say, run_config=run_config)
     except FileNotFoundError as error:
         fail(str(error))
-    if code or run_id is None:
-        exit_now(code or 1)
-    status = deploy.run_status(run_id, federation)
-    where = cfg.out_dir or f"runs/{cfg.name}-<timestamp> under the SuperLink's directory"
-    say(f"privet: run {run_id}: {status or 'status unknown'}; results on the SuperLink "
+    run_dir = seen.run_dir or cfg.out_dir
+    if seen.code or seen.run_id is None:
+        _last_words(seen, federation, run_dir, lost=seen.link_lost)
+        exit_now(seen.code or 1)
+    status = deploy.run_status(seen.run_id, federation)
+    where = run_dir or f"runs/{cfg.name}-<timestamp> under the SuperLink's directory"
+    say(f"privet: run {seen.run_id}: {status or 'status unknown'}; results on the SuperLink "
         f"machine in {where}")
     if status and status != "finished:completed":
+        _last_words(seen, federation, run_dir, lost=status == "finished:failed")
         exit_now(1)
+    if pause_after and run_dir:
+        say(f"privet: paused after round {pause_after}; continue it with: privet run "
+            f"--federation {federation} --resume {run_dir}")
+
+
+def _last_words(seen, federation: str, run_dir: str | None, lost: bool) -> None:
+    """After a run that did not complete: the ServerApp's own error lines again (they may
+    be far up the streamed log), or, when the SuperLink went away, how to continue."""
+    for line in dict.fromkeys(seen.errors or []):
+        err.print(line, markup=False, soft_wrap=True)
+    if seen.errors or not lost:
+        return
+    if run_dir is None:
+        err.print(f"privet: the SuperLink went away; once it is back, continue the run with: "
+                  f"privet run --federation {federation} --resume RUN_DIR (its run "
+                  f"directory on the SuperLink's machine)", markup=False, soft_wrap=True)
+        return
+    local = Path(run_dir).expanduser()
+    if local.is_dir() and not (local / results.CHECKPOINT).is_file():
+        return  # no round was checkpointed: there is nothing to continue
+    err.print(f"privet: the SuperLink went away; once it is back, continue the run with: "
+              f"privet run --federation {federation} --resume {run_dir}", markup=False,
+              soft_wrap=True)
 
 
 def _toml_string(value: str) -> str:

@@ -321,12 +321,15 @@ def write_connection(name: str, address: str, root_certificates: Path | None,
 
 # --- privet run -------------------------------------------------------------------------
 
-def run_config_file(cfg: ExperimentConfig, directory: Path) -> Path:
+def run_config_file(cfg: ExperimentConfig, directory: Path,
+                    execution: dict | None = None) -> Path:
     """The resolved experiment as a TOML file for `flwr run --run-config FILE`: Flower
     flattens a file's tables itself, while its `key=value` string form cannot carry values
-    with quotes (e.g. `preprocess.missing-markers`)."""
+    with quotes (e.g. `preprocess.missing-markers`). `execution`: how to run it, not what
+    (config.EXECUTION_KEYS: `resume`, `pause-after`), as top-level keys."""
     path = directory / "run-config.toml"
-    path.write_text(cfg.to_toml(run_config=True), encoding="utf-8")
+    head = "".join(f"{key} = {json.dumps(value)}\n" for key, value in (execution or {}).items())
+    path.write_text(head + cfg.to_toml(run_config=True), encoding="utf-8")
     return path
 
 
@@ -340,30 +343,52 @@ def run_command(federation: str, run_config: Path, *, app_dir: Path = PROJECT_DI
 
 
 RUN_STARTED = re.compile(r"Successfully started run (\d+)")
+RUN_DIRECTORY = re.compile(r"privet: run directory (\S.*?)\s*$")  # the ServerApp's line
+PRIVET_ERROR = re.compile(r"(privet: error: .*?)\s*$")
+LINK_LOST = "Connection to the SuperLink is unavailable"
 
 
-def run(cfg: ExperimentConfig, federation: str, *, echo=print) -> tuple[int, int | None]:
-    """Submit `cfg` to the SuperLink behind connection `federation` and stream its logs
-    until it ends. Returns (flwr's exit code, run id)."""
+@dataclass
+class Streamed:
+    """What `run` saw: flwr's exit code, the run id, the run directory the ServerApp named
+    (on the SuperLink's machine), its `privet: error:` lines, and whether flwr lost the
+    SuperLink."""
+    code: int
+    run_id: int | None = None
+    run_dir: str | None = None
+    errors: list[str] | None = None
+    link_lost: bool = False
+
+
+def run(cfg: ExperimentConfig, federation: str, *, echo=print,
+        run_config: dict | None = None) -> Streamed:
+    """Submit `cfg` (with `run_config`'s keys added: `resume`, `pause-after`) to the
+    SuperLink behind connection `federation` and stream its logs until it ends."""
     with tempfile.TemporaryDirectory(prefix="privet-run-") as tmp:
-        cmd = run_command(federation, run_config_file(cfg, Path(tmp)))
-        run_id = None
+        cmd = run_command(federation, run_config_file(cfg, Path(tmp), run_config))
+        seen = Streamed(0, errors=[])
         proc = subprocess.Popen(cmd, env=flower_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
                 echo(line.rstrip("\n"))
-                if run_id is None and (found := RUN_STARTED.search(line)):
-                    run_id = int(found.group(1))
-            return proc.wait(), run_id
+                if seen.run_id is None and (found := RUN_STARTED.search(line)):
+                    seen.run_id = int(found.group(1))
+                if seen.run_dir is None and (found := RUN_DIRECTORY.search(line)):
+                    seen.run_dir = found.group(1)
+                if found := PRIVET_ERROR.search(line):
+                    seen.errors.append(found.group(1))
+                seen.link_lost = seen.link_lost or LINK_LOST in line
+            seen.code = proc.wait()
+            return seen
         except KeyboardInterrupt:
             # The run goes on on the SuperLink; say how to stop it rather than orphan it.
             proc.terminate()
             proc.wait()
-            if run_id is not None:
+            if seen.run_id is not None:
                 echo(f"privet: stopped streaming; the run goes on. Stop it with: "
-                     f"flwr stop {run_id} {federation}")
+                     f"flwr stop {seen.run_id} {federation}")
             raise
 
 

@@ -36,10 +36,16 @@ from privet.common.device import DeviceError, device_code, device_name, resolve_
 from privet.common.evaluation import Scores, score, score_regression
 from privet.common.models import build_model, check_model
 from privet.common.privacy.randomness import make_randomness, resolve_noise_source
+from privet.common.run_dir import claim as run_dir_claim
 from privet.server import accounting, strategies
 from privet.server.accounting import BudgetExhausted
-from privet.server.checkpoint import (Checkpoint, check_ledgers, load_strategy_state,
-                                      strategy_state)
+from privet.server.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_ledgers,
+    load_strategy_state,
+    strategy_state,
+)
 from privet.server.describe import describe_clients
 from privet.server.preprocessing import fit_shared_transform
 from privet.server.recorder import RunRecorder
@@ -51,6 +57,9 @@ log = logging.getLogger("flwr")
 update_console_handler(colored=sys.stderr.isatty())
 log.propagate = False  # Flower has its own handler; see experiments/simulation.py
 NODE_WAIT_SECONDS = 60
+# a resumed run waits this long for the previous ServerApp of the run (left behind by a
+# SuperLink that crashed: it exits once it finds its SuperExec gone) to release the run dir
+RESUME_WAIT_SECONDS = 180
 
 app = ServerApp()
 
@@ -98,13 +107,23 @@ def main(grid: Grid, context: Context) -> None:
     resume, pause_after = resume_options(context.run_config)
     saved = None
     if resume:  # CheckpointError: one line (no checkpoint, another config)
-        saved = Checkpoint.load(run_dir, cfg.to_toml())
-        check_ledgers(saved, run_dir)
+        try:
+            saved = Checkpoint.load(run_dir, cfg.to_toml())
+            check_ledgers(saved, run_dir)
+        except CheckpointError as error:
+            # a deployment's operator reads it in the streamed log (`privet run --resume`)
+            log.error("privet: error: cannot resume: %s", error)
+            raise
     # spend recorded under the run id is this run's, on every ledger: a resumed run keeps it
     run = saved.run if saved else uuid.uuid4().hex[:16]
     random.seed(cfg.seed)  # Flower samples clients with the `random` module
     torch.manual_seed(cfg.seed)
     _wait_for_nodes(grid, cfg.num_clients)
+    if saved:  # the ServerApp a crashed SuperLink left behind may still hold the directory
+        run_dir_claim(run_dir, option="out-dir", wait=RESUME_WAIT_SECONDS,
+                      waiting=lambda pid: log.info(
+                          "privet: waiting up to %ds for the run's previous ServerApp (pid %s) "
+                          "to let go of %s", RESUME_WAIT_SECONDS, pid, run_dir))
 
     recorder = RunRecorder(run_dir, cfg, run=run, noise_source=noise_source,
                            restored=saved.recorder if saved else None)

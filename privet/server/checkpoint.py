@@ -119,6 +119,14 @@ def _is_strategy(value: Any) -> bool:
     return isinstance(value, Strategy)
 
 
+def _placed_anywhere(config: str) -> str:
+    """A config without its `out-dir`: the checkpoint was found in the run directory, so
+    where the run directory was named from (a relative path the first time, an absolute
+    one on resume, a moved folder) does not make it another experiment."""
+    return "\n".join(line for line in config.splitlines()
+                     if not line.startswith("out-dir ="))
+
+
 @dataclass
 class Checkpoint:
     """One round's checkpoint (see the module doc). `arrays` is the global model's
@@ -164,7 +172,7 @@ class Checkpoint:
             raise CheckpointError(f"{path}: not a privet checkpoint of format {FORMAT}")
         data.pop("format")
         found = cls(**data)
-        if found.config != config:
+        if _placed_anywhere(found.config) != _placed_anywhere(config):
             raise CheckpointError(f"{path}: written under another config than "
                                   f"{Path(run_dir) / results.CONFIG}; a run resumes with the "
                                   "config it started with")
