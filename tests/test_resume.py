@@ -146,8 +146,7 @@ def test_resume_refuses_what_it_cannot_continue(paused, tmp_path):
     assert code == 2 and "the run is complete: there is nothing to resume" in stdout
     code, stdout = simulate("--resume", str(part), "--set", "rounds=9")
     assert code == 2 and "--resume continues a run with the config it started with" in stdout
-    bare = tmp_path / "bare"
-    bare.mkdir()
+    bare = mark(tmp_path / "bare", "--out")  # a privet run folder without a checkpoint
     shutil.copy(full / "config.toml", bare / "config.toml")
     code, stdout = simulate("--resume", str(bare))
     assert code == 2 and "no checkpoint" in stdout and "Traceback" not in stdout
@@ -276,3 +275,26 @@ def test_python_api_pauses_and_resumes(tmp_path):
         privet.resume(run.path, pause_after=1, verbose=False)
     again = privet.resume(run.path, verbose=False)
     assert again.summary["status"] == "complete" and list(again.rounds["round"]) == [1, 2, 3]
+
+
+def test_a_ledger_file_gone_or_shorter_stops_the_resume(tmp_path):
+    """A resumed run must never start a client's spend from less than it spent."""
+    out = tmp_path / "run"
+    code, stdout = start(out, 3, ["num-clients=2", "clients-per-round=2"], "--pause-after", "1")
+    assert code == 0, stdout[-3000:]
+    ledger = out / "ledgers" / "client-1.json"
+    kept = ledger.read_text()
+    ledger.unlink()
+    code, stdout = simulate("--resume", str(out))
+    assert code == 2 and "Traceback" not in stdout
+    assert f"{ledger}: client 1's privacy ledger is missing or holds less" in stdout
+    # emptied of this run's DP-SGD steps: shorter than the client reported
+    records = json.loads(kept)
+    records[0]["spends"] = [s for s in records[0]["spends"] if s[3] != "dp-sgd"]
+    ledger.write_text(json.dumps(records))
+    code, stdout = simulate("--resume", str(out))
+    assert code == 2 and "client 1's privacy ledger is missing or holds less" in stdout
+    ledger.write_text(kept)
+    code, stdout = simulate("--resume", str(out))
+    assert code == 0, stdout[-3000:]
+    assert json.loads((out / "summary.json").read_text())["status"] == "complete"

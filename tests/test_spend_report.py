@@ -52,7 +52,9 @@ def test_clients_never_sampled_still_report_what_preprocessing_cost_them(tmp_pat
         assert alone <= 0.3 * 1.001 and alone == pytest.approx(0.3, rel=0.02)
         assert entry["epsilon"] == pytest.approx(pld_epsilon(entry["history"], delta), rel=0.01)
         assert entry["noise_source"] == "seeded"
-        assert entry["ledger"]["location"].startswith("memory")
+        # this run's only, kept in its run directory (so that --resume continues it)
+        assert entry["ledger"]["location"] == \
+            f"{tmp_path / 'run' / 'ledgers' / f'client-{cid}.json'} (this run only)"
     for cid in never:
         assert clients[cid]["epsilon"] == pytest.approx(0.3, rel=0.02)
         assert set(clients[cid]["spent_on"]) == {"statistics"}

@@ -327,12 +327,14 @@ def simulate(
             fail("--resume continues a run with the config it started with: leave out "
                  "--config, --set, --out and --overwrite")
         run_dir = resume.expanduser().resolve()
-        cfg, resumed_after = resumable(run_dir)
+        if not (run_dir / results.CONFIG).is_file():
+            fail(f"--resume {run_dir}: not a privet run directory (no {results.CONFIG})")
         claimed = False
-        try:
+        try:  # first: a run still going has no checkpoint yet, and is not "stopped"
             run_dir_claim(run_dir, option="--resume")
         except RunDirError as error:
             fail(str(error))
+        cfg, resumed_after = resumable(run_dir)
     else:
         try:
             cfg = load_config(config, overrides or [])
@@ -356,6 +358,9 @@ def simulate(
     if pause_after and pause_after <= resumed_after:
         fail(f"--pause-after {pause_after}: the run has finished round {resumed_after} "
              "already")
+    if pause_after >= cfg.rounds:
+        err.print(f"privet: note: --pause-after {pause_after} ≥ rounds = {cfg.rounds}: the "
+                  "run goes to its end", soft_wrap=True)
     from privet.experiments import simulation  # heavy imports (torch, flwr, ray) only now
 
     simulation.start_early(ray_address)
@@ -440,7 +445,9 @@ def _resume_hint(run_dir: Path) -> str:
     except (OSError, ValueError):
         return ""
     if status in RESUMABLE and (run_dir / results.CHECKPOINT).is_file():
-        return (f"; it is {status}: continue it with privet simulate --resume {run_dir} "
+        said = "it stopped without a final status (killed?)" if status == "running" \
+            else f"it is {status}"
+        return (f"; {said}: continue it with privet simulate --resume {run_dir} "
                 "(--overwrite starts again at round 1)")
     return ""
 FINISHED = ("complete", "complete-with-failures", "budget-exhausted")
@@ -464,12 +471,22 @@ def resumable(run_dir: Path) -> tuple[ExperimentConfig, int]:
     except ConfigError as error:
         fail(str(error))
     cfg = dataclasses.replace(cfg, out_dir=str(run_dir))
-    from privet.server.checkpoint import Checkpoint, CheckpointError
+    from privet.server.checkpoint import Checkpoint, CheckpointError, check_ledgers
 
+    if not (run_dir / results.CHECKPOINT).is_file() and status is not None:
+        try:
+            done = int(results.read_summary(run_dir).get("rounds") or 0)
+        except (OSError, ValueError, TypeError):
+            done = 0
+        if done:
+            fail(f"{run_dir / results.CHECKPOINT}: missing: the run finished round {done} "
+                 "but its checkpoint is gone; start it again with --overwrite")
     try:
-        return cfg, Checkpoint.load(run_dir, cfg.to_toml()).round
+        saved = Checkpoint.load(run_dir, cfg.to_toml())
+        check_ledgers(saved, run_dir)
     except CheckpointError as error:
         fail(str(error))
+    return cfg, saved.round
 
 
 @app.command()

@@ -97,20 +97,61 @@ def load_strategy_state(strategy: Any, state: dict[str, tuple[str, Any]]) -> Non
             setattr(strategy, name, value)
 
 
+RUN_ONLY = " (this run only)"  # how a RunFileStore names its location (privacy.ledger)
+
+
 def check_ledgers(saved: "Checkpoint", where: Path) -> None:
     """Refuse (CheckpointError) a resume on which some client's spend would be forgotten:
     its ledger lived in memory (a Ray worker on another machine, without a shared run
-    directory), so the resumed run would start its spend from nothing."""
-    lost = sorted((c for c, report in saved.recorder.get("spend", {}).items()
-                   if str(report.get("ledger", "")).startswith("memory")),
-                  key=lambda c: int(c) if c.isdigit() else 1 << 30)
+    directory), or its file in the run directory (`ledgers/`) is gone or holds less than
+    the client reported before the checkpoint, so the resumed run would start its spend from
+    less than it spent. (A ledger folder on disk, `ledger-dir` or a deployed node's, guards
+    itself with its second copy: common.privacy.ledger.LedgerDir.)"""
+    lost, short = [], []
+    for client, report in saved.recorder.get("spend", {}).items():
+        location = str(report.get("ledger", ""))
+        if location.startswith("memory"):
+            lost.append(client)
+        elif location.endswith(RUN_ONLY) and report.get("record"):
+            if not _holds(Path(location[:-len(RUN_ONLY)]), str(report["record"]),
+                          report.get("run_spends", [])):
+                short.append((client, location[:-len(RUN_ONLY)]))
+    order = lambda c: int(c) if c.isdigit() else 1 << 30  # noqa: E731
     if lost:
+        lost.sort(key=order)
         raise CheckpointError(
             f"{Path(where) / CHECKPOINT}: client(s) {', '.join(lost[:5])}"
             f"{' ...' if len(lost) > 5 else ''} kept their privacy ledger in memory (a Ray "
             "worker that does not see the run directory), so a resumed run would forget "
             "their spend; set privacy.ledger-dir to storage every machine shares, and start "
             "the run again")
+    if short:
+        short.sort(key=lambda cs: order(cs[0]))
+        client, path = short[0]
+        raise CheckpointError(
+            f"{path}: client {client}'s privacy ledger is missing or holds less than the "
+            f"client reported spending before the checkpoint ({len(short)} client(s) in all); "
+            "a resumed run would forget that spend: put the file back, or start the run "
+            "again with --overwrite")
+
+
+def _holds(path: Path, record_id: str, reported: list) -> bool:
+    """Whether the ledger file at `path` holds record `record_id` with at least the steps
+    of each purpose that `reported` ([σ, q, steps, purpose] entries) lists."""
+    from privet.common.privacy.ledger import LedgerError, RunFileStore
+
+    try:
+        found = {r.id: r for r in RunFileStore(path).records()}.get(record_id)
+    except LedgerError:
+        return False
+    if found is None:
+        return not reported
+    steps: dict[str, int] = {}
+    for spend in found.spends:
+        steps[spend.purpose] = steps.get(spend.purpose, 0) + spend.steps
+    for *_, count, purpose in reported:
+        steps[purpose] = steps.get(purpose, 0) - int(count)
+    return all(left >= 0 for left in steps.values())
 
 
 def _is_strategy(value: Any) -> bool:
