@@ -310,6 +310,13 @@ def train(msg: Message, context: Context) -> Message:
                     f"(preprocess.epsilon, privacy.train-metrics-epsilon) would pass target "
                     f"{target:.4f}")
         return declined()
+    floor = A.min_noise(context)
+    if floor is not None and (plan is None or plan[0] < floor):
+        # the node's own floor (`privet deploy supernode --min-noise`), from its node-config:
+        # checked before this round spends anything
+        raise RuntimeError(f"node policy: min-noise: planned σ = "
+                           f"{0.0 if plan is None else plan[0]:.4g} for this node's {rows} "
+                           f"rows; its floor is σ ≥ {floor:g}")
     try:
         transform = own_transform(cfg, client_id, data_path, _transform(msg), ledger)
     except BudgetDeclined as why:  # another run on the same ledger spent it meanwhile
