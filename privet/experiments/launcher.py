@@ -44,6 +44,12 @@ CLI (`python -m privet.experiments.launcher`, or `privet deploy launcher` with t
     --no-preload                      import nothing ahead (a cold fork; for comparison)
     --shutdown-grace S                on SIGTERM/SIGINT, seconds children get before SIGKILL (10)
     -v / --verbose                    debug logging
+    --require-level sample|user|both, --max-epsilon E, --min-noise S, --noise-source secure,
+    --trusted-fab-hash SHA256 (repeatable), --any-app
+                                      the node's own policy (privet.experiments.node_policy):
+                                      each task's input is pulled and checked before any of
+                                      the app's code is loaded; a refused task gets an error
+                                      reply naming the rule and one log line
 
     python -m privet.experiments.launcher --bench [--rounds 3] [--rows 2000] [--repeat 1]
                                    [--workdir DIR] [--timeout 900]
