@@ -157,3 +157,26 @@ def test_the_launcher_and_deploy_supernode_take_the_policy(tmp_path):
     assert 'min-noise="0.7"' in done.output  # for the ClientApp's σ check
     done = CliRunner().invoke(app, [*base, "--max-epsilon", "3", "--isolation", "subprocess"])
     assert done.exit_code != 0 and "--isolation process" in done.output
+
+
+def test_the_clientapp_checks_planned_noise_against_the_nodes_floor():
+    from flwr.app import Context, RecordDict
+
+    from privet.clients import accounting
+    from privet.clients.app import _noise_floor
+
+    def context(**node) -> Context:
+        return Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
+                       run_config={})
+
+    assert accounting.min_noise(context(**{"partition-id": 0})) is None
+    floored = context(**{"partition-id": 0, "min-noise": "0.7"})
+    assert accounting.min_noise(floored) == 0.7
+    _noise_floor(context(), None, False, 100)  # no floor: nothing to check
+    _noise_floor(floored, (0.9, 0.1, 10), True, 100)
+    _noise_floor(floored, None, True, 100)  # no budget: the caller declines
+    for plan, private in (((0.5, 0.1, 10), True), (None, False)):
+        with pytest.raises(RuntimeError, match=r"^node policy: min-noise: planned σ = "):
+            _noise_floor(floored, plan, private, 100)
+    with pytest.raises(ValueError):
+        accounting.min_noise(context(**{"min-noise": "lots"}))
