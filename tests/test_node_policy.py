@@ -122,6 +122,8 @@ def test_only_the_nodes_own_code_or_a_trusted_hash_runs(tmp_path):
     assert "components" in rule({**ours, "pyproject.toml": PYPROJECT.replace(
         b"privet.clients.app:app", b"evil:app")})
     assert rule({**ours, "../x.py": b""}).startswith("installed-app")
+    assert rule({**ours, str(tmp_path / "privet" / "clients" / "app.py"): b"app = 1\n"}
+                ).startswith("installed-app")
     assert rule({"x.txt": b""}).startswith("installed-app")  # no pyproject.toml
 
     content = fab({**ours, "privet/clients/app.py": b"app = 2\n"})

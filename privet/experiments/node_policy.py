@@ -215,7 +215,7 @@ def installed_code_mismatch(fab_content: bytes, project_dir: Path) -> str:
                     not name.endswith(CODE_SUFFIXES):
                 continue
             mine = project_dir / name
-            if ".." in Path(name).parts or not mine.is_file():
+            if Path(name).is_absolute() or ".." in Path(name).parts or not mine.is_file():
                 return f"{name} is not part of the node's installation"
             if archive.read(name) != mine.read_bytes():
                 return f"{name} differs from the node's copy"
