@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -413,8 +414,8 @@ class Deployment:
     def data(self, index: int) -> Path:
         return self.root / f"node{index}" / "data.csv"
 
-    def start_supernode(self, index: int, node_port: int, name: str | None = None
-                        ) -> subprocess.Popen:
+    def start_supernode(self, index: int, node_port: int, name: str | None = None,
+                        extra: tuple[str, ...] = ()) -> subprocess.Popen:
         """`privet deploy supernode` for participant `index` (its own key, data file and
         partition-id), logged to <name>.log."""
         data = self.data(index)
@@ -425,7 +426,7 @@ class Deployment:
             "--data", str(data), "--partition-id", str(index),
             "--root-certificates", str(self.certs / deploy.CA_CERT),
             "--key", str(self.certs / "nodes" / f"node-{index}.key"),
-            "--port", str(node_port)],
+            "--port", str(node_port), *extra],
             {**self.env, "FLWR_HOME": str(data.parent / "flwr")}, data.parent)
 
     def nodes(self) -> list[dict]:
@@ -487,6 +488,81 @@ def test_deployment_tls_node_auth_and_no_rows_at_the_superlink(tmp_path, process
         content = path.read_bytes()
         for planted in PLANTED:
             assert planted.encode() not in content, f"{planted} found in {path}"
+
+
+@pytest.mark.slow
+def test_deployment_node_policy_refuses_runs_and_apps_that_break_it(tmp_path, processes):
+    """Nodes started with their own policy refuse, before any training, a run without DP
+    and a modified app that ignores the config; a compliant run completes."""
+    dep = Deployment(tmp_path, processes, nodes=2)
+    dep.start_superlink()
+    policy = ("--require-level", "sample", "--max-epsilon", "4", "--noise-source", "secure")
+    for i in range(2):
+        dep.register(i)
+        dep.start_supernode(i, free_port(), extra=policy)
+    wait_for("2 SuperNodes online", lambda: len(dep.online()) == 2, 90, dep.tails)
+    wait_for("both launchers with the policy", lambda: all(
+        "node policy: require-level=sample" in processes.log(f"supernode{i}")
+        for i in range(2)), 180, dep.tails)
+    base = ["--set", "rounds=1", "--set", "num-clients=2", "--set", "clients-per-round=2",
+            "--set", 'privacy.train-metrics="off"']
+
+    def privet_run(name: str, *sets: str) -> subprocess.CompletedProcess:
+        run = subprocess.run(
+            [dep.privet, "run", "--federation", "test", "--config",
+             str(CONFIGS_DIR / "tiny.toml"), *base, *sets, "--out", str(tmp_path / name)],
+            env=dep.env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        (tmp_path / f"{name}-output.log").write_text(run.stdout + run.stderr)
+        return run
+
+    def spent() -> list[Path]:
+        return [p for i in range(2)
+                for p in (tmp_path / f"node{i}").glob(".privet-ledger/spend/*.json")]
+
+    # 1. privacy.level = "none": every node refuses, nothing is spent, the operator sees why
+    run = privet_run("none", "--set", 'privacy.level="none"')
+    output = run.stdout + run.stderr
+    assert "finished:completed" not in output
+    assert "node policy: require-level" in output, output[-4000:]
+    assert not spent()
+    for i in range(2):
+        lines = [line for line in processes.log(f"supernode{i}").splitlines()
+                 if "node policy: require-level:" in line]
+        assert len(lines) == 1, processes.log(f"supernode{i}")[-3000:]
+        assert 'privacy.level = "none"' in lines[0]
+
+    # 2. a modified app that ignores the config, with an otherwise compliant config
+    evil = tmp_path / "evil"
+    for part in ("privet", "experiments", "pyproject.toml", "README.md"):
+        source = PROJECT_DIR / part
+        if source.is_dir():
+            shutil.copytree(source, evil / part, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, evil / part)
+    app_py = evil / "privet" / "clients" / "app.py"
+    app_py.write_text(app_py.read_text() + "\n# trains with sigma = 0 whatever the config\n")
+    cfg = load_config(CONFIGS_DIR / "tiny.toml", ["rounds=1", "num-clients=2",
+                                                  "clients-per-round=2",
+                                                  'privacy.train-metrics="off"',
+                                                  f'out-dir="{tmp_path / "evil-out"}"'])
+    config_file = deploy.run_config_file(cfg, tmp_path)
+    run = subprocess.run([dep.flwr, "run", str(evil), "test", "--run-config", str(config_file),
+                          "--stream"], env={**dep.env,
+                                            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"},
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    output = run.stdout + run.stderr
+    (tmp_path / "evil-output.log").write_text(output)
+    assert "node policy: installed-app" in output, output[-4000:]
+    assert "privet/clients/app.py differs" in output
+    assert not spent()
+    for i in range(2):
+        assert "node policy: installed-app:" in processes.log(f"supernode{i}")
+
+    # 3. a compliant run completes, and is charged to the nodes' ledgers
+    run = privet_run("ok")
+    assert run.returncode == 0, f"{run.stdout[-4000:]}\n{run.stderr[-2000:]}\n{dep.tails()}"
+    assert "finished:completed" in run.stdout
+    assert len(spent()) == 2
 
 
 def read_csv(path: Path) -> list[dict]:

@@ -54,6 +54,18 @@ def deployed(context: Context) -> bool:
             or "num-partitions" not in node)
 
 
+def min_noise(context: Context) -> float | None:
+    """The node's floor on its DP-SGD noise multiplier (node-config `min-noise`, set by
+    `privet deploy supernode --min-noise`); None when it has none."""
+    value = context.node_config.get("min-noise")
+    if value in (None, ""):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"node-config min-noise = {value!r}: expected a number") from None
+
+
 def noise_source(cfg: ExperimentConfig, context: Context) -> str:
     """"seeded" or "secure" (raises NoiseSourceError when a deployed node is asked to seed)."""
     return resolve_noise_source(cfg.privacy.noise_source, deployed(context),

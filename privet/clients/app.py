@@ -240,6 +240,11 @@ def statistics(msg: Message, context: Context) -> Message:
                          f"{ledger.current.run!r}: refused (each release is paid for; a run "
                          "asks once)")
     private = sigma and cfg.client_private(client_id)
+    if A.min_noise(context) is not None:
+        rows = _training_rows(cfg, client_id, data_path)
+        _noise_floor(context, A.plan(cfg, client_id, data_path, ledger, rows)
+                     if cfg.client_private(client_id) else None,
+                     cfg.client_private(client_id), rows)
     if private and (A.plan(cfg, client_id, data_path, ledger,
                            _training_rows(cfg, client_id, data_path)) is None
                     or ledger.reserve([Spend(sigma, 1.0, 1, stage)], cfg.epsilon_for(client_id),
@@ -277,6 +282,18 @@ def _training_rows(cfg: ExperimentConfig, client_id: int, data_path: str) -> int
     return len(cleaned_client(cfg, client_id, data_path)[1])
 
 
+def _noise_floor(context: Context, plan, private: bool, rows: int) -> None:
+    """The node's own floor on its DP-SGD σ (`privet deploy supernode --min-noise`, in its
+    node-config), checked before a message spends anything; a plan of None (no budget left)
+    is the caller's to decline."""
+    floor = A.min_noise(context)
+    if floor is None or (private and (plan is None or plan[0] >= floor)):
+        return
+    sigma = plan[0] if private else 0.0
+    raise RuntimeError(f"node policy: min-noise: planned σ = {sigma:.4g} for this node's "
+                       f"{rows} rows; its floor is σ ≥ {floor:g}")
+
+
 @app.train()
 @_failures_named()
 def train(msg: Message, context: Context) -> Message:
@@ -310,6 +327,7 @@ def train(msg: Message, context: Context) -> Message:
                     f"(preprocess.epsilon, privacy.train-metrics-epsilon) would pass target "
                     f"{target:.4f}")
         return declined()
+    _noise_floor(context, plan, private, rows)
     try:
         transform = own_transform(cfg, client_id, data_path, _transform(msg), ledger)
     except BudgetDeclined as why:  # another run on the same ledger spent it meanwhile

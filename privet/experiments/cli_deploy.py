@@ -179,6 +179,24 @@ def deploy_supernode(
     ledger_dir: Annotated[Optional[Path], typer.Option(
         help="keep the privacy ledger here instead of next to --data")] = None,
     insecure: Annotated[bool, typer.Option(help="no TLS, no node authentication")] = False,
+    require_level: Annotated[str, typer.Option(
+        help="node policy: refuse runs without this level of DP (sample, user or both)")
+                             ] = "",
+    max_epsilon: Annotated[Optional[float], typer.Option(
+        help="node policy: refuse runs charging this node's rows more than ε (or ε = inf, "
+             "or clear training metrics); with the ledger, all runs on its data stay within "
+             "it")] = None,
+    min_noise: Annotated[Optional[float], typer.Option(
+        help="node policy: refuse runs whose DP-SGD noise multiplier σ for this node's rows "
+             "would be below this (no sample-level DP: refused before any task runs)")] = None,
+    noise_source: Annotated[str, typer.Option(
+        help="node policy: 'secure' refuses privacy.noise-source = \"seeded\"")] = "",
+    trusted_fab_hash: Annotated[Optional[list[str]], typer.Option(
+        help="node policy: run only apps (FABs) with this sha256 (repeatable); by default a "
+             "node with a policy runs only FABs whose code equals its own privet")] = None,
+    any_app: Annotated[bool, typer.Option(
+        help="node policy: do not check the app's code (the policy then rests on the "
+             "operator's app honouring the config)")] = False,
     dry_run: Annotated[bool, typer.Option(help="print the flower-supernode command only")
                        ] = False,
 ) -> None:
@@ -196,19 +214,49 @@ def deploy_supernode(
         fail("give --root-certificates ca.pem and --key node.key, or --insecure")
     if isolation not in ("subprocess", "process"):
         fail(f"--isolation {isolation!r}: expected 'subprocess' or 'process'")
+    from privet.experiments.node_policy import NodePolicy
+    try:
+        policy = NodePolicy(require_level=require_level, max_epsilon=max_epsilon,
+                            min_noise=min_noise, noise_source=noise_source,
+                            trusted_fab_hashes=tuple(h.lower() for h in trusted_fab_hash or ()),
+                            any_app=any_app)
+    except ValueError as error:
+        fail(f"node policy: {error}")
+    if policy.active and isolation != "process":
+        fail("a node policy is enforced by privet's launcher: use --isolation process "
+             "(with subprocess isolation Flower runs the operator's app unchecked)")
     try:
         cmd = supernode_command(superlink, data, partition_id,
                                 root_certificates=None if insecure else root_certificates,
                                 private_key=None if insecure else key, port=port,
-                                isolation=isolation, ledger_dir=ledger_dir)
+                                isolation=isolation, ledger_dir=ledger_dir,
+                                min_noise=min_noise)
     except (ValueError, FileNotFoundError) as error:
         fail(str(error))
     if isolation == "process":
-        _start_launcher(port, dry_run)
+        _start_launcher(port, dry_run, policy_args(policy))
     _exec(cmd, dry_run)
 
 
-def _start_launcher(port: int, dry_run: bool) -> None:
+def policy_args(policy) -> list[str]:
+    """The launcher's flags for a node policy."""
+    args = []
+    if policy.require_level:
+        args += ["--require-level", policy.require_level]
+    if policy.max_epsilon is not None:
+        args += ["--max-epsilon", repr(policy.max_epsilon)]
+    if policy.min_noise is not None:
+        args += ["--min-noise", repr(policy.min_noise)]
+    if policy.noise_source:
+        args += ["--noise-source", policy.noise_source]
+    for digest in policy.trusted_fab_hashes:
+        args += ["--trusted-fab-hash", digest]
+    if policy.any_app:
+        args += ["--any-app"]
+    return args
+
+
+def _start_launcher(port: int, dry_run: bool, extra: list[str] = ()) -> None:
     """The warm ClientApp launcher for this node, polling the SuperNode's local Runtime API
     (loopback, plain HTTP). It watches this PID, which exec keeps for flower-supernode, and
     exits with it."""
@@ -218,7 +266,8 @@ def _start_launcher(port: int, dry_run: bool) -> None:
     from privet.experiments.deploy import show
 
     cmd = [sys.executable, "-m", "privet.experiments.launcher", "--insecure",
-           "--runtime-api-address", f"127.0.0.1:{port}", "--parent-pid", str(os.getpid())]
+           "--runtime-api-address", f"127.0.0.1:{port}", "--parent-pid", str(os.getpid()),
+           *extra]
     say(show(cmd) + " &")
     if not dry_run:
         subprocess.Popen(cmd, cwd=PROJECT_DIR, start_new_session=True)

@@ -267,9 +267,13 @@ def node_config(partition_id: int, data_path: Path, extra: dict[str, str] | None
 def supernode_command(superlink: str, data_path: Path, partition_id: int, *,
                       root_certificates: Path | None, private_key: Path | None,
                       port: int = SUPERNODE_PORT, isolation: str = "subprocess",
-                      ledger_dir: Path | None = None) -> list[str]:
-    """`flower-supernode` for one participant; `root_certificates=None` is insecure mode."""
-    extra = {"ledger-dir": str(ledger_dir.resolve())} if ledger_dir else None
+                      ledger_dir: Path | None = None,
+                      min_noise: float | None = None) -> list[str]:
+    """`flower-supernode` for one participant; `root_certificates=None` is insecure mode.
+    `min_noise`: the node's floor on σ, for the ClientApp (node-config `min-noise`)."""
+    extra = {"ledger-dir": str(ledger_dir.resolve())} if ledger_dir else {}
+    if min_noise is not None:
+        extra["min-noise"] = repr(float(min_noise))
     cmd = [flower_bin("flower-supernode"), "--superlink", superlink,
            "--node-config", node_config(partition_id, data_path, extra),
            "--isolation", isolation, "--port", str(port)]

@@ -44,6 +44,12 @@ CLI (`python -m privet.experiments.launcher`, or `privet deploy launcher` with t
     --no-preload                      import nothing ahead (a cold fork; for comparison)
     --shutdown-grace S                on SIGTERM/SIGINT, seconds children get before SIGKILL (10)
     -v / --verbose                    debug logging
+    --require-level sample|user|both, --max-epsilon E, --min-noise S, --noise-source secure,
+    --trusted-fab-hash SHA256 (repeatable), --any-app
+                                      the node's own policy (privet.experiments.node_policy):
+                                      each task's input is pulled and checked before any of
+                                      the app's code is loaded; a refused task gets an error
+                                      reply naming the rule and one log line
 
     python -m privet.experiments.launcher --bench [--rounds 3] [--rows 2000] [--repeat 1]
                                    [--workdir DIR] [--timeout 900]
@@ -96,6 +102,9 @@ DEFAULT_PRELOAD = ("torch", "opacus", "numpy", "pandas", "sklearn",
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 # Only AcquireTask is signed with the SuperExec secret; children authenticate with the token.
 SUPEREXEC_AUTH_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask"})
+# a task refused by the node's policy: the error reply's code and the child's exit status
+POLICY_ERROR_CODE = 403
+POLICY_EXIT_CODE = 3
 
 
 # --- pure helpers ---------------------------------------------------------------------------
@@ -193,6 +202,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-preload", action="store_true")
     parser.add_argument("--shutdown-grace", type=float, default=10.0, metavar="S")
     parser.add_argument("-v", "--verbose", action="store_true")
+    policy = parser.add_argument_group(
+        "node policy (privet.experiments.node_policy): refuse runs that break it")
+    policy.add_argument("--require-level", choices=("sample", "user", "both"), default="",
+                        help="privacy.level must include this level of DP")
+    policy.add_argument("--max-epsilon", type=float, default=None, metavar="E",
+                        help="every ε charged to this node's rows is finite and <= E")
+    policy.add_argument("--min-noise", type=float, default=None, metavar="SIGMA",
+                        help="sample-level DP on; the ClientApp checks its planned σ >= SIGMA "
+                             "(node-config min-noise)")
+    policy.add_argument("--noise-source", choices=("secure",), default="",
+                        help="refuse privacy.noise-source = \"seeded\"")
+    policy.add_argument("--trusted-fab-hash", action="append", default=[], metavar="SHA256",
+                        help="run only FABs with this sha256 (repeatable); default with any "
+                             "policy flag: only FABs whose code equals this node's privet")
+    policy.add_argument("--any-app", action="store_true",
+                        help="do not check the FAB's code (the policy then rests on the app "
+                             "honouring its config)")
     bench = parser.add_argument_group("benchmark (--bench)")
     bench.add_argument("--bench", action="store_true",
                        help="measure per-round latency: subprocess isolation vs this launcher")
@@ -212,6 +238,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.no_preload and args.preload:
         parser.error("--preload and --no-preload exclude each other")
     args.preload = [] if args.no_preload else (args.preload or list(DEFAULT_PRELOAD))
+    from privet.experiments.node_policy import NodePolicy
+    try:
+        args.policy = NodePolicy(
+            require_level=args.require_level, max_epsilon=args.max_epsilon,
+            min_noise=args.min_noise, noise_source=args.noise_source,
+            trusted_fab_hashes=tuple(h.lower() for h in args.trusted_fab_hash),
+            any_app=args.any_app)
+    except ValueError as err:
+        parser.error(str(err))
     return args
 
 
@@ -330,6 +365,8 @@ class Launcher:
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
         log.info("polling %s for ClientApp tasks every %.2f s", self.args.runtime_api_address,
                  self.args.poll_interval)
+        if self.args.policy.active:
+            log.info("node policy: %s", self.args.policy.describe())
         code = 0
         try:
             while not self.stopping:
@@ -391,6 +428,8 @@ class Launcher:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, signal.SIG_DFL)  # run_clientapp installs Flower's own
             from flwr.supernode.runtime import run_clientapp as runtime
+            if self.args.policy.active:
+                self._enforce_policy(runtime, token)  # exits here when the run is refused
             self._guard_stale_preload(runtime)
             runtime.run_clientapp(
                 runtime_api_address=self.args.runtime_api_address, token=token,
@@ -407,6 +446,53 @@ class Launcher:
                 sys.stderr.flush()
             finally:
                 os._exit(code)  # skip the parent's atexit handlers and finalizers
+
+    def _enforce_policy(self, runtime, token: str) -> None:
+        """Pull the task's input (message, context, run, FAB) before any of the app's code is
+        loaded and check the node's policy against the FAB and the run_config the SuperNode
+        fused. Accepted: `run_clientapp` gets this same input (it is pulled once). Refused:
+        one log line, an error reply naming the rule, the task reported failed, exit."""
+        from flwr.app import Message
+        from flwr.app.error import Error
+        from flwr.common.constant import SubStatus
+        from flwr.supercore.interceptors import (
+            RuntimeTokenHttpInterceptor,
+            RuntimeVersionHttpInterceptor,
+        )
+        from flwr.supercore.runtime import RuntimeHttpClient
+
+        from privet.experiments.node_policy import PolicyRefused
+
+        client = RuntimeHttpClient.from_server_address(
+            server_address=self.args.runtime_api_address, insecure=self.args.insecure,
+            root_certificates=self.certificates,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                          RuntimeTokenHttpInterceptor(token)])
+        try:
+            pulled = runtime.pull_task_input(client)
+            message, context, run, fab = pulled
+            try:
+                partition = context.node_config.get("partition-id")
+                client_id = None if partition is None else int(partition)
+            except (TypeError, ValueError):
+                client_id = None
+            try:
+                self.args.policy.check(context.run_config, client_id, fab.content,
+                                       PROJECT_DIR)
+            except PolicyRefused as refused:
+                log.error("refused run %d (task token ...%s): %s", run.run_id, token[-4:],
+                          refused)
+                reason = str(refused)
+                runtime.push_message(client, Message(Error(code=POLICY_ERROR_CODE,
+                                                            reason=reason),
+                                                      reply_to=message), context)
+                runtime.push_task_output(client, context, SubStatus.FAILED, reason)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(POLICY_EXIT_CODE)
+        finally:
+            client.close()
+        runtime.pull_task_input = lambda _client: pulled  # run_clientapp reuses it
 
     def _guard_stale_preload(self, runtime) -> None:
         """Wrap the ClientApp loader so a FAB that differs from the preloaded code wins
