@@ -17,9 +17,10 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from privet.common import carried
 from privet.common.config import PROJECT_DIR, ExperimentConfig
 
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
@@ -358,12 +359,15 @@ class Streamed:
     run_dir: str | None = None
     errors: list[str] | None = None
     link_lost: bool = False
+    results: carried.Reader = field(default_factory=carried.Reader)  # the files carried back
 
 
 def run(cfg: ExperimentConfig, federation: str, *, echo=print,
         run_config: dict | None = None) -> Streamed:
     """Submit `cfg` (with `run_config`'s keys added: `resume`, `pause-after`) to the
-    SuperLink behind connection `federation` and stream its logs until it ends."""
+    SuperLink behind connection `federation` and stream its logs until it ends; the result
+    files the ServerApp writes into its log at the end (common.carried) are collected in
+    `results`, not echoed."""
     with tempfile.TemporaryDirectory(prefix="privet-run-") as tmp:
         cmd = run_command(federation, run_config_file(cfg, Path(tmp), run_config))
         seen = Streamed(0, errors=[])
@@ -372,6 +376,8 @@ def run(cfg: ExperimentConfig, federation: str, *, echo=print,
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
+                if seen.results.feed(line):  # the results carried back: not for the console
+                    continue
                 echo(line.rstrip("\n"))
                 if seen.run_id is None and (found := RUN_STARTED.search(line)):
                     seen.run_id = int(found.group(1))

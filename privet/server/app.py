@@ -25,6 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
 from privet import patches
+from privet.common import carried
 from privet.common import records as R
 from privet.common import saved_model
 from privet.common.config import ExperimentConfig, from_run_config
@@ -167,6 +168,24 @@ def main(grid: Grid, context: Context) -> None:
             log.warning("privet: could not write the final summary: %s", error)
         log.info("privet: %s after %d round(s); results in %s", status,
                  len(recorder.round_rows), run_dir)
+        if deployed(grid):  # `privet run` copies them to the operator's machine
+            carry_results(run_dir)
+
+
+def carry_results(run_dir: Path) -> None:
+    """The run directory's result files into the log, for `privet run` (common.carried):
+    Flower 1.41 OSS brings the operator nothing else. Spread over Flower's log uploads
+    (every 0.2 s) and given a moment to leave before the ServerApp exits."""
+    try:
+        lines = carried.block(run_dir)
+    except OSError as error:
+        log.warning("privet: the results could not be read for privet run: %s", error)
+        return
+    for i, line in enumerate(lines):
+        log.info("%s", line)
+        if i % 200 == 199:
+            time.sleep(0.3)
+    time.sleep(1.0)
 
 
 def evaluation_device(cfg: ExperimentConfig, deployed_run: bool) -> torch.device:
