@@ -102,7 +102,9 @@ def test_secure_by_default_and_insecure_only_on_request(tmp_path):
                                       "--key", str(tmp_path / "certs/nodes/node-0.key")])
     assert done.exit_code == 0, done.output
     assert f'partition-id=3 data-path="{data.resolve()}"' in done.output
-    supernode = next(line for line in done.output.splitlines() if "flower-supernode" in line)
+    # Flower's flower-supernode, run with a 10 s heartbeat (privet.experiments.supernode)
+    supernode = next(line for line in done.output.splitlines()
+                     if "privet.experiments.supernode" in line)
     assert "--auth-supernode-private-key" in supernode and "--insecure" not in supernode
     # the warm launcher talks plain HTTP, but only to the node's own Runtime API on loopback
     launcher = next(line for line in done.output.splitlines() if "privet.experiments.launcher" in line)

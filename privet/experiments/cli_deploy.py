@@ -203,6 +203,12 @@ def deploy_supernode(
                                 isolation=isolation, ledger_dir=ledger_dir)
     except (ValueError, FileNotFoundError) as error:
         fail(str(error))
+    if not dry_run:  # a mismatch would have Flower retry forever without saying why
+        from privet.experiments.deploy import tls_mismatch
+
+        mismatch = tls_mismatch(superlink, insecure)
+        if mismatch:
+            fail(mismatch)
     if isolation == "process":
         _start_launcher(port, dry_run)
     _exec(cmd, dry_run)

@@ -269,9 +269,11 @@ def supernode_command(superlink: str, data_path: Path, partition_id: int, *,
                       root_certificates: Path | None, private_key: Path | None,
                       port: int = SUPERNODE_PORT, isolation: str = "subprocess",
                       ledger_dir: Path | None = None) -> list[str]:
-    """`flower-supernode` for one participant; `root_certificates=None` is insecure mode."""
+    """`flower-supernode` for one participant (run by privet.experiments.supernode: a 10 s
+    heartbeat); `root_certificates=None` is insecure mode."""
     extra = {"ledger-dir": str(ledger_dir.resolve())} if ledger_dir else None
-    cmd = [flower_bin("flower-supernode"), "--superlink", superlink,
+    # Flower's flower-supernode, its heartbeat every 10 s (privet.experiments.supernode)
+    cmd = [sys.executable, "-m", "privet.experiments.supernode", "--superlink", superlink,
            "--node-config", node_config(partition_id, data_path, extra),
            "--isolation", isolation, "--port", str(port)]
     if root_certificates is None:
@@ -420,3 +422,46 @@ def run_status(run_id: int, federation: str) -> str:
     """The run's status as `flwr ls` reports it, e.g. `finished:completed`; "" if unknown."""
     runs = _flwr_json(["ls", federation, "--run-id", str(run_id)]).get("runs") or [{}]
     return str(runs[0].get("status", ""))
+
+
+def speaks_tls(address: str, timeout: float = 3.0) -> bool | None:
+    """Whether the SuperLink at HOST:PORT answers a TLS handshake (True), answers it in
+    plain text (False: a SuperLink started with --insecure), or cannot be asked (None: not
+    reachable, or it hung up). No certificate is checked: this only asks what the port
+    speaks, before Flower retries a mismatched connection forever without saying why."""
+    import socket
+    import ssl
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        return None
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as raw:
+            try:
+                with context.wrap_socket(raw, server_hostname=host or None):
+                    return True
+            except ssl.SSLEOFError:
+                return None  # hung up: cannot tell
+            except ssl.SSLError:
+                return False  # answered, but not in TLS (an HTTP 400, say)
+    except (OSError, ValueError):
+        return None
+
+
+def tls_mismatch(address: str, insecure: bool, timeout: float = 3.0) -> str:
+    """One line when the SuperLink at `address` speaks TLS and the node was told
+    --insecure, or the other way round; "" when they agree or the SuperLink cannot be
+    asked (Flower then retries until it is up)."""
+    tls = speaks_tls(address, timeout)
+    if tls is True and insecure:
+        return (f"the SuperLink at {address} speaks TLS but this node was started with "
+                "--insecure; give --root-certificates ca.pem and --key node.key instead")
+    if tls is False and not insecure:
+        return (f"the SuperLink at {address} does not speak TLS (it was started with "
+                "--insecure); start this node with --insecure too, or the SuperLink with "
+                "--certs")
+    return ""
