@@ -231,7 +231,7 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
     # a deployment's nodes each hold their own data: they say what it is (and which
     # partition-id they are: two nodes with one are refused here, before anything is spent)
     described = (describe_clients(grid)
-                 if on_clients or (deployed(grid) and saved is None) else None)
+                 if saved is None and (on_clients or deployed(grid)) else None)
     if saved is not None:  # described and fitted before round 1, paid for once: reused
         transform = saved.transform
         input_shape, classes, features = saved.model_input
