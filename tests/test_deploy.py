@@ -103,7 +103,9 @@ def test_secure_by_default_and_insecure_only_on_request(tmp_path):
                                       "--key", str(tmp_path / "certs/nodes/node-0.key")])
     assert done.exit_code == 0, done.output
     assert f'partition-id=3 data-path="{data.resolve()}"' in done.output
-    supernode = next(line for line in done.output.splitlines() if "flower-supernode" in line)
+    # Flower's flower-supernode, run with a 10 s heartbeat (privet.experiments.supernode)
+    supernode = next(line for line in done.output.splitlines()
+                     if "privet.experiments.supernode" in line)
     assert "--auth-supernode-private-key" in supernode and "--insecure" not in supernode
     # the warm launcher talks plain HTTP, but only to the node's own Runtime API on loopback
     launcher = next(line for line in done.output.splitlines() if "privet.experiments.launcher" in line)
@@ -842,3 +844,75 @@ def torch_round(run_dir: Path) -> int:
     import torch
 
     return int(torch.load(run_dir / "checkpoint.pt", weights_only=False)["round"])
+
+
+@pytest.mark.slow
+def test_deployment_reports_the_nodes_data_brings_results_back_and_refuses_duplicates(
+        tmp_path, processes):
+    """Issue 19 items 3-5 with real processes: partitions.csv is what the nodes hold (server
+    evaluation, the SuperLink holding Adult itself), the result files come back to the
+    operator's --results-to, two nodes with one partition-id fail the run before any ledger
+    records spend, and a node told --insecure at the TLS port says so and exits."""
+    import csv
+
+    dep = Deployment(tmp_path, processes)
+    dep.start_superlink()
+    # a plaintext node at the TLS port: one line, non-zero, before Flower retries forever
+    plain = subprocess.run(
+        [dep.privet, "deploy", "supernode", "--superlink", f"127.0.0.1:{dep.port}", "--insecure",
+         "--data", str(PROJECT_DIR / "pyproject.toml"), "--partition-id", "0",
+         "--port", str(free_port())],
+        env=dep.env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert plain.returncode != 0
+    assert "speaks TLS but this node was started with --insecure" in plain.stderr, plain.stderr
+
+    for i in range(3):
+        dep.register(i)
+    for i in range(2):
+        node_csv(dep.data(i), i, rows=1500 + 300 * i)  # different sizes: 1500 and 1800 rows
+        dep.start_supernode(i, free_port())
+    wait_for("2 SuperNodes online", lambda: len(dep.online()) == 2, 90, dep.tails)
+
+    out, local = tmp_path / "run", tmp_path / "operator-results"
+    args = [dep.privet, "run", "--federation", "test", "--config",
+            str(CONFIGS_DIR / "tiny.toml"), "--set", "rounds=1", "--set", "num-clients=2",
+            "--set", "clients-per-round=2"]
+    run = subprocess.run(args + ["--out", str(out), "--results-to", str(local)],
+                         env=dep.env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, f"{run.stdout[-4000:]}\n{run.stderr[-2000:]}\n{dep.tails()}"
+    with open(out / "partitions.csv", newline="") as f:
+        parts = {int(r["client"]): int(r["rows"]) for r in csv.DictReader(f)}
+    held = {i: sum(1 for _ in open(dep.data(i))) - 1 for i in range(2)}
+    assert parts == held == {0: 1500, 1: 1800}
+    summary = json.loads((out / "summary.json").read_text())
+    assert "label counts" in summary["privacy"]["released_in_clear"]["0"]
+    # the results came back, byte for byte, and the block was not echoed
+    assert "privet-results:" not in run.stdout
+    assert f"privet: results copied to {local.resolve()}" in run.stdout
+    expected = {"summary.json", "config.toml", "rounds.csv", "metrics.csv", "partitions.csv",
+                "model.json", "model.pt"}
+    assert expected <= {p.name for p in local.iterdir()}
+    for path in local.iterdir():
+        assert path.read_bytes() == (out / path.name).read_bytes(), path.name
+
+    # a third node claims partition-id 1: refused before anyone trains or spends
+    ledgers = {p: p.read_bytes() for i in range(2)
+               for p in (tmp_path / f"node{i}").rglob(".privet-ledger/**/*") if p.is_file()}
+    node_csv(dep.data(2), 2)
+    processes.start("supernode-dup", [
+        dep.privet, "deploy", "supernode", "--superlink", f"127.0.0.1:{dep.port}",
+        "--data", str(dep.data(2)), "--partition-id", "1",
+        "--root-certificates", str(dep.certs / deploy.CA_CERT),
+        "--key", str(dep.certs / "nodes" / "node-2.key"), "--port", str(free_port())],
+        {**dep.env, "FLWR_HOME": str(tmp_path / "node2" / "flwr")}, tmp_path / "node2")
+    wait_for("3 SuperNodes online", lambda: len(dep.online()) == 3, 90, dep.tails)
+    dup = subprocess.run([*args[:-4], "--set", "num-clients=3", "--set", "clients-per-round=3",
+                          "--out", str(tmp_path / "dup")],
+                         env=dep.env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert dup.returncode != 0
+    line = next((x for x in dup.stderr.splitlines() if "is used by two nodes" in x), "")
+    assert "privet: error: partition-id 1 is used by two nodes (" in line, \
+        f"{dup.stdout[-3000:]}\n{dup.stderr[-2000:]}"
+    assert {p: p.read_bytes() for p in ledgers} == ledgers  # nothing more spent
+    assert not list((tmp_path / "node2").rglob(".privet-ledger/spend/*.json"))
+    assert json.loads((tmp_path / "dup" / "summary.json").read_text())["status"] == "failed"

@@ -233,6 +233,12 @@ def deploy_supernode(
                                 min_noise=min_noise)
     except (ValueError, FileNotFoundError) as error:
         fail(str(error))
+    if not dry_run:  # a mismatch would have Flower retry forever without saying why
+        from privet.experiments.deploy import tls_mismatch
+
+        mismatch = tls_mismatch(superlink, insecure)
+        if mismatch:
+            fail(mismatch)
     if isolation == "process":
         _start_launcher(port, dry_run, policy_args(policy))
     _exec(cmd, dry_run)
@@ -289,6 +295,10 @@ def run_deployed(
     pause_after: Annotated[int, typer.Option(
         "--pause-after", metavar="ROUND", min=0, help="stop after this round with status "
         "paused; --resume continues it (0: run to the end)")] = 0,
+    results_to: Annotated[Optional[Path], typer.Option(
+        "--results-to", metavar="LOCAL_DIR", help="where on this machine the run's result "
+        "files come back to (a new or empty folder; default runs/<name>-<timestamp>-results "
+        "here)")] = None,
 ) -> None:
     """Run an experiment on deployed SuperNodes (over `flwr run`).
 
@@ -346,11 +356,13 @@ def run_deployed(
     if online is not None and online < cfg.num_clients:
         err.print(f"privet: warning: {online} of num-clients = {cfg.num_clients} SuperNodes "
                   f"online at {federation!r}; the run waits for the others")
+    local_dir = _results_folder(results_to, cfg.name)  # one line if it is not free
     try:
         seen = deploy.run(cfg, federation, echo=say, run_config=run_config)
     except FileNotFoundError as error:
         fail(str(error))
     run_dir = seen.run_dir or cfg.out_dir
+    _bring_results(seen.results, local_dir, run_dir)
     if seen.code or seen.run_id is None:
         _last_words(seen, federation, run_dir, lost=seen.link_lost)
         exit_now(seen.code or 1)
@@ -364,6 +376,58 @@ def run_deployed(
     if pause_after and run_dir:
         say(f"privet: paused after round {pause_after}; continue it with: privet run "
             f"--federation {federation} --resume {run_dir}")
+
+
+def _results_folder(given: Optional[Path], name: str) -> Path:
+    """The local folder the results come back to: `--results-to`, else a new
+    runs/<name>-<timestamp>-results here; refused at once (before the run) unless new or
+    empty: privet never writes over a user's files."""
+    from datetime import datetime
+
+    folder = given if given is not None else Path("runs") / (
+        f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-results")
+    folder = folder.expanduser()
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        fail(f"--results-to {folder}: not an empty folder; give a new or empty one (the "
+             "run's results are copied there)")
+    return folder
+
+
+def _bring_results(reader, folder: Path, run_dir: str | None) -> None:
+    """Write what the ServerApp's log carried (common.carried) into `folder`, and say so."""
+    where = run_dir or "its run directory"
+    if not reader.files:
+        if reader.source is not None or reader.broken:
+            err.print(f"privet: warning: the results did not come back whole (damaged: "
+                      f"{', '.join(reader.broken) or 'none'}); they are on the SuperLink "
+                      f"machine in {where}", markup=False, soft_wrap=True)
+        return
+    same = run_dir is not None and Path(run_dir).expanduser().resolve() == folder.resolve()
+    if same:
+        return
+    try:
+        written = reader.write(folder)
+    except OSError as error:
+        err.print(f"privet: warning: the results were not copied to {folder}: {error}; they "
+                  f"are on the SuperLink machine in {where}", markup=False, soft_wrap=True)
+        return
+    say(f"privet: results copied to {folder.resolve()} ({len(written)} files: "
+        f"{', '.join(p.name for p in written)})")
+    if reader.skipped:
+        say(f"privet: left on the SuperLink machine in {where} (over "
+            f"{reader_limit_mib()} MiB in all): "
+            + ", ".join(f"{n} ({size:,} bytes)" for n, size in reader.skipped.items()))
+    if reader.broken or not reader.ended:
+        err.print(f"privet: warning: some results did not come back whole (damaged: "
+                  f"{', '.join(reader.broken) or 'none'}; block ended: {reader.ended}); the "
+                  f"full set is on the SuperLink machine in {where}", markup=False,
+                  soft_wrap=True)
+
+
+def reader_limit_mib() -> float:
+    from privet.common.carried import MAX_BYTES
+
+    return MAX_BYTES / 2 ** 20
 
 
 def _last_words(seen, federation: str, run_dir: str | None, lost: bool) -> None:

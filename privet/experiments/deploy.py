@@ -17,9 +17,10 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from privet.common import carried
 from privet.common.config import PROJECT_DIR, ExperimentConfig
 
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
@@ -269,12 +270,14 @@ def supernode_command(superlink: str, data_path: Path, partition_id: int, *,
                       port: int = SUPERNODE_PORT, isolation: str = "subprocess",
                       ledger_dir: Path | None = None,
                       min_noise: float | None = None) -> list[str]:
-    """`flower-supernode` for one participant; `root_certificates=None` is insecure mode.
-    `min_noise`: the node's floor on σ, for the ClientApp (node-config `min-noise`)."""
+    """`flower-supernode` for one participant (run by privet.experiments.supernode: a 10 s
+    heartbeat); `root_certificates=None` is insecure mode. `min_noise`: the node's floor on
+    σ, for the ClientApp (node-config `min-noise`)."""
     extra = {"ledger-dir": str(ledger_dir.resolve())} if ledger_dir else {}
     if min_noise is not None:
         extra["min-noise"] = repr(float(min_noise))
-    cmd = [flower_bin("flower-supernode"), "--superlink", superlink,
+    # Flower's flower-supernode, its heartbeat every 10 s (privet.experiments.supernode)
+    cmd = [sys.executable, "-m", "privet.experiments.supernode", "--superlink", superlink,
            "--node-config", node_config(partition_id, data_path, extra),
            "--isolation", isolation, "--port", str(port)]
     if root_certificates is None:
@@ -362,12 +365,15 @@ class Streamed:
     run_dir: str | None = None
     errors: list[str] | None = None
     link_lost: bool = False
+    results: carried.Reader = field(default_factory=carried.Reader)  # the files carried back
 
 
 def run(cfg: ExperimentConfig, federation: str, *, echo=print,
         run_config: dict | None = None) -> Streamed:
     """Submit `cfg` (with `run_config`'s keys added: `resume`, `pause-after`) to the
-    SuperLink behind connection `federation` and stream its logs until it ends."""
+    SuperLink behind connection `federation` and stream its logs until it ends; the result
+    files the ServerApp writes into its log at the end (common.carried) are collected in
+    `results`, not echoed."""
     with tempfile.TemporaryDirectory(prefix="privet-run-") as tmp:
         cmd = run_command(federation, run_config_file(cfg, Path(tmp), run_config))
         seen = Streamed(0, errors=[])
@@ -376,6 +382,8 @@ def run(cfg: ExperimentConfig, federation: str, *, echo=print,
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
+                if seen.results.feed(line):  # the results carried back: not for the console
+                    continue
                 echo(line.rstrip("\n"))
                 if seen.run_id is None and (found := RUN_STARTED.search(line)):
                     seen.run_id = int(found.group(1))
@@ -418,3 +426,46 @@ def run_status(run_id: int, federation: str) -> str:
     """The run's status as `flwr ls` reports it, e.g. `finished:completed`; "" if unknown."""
     runs = _flwr_json(["ls", federation, "--run-id", str(run_id)]).get("runs") or [{}]
     return str(runs[0].get("status", ""))
+
+
+def speaks_tls(address: str, timeout: float = 3.0) -> bool | None:
+    """Whether the SuperLink at HOST:PORT answers a TLS handshake (True), answers it in
+    plain text (False: a SuperLink started with --insecure), or cannot be asked (None: not
+    reachable, or it hung up). No certificate is checked: this only asks what the port
+    speaks, before Flower retries a mismatched connection forever without saying why."""
+    import socket
+    import ssl
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        return None
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as raw:
+            try:
+                with context.wrap_socket(raw, server_hostname=host or None):
+                    return True
+            except ssl.SSLEOFError:
+                return None  # hung up: cannot tell
+            except ssl.SSLError:
+                return False  # answered, but not in TLS (an HTTP 400, say)
+    except (OSError, ValueError):
+        return None
+
+
+def tls_mismatch(address: str, insecure: bool, timeout: float = 3.0) -> str:
+    """One line when the SuperLink at `address` speaks TLS and the node was told
+    --insecure, or the other way round; "" when they agree or the SuperLink cannot be
+    asked (Flower then retries until it is up)."""
+    tls = speaks_tls(address, timeout)
+    if tls is True and insecure:
+        return (f"the SuperLink at {address} speaks TLS but this node was started with "
+                "--insecure; give --root-certificates ca.pem and --key node.key instead")
+    if tls is False and not insecure:
+        return (f"the SuperLink at {address} does not speak TLS (it was started with "
+                "--insecure); start this node with --insecure too, or the SuperLink with "
+                "--certs")
+    return ""

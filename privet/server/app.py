@@ -25,6 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
 from privet import patches
+from privet.common import carried
 from privet.common import records as R
 from privet.common import saved_model
 from privet.common.config import ExperimentConfig, from_run_config
@@ -46,7 +47,7 @@ from privet.server.checkpoint import (
     load_strategy_state,
     strategy_state,
 )
-from privet.server.describe import describe_clients
+from privet.server.describe import DuplicatePartition, check_node_ids, describe_clients
 from privet.server.preprocessing import fit_shared_transform
 from privet.server.recorder import RunRecorder
 from privet.server.strategy import NoClientsLeft, PrivetFedAvg
@@ -140,6 +141,9 @@ def main(grid: Grid, context: Context) -> None:
         status = "budget-exhausted"
         recorder.stop_reason = str(reason)
         log.warning("privet: stopping after round %d: %s", len(recorder.round_rows), reason)
+    except DuplicatePartition as reason:  # before any node trained: one line, no traceback
+        log.error("privet: error: %s", reason)
+        raise RunFailed(str(reason)) from None
     except (NoClientsLeft, RunFailed) as reason:
         # a deployment's operator reads it in the streamed log; `privet simulate` prints it
         log.warning("privet: the run failed after round %d: %s", len(recorder.round_rows),
@@ -164,6 +168,24 @@ def main(grid: Grid, context: Context) -> None:
             log.warning("privet: could not write the final summary: %s", error)
         log.info("privet: %s after %d round(s); results in %s", status,
                  len(recorder.round_rows), run_dir)
+        if deployed(grid):  # `privet run` copies them to the operator's machine
+            carry_results(run_dir)
+
+
+def carry_results(run_dir: Path) -> None:
+    """The run directory's result files into the log, for `privet run` (common.carried):
+    Flower 1.41 OSS brings the operator nothing else. Spread over Flower's log uploads
+    (every 0.2 s) and given a moment to leave before the ServerApp exits."""
+    try:
+        lines = carried.block(run_dir)
+    except OSError as error:
+        log.warning("privet: the results could not be read for privet run: %s", error)
+        return
+    for i, line in enumerate(lines):
+        log.info("%s", line)
+        if i % 200 == 199:
+            time.sleep(0.3)
+    time.sleep(1.0)
 
 
 def evaluation_device(cfg: ExperimentConfig, deployed_run: bool) -> torch.device:
@@ -206,17 +228,23 @@ def _run(grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, run: str,
     from is written)."""
     on_clients = cfg.evaluation.mode == "federated"  # then the server reads no rows at all
     transform = ""
+    # a deployment's nodes each hold their own data: they say what it is (and which
+    # partition-id they are: two nodes with one are refused here, before anything is spent)
+    described = (describe_clients(grid)
+                 if saved is None and (on_clients or deployed(grid)) else None)
     if saved is not None:  # described and fitted before round 1, paid for once: reused
         transform = saved.transform
         input_shape, classes, features = saved.model_input
-    elif on_clients:
-        described = describe_clients(grid)
+        if deployed(grid):  # nodes that came back: still one partition-id each
+            check_node_ids(grid)
+    elif described is not None:
         recorder.write_partitions(described.report)
         recorder.note_described(described.report)
         input_shape, classes = described.input_shape, described.classes
         features = described.features  # a local fit's columns: the schema's
-    else:
+    else:  # simulation: the clients' partitions are this split of the shared dataset
         recorder.write_partitions(partition_report(cfg))
+    if saved is None and not on_clients:  # the server's own (test) data
         recorder.data_warnings = list(source_warnings(cfg))
     if cfg.federated_preprocessing and saved is None:
         fitted, estimated = fit_shared_transform(grid, cfg, run, recorder.record_statistics)
