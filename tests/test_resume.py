@@ -298,3 +298,24 @@ def test_a_ledger_file_gone_or_shorter_stops_the_resume(tmp_path):
     code, stdout = simulate("--resume", str(out))
     assert code == 0, stdout[-3000:]
     assert json.loads((out / "summary.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.slow
+def test_a_resumed_run_goes_on_in_its_mlflow_run(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # to read it back here
+    store = f"file://{tmp_path / 'mlruns'}"
+    out = tmp_path / "run"
+    code, stdout = start(out, 3, ["num-clients=2", "clients-per-round=2",
+                                  f'tracking.mlflow="{store}"'], "--pause-after", "1")
+    assert code == 0, stdout[-3000:]
+    assert simulate("--resume", str(out))[0] == 0
+    client = MlflowClient(store)
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    history = client.get_metric_history(runs[0].info.run_id, "test_accuracy")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    assert [float(r["test_accuracy"]) for r in rows(out / "rounds.csv")] == pytest.approx(
+        [m.value for m in sorted(history, key=lambda m: m.step)])
