@@ -89,7 +89,8 @@ def test_grid_runs_then_resumes_without_redoing(grid):
         assert summary["status"] == "complete" and summary["rounds"] == 1
         assert (out / "runs" / name / "summary.json").stat().st_mtime_ns == mtimes[name]
     assert "2 already done" in second.stdout and second.stdout.count("reused") == 2
-    assert second_s < first_s / 3, (first_s, second_s)
+    # nothing ran again: no run's log was rewritten (not a timing: the machine may be busy)
+    assert "done in" not in second.stdout
 
 
 def test_finished_runs_with_another_config_or_interrupted_are_redone(grid, tmp_path):
