@@ -408,9 +408,7 @@ def _fingerprint(msg: Message, transform: str) -> str:
     the global model it starts from (names, dtypes, shapes, bytes), the transform and the
     round's config (BLAKE2b, 128 bits)."""
     digest = hashlib.blake2b(digest_size=16)
-    for name, array in msg.content["arrays"].items():
-        digest.update(f"{name}|{array.dtype}|{array.shape}|".encode())
-        digest.update(array.data)
+    R.update_digest(digest, msg.content["arrays"])
     digest.update(transform.encode())
     config = msg.content["config"]
     digest.update(repr(sorted((k, str(config[k])) for k in config.keys())).encode())

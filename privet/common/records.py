@@ -53,3 +53,11 @@ def load_arrays(model: nn.Module, arrays: ArrayRecord) -> None:
 
 def state_dict(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
     return arrays.to_torch_state_dict()
+
+
+def update_digest(digest, arrays: ArrayRecord) -> None:
+    """Feed every array of `arrays` (name, dtype, shape, bytes, in order) into a hashlib
+    object: what a release's fingerprint is built from (privacy.ledger.DataLedger.reserve)."""
+    for name, array in arrays.items():
+        digest.update(f"{name}|{array.dtype}|{array.shape}|".encode())
+        digest.update(array.data)

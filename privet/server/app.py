@@ -357,9 +357,7 @@ def _fingerprint(arrays: ArrayRecord, randomness) -> str:
     """A digest of a user-level round's inputs besides the clients' updates: the global model
     it starts from and, for seeded noise, the stream's position (BLAKE2b, 128 bits)."""
     digest = hashlib.blake2b(digest_size=16)
-    for name, array in arrays.items():
-        digest.update(f"{name}|{array.dtype}|{array.shape}|".encode())
-        digest.update(array.data)
+    R.update_digest(digest, arrays)
     state = getattr(randomness, "state_dict", None)
     for key, value in sorted(state().items()) if callable(state) else ():
         digest.update(key.encode())
