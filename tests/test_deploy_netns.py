@@ -77,6 +77,34 @@ def test_free_subnet_avoids_the_hosts_networks():
         free_subnet([ipaddress.ip_network("10.0.0.0/8")], rng, tries=5)
 
 
+def test_superlink_refuses_a_certificate_its_own_runner_cannot_verify(tmp_path):
+    """Found on separate hosts: certificates for the public address only (--no-loopback)
+    and the default --host 0.0.0.0 left a SuperLink whose ServerApp runner dialled
+    127.0.0.1, failed the handshake and died, so no run ever started."""
+    from typer.testing import CliRunner
+
+    from privet.experiments.cli import app
+
+    certs = tmp_path / "certs"
+    deploy.make_certs(certs, ["10.20.30.40", "link.example.org"], loopback=False)
+    runner = CliRunner()
+
+    def superlink(*args: str):
+        return runner.invoke(app, ["deploy", "superlink", "--certs", str(certs), "--database",
+                                   str(tmp_path / "s.db"), "--dry-run", *args])
+
+    for host in ("0.0.0.0", "::", "127.0.0.1", "10.20.30.41"):
+        done = superlink("--host", host)
+        assert done.exit_code != 0, (host, done.output)
+        assert "ServerApp runner dials" in done.output and "--loopback" in done.output
+    assert "127.0.0.1" in superlink().output  # the default host: what it dials, named
+    for host in ("10.20.30.40", "link.example.org", "LINK.example.org"):
+        done = superlink("--host", host)
+        assert done.exit_code == 0, (host, done.output)
+    deploy.make_certs(certs, ["10.20.30.40"])  # with loopback names: 0.0.0.0 is fine again
+    assert superlink().exit_code == 0 and superlink("--host", "::").exit_code == 0
+
+
 def test_namespaces_are_separate_hosts_and_are_removed(request):
     hosts = make_hosts(request, ["a", "b"])
     names = list(hosts.names.values())
