@@ -359,50 +359,66 @@ def wait_for(what: str, check, timeout: float, logs) -> None:
 
 class Deployment:
     """A SuperLink (TLS, node authentication) and SuperNodes on loopback, all started with
-    the privet CLI as an operator and participants would, in `processes`."""
+    the privet CLI as an operator and participants would, in `processes`.
 
-    def __init__(self, root: Path, processes: Processes, nodes: int = 3) -> None:
+    Each command runs on a role's machine ("superlink", "operator", "node<i>") through
+    `where`; here they all share this one, and the SuperLink listens on `host`
+    (tests/test_deploy_netns.py puts each role in a network namespace of its own)."""
+
+    host = "127.0.0.1"
+
+    def __init__(self, root: Path, processes: Processes, nodes: int = 3,
+                 certs_args: tuple[str, ...] = ()) -> None:
         self.root, self.processes = root, processes
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                     "FLWR_HOME": str(root / "operator"), "PYTHONUNBUFFERED": "1"}
         self.privet, self.flwr = str(BIN / "privet"), str(BIN / "flwr")
         self.certs, self.port = root / "certs", free_port()
-        self.cli(self.privet, "deploy", "certs", "--out", str(self.certs), "--host", "127.0.0.1",
-                 "--nodes", str(nodes))
+        self.cli(self.privet, "deploy", "certs", "--out", str(self.certs), "--host", self.host,
+                 "--nodes", str(nodes), *certs_args)
+
+    def where(self, role: str, cmd: list[str]) -> list[str]:
+        """`cmd` as run on `role`'s machine: here, this one."""
+        return cmd
+
+    def serving_tls(self) -> bool:
+        """The SuperLink's port completes a TLS handshake, trusting our CA, for `host`."""
+        context = ssl.create_default_context(cafile=str(self.certs / deploy.CA_CERT))
+        try:
+            with socket.create_connection((self.host, self.port), timeout=2) as raw, \
+                    context.wrap_socket(raw, server_hostname=self.host):
+                return True
+        except OSError:
+            return False
 
     def tails(self) -> str:
         return "\n".join(f"--- {name}.log ---\n{self.processes.log(name)[-3000:]}"
                          for name, _ in self.processes.started)
 
-    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        done = subprocess.run(list(args), env=self.env, cwd=self.root, capture_output=True,
-                              text=True, timeout=timeout)
+    def cli(self, *args: str, timeout: float = 60, role: str = "operator"
+            ) -> subprocess.CompletedProcess:
+        done = subprocess.run(self.where(role, list(args)), env=self.env, cwd=self.root,
+                              capture_output=True, text=True, timeout=timeout)
         assert done.returncode == 0, f"{args}\n{done.stdout}\n{done.stderr}"
         return done
 
     def start_superlink(self, name: str = "superlink") -> subprocess.Popen:
         """`privet deploy superlink` with its state in link/state.db (SQLite: a restart on
         the same file keeps runs and registered nodes), logged to <name>.log."""
-        link = self.processes.start(name, [
+        link = self.processes.start(name, self.where("superlink", [
             self.privet, "deploy", "superlink", "--certs", str(self.certs),
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--database", str(self.root / "link" / "state.db")],
+            "--host", self.host, "--port", str(self.port),
+            "--database", str(self.root / "link" / "state.db")]),
             {**self.env, "FLWR_HOME": str(self.root / "link")}, self.root)
 
         def serving_tls() -> bool:
             if link.poll() is not None:
                 pytest.fail(f"the SuperLink exited with {link.returncode}\n{self.tails()}")
-            context = ssl.create_default_context(cafile=str(self.certs / deploy.CA_CERT))
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as raw, \
-                        context.wrap_socket(raw, server_hostname="127.0.0.1"):
-                    return True
-            except OSError:
-                return False
+            return self.serving_tls()
 
         wait_for("the SuperLink", serving_tls, 60, self.tails)
         self.cli(self.privet, "deploy", "connection", "test", "--superlink",
-                 f"127.0.0.1:{self.port}", "--root-certificates",
+                 f"{self.host}:{self.port}", "--root-certificates",
                  str(self.certs / deploy.CA_CERT))
         return link
 
@@ -423,12 +439,12 @@ class Deployment:
         data = self.data(index)
         if not data.exists():
             node_csv(data, index)
-        return self.processes.start(name or f"supernode{index}", [
-            self.privet, "deploy", "supernode", "--superlink", f"127.0.0.1:{self.port}",
+        return self.processes.start(name or f"supernode{index}", self.where(f"node{index}", [
+            self.privet, "deploy", "supernode", "--superlink", f"{self.host}:{self.port}",
             "--data", str(data), "--partition-id", str(index),
             "--root-certificates", str(self.certs / deploy.CA_CERT),
             "--key", str(self.certs / "nodes" / f"node-{index}.key"),
-            "--port", str(node_port), *extra],
+            "--port", str(node_port), *extra]),
             {**self.env, "FLWR_HOME": str(data.parent / "flwr")}, data.parent)
 
     def nodes(self) -> list[dict]:

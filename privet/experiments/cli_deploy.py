@@ -151,7 +151,7 @@ def deploy_superlink(
     try:
         cmd = superlink_command(None if insecure else certs, database, host=host, port=port,
                                 log_file=log_file)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         fail(str(error))
     if not dry_run:
         database.parent.mkdir(parents=True, exist_ok=True)

@@ -224,6 +224,33 @@ def flower_bin(name: str) -> str:
     return str(here) if here.exists() else name
 
 
+def runner_must_match(server_cert: Path, host: str) -> None:
+    """flower-superlink starts its ServerApp runner (SuperExec) against its own --host, with
+    0.0.0.0 / :: replaced by 127.0.0.1 / ::1, over TLS with the same CA: a certificate that
+    does not name that address leaves the SuperLink up but no run ever starts (the SuperExec
+    dies at a failed handshake, in the SuperLink's log only). Refuse that before starting."""
+    from cryptography import x509
+
+    bare = host.strip().strip("[]")
+    dialed = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(bare, bare)
+    cert = x509.load_pem_x509_certificate(server_cert.read_bytes())
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        names = x509.SubjectAlternativeName([])
+    try:
+        valid = ipaddress.ip_address(dialed) in names.get_values_for_type(x509.IPAddress)
+    except ValueError:
+        valid = dialed.lower() in names.get_values_for_type(x509.DNSName)
+    if not valid:
+        via = f" (what it dials when listening on {host})" if dialed != bare else ""
+        raise ValueError(
+            f"{server_cert} is not valid for {dialed}, the address the SuperLink's own "
+            f"ServerApp runner dials{via}: no run would start. Listen on an address the "
+            "certificate names (--host), or re-issue it with `privet deploy certs --out "
+            f"{server_cert.parent} --host ... --loopback`")
+
+
 def superlink_command(certs: Path | None, database: Path, *, host: str = "0.0.0.0",
                       port: int = SUPERLINK_PORT, log_file: Path | None = None) -> list[str]:
     """`flower-superlink` with TLS, SuperNode authentication, a state database on disk and
@@ -239,6 +266,7 @@ def superlink_command(certs: Path | None, database: Path, *, host: str = "0.0.0.
             if not (certs / name).is_file():
                 raise FileNotFoundError(f"{certs / name} not found; create it with "
                                         f"`privet deploy certs --out {certs} --host ...`")
+        runner_must_match(certs / SERVER_CERT, host)
         cmd += ["--ssl-ca-certfile", str(certs / CA_CERT),
                 "--ssl-certfile", str(certs / SERVER_CERT),
                 "--ssl-keyfile", str(certs / SERVER_KEY), "--enable-supernode-auth"]
