@@ -265,6 +265,7 @@ def test_a_second_run_into_a_stopped_one_is_told_how_to_resume(tmp_path):
     assert _resume_hint(tmp_path) == ""
 
 
+@pytest.mark.slow
 def test_python_api_pauses_and_resumes(tmp_path):
     import privet
 
@@ -277,6 +278,7 @@ def test_python_api_pauses_and_resumes(tmp_path):
     assert again.summary["status"] == "complete" and list(again.rounds["round"]) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_ledger_file_gone_or_shorter_stops_the_resume(tmp_path):
     """A resumed run must never start a client's spend from less than it spent."""
     out = tmp_path / "run"
