@@ -985,6 +985,11 @@ app.add_typer(deploy_app, name="deploy")
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["flwr"]:  # `privet flwr ARGS`: Flower's CLI with the operator cert
+        from privet.experiments import flwr_operator
+
+        flwr_operator.main(sys.argv[2:])
+        return
     from privet import patches
 
     try:  # privet's accounting runs in this process (planning, preflight, ledgers)
