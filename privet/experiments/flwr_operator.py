@@ -10,6 +10,9 @@ certificate and key loaded (`SSLContext.load_cert_chain`). Everything else -- co
 options, output, the CA check of the SuperLink -- is Flower's.
 
 The private key is read by this process only; nothing listens on the operator's machine.
+Unlike privet.patches (speed-ups, which PRIVET_STOCK_LIBRARIES=1 leaves out), this is what
+lets an operator in at all, so it is always installed here, and refuses with one line a
+Flower it was not written for.
 """
 
 from __future__ import annotations
@@ -30,10 +33,16 @@ def install() -> None:
     """Make Flower's Control API client present the operator certificate recorded for the
     address it dials. Refuses (CredentialHookError) a Flower whose client does not look
     as privet expects, rather than silently dialing without the credential."""
+    import importlib.metadata
+
     from flwr.supercore.control.control_http_client import ControlHttpClient
 
     from privet.experiments.deploy import read_operator_credentials
 
+    version = importlib.metadata.version("flwr")
+    if not version.startswith("1.41."):
+        raise CredentialHookError(f"flwr {version}: privet's operator credential hook was "
+                                  "written for Flower 1.41")
     original = ControlHttpClient.from_server_address.__func__
     found = list(inspect.signature(original).parameters)
     if found != EXPECTED:
