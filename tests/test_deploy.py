@@ -962,6 +962,16 @@ def test_control_api_only_for_operators(tmp_path, processes):
     context = ssl.create_default_context(cafile=str(dep.certs / deploy.CA_CERT))
     for path in ("/v1/runtime/pull-messages", "/docs", "/openapi.json"):
         assert httpx.post(f"https://{address}{path}", verify=context).status_code == 404, path
+    # nor does a Control API path dressed up as a Fleet one get through (sent as is)
+    import http.client
+
+    for path in ("/v1/fleet/../control/list-runs", "/v1/fleet/%2e%2e/control/list-runs",
+                 "/v1/fleet%2F..%2Fcontrol/list-runs", "//v1/control/list-runs",
+                 "/v1/fleet/../runtime/pull-messages", "/v1/Control/list-runs"):
+        conn = http.client.HTTPSConnection("127.0.0.1", dep.port, context=context, timeout=10)
+        conn.request("POST", path, body=b"")
+        assert conn.getresponse().status in (403, 404), path
+        conn.close()
 
     # nothing ran: no run at the SuperLink, no ledger at any node, no output; nodes online
     listed = json.loads(dep.cli(dep.privet, "flwr", "ls", "test", "--format", "json").stdout)

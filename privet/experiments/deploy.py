@@ -456,8 +456,11 @@ def write_proxy(certs: Path, folder: Path, host: str, port: int, upstream_port: 
     if os.geteuid() == 0:  # nginx's workers drop to `nobody`; they write only temp files
         import shutil
 
-        for sub in (folder / "temp", *(folder / "temp").iterdir()):
-            shutil.chown(sub, "nobody")
+        try:
+            for sub in (folder / "temp", *(folder / "temp").iterdir()):
+                shutil.chown(sub, "nobody")
+        except LookupError:  # no such user: nginx then refuses its configuration, saying so
+            pass
     path = folder / "nginx.conf"
     path.write_text(text, encoding="utf-8")
     return path
@@ -468,13 +471,17 @@ def nginx_command(nginx: str, conf: Path) -> list[str]:
     return [nginx, "-p", str(folder), "-c", str(conf.resolve()), "-e", str(folder / "error.log")]
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the parent goes (it becomes flower-superlink
-    by exec, so nginx stops with the SuperLink, even if that one is SIGKILLed)."""
-    import ctypes
-    import signal
+def _die_with(parent: int):
+    """For the child before exec: SIGTERM when `parent` goes (it becomes flower-superlink by
+    exec, so nginx stops with the SuperLink, even if that one is SIGKILLed)."""
+    def arm() -> None:
+        import ctypes
+        import signal
 
-    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PDEATHSIG
+        if os.getppid() != parent:  # it went before the line above
+            os._exit(1)
+    return arm
 
 
 def start_proxy(cmd: list[str], host: str, port: int, timeout: float = 15.0):
@@ -486,7 +493,7 @@ def start_proxy(cmd: list[str], host: str, port: int, timeout: float = 15.0):
     test = subprocess.run(cmd + ["-t", "-q"], capture_output=True, text=True, timeout=30)
     if test.returncode != 0:
         raise RuntimeError(f"nginx refused its configuration:\n{test.stderr.strip()}")
-    proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(cmd, preexec_fn=_die_with(os.getpid()))
     dial = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host.strip("[]") == "::"
                                                       else host.strip("[]"))
     deadline = time.time() + timeout
