@@ -92,8 +92,10 @@ def test_secure_by_default_and_insecure_only_on_request(tmp_path):
     done = runner.invoke(app, ["deploy", "superlink", "--dry-run"])
     assert done.exit_code == 2 and "--insecure" in done.output
     done = runner.invoke(app, ["deploy", "superlink", "--insecure", "--dry-run"])
-    assert done.exit_code == 0 and "warning: insecure mode" in done.output
+    assert done.exit_code == 0 and "WARNING: INSECURE SUPERLINK" in done.output
+    assert "NO operator authentication" in done.output
     assert "--insecure" in done.output and "--enable-supernode-auth" not in done.output
+    assert "nginx" not in done.output
 
     node = ["deploy", "supernode", "--superlink", "203.0.113.7:8000", "--data", str(data),
             "--partition-id", "3", "--dry-run"]
@@ -135,7 +137,8 @@ def test_run_config_file_is_what_flower_reads(tmp_path):
     path = deploy.run_config_file(cfg, tmp_path)
     assert parse_config_args([str(path)]) == cfg.to_run_config()
     cmd = deploy.run_command("lab", path)
-    assert cmd[1:] == ["run", str(PROJECT_DIR), "lab", "--run-config", str(path), "--stream"]
+    assert cmd[:3] == [sys.executable, "-m", "privet.experiments.flwr_operator"]
+    assert cmd[3:] == ["run", str(PROJECT_DIR), "lab", "--run-config", str(path), "--stream"]
 
 
 def test_run_config_file_carries_resume_as_execution_keys(tmp_path):
@@ -203,15 +206,92 @@ def test_connection_is_written_where_flwr_reads_it(tmp_path, monkeypatch):
     from flwr.cli.flower_config import read_superlink_connection
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
-    deploy.make_certs(tmp_path / "certs", ["127.0.0.1"])
-    done = CliRunner().invoke(app, ["deploy", "connection", "lab", "--superlink",
-                                    "203.0.113.7:8000", "--root-certificates",
-                                    str(tmp_path / "certs/ca.pem")])
+    deploy.make_certs(tmp_path / "certs", ["127.0.0.1"], operators=1)
+    ops = tmp_path / "certs" / "operators"
+    base = ["deploy", "connection", "lab", "--superlink", "203.0.113.7:8000",
+            "--root-certificates", str(tmp_path / "certs/ca.pem")]
+    done = CliRunner().invoke(app, base)  # the Control API would refuse it: say so now
+    assert done.exit_code == 2 and "--operator-cert" in done.output
+    done = CliRunner().invoke(app, base + ["--operator-cert", str(ops / "operator-0.pem"),
+                                           "--operator-key", str(ops / "operator-ca.key")])
+    assert done.exit_code == 2 and "is not the key of" in done.output
+    done = CliRunner().invoke(app, base + ["--operator-cert", str(ops / "operator-0.pem")])
     assert done.exit_code == 0, done.output
     found = read_superlink_connection("lab")
     assert found.address == "203.0.113.7:8000" and not found.insecure
     assert found.root_certificates == str((tmp_path / "certs/ca.pem").resolve())
     assert read_superlink_connection("local").address  # Flower's own entries are kept
+    # the credential, for privet flwr / privet run, kept apart from Flower's file, 0600
+    assert deploy.read_operator_credentials() == {"203.0.113.7:8000": {
+        "certificate": str((ops / "operator-0.pem").resolve()),
+        "key": str((ops / "operator-0.key").resolve())}}
+    creds = tmp_path / "home" / deploy.OPERATOR_CREDENTIALS
+    assert stat.S_IMODE(creds.stat().st_mode) == 0o600
+    done = CliRunner().invoke(app, ["deploy", "connection", "lab", "--superlink", "h:1",
+                                    "--insecure", "--operator-cert", str(ops / "operator-0.pem")])
+    assert done.exit_code == 2 and "needs TLS" in done.output
+
+
+def test_operator_certificates_come_from_their_own_ca(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric import ec as ec_
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    files = deploy.make_certs(tmp_path, ["127.0.0.1"], 1, operators=2)
+    ops = tmp_path / deploy.OPERATORS_DIR
+    assert files.operators == tuple((ops / f"operator-{i}.pem", ops / f"operator-{i}.key")
+                                    for i in range(2))
+    ca = x509.load_pem_x509_certificate((tmp_path / deploy.CA_CERT).read_bytes())
+    op_ca = x509.load_pem_x509_certificate((ops / deploy.OPERATOR_CA).read_bytes())
+    assert op_ca.subject != ca.subject and op_ca.public_key() != ca.public_key()
+    for cert_path, key_path in files.operators:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        assert cert.issuer == op_ca.subject
+        op_ca.public_key().verify(cert.signature, cert.tbs_certificate_bytes,
+                                  ec_.ECDSA(cert.signature_hash_algorithm))
+        assert cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value == \
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
+        assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((ops / deploy.OPERATOR_CA_KEY).stat().st_mode) == 0o600
+    before = {p.name: p.read_bytes() for p in ops.iterdir()}
+    deploy.make_certs(tmp_path, ["127.0.0.1"], 1, operators=3)  # kept, one added
+    after = {p.name: p.read_bytes() for p in ops.iterdir()}
+    assert {k: after[k] for k in before} == before and "operator-2.pem" in after
+    done = CliRunner().invoke(app, ["deploy", "certs", "--out", str(tmp_path / "c2"),
+                                    "--host", "127.0.0.1", "--operators", "1"])
+    assert done.exit_code == 0 and "operator-0.pem" in done.output
+
+
+def test_superlink_listens_on_loopback_behind_the_proxy(tmp_path):
+    deploy.make_certs(tmp_path / "certs", ["127.0.0.1"], operators=1)
+    done = CliRunner().invoke(app, ["deploy", "superlink", "--certs", str(tmp_path / "certs"),
+                                    "--database", str(tmp_path / "link" / "s.db"),
+                                    "--port", "8443", "--dry-run"])
+    assert done.exit_code == 0, done.output
+    nginx, link = [line for line in done.output.splitlines() if line.strip()][-2:]
+    assert "nginx" in nginx and str(tmp_path / "link" / "proxy" / "nginx.conf") in nginx
+    assert "flower-superlink --host 127.0.0.1 --port 8444 " in link
+    conf = deploy.write_proxy(tmp_path / "certs", tmp_path / "link" / "proxy", "0.0.0.0",
+                              8443, 8444).read_text()
+    assert "listen 0.0.0.0:8443 ssl;" in conf and "server 127.0.0.1:8444;" in conf
+    assert f"ssl_client_certificate {tmp_path / 'certs/operators/operator-ca.pem'};" in conf
+    assert "proxy_ssl_verify on;" in conf and "daemon off;" in conf
+    assert f"pid {tmp_path / 'link/proxy/nginx.pid'};" in conf
+    control = conf[conf.index("location /v1/control/"):conf.index("location / ")]
+    assert "if ($ssl_client_verify != SUCCESS)" in control and "return 403;" in control
+    assert "location /v1/fleet/" in conf and "/v1/runtime" not in conf  # never proxied
+    assert "listen [::]:8443 ssl;" in deploy.proxy_config(tmp_path / "certs", tmp_path, "::",
+                                                          8443, 8444)
+    nginx_bin = deploy.find_nginx()
+    if nginx_bin is None:
+        print("nginx not found: its own check of the configuration is skipped")
+        return
+    test = subprocess.run(deploy.nginx_command(nginx_bin, tmp_path / "link/proxy/nginx.conf")
+                          + ["-t"], capture_output=True, text=True)
+    assert test.returncode == 0, test.stderr
+    # without operator credentials there is nothing to check a client against
+    (tmp_path / "certs/operators/operator-ca.pem").unlink()
+    with pytest.raises(FileNotFoundError, match="--operators"):
+        deploy.write_proxy(tmp_path / "certs", tmp_path / "p2", "0.0.0.0", 8443, 8444)
 
 
 # --- slow: real processes ----------------------------------------------------------------
@@ -373,9 +453,10 @@ class Deployment:
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                     "FLWR_HOME": str(root / "operator"), "PYTHONUNBUFFERED": "1"}
         self.privet, self.flwr = str(BIN / "privet"), str(BIN / "flwr")
-        self.certs, self.port = root / "certs", free_port()
+        self.certs, self.port, self.internal_port = root / "certs", free_port(), free_port()
         self.cli(self.privet, "deploy", "certs", "--out", str(self.certs), "--host", self.host,
-                 "--nodes", str(nodes), *certs_args)
+                 "--nodes", str(nodes), "--operators", "1", *certs_args)
+        self.operator_cert = self.certs / deploy.OPERATORS_DIR / "operator-0.pem"
 
     def where(self, role: str, cmd: list[str]) -> list[str]:
         """`cmd` as run on `role`'s machine: here, this one."""
@@ -404,10 +485,16 @@ class Deployment:
 
     def start_superlink(self, name: str = "superlink") -> subprocess.Popen:
         """`privet deploy superlink` with its state in link/state.db (SQLite: a restart on
-        the same file keeps runs and registered nodes), logged to <name>.log."""
+        the same file keeps runs and registered nodes), logged to <name>.log. nginx in
+        front of it (skips the test without nginx)."""
+        if deploy.find_nginx() is None:
+            print("nginx not found (apt-get install nginx-light): skipping")
+            pytest.skip("nginx not found: privet deploy superlink needs it as its proxy "
+                        "(apt-get install nginx-light)")
         link = self.processes.start(name, self.where("superlink", [
             self.privet, "deploy", "superlink", "--certs", str(self.certs),
             "--host", self.host, "--port", str(self.port),
+            "--internal-port", str(self.internal_port),
             "--database", str(self.root / "link" / "state.db")]),
             {**self.env, "FLWR_HOME": str(self.root / "link")}, self.root)
 
@@ -419,28 +506,31 @@ class Deployment:
         wait_for("the SuperLink", serving_tls, 60, self.tails)
         self.cli(self.privet, "deploy", "connection", "test", "--superlink",
                  f"{self.host}:{self.port}", "--root-certificates",
-                 str(self.certs / deploy.CA_CERT))
+                 str(self.certs / deploy.CA_CERT), "--operator-cert", str(self.operator_cert))
         return link
 
     def register(self, index: int) -> int:
-        """`flwr supernode register` node-<index>.pub; its node id."""
-        done = self.cli(self.flwr, "supernode", "register",
+        """`privet flwr supernode register` node-<index>.pub; its node id."""
+        done = self.cli(self.privet, "flwr", "supernode", "register",
                         str(self.certs / "nodes" / f"node-{index}.pub"), "test",
                         "--format", "json")
+        assert "node-id" in done.stdout, done.stdout + done.stderr + self.tails()
         return int(json.loads(done.stdout)["node-id"])
 
     def data(self, index: int) -> Path:
         return self.root / f"node{index}" / "data.csv"
 
     def start_supernode(self, index: int, node_port: int, name: str | None = None,
-                        extra: tuple[str, ...] = ()) -> subprocess.Popen:
+                        link_port: int | None = None, extra: tuple[str, ...] = ()
+                        ) -> subprocess.Popen:
         """`privet deploy supernode` for participant `index` (its own key, data file and
-        partition-id), logged to <name>.log."""
+        partition-id), logged to <name>.log; it dials the proxy, or `link_port`."""
         data = self.data(index)
         if not data.exists():
             node_csv(data, index)
         return self.processes.start(name or f"supernode{index}", self.where(f"node{index}", [
-            self.privet, "deploy", "supernode", "--superlink", f"{self.host}:{self.port}",
+            self.privet, "deploy", "supernode", "--superlink",
+            f"{self.host}:{link_port or self.port}",
             "--data", str(data), "--partition-id", str(index),
             "--root-certificates", str(self.certs / deploy.CA_CERT),
             "--key", str(self.certs / "nodes" / f"node-{index}.key"),
@@ -448,7 +538,7 @@ class Deployment:
             {**self.env, "FLWR_HOME": str(data.parent / "flwr")}, data.parent)
 
     def nodes(self) -> list[dict]:
-        done = self.cli(self.flwr, "supernode", "list", "test", "--format", "json")
+        done = self.cli(self.privet, "flwr", "supernode", "list", "test", "--format", "json")
         return json.loads(done.stdout)["nodes"]
 
     def online(self) -> list[dict]:
@@ -857,9 +947,10 @@ class OrphanReaper:
 
 def torch_round(run_dir: Path) -> int:
     """The round the run directory's checkpoint holds."""
-    import torch
+    import pickle
 
-    return int(torch.load(run_dir / "checkpoint.pt", weights_only=False)["round"])
+    with open(run_dir / "checkpoint.pkl", "rb") as handle:
+        return int(pickle.load(handle)["round"])
 
 
 @pytest.mark.slow
@@ -932,3 +1023,166 @@ def test_deployment_reports_the_nodes_data_brings_results_back_and_refuses_dupli
     assert {p: p.read_bytes() for p in ledgers} == ledgers  # nothing more spent
     assert not list((tmp_path / "node2").rglob(".privet-ledger/spend/*.json"))
     assert json.loads((tmp_path / "dup" / "summary.json").read_text())["status"] == "failed"
+
+
+def test_privet_flwr_presents_the_operator_certificate_for_its_address(tmp_path, monkeypatch):
+    """Flower's Control API client, under privet flwr, loads the operator certificate for
+    the address it dials, and only for that one."""
+    from flwr.supercore.control.control_http_client import ControlHttpClient
+
+    from privet.experiments import flwr_operator
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    deploy.make_certs(tmp_path / "certs", ["127.0.0.1"], operators=1)
+    deploy.write_operator_credential("127.0.0.1:9", tmp_path / "certs/operators/operator-0.pem")
+    loaded = []
+    original_load = ssl.SSLContext.load_cert_chain
+    monkeypatch.setattr(ssl.SSLContext, "load_cert_chain",
+                        lambda self, *a, **k: loaded.append(a) or original_load(self, *a, **k))
+    monkeypatch.setattr(ControlHttpClient, "from_server_address",
+                        ControlHttpClient.from_server_address)  # undone after the test
+    flwr_operator.install()
+    ca = (tmp_path / "certs" / deploy.CA_CERT).read_bytes()
+    ControlHttpClient.from_server_address("127.0.0.1:9", False, ca, []).close()
+    assert loaded == [(str((tmp_path / "certs/operators/operator-0.pem").resolve()),
+                       str((tmp_path / "certs/operators/operator-0.key").resolve()))]
+    ControlHttpClient.from_server_address("127.0.0.1:10", False, ca, []).close()
+    assert len(loaded) == 1  # another SuperLink: Flower's own client, no certificate
+
+
+def _attacker_home(home: Path, address: str, ca: Path) -> Path:
+    """An unrelated flwr configuration, as anyone holding the public CA certificate writes."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "t"\n[superlink.t]\n'
+                                      f'address = "{address}"\nroot-certificates = "{ca}"\n')
+    return home
+
+
+def _round_seconds(run_dir: Path) -> list[float]:
+    """Seconds between the ends of consecutive rounds (round 1 also pays the start)."""
+    ends = [float(r["elapsed_seconds"]) for r in read_csv(run_dir / "rounds.csv")]
+    return [round(b - a, 3) for a, b in zip(ends, ends[1:])]
+
+
+@pytest.mark.slow
+def test_control_api_only_for_operators(tmp_path, processes):
+    """The case control-api-unauthenticated, against privet deploy superlink (nginx in front):
+    with only the CA, or with a certificate from another CA, flwr ls / run / supernode
+    register are refused and no ClientApp runs anywhere; the operator's certificate works;
+    the SuperNodes notice nothing. Then the same short run without the proxy (nodes and
+    operator dialing the SuperLink's loopback port), for the per-round latency."""
+    dep = Deployment(tmp_path, processes, nodes=2)
+    dep.start_superlink()
+    for i in range(2):
+        dep.register(i)
+    nodes = [dep.start_supernode(i, free_port()) for i in range(2)]
+    wait_for("2 SuperNodes online", lambda: len(dep.online()) == 2, 90, dep.tails)
+    flwr_env = {**dep.env, **deploy.NO_INSTALL}
+    address = f"127.0.0.1:{dep.port}"
+    rogue_key = tmp_path / "rogue" / "rogue.key"
+    deploy.make_node_key(rogue_key)
+    other = tmp_path / "other-certs"  # a look-alike operator CA and certificate
+    deploy.make_certs(other, ["127.0.0.1"], operators=1)
+
+    def attempt(home: Path, cmd: list[str], what: str) -> str:
+        done = subprocess.run(cmd, env={**flwr_env, "FLWR_HOME": str(home)}, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        out = done.stdout + done.stderr
+        (tmp_path / f"attempt-{what}.log").write_text(out)
+        assert done.returncode != 0, f"{what} was let in:\n{out[-3000:]}"
+        return out
+
+    attack_out = tmp_path / "attack-out"
+    run_config = (f'rounds=1 num-clients=2 clients-per-round=2 name="attack" '
+                  f'privacy.level="none" out-dir="{attack_out}"')
+    # (a) only the CA: Flower's own flwr, and privet flwr without a credential
+    bare = _attacker_home(tmp_path / "attacker", address, dep.certs / deploy.CA_CERT)
+    for what, cmd in {
+        "ls": [dep.flwr, "ls", "t"],
+        "register": [dep.flwr, "supernode", "register", str(rogue_key.with_suffix(".pub")), "t"],
+        "run": [dep.flwr, "run", str(PROJECT_DIR), "t", "--run-config", run_config, "--stream"],
+        "privet-flwr-ls": [dep.privet, "flwr", "ls", "t"],
+        "log": [dep.flwr, "log", "1", "t", "--show"],
+    }.items():
+        assert "403" in attempt(bare, cmd, what), what
+    # (b) a client certificate from another CA
+    wrong = _attacker_home(tmp_path / "wrong", address, dep.certs / deploy.CA_CERT)
+    deploy_env = {**flwr_env, "FLWR_HOME": str(wrong)}
+    subprocess.run([dep.privet, "deploy", "connection", "t", "--superlink", address,
+                    "--root-certificates", str(dep.certs / deploy.CA_CERT), "--operator-cert",
+                    str(other / deploy.OPERATORS_DIR / "operator-0.pem")],
+                   env=deploy_env, check=True, capture_output=True)
+    for what, cmd in {
+        "wrong-ls": [dep.privet, "flwr", "ls", "t"],
+        "wrong-register": [dep.privet, "flwr", "supernode", "register",
+                           str(rogue_key.with_suffix(".pub")), "t"],
+        "wrong-run": [dep.privet, "flwr", "run", str(PROJECT_DIR), "t", "--run-config",
+                      run_config, "--stream"],
+    }.items():
+        out = attempt(wrong, cmd, what)
+        assert "400" in out or "403" in out, what
+    # the Runtime API (the ServerApp's) and everything else is not served through the proxy
+    import httpx
+
+    context = ssl.create_default_context(cafile=str(dep.certs / deploy.CA_CERT))
+    for path in ("/v1/runtime/pull-messages", "/docs", "/openapi.json"):
+        assert httpx.post(f"https://{address}{path}", verify=context).status_code == 404, path
+    # nor does a Control API path dressed up as a Fleet one get through (sent as is)
+    import http.client
+
+    for path in ("/v1/fleet/../control/list-runs", "/v1/fleet/%2e%2e/control/list-runs",
+                 "/v1/fleet%2F..%2Fcontrol/list-runs", "//v1/control/list-runs",
+                 "/v1/fleet/../runtime/pull-messages", "/v1/Control/list-runs"):
+        conn = http.client.HTTPSConnection("127.0.0.1", dep.port, context=context, timeout=10)
+        conn.request("POST", path, body=b"")
+        assert conn.getresponse().status in (403, 404), path
+        conn.close()
+
+    # nothing ran: no run at the SuperLink, no ledger at any node, no output; nodes online
+    listed = json.loads(dep.cli(dep.privet, "flwr", "ls", "test", "--format", "json").stdout)
+    assert listed["runs"] == [], listed
+    assert not attack_out.exists()
+    for i in range(2):
+        assert not (tmp_path / f"node{i}" / ".privet-ledger").exists()
+        assert nodes[i].poll() is None
+    assert len(dep.online()) == 2 and len(dep.nodes()) == 2  # the rogue key never registered
+    control = (tmp_path / "link" / "proxy" / "control.log").read_text()
+    assert " NONE POST /v1/control/start-run 403" in control, control
+    assert "CN=privet operator 0,O=privet" in control
+
+    # (c) the operator: privet run through the proxy
+    def privet_run(federation: str, out: Path) -> list[float]:
+        run = subprocess.run(
+            [dep.privet, "run", "--federation", federation, "--config",
+             str(CONFIGS_DIR / "tiny.toml"), "--set", "rounds=5", "--set", "num-clients=2",
+             "--set", "clients-per-round=2", "--out", str(out)],
+            env=dep.env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        (tmp_path / f"run-{federation}.log").write_text(run.stdout + run.stderr)
+        assert run.returncode == 0, f"{run.stdout[-4000:]}\n{run.stderr[-2000:]}\n{dep.tails()}"
+        assert "finished:completed" in run.stdout
+        return _round_seconds(out)
+
+    proxied = privet_run("test", tmp_path / "run-proxied")
+    assert len(dep.online()) == 2
+
+    # the same run without the proxy: nodes and operator dial the SuperLink's own port
+    # (each node with a fresh ledger: the first run spent the budget of these rows)
+    for proc in nodes:
+        os.killpg(proc.pid, signal.SIGTERM)
+    for proc in nodes:
+        proc.wait(timeout=30)
+    wait_for("the nodes to go offline", lambda: not dep.online(), 60, dep.tails)
+    for i in range(2):
+        dep.start_supernode(i, free_port(), name=f"direct{i}", link_port=dep.internal_port,
+                            extra=("--ledger-dir", str(tmp_path / f"ledger-direct{i}")))
+    wait_for("2 SuperNodes online, direct", lambda: len(dep.online()) == 2, 90, dep.tails)
+    dep.cli(dep.privet, "deploy", "connection", "direct", "--superlink",
+            f"127.0.0.1:{dep.internal_port}", "--root-certificates",
+            str(dep.certs / deploy.CA_CERT), "--operator-cert", str(dep.operator_cert))
+    direct = privet_run("direct", tmp_path / "run-direct")
+    assert len(proxied) == len(direct) == 4, (proxied, direct)
+    mean = lambda xs: round(sum(xs) / len(xs), 3)  # noqa: E731
+    report = {"rounds_2_to_5_seconds": {"proxied": proxied, "direct": direct},
+              "mean_round_seconds": {"proxied": mean(proxied), "direct": mean(direct)}}
+    print("per-round latency, tiny run, 2 nodes:", json.dumps(report))
+    (tmp_path / "latency.json").write_text(json.dumps(report))

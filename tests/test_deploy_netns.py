@@ -77,32 +77,30 @@ def test_free_subnet_avoids_the_hosts_networks():
         free_subnet([ipaddress.ip_network("10.0.0.0/8")], rng, tries=5)
 
 
-def test_superlink_refuses_a_certificate_its_own_runner_cannot_verify(tmp_path):
+def test_a_public_certificate_without_loopback_names_still_runs(tmp_path):
     """Found on separate hosts: certificates for the public address only (--no-loopback)
-    and the default --host 0.0.0.0 left a SuperLink whose ServerApp runner dialled
-    127.0.0.1, failed the handshake and died, so no run ever started."""
+    and --host 0.0.0.0 left a SuperLink whose ServerApp runner dialled 127.0.0.1, failed the
+    handshake and died, so no run ever started. Behind the operator proxy the SuperLink
+    listens on loopback with its own loopback-only certificate (privet.internal.pem), so any
+    public certificate works; a SuperLink started without the proxy is still checked."""
     from typer.testing import CliRunner
 
     from privet.experiments.cli import app
 
     certs = tmp_path / "certs"
-    deploy.make_certs(certs, ["10.20.30.40", "link.example.org"], loopback=False)
+    deploy.make_certs(certs, ["10.20.30.40", "link.example.org"], loopback=False, operators=1)
+    assert sans(certs / deploy.INTERNAL_CERT) == ({"127.0.0.1", "::1"}, {"localhost"})
     runner = CliRunner()
-
-    def superlink(*args: str):
-        return runner.invoke(app, ["deploy", "superlink", "--certs", str(certs), "--database",
-                                   str(tmp_path / "s.db"), "--dry-run", *args])
-
-    for host in ("0.0.0.0", "::", "127.0.0.1", "10.20.30.41"):
-        done = superlink("--host", host)
-        assert done.exit_code != 0, (host, done.output)
-        assert "ServerApp runner dials" in done.output and "--loopback" in done.output
-    assert "127.0.0.1" in superlink().output  # the default host: what it dials, named
-    for host in ("10.20.30.40", "link.example.org", "LINK.example.org"):
-        done = superlink("--host", host)
+    for host in ("0.0.0.0", "::", "10.20.30.40", "link.example.org"):
+        done = runner.invoke(app, ["deploy", "superlink", "--certs", str(certs), "--database",
+                                   str(tmp_path / "s.db"), "--dry-run", "--host", host])
         assert done.exit_code == 0, (host, done.output)
-    deploy.make_certs(certs, ["10.20.30.40"])  # with loopback names: 0.0.0.0 is fine again
-    assert superlink().exit_code == 0 and superlink("--host", "::").exit_code == 0
+        assert deploy.INTERNAL_CERT in done.output and "--host 127.0.0.1" in done.output
+    for host in ("0.0.0.0", "::", "127.0.0.1", "10.20.30.41"):  # the public one, directly
+        with pytest.raises(ValueError, match="ServerApp runner dials.*--loopback"):
+            deploy.superlink_command(certs, tmp_path / "s.db", host=host)
+    for host in ("10.20.30.40", "link.example.org", "LINK.example.org"):
+        deploy.superlink_command(certs, tmp_path / "s.db", host=host)
 
 
 def test_namespaces_are_separate_hosts_and_are_removed(request):
@@ -174,10 +172,15 @@ def test_deployment_on_separate_hosts(tmp_path, processes, request):  # noqa: F8
     assert summary["status"] == "complete" and summary["rounds"] == 2
     for i in range(2):
         assert list((tmp_path / f"node{i}").glob(".privet-ledger/spend/*-client*.json"))
-    # and each API was used from its own host: the SuperLink's access log says who called
+    # who called: the operator proxy's log names every Control call's address and operator
+    # certificate (only the operator's); the SuperLink itself, behind the proxy, is called
+    # from loopback only
+    control = (tmp_path / "link" / "proxy" / "control.log").read_text()
+    assert set(re.findall(r"^\S+ ([0-9a-f.:]+) ", control, re.M)) == \
+        {hosts.addresses["operator"]}, control[-2000:]
+    assert "operator-0" in control
     callers = set(re.findall(r"\] ([0-9.]+):\d+ - \"[A-Z]+ /v1/(\w+)/",
                              processes.log("superlink")))
-    a = hosts.addresses
-    assert callers == {(a["operator"], "control"), (a["node0"], "fleet"),
-                       (a["node1"], "fleet"), (link, "runtime")}, callers
+    assert {ip for ip, _ in callers} == {"127.0.0.1"}, callers
+    assert {api for _, api in callers} >= {"control", "fleet"}, callers
     print(f"separate hosts {hosts.addresses}: {time.time() - started:.1f} s")

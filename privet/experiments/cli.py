@@ -1001,7 +1001,24 @@ app.command("ledger")(ledger)
 app.add_typer(deploy_app, name="deploy")
 
 
+@app.command("flwr", add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def flwr_operator_cli(ctx: typer.Context) -> None:
+    """Flower's flwr CLI, presenting your operator certificate: privet flwr ls lab, ...
+
+    The certificate is the one `privet deploy connection --operator-cert` recorded for the
+    connection's address; commands, options and output are flwr's."""
+    from privet.experiments import flwr_operator
+
+    flwr_operator.main(list(ctx.args))  # main() dispatches here first; this is for --help
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["flwr"]:  # `privet flwr ARGS`: Flower's CLI with the operator cert
+        from privet.experiments import flwr_operator
+
+        flwr_operator.main(sys.argv[2:])
+        return
     from privet import patches
 
     try:  # privet's accounting runs in this process (planning, preflight, ledgers)

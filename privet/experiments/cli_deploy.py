@@ -17,9 +17,13 @@ deploy_app = typer.Typer(add_completion=False, no_args_is_help=True,
                               "authentication on (see the README's Deploy section).")
 
 
-def _insecure_warning() -> None:
-    from privet.experiments.deploy import INSECURE_WARNING
+def _insecure_warning(link: bool = False) -> None:
+    from privet.experiments.deploy import INSECURE_LINK_WARNING, INSECURE_WARNING
 
+    if link:
+        err.print(f"[bold red]privet: WARNING: {INSECURE_LINK_WARNING}[/]", markup=True,
+                  soft_wrap=True)
+        return
     err.print(f"[bold yellow]privet: warning:[/] {INSECURE_WARNING}", markup=True,
               soft_wrap=True)
 
@@ -54,18 +58,25 @@ def deploy_certs(
                                            "::1: a SuperLink listening on 0.0.0.0 has its "
                                            "own ServerApp runner dial 127.0.0.1")] = True,
     days: Annotated[int, typer.Option(min=1, help="validity in days")] = 365,
+    operators: Annotated[int, typer.Option(min=0, help="operator client certificates to "
+                                           "create (operators/operator-<i>.pem, .key), from "
+                                           "their own operator CA; existing ones are kept")
+                         ] = 0,
 ) -> None:
-    """Create a CA, a SuperLink TLS certificate for --host, and SuperNode key pairs.
+    """Create a CA, a SuperLink TLS certificate for --host, SuperNode key pairs and
+    operator certificates (only they open the Control API: submit, list, stop, read runs,
+    register nodes).
 
     Re-running keeps the CA (SuperNodes keep trusting it) and existing node keys, and
     issues a new SuperLink certificate: the way to add a host or a node.
 
-    Example: privet deploy certs --out certs --host 203.0.113.7 --host link.example.org --nodes 3
+    Example: privet deploy certs --out certs --host 203.0.113.7 --host link.example.org --nodes 3 --operators 1
     """
     from privet.experiments.deploy import make_certs
 
     try:
-        files = make_certs(out, hosts or [], nodes, loopback=loopback, days=days)
+        files = make_certs(out, hosts or [], nodes, loopback=loopback, days=days,
+                           operators=operators)
     except ValueError as error:
         fail(str(error))
     say(f"{'created' if files.new_ca else 'kept'} CA        {files.ca_cert}  "
@@ -73,6 +84,9 @@ def deploy_certs(
     say(f"SuperLink cert    {files.server_cert}, key {files.server_key}")
     for private, public in files.node_keys:
         say(f"node key          {private} (to that node only), {public} (register it)")
+    for cert, key in files.operators:
+        say(f"operator          {cert} and {key} (to that operator only: "
+            "privet deploy connection ... --operator-cert)")
 
 
 @deploy_app.command("node-key")
@@ -101,25 +115,39 @@ def deploy_connection(
     superlink: Annotated[str, typer.Option(help="SuperLink address HOST:PORT")],
     root_certificates: Annotated[Optional[Path], typer.Option(
         help="the CA certificate (ca.pem) the SuperLink's certificate was issued by")] = None,
+    operator_cert: Annotated[Optional[Path], typer.Option(
+        help="this operator's certificate (operators/operator-<i>.pem from `privet deploy "
+             "certs --operators N`)")] = None,
+    operator_key: Annotated[Optional[Path], typer.Option(
+        help="its private key (default: the certificate's name with .key)")] = None,
     insecure: Annotated[bool, typer.Option(help="plain HTTP, no TLS (not for real data)")
                         ] = False,
     default: Annotated[bool, typer.Option(help="make it the default connection")] = False,
 ) -> None:
-    """Write a SuperLink connection for the flwr CLI and `privet run`.
+    """Write a SuperLink connection for `privet flwr`, `privet run` and the flwr CLI.
 
-    It goes into $FLWR_HOME/config.toml (~/.flwr/config.toml), where Flower 1.41 looks.
+    The connection goes into $FLWR_HOME/config.toml (~/.flwr/config.toml), where Flower
+    1.41 looks; the operator credential into $FLWR_HOME/privet-operators.toml, which
+    `privet flwr ...` and `privet run` present to the SuperLink's proxy.
     """
     from privet.experiments.deploy import write_connection
 
     if insecure == (root_certificates is not None):
         fail("give either --root-certificates ca.pem, or --insecure")
     if insecure:
+        if operator_cert is not None:
+            fail("--operator-cert needs TLS: leave out --insecure")
         _insecure_warning()
+    elif operator_cert is None:
+        fail("give --operator-cert operators/operator-<i>.pem (`privet deploy certs "
+             "--operators N`): the SuperLink's Control API refuses a client without one")
     try:
-        path = write_connection(name, superlink, root_certificates, default=default)
-    except FileNotFoundError as error:
+        path = write_connection(name, superlink, root_certificates, default=default,
+                                operator_cert=operator_cert, operator_key=operator_key)
+    except (FileNotFoundError, ValueError) as error:
         fail(str(error))
-    say(f"[superlink.{name}] → {superlink} written to {path}")
+    say(f"[superlink.{name}] → {superlink} written to {path}"
+        + (f"; operator certificate {operator_cert}" if operator_cert else ""))
 
 
 @deploy_app.command("superlink")
@@ -129,32 +157,71 @@ def deploy_superlink(
     database: Annotated[Path, typer.Option(help="SuperLink state (runs, registered nodes, "
                                            "messages in flight): SQLite file")
                         ] = Path("superlink.db"),
-    host: Annotated[str, typer.Option(help="address to listen on")] = "0.0.0.0",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="the one HTTPS port: SuperNodes,"
-                                      " the flwr CLI and the ServerApp")] = 8000,
+    host: Annotated[str, typer.Option(help="address the proxy (or, with --insecure, the "
+                                      "SuperLink) listens on")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="the one public HTTPS port: "
+                                      "SuperNodes and operators (privet flwr, privet run)")
+                    ] = 8000,
+    internal_port: Annotated[Optional[int], typer.Option(
+        min=1, max=65535, help="the SuperLink's own port, on 127.0.0.1 behind the proxy "
+                               "(its ServerApp dials it too); default --port + 1")] = None,
     log_file: Annotated[Optional[Path], typer.Option(help="also log to this file (rotated)")
                         ] = None,
     insecure: Annotated[bool, typer.Option(help="no TLS and no node authentication")] = False,
     dry_run: Annotated[bool, typer.Option(help="print the flower-superlink command only")
                        ] = False,
 ) -> None:
-    """Start flower-superlink: TLS, SuperNode authentication, state on disk.
+    """Start flower-superlink behind nginx: TLS, SuperNode authentication, operator
+    certificates for the Control API, state on disk.
 
-    Runtime dependency installation is off. Register nodes with `flwr supernode register`.
+    flower-superlink listens on 127.0.0.1:--internal-port only; nginx (the distribution's
+    package), started as its child with its configuration, pid, logs and temp files in
+    proxy/ next to --database, takes --host:--port: SuperNodes pass, the Control API only
+    with an operator certificate, nothing else. Runtime dependency installation is off.
+    Register nodes with `privet flwr supernode register`.
     """
-    from privet.experiments.deploy import superlink_command
+    from privet.experiments import deploy
 
     if insecure:
-        _insecure_warning()
+        _insecure_warning(link=True)
     elif certs is None:
         fail("give --certs DIR (from `privet deploy certs`), or --insecure")
+    if internal_port is None:
+        internal_port = port + 1 if port < 65535 else port - 1
+    if not insecure and internal_port == port:
+        fail("--internal-port must differ from --port")
     try:
-        cmd = superlink_command(None if insecure else certs, database, host=host, port=port,
-                                log_file=log_file)
+        if insecure:
+            cmd = deploy.superlink_command(None, database, host=host, port=port,
+                                           log_file=log_file)
+        else:
+            cmd = deploy.superlink_command(certs, database, host="127.0.0.1",
+                                           port=internal_port, log_file=log_file,
+                                           internal=True)
     except (FileNotFoundError, ValueError) as error:
         fail(str(error))
-    if not dry_run:
-        database.parent.mkdir(parents=True, exist_ok=True)
+    if insecure:
+        if not dry_run:
+            database.parent.mkdir(parents=True, exist_ok=True)
+        _exec(cmd, dry_run)
+        return
+    nginx = deploy.find_nginx()
+    folder = database.resolve().parent / deploy.PROXY_DIR
+    conf = folder / "nginx.conf"
+    if dry_run:
+        say(deploy.show(deploy.nginx_command(nginx or "nginx", conf)) + " &")
+        _exec(cmd, dry_run)
+        return
+    if nginx is None:
+        fail("nginx not found: install the distribution's package (Debian/Ubuntu: apt-get "
+             "install nginx-light). It is the proxy that admits only operators to the "
+             "Control API; --insecure runs without it, and without any authentication")
+    try:
+        conf = deploy.write_proxy(certs, folder, host, port, internal_port)
+        say(deploy.show(deploy.nginx_command(nginx, conf)) + " &")
+        deploy.start_proxy(deploy.nginx_command(nginx, conf), host, port)
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as error:
+        fail(str(error))
     _exec(cmd, dry_run)
 
 

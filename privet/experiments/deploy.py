@@ -25,7 +25,16 @@ from privet.common.config import PROJECT_DIR, ExperimentConfig
 
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
 SERVER_CERT, SERVER_KEY = "privet.server.pem", "privet.server.key"
+# the SuperLink's own listener behind the proxy, on loopback only (localhost, 127.0.0.1, ::1):
+# the proxy and the SuperLink's ServerApp runner dial it there, whatever names the public
+# certificate has (`privet deploy certs --no-loopback`)
+INTERNAL_CERT, INTERNAL_KEY = "privet.internal.pem", "privet.internal.key"
 NODES_DIR = "nodes"
+# Operators: their own CA (only it opens the Control API at the proxy) and client certificates
+OPERATORS_DIR = "operators"
+OPERATOR_CA, OPERATOR_CA_KEY = "operator-ca.pem", "operator-ca.key"
+OPERATOR_CREDENTIALS = "privet-operators.toml"  # in $FLWR_HOME, next to Flower's config.toml
+PROXY_DIR = "proxy"  # next to the SuperLink's database: nginx.conf, its pid, logs, temp files
 # One HTTPS port carries the Fleet (SuperNodes), Control (flwr CLI) and Runtime (ServerApp)
 # APIs of a SuperLink in Flower 1.41; a SuperNode serves its Runtime API (ClientApp) locally.
 SUPERLINK_PORT = 8000
@@ -34,6 +43,10 @@ NO_INSTALL = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 INSECURE_WARNING = ("insecure mode: no TLS and no SuperNode authentication; model updates "
                     "travel in the clear and any machine that reaches the port can join. "
                     "Use it only on a trusted, isolated network.")
+INSECURE_LINK_WARNING = ("INSECURE SUPERLINK: no TLS, no SuperNode authentication and NO "
+                         "operator authentication: anyone who reaches the port can list, read "
+                         "and stop runs, register nodes and submit a run, whose code then runs "
+                         "on this machine and on every SuperNode.")
 _DNS_NAME = re.compile(r"^(?=.{1,253}$)(\*\.)?([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)*"
                        r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?$")
 
@@ -47,6 +60,7 @@ class CertFiles:
     server_key: Path
     node_keys: tuple[tuple[Path, Path], ...]  # (private, public) per node
     new_ca: bool
+    operators: tuple[tuple[Path, Path], ...] = ()  # (certificate, key) per operator
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -139,7 +153,10 @@ def _load_ca(out: Path, days: int):
 
 
 def issue_server_cert(out: Path, hosts: list[str], loopback: bool, days: int,
-                      ca_cert, ca_key) -> None:
+                      ca_cert, ca_key, files: tuple[str, str] = (SERVER_CERT, SERVER_KEY)
+                      ) -> None:
+    """A server certificate for `hosts` (plus the loopback names with `loopback`), signed by
+    the CA, written to `files` (certificate, key) in `out`."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -166,8 +183,8 @@ def issue_server_cert(out: Path, hosts: list[str], loopback: bool, days: int,
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
                 ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA384()))
-    _write_private(out / SERVER_KEY, _pem_key(key))
-    _write_public(out / SERVER_CERT, cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(out / files[1], _pem_key(key))
+    _write_public(out / files[0], cert.public_bytes(serialization.Encoding.PEM))
 
 
 def make_node_key(private_path: Path, force: bool = False) -> tuple[Path, Path]:
@@ -190,8 +207,87 @@ def make_node_key(private_path: Path, force: bool = False) -> tuple[Path, Path]:
     return private_path, public_path
 
 
+def _operator_ca(folder: Path, days: int):
+    """The operator CA in `folder` (kept), or a new one. Apart from the deployment CA that
+    every participant holds: only certificates it issued open the Control API."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    cert_path, key_path = folder / OPERATOR_CA, folder / OPERATOR_CA_KEY
+    if cert_path.exists() and key_path.exists():
+        return (x509.load_pem_x509_certificate(cert_path.read_bytes()),
+                serialization.load_pem_private_key(key_path.read_bytes(), None))
+    if cert_path.exists() or key_path.exists():
+        raise ValueError(f"{folder}: holds only one of {OPERATOR_CA} and {OPERATOR_CA_KEY}; "
+                         "remove it or restore the other")
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    name = _name("privet operator CA")
+    cert = (x509.CertificateBuilder()
+            .subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
+                                         crl_sign=True, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False,
+                                         decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .sign(key, hashes.SHA384()))
+    _write_private(key_path, _pem_key(key))
+    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return cert, key
+
+
+def make_operator_certs(out: Path, count: int, days: int = 365) -> tuple[tuple[Path, Path], ...]:
+    """Operator client certificates `operators/operator-<i>.pem` (+ `.key`) for i < `count`,
+    issued by the operator CA in `out/operators` (created once, then kept; existing
+    operator certificates are kept too). Returns (certificate, key) pairs."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    folder = out / OPERATORS_DIR
+    if count == 0:
+        return ()
+    ca_cert, ca_key = _operator_ca(folder, days)
+    pairs = []
+    for i in range(count):
+        cert_path, key_path = folder / f"operator-{i}.pem", folder / f"operator-{i}.key"
+        pairs.append((cert_path, key_path))
+        if cert_path.exists() and key_path.exists():
+            continue
+        key = ec.generate_private_key(ec.SECP384R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (x509.CertificateBuilder()
+                .subject_name(_name(f"privet operator {i}")).issuer_name(ca_cert.subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(min(now + datetime.timedelta(days=days),
+                                     ca_cert.not_valid_after_utc))
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=False,
+                                             key_cert_sign=False, crl_sign=False,
+                                             content_commitment=False, data_encipherment=False,
+                                             key_agreement=True, encipher_only=False,
+                                             decipher_only=False), critical=True)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                               critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                    ca_key.public_key()), critical=False)
+                .sign(ca_key, hashes.SHA384()))
+        _write_private(key_path, _pem_key(key))
+        _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return tuple(pairs)
+
+
 def make_certs(out: Path, hosts: list[str], nodes: int = 0, *, loopback: bool = True,
-               days: int = 365) -> CertFiles:
+               days: int = 365, operators: int = 0) -> CertFiles:
     """CA (kept if `out` already has one), a fresh SuperLink certificate for `hosts`, and
     node key pairs `nodes/node-<i>` for i < `nodes` (existing ones are kept).
 
@@ -202,8 +298,11 @@ def make_certs(out: Path, hosts: list[str], nodes: int = 0, *, loopback: bool = 
     out.mkdir(parents=True, exist_ok=True)
     ca_cert, ca_key, new_ca = _load_ca(out, days)
     issue_server_cert(out, hosts, loopback, days, ca_cert, ca_key)
+    issue_server_cert(out, ["localhost"], True, days, ca_cert, ca_key,
+                      (INTERNAL_CERT, INTERNAL_KEY))
     keys = tuple(make_node_key(out / NODES_DIR / f"node-{i}.key") for i in range(nodes))
-    return CertFiles(out / CA_CERT, out / SERVER_CERT, out / SERVER_KEY, keys, new_ca)
+    ops = make_operator_certs(out, operators, days)
+    return CertFiles(out / CA_CERT, out / SERVER_CERT, out / SERVER_KEY, keys, new_ca, ops)
 
 
 # --- command lines ----------------------------------------------------------------------
@@ -252,9 +351,11 @@ def runner_must_match(server_cert: Path, host: str) -> None:
 
 
 def superlink_command(certs: Path | None, database: Path, *, host: str = "0.0.0.0",
-                      port: int = SUPERLINK_PORT, log_file: Path | None = None) -> list[str]:
+                      port: int = SUPERLINK_PORT, log_file: Path | None = None,
+                      internal: bool = False) -> list[str]:
     """`flower-superlink` with TLS, SuperNode authentication, a state database on disk and
-    no runtime dependency installation; `certs=None` is the insecure mode."""
+    no runtime dependency installation; `certs=None` is the insecure mode. `internal`: the
+    SuperLink behind the operator proxy, on loopback, with the loopback-only certificate."""
     cmd = [flower_bin("flower-superlink"), "--host", host, "--port", str(port),
            "--database", str(database.resolve()),
            "--disable-runtime-dependency-installation"]
@@ -262,17 +363,193 @@ def superlink_command(certs: Path | None, database: Path, *, host: str = "0.0.0.
         cmd += ["--insecure"]
     else:
         certs = certs.resolve()
-        for name in (CA_CERT, SERVER_CERT, SERVER_KEY):
+        cert, key = (INTERNAL_CERT, INTERNAL_KEY) if internal else (SERVER_CERT, SERVER_KEY)
+        for name in (CA_CERT, cert, key):
             if not (certs / name).is_file():
                 raise FileNotFoundError(f"{certs / name} not found; create it with "
                                         f"`privet deploy certs --out {certs} --host ...`")
-        runner_must_match(certs / SERVER_CERT, host)
+        runner_must_match(certs / cert, host)
         cmd += ["--ssl-ca-certfile", str(certs / CA_CERT),
-                "--ssl-certfile", str(certs / SERVER_CERT),
-                "--ssl-keyfile", str(certs / SERVER_KEY), "--enable-supernode-auth"]
+                "--ssl-certfile", str(certs / cert),
+                "--ssl-keyfile", str(certs / key), "--enable-supernode-auth"]
     if log_file is not None:
         cmd += ["--log-file", str(log_file)]
     return cmd
+
+
+# --- the operator proxy in front of the SuperLink ----------------------------------------
+#
+# Flower 1.41 serves the Fleet, Control and Runtime APIs on one HTTPS port and has no
+# authentication for the Control API in its OSS distribution. So the SuperLink listens on
+# loopback only, and nginx (the distribution's package) takes the public port: the Fleet
+# API passes (SuperNodes authenticate with their keys at the SuperLink, as before), the
+# Control API only with a client certificate from the operator CA, the Runtime API and
+# anything else not at all. nginx talks TLS to the SuperLink and checks its certificate.
+
+def find_nginx() -> str | None:
+    """nginx on PATH, or where Debian puts it (/usr/sbin is not on every user's PATH)."""
+    import shutil
+
+    found = shutil.which("nginx")
+    if found:
+        return found
+    for candidate in ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _listen(host: str, port: int) -> str:
+    host = host.strip("[]")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _nginx_path(path: Path) -> str:
+    text = str(path)
+    if any(c in text for c in '";{}\\\n\'') or any(c.isspace() for c in text):
+        raise ValueError(f"{text}: nginx's configuration cannot hold this path (spaces, "
+                         "quotes, braces, semicolons); move or link the folder")
+    return text
+
+
+def proxy_config(certs: Path, folder: Path, host: str, port: int, upstream_port: int) -> str:
+    """nginx.conf for the proxy: everything (pid, logs, temp files) in `folder`."""
+    certs, folder = certs.resolve(), folder.resolve()
+    ca, cert, key = (_nginx_path(certs / n) for n in (CA_CERT, SERVER_CERT, SERVER_KEY))
+    operator_ca = _nginx_path(certs / OPERATORS_DIR / OPERATOR_CA)
+    f = _nginx_path(folder)
+    temp = "\n".join(f"    {kind}_temp_path {f}/temp/{kind};"
+                      for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return f"""# written by `privet deploy superlink`; rewritten at each start
+daemon off;
+worker_processes 1;
+pid {f}/nginx.pid;
+error_log {f}/error.log warn;
+events {{
+    worker_connections 1024;
+}}
+http {{
+{temp}
+    access_log off;
+    server_tokens off;
+    client_max_body_size 0;          # FABs and model updates: no limit beyond Flower's own
+    proxy_request_buffering off;     # stream both ways: log streams, long polls
+    proxy_buffering off;
+    proxy_read_timeout 1h;
+    proxy_send_timeout 1h;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_set_header Host $host;
+    # to the SuperLink on loopback, over TLS, its certificate checked against the CA
+    proxy_ssl_verify on;
+    proxy_ssl_trusted_certificate {ca};
+    proxy_ssl_name localhost;
+    proxy_ssl_server_name on;
+    upstream superlink {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 16;
+    }}
+    log_format operator '$time_iso8601 $remote_addr "$ssl_client_s_dn" $ssl_client_verify '
+                        '$request_method $uri $status';
+    server {{
+        listen {_listen(host, port)} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache shared:privet:1m;
+        # operators present a certificate from the operator CA; SuperNodes present none
+        ssl_client_certificate {operator_ca};
+        ssl_verify_client optional;
+        ssl_verify_depth 1;
+        # Fleet API: SuperNodes, authenticated by their registered keys at the SuperLink
+        location /v1/fleet/ {{
+            proxy_pass https://superlink;
+        }}
+        # Control API: runs, logs, node registration -- operators only
+        location /v1/control/ {{
+            access_log {f}/control.log operator;
+            if ($ssl_client_verify != SUCCESS) {{
+                return 403;
+            }}
+            proxy_pass https://superlink;
+        }}
+        # the Runtime API (the SuperLink's own ServerApp, on loopback) and anything else
+        location / {{
+            return 404;
+        }}
+    }}
+}}
+"""
+
+
+def write_proxy(certs: Path, folder: Path, host: str, port: int, upstream_port: int) -> Path:
+    """Write `folder/nginx.conf` (and its temp folders); the file's path."""
+    for name in (OPERATORS_DIR + "/" + OPERATOR_CA, CA_CERT, SERVER_CERT, SERVER_KEY):
+        if not (certs / name).is_file():
+            raise FileNotFoundError(
+                f"{certs / name} not found; create it with `privet deploy certs --out {certs} "
+                "--host ... --operators 1`" + (" (operator credentials)"
+                                               if name.startswith(OPERATORS_DIR) else ""))
+    text = proxy_config(certs, folder, host, port, upstream_port)
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (folder / "temp" / kind).mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:  # nginx's workers drop to `nobody`; they write only temp files
+        import shutil
+
+        try:
+            for sub in (folder / "temp", *(folder / "temp").iterdir()):
+                shutil.chown(sub, "nobody")
+        except LookupError:  # no such user: nginx then refuses its configuration, saying so
+            pass
+    path = folder / "nginx.conf"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def nginx_command(nginx: str, conf: Path) -> list[str]:
+    folder = conf.resolve().parent
+    return [nginx, "-p", str(folder), "-c", str(conf.resolve()), "-e", str(folder / "error.log")]
+
+
+def _die_with(parent: int):
+    """For the child before exec: SIGTERM when `parent` goes (it becomes flower-superlink by
+    exec, so nginx stops with the SuperLink, even if that one is SIGKILLed)."""
+    def arm() -> None:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PDEATHSIG
+        if os.getppid() != parent:  # it went before the line above
+            os._exit(1)
+    return arm
+
+
+def start_proxy(cmd: list[str], host: str, port: int, timeout: float = 15.0):
+    """Check nginx's configuration, start nginx in the foreground as this process's child,
+    and wait until it accepts connections; raises RuntimeError with its error otherwise."""
+    import socket
+    import time
+
+    test = subprocess.run(cmd + ["-t", "-q"], capture_output=True, text=True, timeout=30)
+    if test.returncode != 0:
+        raise RuntimeError(f"nginx refused its configuration:\n{test.stderr.strip()}")
+    proc = subprocess.Popen(cmd, preexec_fn=_die_with(os.getpid()))
+    dial = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host.strip("[]") == "::"
+                                                      else host.strip("[]"))
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            log = Path(cmd[cmd.index("-e") + 1])
+            tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+            raise RuntimeError(f"nginx exited with {proc.returncode}:\n{tail.strip()}")
+        try:
+            with socket.create_connection((dial, port), timeout=1):
+                return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.terminate()
+    raise RuntimeError(f"nginx did not listen on {_listen(host, port)} within {timeout:.0f} s")
 
 
 def node_config(partition_id: int, data_path: Path, extra: dict[str, str] | None = None) -> str:
@@ -328,10 +605,14 @@ def show(cmd: list[str]) -> str:
 # --- the flwr CLI's connection ----------------------------------------------------------
 
 def write_connection(name: str, address: str, root_certificates: Path | None,
-                     *, default: bool = False) -> Path:
+                     *, default: bool = False, operator_cert: Path | None = None,
+                     operator_key: Path | None = None) -> Path:
     """Add or replace `[superlink.<name>]` in $FLWR_HOME/config.toml (Flower 1.41 keeps
     SuperLink connections there; `flwr run . <name>` and `flwr supernode ...` read it).
-    `root_certificates=None` writes an insecure connection."""
+    `root_certificates=None` writes an insecure connection. An operator certificate and key
+    go into $FLWR_HOME/privet-operators.toml, for `address` (`privet flwr` presents them)."""
+    if operator_cert is not None:
+        write_operator_credential(address, operator_cert, operator_key)
     from flwr.cli.flower_config import (
         read_flower_config,
         set_default_superlink_connection,
@@ -354,6 +635,61 @@ def write_connection(name: str, address: str, root_certificates: Path | None,
     return get_flwr_home() / "config.toml"
 
 
+def _credentials_file() -> Path:
+    from flwr.supercore.utils import get_flwr_home
+
+    return get_flwr_home() / OPERATOR_CREDENTIALS
+
+
+def read_operator_credentials() -> dict[str, dict[str, str]]:
+    """{SuperLink address: {"certificate": path, "key": path}} from privet-operators.toml."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10; tomli comes with flwr
+        import tomli as tomllib
+
+    path = _credentials_file()
+    if not path.is_file():
+        return {}
+    found = tomllib.loads(path.read_text(encoding="utf-8"))
+    return {addr: entry for addr, entry in found.items() if isinstance(entry, dict)}
+
+
+def write_operator_credential(address: str, cert: Path, key: Path | None = None) -> Path:
+    """Record the operator certificate and key (paths, checked to be a pair) to present to
+    the SuperLink at `address`. The key defaults to the certificate's name with .key."""
+    import tomli_w
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cert = cert.expanduser().resolve()
+    key = (key or cert.with_suffix(".key")).expanduser().resolve()
+    for path in (cert, key):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found")
+    try:
+        public = x509.load_pem_x509_certificate(cert.read_bytes()).public_key()
+        private = serialization.load_pem_private_key(key.read_bytes(), None)
+    except ValueError as error:
+        raise ValueError(f"{cert} / {key}: not a PEM certificate and key ({error})") from None
+    raw = serialization.PublicFormat.SubjectPublicKeyInfo
+    if (public.public_bytes(serialization.Encoding.PEM, raw)
+            != private.public_key().public_bytes(serialization.Encoding.PEM, raw)):
+        raise ValueError(f"{key} is not the key of {cert}")
+    found = read_operator_credentials()
+    found[address] = {"certificate": str(cert), "key": str(key)}
+    path = _credentials_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_private(path, tomli_w.dumps(found).encode())
+    return path
+
+
+def flwr_command(args: list[str]) -> list[str]:
+    """The flwr CLI, presenting the operator certificate recorded for the SuperLink it dials
+    (privet.experiments.flwr_operator); plain `flwr` would be refused by the proxy."""
+    return [sys.executable, "-m", "privet.experiments.flwr_operator", *args]
+
+
 # --- privet run -------------------------------------------------------------------------
 
 def run_config_file(cfg: ExperimentConfig, directory: Path,
@@ -373,7 +709,7 @@ def run_command(federation: str, run_config: Path, *, app_dir: Path = PROJECT_DI
     if not (app_dir / "pyproject.toml").is_file():
         raise FileNotFoundError(f"{app_dir} has no pyproject.toml: `privet run` submits the "
                                 "app from a privet checkout (pip install -e .)")
-    cmd = [flower_bin("flwr"), "run", str(app_dir), federation, "--run-config", str(run_config)]
+    cmd = flwr_command(["run", str(app_dir), federation, "--run-config", str(run_config)])
     return cmd + (["--stream"] if stream else [])
 
 
@@ -433,7 +769,7 @@ def run(cfg: ExperimentConfig, federation: str, *, echo=print,
 
 
 def _flwr_json(args: list[str]) -> dict:
-    out = subprocess.run([flower_bin("flwr"), *args, "--format", "json"], env=flower_env(),
+    out = subprocess.run(flwr_command([*args, "--format", "json"]), env=flower_env(),
                          capture_output=True, text=True, timeout=60)
     try:
         found = json.loads(out.stdout)
