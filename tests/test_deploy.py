@@ -463,12 +463,15 @@ class Deployment:
         return cmd
 
     def serving_tls(self) -> bool:
-        """The SuperLink's port completes a TLS handshake, trusting our CA, for `host`."""
+        """The proxy's public port completes a TLS handshake for `host`, and the SuperLink
+        behind it (started after it) one on its loopback port, trusting our CA."""
         context = ssl.create_default_context(cafile=str(self.certs / deploy.CA_CERT))
         try:
-            with socket.create_connection((self.host, self.port), timeout=2) as raw, \
-                    context.wrap_socket(raw, server_hostname=self.host):
-                return True
+            for host, port in ((self.host, self.port), ("127.0.0.1", self.internal_port)):
+                with socket.create_connection((host, port), timeout=2) as raw, \
+                        context.wrap_socket(raw, server_hostname=host):
+                    pass
+            return True
         except OSError:
             return False
 

@@ -55,9 +55,13 @@ class NetnsDeployment(Deployment):
     def where(self, role: str, cmd: list[str]) -> list[str]:
         return self.hosts.exec(role, cmd)
 
-    def serving_tls(self) -> bool:  # as an operator would see it, from its own host
-        return self.hosts.tls("operator", self.host, self.port, self.certs / deploy.CA_CERT,
-                              self.host).returncode == 0
+    def serving_tls(self) -> bool:
+        """The proxy as an operator sees it, from its own host, and the SuperLink behind it
+        on the SuperLink host's loopback (started after the proxy)."""
+        ca = self.certs / deploy.CA_CERT
+        return (self.hosts.tls("operator", self.host, self.port, ca, self.host).returncode == 0
+                and self.hosts.tls("superlink", "127.0.0.1", self.internal_port, ca,
+                                   "127.0.0.1").returncode == 0)
 
 
 # --- fast ------------------------------------------------------------------------------
