@@ -657,8 +657,8 @@ def test_deployment_node_policy_refuses_runs_and_apps_that_break_it(tmp_path, pr
                                                   'privacy.train-metrics="off"',
                                                   f'out-dir="{tmp_path / "evil-out"}"'])
     config_file = deploy.run_config_file(cfg, tmp_path)
-    run = subprocess.run([dep.flwr, "run", str(evil), "test", "--run-config", str(config_file),
-                          "--stream"], env={**dep.env,
+    run = subprocess.run([dep.privet, "flwr", "run", str(evil), "test", "--run-config",
+                          str(config_file), "--stream"], env={**dep.env,
                                             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"},
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     output = run.stdout + run.stderr
