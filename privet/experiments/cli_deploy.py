@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -153,7 +154,8 @@ def deploy_connection(
 @deploy_app.command("superlink")
 def deploy_superlink(
     certs: Annotated[Optional[Path], typer.Option(
-        help="folder from `privet deploy certs` (ca.pem, server.pem, server.key)")] = None,
+        help="folder from `privet deploy certs` (ca.pem, privet.server.pem/.key, "
+             "privet.internal.pem/.key, operators/operator-ca.pem)")] = None,
     database: Annotated[Path, typer.Option(help="SuperLink state (runs, registered nodes, "
                                            "messages in flight): SQLite file")
                         ] = Path("superlink.db"),
@@ -443,6 +445,29 @@ def run_deployed(
     if pause_after and run_dir:
         say(f"privet: paused after round {pause_after}; continue it with: privet run "
             f"--federation {federation} --resume {run_dir}")
+    exit_now(_failures_said(local_dir))
+
+
+def _failures_said(local_dir: Path) -> int:
+    """Flower calls a run that ended complete-with-failures "finished:completed": the
+    summary that came back says which clients failed and why (a node's policy, a crash),
+    and the exit code is simulate's for it (3); 0 otherwise."""
+    from privet.experiments.cli import EXIT_FAILURES
+
+    try:
+        summary = json.loads((local_dir / results.SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0
+    if summary.get("status") != "complete-with-failures":
+        return 0
+    failures = (summary.get("failures") or {}).get("clients") or {}
+    err.print(f"privet: the run finished, but {len(failures)} client(s) failed and were left "
+              "out:", markup=False, soft_wrap=True)
+    for client, failure in failures.items():
+        err.print(f"privet:   client {client}, {failure.get('stage', '?')} (round "
+                  f"{failure.get('round', '?')}): {failure.get('reason', '?')}", markup=False,
+                  soft_wrap=True)
+    return EXIT_FAILURES
 
 
 def _results_folder(given: Optional[Path], name: str) -> Path:
@@ -511,7 +536,10 @@ def _last_words(seen, federation: str, run_dir: str | None, lost: bool) -> None:
         return
     local = Path(run_dir).expanduser()
     if local.is_dir() and not (local / results.CHECKPOINT).is_file():
-        return  # no round was checkpointed: there is nothing to continue
+        err.print("privet: the SuperLink went away before the run's first round ended: there "
+                  "is nothing to resume; once it is back, start the run again", markup=False,
+                  soft_wrap=True)
+        return
     err.print(f"privet: the SuperLink went away; once it is back, continue the run with: "
               f"privet run --federation {federation} --resume {run_dir}", markup=False,
               soft_wrap=True)

@@ -20,7 +20,19 @@ def main() -> None:
     from flwr.supernode.cli import flower_supernode
 
     sys.argv[0] = "flower-supernode"
-    flower_supernode()
+    try:
+        flower_supernode()
+    except SystemExit as stop:
+        if stop.code == CONNECTION_ERROR:  # Flower said why just above; say what it may mean
+            print("privet: this SuperNode could not connect (Flower's reason above). Restarted "
+                  "right after a crash? The SuperLink holds a node online for up to 20 s "
+                  "after its last heartbeat and refuses it meanwhile (\"Failed to activate "
+                  "SuperNode\"): wait until `privet flwr supernode list` shows it offline, then "
+                  "start it again (README: Operations)", file=sys.stderr, flush=True)
+        raise
+
+
+CONNECTION_ERROR = 305  # Flower 1.41's ExitCode.SUPERNODE_CONNECTION_ERROR
 
 
 if __name__ == "__main__":

@@ -47,8 +47,9 @@ from privet.server.checkpoint import (
     load_strategy_state,
     strategy_state,
 )
-from privet.server.describe import DuplicatePartition, check_node_ids, describe_clients
+from privet.server.describe import check_node_ids, describe_clients
 from privet.server.preprocessing import fit_shared_transform
+from privet.server.queries import QueryFailed
 from privet.server.recorder import RunRecorder
 from privet.server.strategy import NoClientsLeft, PrivetFedAvg
 from privet.server.user_dp import UserLevelDPFedAvg
@@ -141,8 +142,9 @@ def main(grid: Grid, context: Context) -> None:
         status = "budget-exhausted"
         recorder.stop_reason = str(reason)
         log.warning("privet: stopping after round %d: %s", len(recorder.round_rows), reason)
-    except DuplicatePartition as reason:  # before any node trained: one line, no traceback
-        log.error("privet: error: %s", reason)
+    except QueryFailed as reason:  # before any node trained: one line, no traceback
+        if deployed(grid):  # the operator reads it in the streamed log; simulate prints it
+            log.error("privet: error: %s", reason)
         raise RunFailed(str(reason)) from None
     except (NoClientsLeft, RunFailed) as reason:
         # a deployment's operator reads it in the streamed log; `privet simulate` prints it

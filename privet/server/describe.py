@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 
 from privet.common import records as R
 from privet.common.data.features import Features
-from privet.server.queries import ask_every_client
+from privet.server.queries import QueryFailed, ask_every_client
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Described:
     features: Features | None = None  # tables: what each column is (the schema's layout)
 
 
-class DuplicatePartition(RuntimeError):
+class DuplicatePartition(QueryFailed):
     """Two nodes answered with the same partition-id: one line naming it and both nodes."""
 
 
@@ -58,7 +58,7 @@ def describe_clients(grid: Grid) -> Described:
     layouts = {str(d.get("features", "")) for d in described}
     if len(shapes) != 1 or len(names) != 1 or len(layouts) != 1:
         columns = "" if len(layouts) == 1 else " and different columns"
-        raise RuntimeError(f"clients disagree on their data: example shapes {sorted(shapes)}, "
+        raise QueryFailed(f"clients disagree on their data: example shapes {sorted(shapes)}, "
                            f"classes {sorted(names)}{columns}; every node needs the same "
                            "schema (data.categories, data.classes)")
     classes = next(iter(names))

@@ -9,6 +9,11 @@ from flwr.serverapp import Grid
 TIMEOUT_SECONDS = 600
 
 
+class QueryFailed(RuntimeError):
+    """Not every client answered a question put before round 1 (a node refused it, e.g. by
+    its policy, or failed): the run cannot start; str() is one line naming the errors."""
+
+
 def ask_every_client(grid: Grid, config: ConfigRecord, message_type: str, what: str
                      ) -> list[Message]:
     messages = [Message(RecordDict({"config": config}), dst_node_id=node,
@@ -16,6 +21,7 @@ def ask_every_client(grid: Grid, config: ConfigRecord, message_type: str, what: 
     replies = list(grid.send_and_receive(messages, timeout=TIMEOUT_SECONDS))
     failed = [r.error.reason for r in replies if r.has_error()]
     if failed or len(replies) < len(messages):
-        raise RuntimeError(f"{what}: {len(replies) - len(failed)} of {len(messages)} clients "
-                           f"replied; errors: {failed[:3]}")
+        reasons = "; ".join(dict.fromkeys(failed[:3])) or "no reply in time"
+        raise QueryFailed(f"{what}: {len(replies) - len(failed)} of {len(messages)} clients "
+                          f"answered; {reasons}: nothing was trained")
     return replies
