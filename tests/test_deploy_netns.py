@@ -182,7 +182,7 @@ def test_deployment_on_separate_hosts(tmp_path, processes, request):  # noqa: F8
     control = (tmp_path / "link" / "proxy" / "control.log").read_text()
     assert set(re.findall(r"^\S+ ([0-9a-f.:]+) ", control, re.M)) == \
         {hosts.addresses["operator"]}, control[-2000:]
-    assert "operator-0" in control
+    assert "CN=privet operator 0" in control
     callers = set(re.findall(r"\] ([0-9.]+):\d+ - \"[A-Z]+ /v1/(\w+)/",
                              processes.log("superlink")))
     assert {ip for ip, _ in callers} == {"127.0.0.1"}, callers
