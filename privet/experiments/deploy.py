@@ -118,23 +118,29 @@ def _pem_key(key) -> bytes:
 
 def _load_ca(out: Path, days: int):
     """The CA in `out`, or a new one: re-running `certs` (more hosts, more nodes) must keep
-    the CA every SuperNode already trusts."""
+    the CA every SuperNode already trusts. (certificate, key, whether it is new)."""
+    return _kept_or_new_ca(out / CA_CERT, out / CA_KEY, "privet deployment CA", days)
+
+
+def _kept_or_new_ca(cert_path: Path, key_path: Path, subject: str, days: int):
+    """The CA at `cert_path`/`key_path` (kept), or a new self-signed one (ECDSA P-384,
+    path length 0) named `subject`. Raises ValueError when only one of the two files is
+    there. Returns (certificate, key, whether it is new)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    cert_path, key_path = out / CA_CERT, out / CA_KEY
     if cert_path.exists() and key_path.exists():
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         key = serialization.load_pem_private_key(key_path.read_bytes(), None)
         return cert, key, False
     if cert_path.exists() or key_path.exists():
-        raise ValueError(f"{out}: holds only one of {CA_CERT} and {CA_KEY}; "
-                         "remove it or restore the other")
+        raise ValueError(f"{cert_path.parent}: holds only one of {cert_path.name} and "
+                         f"{key_path.name}; remove it or restore the other")
     key = ec.generate_private_key(ec.SECP384R1())
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (x509.CertificateBuilder()
-            .subject_name(_name("privet deployment CA")).issuer_name(_name("privet deployment CA"))
+            .subject_name(_name(subject)).issuer_name(_name(subject))
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=days))
@@ -210,36 +216,9 @@ def make_node_key(private_path: Path, force: bool = False) -> tuple[Path, Path]:
 def _operator_ca(folder: Path, days: int):
     """The operator CA in `folder` (kept), or a new one. Apart from the deployment CA that
     every participant holds: only certificates it issued open the Control API."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    cert_path, key_path = folder / OPERATOR_CA, folder / OPERATOR_CA_KEY
-    if cert_path.exists() and key_path.exists():
-        return (x509.load_pem_x509_certificate(cert_path.read_bytes()),
-                serialization.load_pem_private_key(key_path.read_bytes(), None))
-    if cert_path.exists() or key_path.exists():
-        raise ValueError(f"{folder}: holds only one of {OPERATOR_CA} and {OPERATOR_CA_KEY}; "
-                         "remove it or restore the other")
-    key = ec.generate_private_key(ec.SECP384R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    name = _name("privet operator CA")
-    cert = (x509.CertificateBuilder()
-            .subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
-                                         crl_sign=True, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False,
-                                         decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                           critical=False)
-            .sign(key, hashes.SHA384()))
-    _write_private(key_path, _pem_key(key))
-    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key, _ = _kept_or_new_ca(folder / OPERATOR_CA, folder / OPERATOR_CA_KEY,
+                                   "privet operator CA", days)
     return cert, key
 
 
