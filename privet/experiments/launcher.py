@@ -492,7 +492,9 @@ class Launcher:
                 os._exit(POLICY_EXIT_CODE)
         finally:
             client.close()
-        runtime.pull_task_input = lambda _client: pulled  # run_clientapp reuses it
+        from privet.patches.flower import reuse_task_input
+
+        reuse_task_input(runtime, pulled)  # run_clientapp gets this same input
 
     def _guard_stale_preload(self, runtime) -> None:
         """Wrap the ClientApp loader so a FAB that differs from the preloaded code wins

@@ -30,6 +30,9 @@ Written against Flower 1.41 (`WRITTEN_FOR`); `install()` refuses another version
 6. A deployed SuperNode's heartbeat (`shorter_node_heartbeat`, only in the process
    `privet deploy supernode` starts): every 10 s (Flower's least) instead of 30, so that a
    node restarted after a crash is let back in after at most 20 s instead of 60.
+7. A policy-checked task's input (`reuse_task_input`, only in a launcher's child process):
+   the node's policy check pulls the task's input before the app's code loads; Flower's
+   `run_clientapp` is handed that same input instead of pulling it a second time.
 """
 
 from __future__ import annotations
@@ -242,6 +245,18 @@ def guard_client_app_loader(runtime, stale: Callable[[str, str, str], list[str]]
         return load_checked
 
     runtime.get_load_client_app_fn = get_load_client_app_fn
+
+
+def reuse_task_input(runtime, pulled) -> None:
+    """Patch 7, in a launcher's child process only (one task, then it exits): make
+    `runtime.pull_task_input` (flwr.supernode.runtime.run_clientapp) return the task input
+    the node's policy check already pulled (message, context, run, FAB): the SuperNode hands
+    it out once per token. Raises PatchError where the function moved."""
+    check_version("flwr", importlib.metadata.version("flwr"), WRITTEN_FOR)
+    if not callable(getattr(runtime, "pull_task_input", None)):
+        raise PatchError("flwr's run_clientapp.pull_task_input moved: update "
+                         "privet/patches/flower.py for this Flower version")
+    runtime.pull_task_input = lambda _client: pulled
 
 
 NODE_HEARTBEAT_SECONDS = 10  # Flower's least (HEARTBEAT_MIN_INTERVAL); its default is 30
