@@ -100,7 +100,7 @@ def test_a_replayed_release_costs_nothing_seeded_and_again_secure(tmp_path, sour
     assert other.attempt("train-2", "m") == 0
 
 
-# --- pause and resume, in the default suite -----------------------------------------------
+# --- pause and resume (whole runs: CI's slow job) ------------------------------------------
 
 @pytest.fixture(scope="module")
 def paused(tmp_path_factory):
@@ -117,6 +117,7 @@ def paused(tmp_path_factory):
     return full, part, first, second, code, summary
 
 
+@pytest.mark.slow
 def test_a_paused_run_says_how_to_go_on(paused):
     full, part, first, _, _, summary = paused
     assert summary["status"] == "paused" and summary["rounds"] == 2
@@ -124,6 +125,7 @@ def test_a_paused_run_says_how_to_go_on(paused):
     assert summary["rounds.csv"] == 2
 
 
+@pytest.mark.slow
 def test_paused_and_resumed_ends_as_the_uninterrupted_run(paused):
     full, part, _, second, code, summary = paused
     assert code == 0, second[-3000:]
@@ -140,6 +142,7 @@ def test_paused_and_resumed_ends_as_the_uninterrupted_run(paused):
     assert spends == {n: r["spends"] for n, r in ledgers(full).items()}
 
 
+@pytest.mark.slow
 def test_resume_refuses_what_it_cannot_continue(paused, tmp_path):
     full, part, *_ = paused
     code, stdout = simulate("--resume", str(full))
