@@ -158,39 +158,51 @@ def _kept_or_new_ca(cert_path: Path, key_path: Path, subject: str, days: int):
     return cert, key, True
 
 
-def issue_server_cert(out: Path, hosts: list[str], loopback: bool, days: int,
-                      ca_cert, ca_key, files: tuple[str, str] = (SERVER_CERT, SERVER_KEY)
-                      ) -> None:
-    """A server certificate for `hosts` (plus the loopback names with `loopback`), signed by
-    the CA, written to `files` (certificate, key) in `out`."""
+def _issue_leaf(cert_path: Path, key_path: Path, subject: str, usage, days: int, ca_cert,
+                ca_key, names=None) -> None:
+    """A new ECDSA P-384 key and its certificate for `subject`, signed by the CA (valid for
+    `days`, never past the CA), with extended key usage `usage` (an ExtendedKeyUsageOID) and
+    subject alternative names `names` (None: none); written to `cert_path` and `key_path`
+    (0600)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID
 
-    names = subject_names(hosts, loopback)
     key = ec.generate_private_key(ec.SECP384R1())
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder()
-            .subject_name(_name(str(names[0].value))).issuer_name(ca_cert.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(min(now + datetime.timedelta(days=days),
-                                 ca_cert.not_valid_after_utc))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+    builder = (x509.CertificateBuilder()
+               .subject_name(_name(subject)).issuer_name(ca_cert.subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(min(now + datetime.timedelta(days=days),
+                                    ca_cert.not_valid_after_utc)))
+    if names is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = (builder
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=False,
                                          key_cert_sign=False, crl_sign=False,
                                          content_commitment=False, data_encipherment=False,
                                          key_agreement=True, encipher_only=False,
                                          decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
                 ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA384()))
-    _write_private(out / files[1], _pem_key(key))
-    _write_public(out / files[0], cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(key_path, _pem_key(key))
+    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+
+
+def issue_server_cert(out: Path, hosts: list[str], loopback: bool, days: int,
+                      ca_cert, ca_key, files: tuple[str, str] = (SERVER_CERT, SERVER_KEY)
+                      ) -> None:
+    """A server certificate for `hosts` (plus the loopback names with `loopback`), signed by
+    the CA, written to `files` (certificate, key) in `out`."""
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    names = subject_names(hosts, loopback)
+    _issue_leaf(out / files[0], out / files[1], str(names[0].value),
+                ExtendedKeyUsageOID.SERVER_AUTH, days, ca_cert, ca_key, names)
 
 
 def make_node_key(private_path: Path, force: bool = False) -> tuple[Path, Path]:
@@ -226,9 +238,6 @@ def make_operator_certs(out: Path, count: int, days: int = 365) -> tuple[tuple[P
     """Operator client certificates `operators/operator-<i>.pem` (+ `.key`) for i < `count`,
     issued by the operator CA in `out/operators` (created once, then kept; existing
     operator certificates are kept too). Returns (certificate, key) pairs."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
     folder = out / OPERATORS_DIR
@@ -241,27 +250,8 @@ def make_operator_certs(out: Path, count: int, days: int = 365) -> tuple[tuple[P
         pairs.append((cert_path, key_path))
         if cert_path.exists() and key_path.exists():
             continue
-        key = ec.generate_private_key(ec.SECP384R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (x509.CertificateBuilder()
-                .subject_name(_name(f"privet operator {i}")).issuer_name(ca_cert.subject)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(min(now + datetime.timedelta(days=days),
-                                     ca_cert.not_valid_after_utc))
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=False,
-                                             key_cert_sign=False, crl_sign=False,
-                                             content_commitment=False, data_encipherment=False,
-                                             key_agreement=True, encipher_only=False,
-                                             decipher_only=False), critical=True)
-                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
-                               critical=False)
-                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                    ca_key.public_key()), critical=False)
-                .sign(ca_key, hashes.SHA384()))
-        _write_private(key_path, _pem_key(key))
-        _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        _issue_leaf(cert_path, key_path, f"privet operator {i}",
+                    ExtendedKeyUsageOID.CLIENT_AUTH, days, ca_cert, ca_key)
     return tuple(pairs)
 
 
