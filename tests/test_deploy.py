@@ -475,6 +475,18 @@ class Deployment:
         except OSError:
             return False
 
+    def running(self, run: subprocess.Popen) -> bool:
+        """True while `privet run` (the process `run`) goes on; fails the test once it ended."""
+        if run.poll() is not None:
+            pytest.fail(f"`privet run` ended early ({run.returncode})\n{self.tails()}")
+        return True
+
+    def wait_for_rounds(self, run: subprocess.Popen, out: Path, rounds: int,
+                        seconds: float) -> None:
+        """Wait until `out`/rounds.csv holds `rounds` rounds while `privet run` goes on."""
+        wait_for(f"round {rounds}", lambda: self.running(run) and len(
+            read_csv(out / "rounds.csv")) >= rounds, seconds, self.tails)
+
     def tails(self) -> str:
         return "\n".join(f"--- {name}.log ---\n{self.processes.log(name)[-3000:]}"
                          for name, _ in self.processes.started)
@@ -712,13 +724,7 @@ def test_deployment_node_lost_mid_run_and_restarted_resumes_its_ledger(tmp_path,
         "--set", "min-clients=1", "--set", 'evaluation.mode="federated"', "--out", str(out)],
         dep.env, tmp_path)
 
-    def run_alive() -> bool:
-        if run.poll() is not None:
-            pytest.fail(f"`privet run` ended early ({run.returncode})\n{dep.tails()}")
-        return True
-
-    wait_for("round 1", lambda: run_alive() and len(read_csv(out / "rounds.csv")) >= 1, 180,
-             dep.tails)
+    dep.wait_for_rounds(run, out, 1, 180)
     launcher = next(p for p in processes.ours() if "privet.experiments.launcher" in _cmdline(p)
                     and f"127.0.0.1:{ports[2]}" in _cmdline(p))
     os.killpg(nodes[2].pid, signal.SIGKILL)  # a crash: no deactivation, no goodbye
@@ -733,16 +739,16 @@ def test_deployment_node_lost_mid_run_and_restarted_resumes_its_ledger(tmp_path,
 
     # Flower declares it lost once it misses its heartbeats (interval 30 s, patience 2)
     wait_for("node 2 to be declared lost",
-             lambda: run_alive() and dep.status(node_ids[2]) != "online", 120, dep.tails)
+             lambda: dep.running(run) and dep.status(node_ids[2]) != "online", 120, dep.tails)
     lost = time.time()
     # the round in flight gets Flower's NODE_UNAVAILABLE reply at the ServerApp's next pull
     # (every 3 s); a node restarted before that could take that round's message itself
-    wait_for("node 2's loss to be recorded", lambda: run_alive() and any(
+    wait_for("node 2's loss to be recorded", lambda: dep.running(run) and any(
         r["status"].startswith("error") for r in read_csv(out / "metrics.csv")), 60, dep.tails)
     killed_in_round = min(int(r["round"]) for r in read_csv(out / "metrics.csv")
                           if r["status"].startswith("error"))
     restarted = dep.start_supernode(2, ports[2], name="supernode2-restarted")
-    wait_for("node 2 to come back", lambda: run_alive() and dep.status(node_ids[2]) == "online",
+    wait_for("node 2 to come back", lambda: dep.running(run) and dep.status(node_ids[2]) == "online",
              90, dep.tails)
     back = time.time()
 
@@ -829,13 +835,7 @@ def test_deployment_superlink_restart_and_privet_run_resume(tmp_path, processes,
         "--set", f"rounds={rounds}", "--set", "num-clients=3", "--set", "clients-per-round=3",
         "--set", 'evaluation.mode="federated"', "--out", str(out)], dep.env, tmp_path)
 
-    def run_alive() -> bool:
-        if run.poll() is not None:
-            pytest.fail(f"`privet run` ended early ({run.returncode})\n{dep.tails()}")
-        return True
-
-    wait_for("round 2", lambda: run_alive() and len(read_csv(out / "rounds.csv")) >= 2, 240,
-             dep.tails)
+    dep.wait_for_rounds(run, out, 2, 240)
     run_id = json.loads((out / "summary.json").read_text())["run_id"]
     os.killpg(link.pid, signal.SIGKILL)  # a crash: its SuperExec then exits, and its
     link.wait(timeout=10)                 # ServerApp with it (each watches its parent)
