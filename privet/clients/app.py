@@ -27,6 +27,7 @@ from flwr.common.logger import update_console_handler
 
 from privet import patches
 from privet.clients import accounting as A
+from privet.clients import drift
 from privet.clients import metrics as metrics_dp
 from privet.clients.preprocessing import own_transform, planned
 from privet.clients.train import train_local
@@ -450,3 +451,17 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = {R.CLIENT_ID: client_id, R.NUM_EXAMPLES: len(data),
                R.EVAL_LOSS: loss, **_accuracy(R.EVAL_ACCURACY, accuracy)}
     return _reply(metrics, _privacy_record(cfg, ledger, transform), msg=msg)
+
+
+@app.query("drift_monitor")
+@_failures_named()
+def drift_monitor(msg: Message, context: Context) -> Message:
+    """Drift mode: the noised monitoring of this client's new window (clients.drift)."""
+    return drift.monitor(_config(context), msg, context)
+
+
+@app.train("drift")
+@_failures_named()
+def drift_train(msg: Message, context: Context) -> Message:
+    """Drift mode: DP-SGD on this client's rows of the round's window (clients.drift)."""
+    return drift.train(_config(context), msg, context)

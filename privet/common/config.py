@@ -327,6 +327,68 @@ class TrackingConfig:
                                      "the run's name (privet compare: its folder's name)")
 
 
+DRIFT_SOURCES = ("agrawal", "sea", "hyperplane", "adult", "csv", "parquet")
+DRIFT_POLICIES = ("never", "periodic", "on-drift")
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """Data that arrives over time (privet.common.drift): each client's rows come in windows,
+    one per `rounds-per-window` rounds; the clients monitor each new window with the current
+    global model before training on it, and a policy decides when to retrain. Empty `source`
+    = off (a fixed data set per client)."""
+    source: str = _spec("", choices=("",) + DRIFT_SOURCES,
+                        help="agrawal, sea, hyperplane: river's generators, one stream per "
+                             "client; adult: Adult with a scheduled shift; csv or parquet: "
+                             "data.path with a time column; empty = no drift mode")
+    rows_per_window: int = _spec(200, low=1, high=10_000_000,
+                                 help="rows each client receives per window (generators, adult)")
+    rounds_per_window: int = _spec(1, low=1, high=10_000,
+                                   help="rounds spent on each window before the next arrives")
+    drift_round: int = _spec(0, low=0, help="first round whose window has drifted (generators, "
+                                            "adult); 0 = no drift")
+    width: int = _spec(0, low=0, help="windows over which the drift is gradual; 0 = abrupt")
+    concept_before: int = _spec(0, low=0, help="agrawal: classification function 0-9; sea: "
+                                               "variant 0-3; hyperplane: the plane's seed")
+    concept_after: int = _spec(2, low=0, help="the concept after the drift (as concept-before)")
+    label_noise: float = _spec(0.0, low=0.0, high=0.5,
+                               help="share of labels flipped (sea) or perturbation (agrawal)")
+    shift: str = _spec("covariate", choices=("covariate", "prior", "concept"),
+                       help="adult: what changes at drift-round: the age and hours mix, the "
+                            "share of >50K, or the labels of one subgroup")
+    drift_clients: int = _spec(0, low=0, help="how many clients the drift hits (the first k "
+                                              "of a seeded shuffle); 0 = all")
+    time_column: str = _spec("", help="csv/parquet: the column that orders rows in time")
+    window_length: str = _spec("", help="csv/parquet: a pandas offset (7D, 1MS, ...) per "
+                                        "window; rows are windowed by it")
+    test_rows: int = _spec(100, low=1, help="held-out rows per client and window that the "
+                                            "server scores the model on (simulation oracle)")
+    monitor_noise: float = _spec(8.0, low=0.0, low_open=True,
+                                 help="noise multiplier of each window's monitoring release "
+                                      "(count, errors, loss, feature histograms), "
+                                      "relative to its L2 sensitivity")
+    monitor_bins: int = _spec(5, low=2, high=100,
+                              help="equal-width bins per feature over its declared range")
+    detector: str = _spec("page-hinkley", choices=("page-hinkley", "adwin", "threshold"),
+                          help="river's PageHinkley or ADWIN on the federated error rate and "
+                               "feature shift (PSI), or fixed thresholds")
+    detector_threshold: float = _spec(0.2, low=0.0, low_open=True,
+                                      help="page-hinkley: λ on the error rate; threshold: "
+                                           "error rise over the reference window")
+    psi_threshold: float = _spec(0.25, low=0.0, low_open=True,
+                                 help="PSI that flags a shift of the feature mix (0.25: the "
+                                      "usual 'significant' level); page-hinkley: λ on PSI")
+    policy: str = _spec("on-drift", choices=DRIFT_POLICIES,
+                        help="when to retrain after the first training: never, periodic "
+                             "(every `period` windows) or on-drift (after a detection)")
+    period: int = _spec(10, low=1, help="periodic: windows between retrainings")
+    retrain: str = _spec("fine-tune", choices=("fine-tune", "reset"),
+                         help="retrain from the current model, or from a fresh initialisation")
+    retrain_rounds: int = _spec(5, low=1, help="rounds trained after each trigger")
+    warmup_rounds: int = _spec(10, low=1, help="rounds trained at the start, before the "
+                                              "model is first used")
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     name: str = _spec("adult", help="run name; the run directory starts with it")
@@ -345,6 +407,7 @@ class ExperimentConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
 
     def __post_init__(self) -> None:
         for client, _ in parse_client_epsilon(self.privacy.client_epsilon):

@@ -93,6 +93,8 @@ CLIENTS_SHOWN = 20  # more clients than this: a summary line and the 10 that spe
 
 def print_summary(run_dir: Path) -> None:
     summary = results.read_summary(run_dir)
+    if "drift" in summary or summary.get("mode") == "drift":
+        return print_drift_summary(summary, run_dir)
     privacy = summary["privacy"]
     clients = list(privacy["clients"].items())
     table = Table(title=f"privet · {summary['name']} · {summary['status']}")
@@ -185,6 +187,28 @@ def print_summary(run_dir: Path) -> None:
     for line in tracking_lines(summary):
         console.print(line)
     console.print(f"results: {run_dir}")
+
+
+def print_drift_summary(summary: dict, run_dir: Path) -> None:
+    """A drift run's end: detections against the true drift, retrains, ε per window."""
+    drift, privacy = summary.get("drift") or {}, summary["privacy"]
+    console.print(f"privet · {summary['name']} · {summary['status']} · drift mode "
+                  f"({drift.get('source', '?')}, policy {drift.get('policy', '?')})",
+                  markup=False)
+    if drift:
+        found = ", ".join(f"round {e['round']} ({e['signal']})" for e in drift["detections"])
+        console.print(f"true drift at round(s) {drift['true_drift_rounds'] or 'none'}; "
+                      f"detected at {found or 'no round'}; detection delay "
+                      f"{drift['detection_delay']}, false alarms {drift['false_alarms']}; "
+                      f"retrained at {drift['retrains'] or 'no round'}", markup=False)
+    eps = privacy.get("max_window_epsilon")
+    console.print(f"accuracy on the newest window {summary['accuracy']:.4f} after "
+                  f"{summary['rounds']} round(s); ε per window ≤ {eps:.4g} of "
+                  f"{privacy['epsilon_per_window_target']:g} (δ = {privacy['delta']:g}; "
+                  f"event level: one row of one window); {summary['wall_seconds']:.1f}s; "
+                  f"{run_dir / 'drift.csv'}", markup=False, soft_wrap=True)
+    for reason in (summary.get("failures") or {}).get("clients", {}).values():
+        err.print(f"privet: a client failed: {reason}", markup=False, soft_wrap=True)
 
 
 def tracking_lines(summary: dict) -> list[str]:
@@ -400,7 +424,8 @@ def simulate(
 
     for line in data_warnings:
         err.print(f"privet: warning: {line}", soft_wrap=True)
-    print_partitions(report, cfg)
+    if report:
+        print_partitions(report, cfg)
     watcher = RoundWatcher(run_dir, cfg, after=resumed_after)
     watcher.start()
     code = 0
@@ -428,7 +453,7 @@ def simulate(
         status = results.read_summary(run_dir)["status"]
         if not code and status == "complete-with-failures":
             code = EXIT_FAILURES
-        if status in RESUMABLE:
+        if status in RESUMABLE and not cfg.drift.source:
             err.print(f"privet: continue it with: privet simulate --resume {run_dir}",
                       soft_wrap=True)
     exit_now(code)

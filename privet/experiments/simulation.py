@@ -184,6 +184,15 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
                                       planned_features, source_warnings, test_data)
     from privet.common.models import check_model
 
+    if cfg.drift.source:  # windows from a generator or a time column: read the first
+        from privet.common.drift import accounting as drift_accounting
+        from privet.common.drift import streams
+
+        drift_accounting.check(cfg)  # ConfigError: monitoring alone passes the target
+        notes = tuple(check_model(cfg.train, (len(streams.feature_names(cfg)),),
+                                  streams.num_classes(cfg), None, dp_sgd=cfg.private))
+        streams.window(cfg, 0, 0)
+        return [], notes
     if cfg.regression and not cfg.data.tabular:
         from privet.common.config import ConfigError
 

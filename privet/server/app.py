@@ -50,6 +50,7 @@ from privet.server.checkpoint import (
 from privet.server.describe import check_node_ids, describe_clients
 from privet.server.preprocessing import fit_shared_transform
 from privet.server.queries import QueryFailed
+from privet.server import drift
 from privet.server.recorder import RunRecorder
 from privet.server.strategy import NoClientsLeft, PrivetFedAvg
 from privet.server.user_dp import UserLevelDPFedAvg
@@ -121,6 +122,13 @@ def main(grid: Grid, context: Context) -> None:
     random.seed(cfg.seed)  # Flower samples clients with the `random` module
     torch.manual_seed(cfg.seed)
     _wait_for_nodes(grid, cfg.num_clients)
+    if cfg.drift.source:  # windows of rows arriving over time: its own loop
+        if resume:
+            raise RunFailed("drift mode cannot be resumed yet: start the run again")
+        try:
+            return drift.main(grid, cfg, run_dir, run, deployed(grid))
+        except drift.DriftRunFailed as reason:
+            raise RunFailed(str(reason)) from None
     if saved:  # the ServerApp a crashed SuperLink left behind may still hold the directory
         run_dir_claim(run_dir, option="out-dir", wait=RESUME_WAIT_SECONDS,
                       waiting=lambda pid: log.info(

@@ -1,0 +1,296 @@
+"""Drift mode on the server: windows of new rows, monitored, detected, retrained.
+
+Each round uses one window of rows (common.drift.streams). In a window's first round every
+client first evaluates the current global model on its new rows and releases the noised
+monitoring vector (clients.drift.monitor); the server sums them, reads the federated error
+rate and each feature's PSI against the reference window, and feeds the detectors
+(common.drift.detect). The retraining policy (common.drift.policy) then says whether the
+round trains; a training round samples `clients-per-round` clients, runs DP-SGD on their
+window (clients.drift.train) and averages the replies weighted by rows (FedAvg, McMahan et
+al. 2017). Finally the model is scored on held-out rows of the newest window (the
+simulation's oracle) next to the majority-class baseline.
+
+Writes drift.csv (one row per round, atomically after each), summary.json (with the `drift`
+block: true drift rounds, detections, retrains, detection delay, false alarms, ε per window)
+and drift.png (accuracy over time with the true drift, the detections and the retrains).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from privet.common import records as R
+from privet.common import results
+from privet.common.config import ExperimentConfig
+from privet.common.drift import accounting as drift_accounting
+from privet.common.drift import signals, streams
+from privet.common.drift.detect import DriftMonitor, score
+from privet.common.drift.policy import RetrainPolicy
+from privet.common.evaluation import logits
+from privet.common.models import build_model
+
+log = logging.getLogger("flwr")
+DRIFT_CSV = "drift.csv"
+DRIFT_PLOT = "drift.png"
+COLUMNS = ["round", "window", "new_window", "error_rate", "loss", "psi", "psi_feature",
+           "detected", "signal", "retrained", "trained", "reset", "clients_trained",
+           "accuracy", "majority", "window_epsilon"]
+TIMEOUT_SECONDS = 600
+
+
+class DriftRunFailed(RuntimeError):
+    """A drift run could not go on (a client failed its monitoring): one line."""
+
+
+def _messages(grid: Grid, nodes, arrays: ArrayRecord, config: dict, message_type: str):
+    record = ConfigRecord(config)
+    return [Message(RecordDict({"arrays": arrays, "config": record}), dst_node_id=node,
+                    message_type=message_type) for node in nodes]
+
+
+def _ask(grid: Grid, nodes, arrays, config, message_type) -> tuple[list[Message], list[str]]:
+    replies = list(grid.send_and_receive(_messages(grid, nodes, arrays, config, message_type),
+                                         timeout=TIMEOUT_SECONDS))
+    failed = [r.error.reason for r in replies if r.has_error()]
+    good = [r for r in replies if not r.has_error()]
+    for reply in good:
+        if "failure" in reply.content.config_records:
+            failed.append(str(reply.content["failure"]["reason"]))
+    good = [r for r in good if "failure" not in r.content.config_records]
+    if len(replies) < len(nodes):
+        failed.append(f"{len(nodes) - len(replies)} client(s) sent no reply in time")
+    return good, failed
+
+
+def _fedavg(replies: list[Message]) -> ArrayRecord | None:
+    """The rows-weighted mean of the replies' arrays (FedAvg); None without any."""
+    kept = [(r.content["arrays"], float(r.content["metrics"][R.NUM_EXAMPLES])) for r in replies
+            if "arrays" in r.content.array_records and
+            float(r.content["metrics"][R.NUM_EXAMPLES]) > 0]
+    if not kept:
+        return None
+    total = sum(w for _, w in kept)
+    names = list(kept[0][0].keys())
+    mean = {name: sum(a[name].numpy() * (w / total) for a, w in kept) for name in names}
+    return ArrayRecord({name: torch.from_numpy(np.asarray(v, dtype=kept[0][0][name].numpy()
+                                                          .dtype)) for name, v in mean.items()})
+
+
+def _score(cfg: ExperimentConfig, model: torch.nn.Module, window: int) -> tuple[float, float]:
+    """(accuracy, majority-class accuracy) on every client's held-out rows of `window`."""
+    parts = [streams.window(cfg, c, window, "test") for c in range(cfg.num_clients)]
+    x = np.concatenate([p.features for p in parts])
+    y = np.concatenate([p.labels for p in parts])
+    if not len(y):
+        return math.nan, math.nan
+    predicted = logits(model, streams.model_input(x)).argmax(1).numpy()
+    majority = np.bincount(y).max() / len(y)
+    return float((predicted == y).mean()), float(majority)
+
+
+class DriftRecorder:
+    """drift.csv, summary.json and the plot of one drift run (the side effects of a round)."""
+
+    def __init__(self, run_dir: Path, cfg: ExperimentConfig, run: str) -> None:
+        self.run_dir, self.cfg, self.run = run_dir, cfg, run
+        self.rows: list[dict] = []
+        self.window_epsilon: dict[int, float] = {}
+        self.failures: dict[str, str] = {}
+        self.started = time.time()
+
+    def spent(self, window: int, replies: list[Message]) -> None:
+        for reply in replies:
+            eps = reply.content["metrics"].get(R.EPSILON)
+            if eps is not None and math.isfinite(float(eps)):
+                self.window_epsilon[window] = max(self.window_epsilon.get(window, 0.0),
+                                                  float(eps))
+
+    def end_round(self, row: dict) -> None:
+        self.rows.append(row)
+        results.write_csv(self.run_dir / DRIFT_CSV, COLUMNS, self.rows)
+        self.write_summary("running")
+
+    def drift_block(self, monitor: DriftMonitor, retrains: list[int]) -> dict:
+        true_rounds = streams.true_drift_rounds(self.cfg)
+        detections = sorted({e.round for e in monitor.events})
+        delay, false_alarms = score(detections, true_rounds)
+        return {"true_drift_rounds": true_rounds,
+                "detections": [vars(e) for e in monitor.events],
+                "retrains": retrains, "detection_delay": delay, "false_alarms": false_alarms,
+                "drifted_clients": list(streams.drifted_clients(self.cfg)),
+                "policy": self.cfg.drift.policy, "retrain": self.cfg.drift.retrain,
+                "detector": self.cfg.drift.detector, "source": self.cfg.drift.source}
+
+    def write_summary(self, status: str, drift: dict | None = None) -> None:
+        from privet.server.recorder import versions
+
+        cfg = self.cfg
+        last = self.rows[-1] if self.rows else {}
+        eps = [self.window_epsilon[w] for w in sorted(self.window_epsilon)]
+        summary = {
+            "name": cfg.name, "mode": "drift", "status": status, "run_id": self.run, "rounds": len(self.rows),
+            "planned_rounds": cfg.rounds, "num_clients": cfg.num_clients, "seed": cfg.seed,
+            "wall_seconds": time.time() - self.started,
+            "accuracy": last.get("accuracy", math.nan),
+            "privacy": {"level": cfg.privacy.level, "guarantee": "event-level over time: one "
+                        "row of one window, against the server and whoever sees the models "
+                        "and signals", "epsilon_per_window_target": cfg.privacy.epsilon,
+                        "delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant,
+                        "monitor_noise": cfg.drift.monitor_noise,
+                        "monitor_epsilon": drift_accounting.monitor_epsilon(cfg)
+                        if cfg.private else None,
+                        "epsilon_per_window": {str(w): e for w, e in
+                                               sorted(self.window_epsilon.items())},
+                        "max_window_epsilon": max(eps) if eps else 0.0,
+                        "not_covered": ["held-out rows the server scores the model on are "
+                                        "the simulation's oracle, read in the clear"]},
+            "failures": {"clients": self.failures},
+            "versions": versions()}
+        if drift is not None:
+            summary["drift"] = drift
+        else:
+            try:
+                old = results.read_summary(self.run_dir).get("drift")
+            except (OSError, ValueError):
+                old = None
+            if old:
+                summary["drift"] = old
+        results.write_json(self.run_dir / results.SUMMARY, summary)
+
+
+def run_drift(grid: Grid, cfg: ExperimentConfig, run_dir: Path, run: str,
+              recorder: DriftRecorder) -> None:
+    """All rounds of a drift run; the recorder holds what was done when this raises."""
+    drift_accounting.check(cfg)
+    nodes = sorted(grid.get_node_ids())
+    d = len(streams.feature_names(cfg))
+    bins = cfg.drift.monitor_bins
+    model = build_model(cfg.train, (d,), streams.num_classes(cfg))
+    arrays = R.to_arrays(model)
+    monitor = DriftMonitor(cfg.drift)
+    policy = RetrainPolicy(cfg.drift, cfg.drift.rounds_per_window)
+    sampler = random.Random(cfg.seed)
+    reference = None
+    retrains: list[int] = []
+    window_signals = None
+    for server_round in range(1, cfg.rounds + 1):
+        window = streams.window_of(cfg, server_round)
+        new_window = server_round == streams.first_round(cfg, window)
+        config = {"server-round": server_round, "window": window, R.RUN: run}
+        events, psi, psi_feature = [], math.nan, ""
+        if new_window:
+            replies, failed = _ask(grid, nodes, arrays, config, "query.drift_monitor")
+            if failed:
+                raise DriftRunFailed(f"monitoring window {window}: {len(failed)} client(s) "
+                                     f"failed: {failed[0]}")
+            recorder.spent(window, replies)
+            vectors = [r.content["monitor"]["vector"].numpy() for r in replies]
+            window_signals = signals.combine(vectors, d, bins)
+            if reference is None:
+                reference = window_signals
+            per_feature = window_signals.psi(reference)
+            psi = float(per_feature.max())
+            psi_feature = streams.feature_names(cfg)[int(per_feature.argmax())]
+            if server_round > cfg.drift.warmup_rounds:  # the model is in use: watch it
+                events = monitor.observe(server_round, window,
+                                         {"error_rate": window_signals.error_rate, "psi": psi})
+        decision = policy.decide(server_round, window, new_window, bool(events))
+        if decision.reset:
+            torch.manual_seed(cfg.seed + server_round)
+            model = build_model(cfg.train, (d,), streams.num_classes(cfg))
+            arrays = R.to_arrays(model)
+        if decision.retrain:
+            retrains.append(server_round)
+            if window_signals is not None:
+                reference = window_signals  # released with this window: post-processing
+            monitor.restart()
+        trained = 0
+        if decision.train:
+            chosen = sampler.sample(nodes, min(cfg.clients_per_round, len(nodes)))
+            replies, failed = _ask(grid, chosen, arrays, config, "train.drift")
+            for reason in failed:
+                recorder.failures.setdefault(f"round {server_round}", reason)
+            recorder.spent(window, replies)
+            averaged = _fedavg(replies)
+            trained = sum(int(float(r.content["metrics"].get(R.NUM_EXAMPLES, 0)) > 0)
+                          for r in replies)
+            if averaged is not None:
+                arrays = averaged
+        R.load_arrays(model, arrays)
+        accuracy, majority = _score(cfg, model, window)
+        row = {"round": server_round, "window": window, "new_window": int(new_window),
+               "error_rate": window_signals.error_rate if new_window else "",
+               "loss": window_signals.loss if new_window else "", "psi": psi,
+               "psi_feature": psi_feature, "detected": int(bool(events)),
+               "signal": "+".join(e.signal for e in events),
+               "retrained": int(decision.retrain), "trained": int(decision.train),
+               "reset": int(decision.reset), "clients_trained": trained,
+               "accuracy": accuracy, "majority": majority,
+               "window_epsilon": recorder.window_epsilon.get(window, 0.0)}
+        recorder.end_round(row)
+        log.info("privet: round %d/%d window %d: accuracy %.4f (majority %.4f)%s%s%s",
+                 server_round, cfg.rounds, window, accuracy, majority,
+                 f", error rate {window_signals.error_rate:.3f}, PSI {psi:.3f}"
+                 if new_window else "",
+                 f", drift detected ({row['signal']})" if events else "",
+                 ", retraining" if decision.retrain else "")
+    recorder.write_summary("running", recorder.drift_block(monitor, retrains))
+    _draw(run_dir, recorder.rows, recorder.drift_block(monitor, retrains))
+
+
+def _draw(run_dir: Path, rows: list[dict], drift: dict) -> None:
+    """drift.png: accuracy on the newest window per round, the majority baseline, the true
+    drift (red), detections (orange) and retraining starts (green)."""
+    from privet.common.plots import _pyplot
+
+    plt, _ = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    rounds = [r["round"] for r in rows]
+    ax.plot(rounds, [r["accuracy"] for r in rows], label="accuracy (newest window)")
+    ax.plot(rounds, [r["majority"] for r in rows], ":", color="grey", label="majority class")
+    for i, r in enumerate(drift["true_drift_rounds"]):
+        ax.axvline(r, color="red", lw=2, label="true drift" if i == 0 else None)
+    for i, e in enumerate(drift["detections"]):
+        ax.axvline(e["round"], color="orange", ls="--", label="detection" if i == 0 else None)
+    for i, r in enumerate(drift["retrains"]):
+        ax.axvline(r, color="green", ls=":", label="retrain" if i == 0 else None)
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(run_dir / DRIFT_PLOT, dpi=100)
+    plt.close(fig)
+
+
+def main(grid: Grid, cfg: ExperimentConfig, run_dir: Path, run: str, deployed: bool) -> None:
+    """The ServerApp's drift run: statuses as the ServerApp's (complete, complete-with-
+    failures, failed, interrupted). Raises RunFailed-like DriftRunFailed in one line."""
+    if deployed:
+        raise DriftRunFailed("drift mode runs in simulation only for now (privet simulate): a "
+                             "deployed node would need the window schedule of its own data")
+    recorder = DriftRecorder(run_dir, cfg, run)
+    status = "failed"
+    try:
+        run_drift(grid, cfg, run_dir, run, recorder)
+        status = "complete-with-failures" if recorder.failures else "complete"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        try:
+            recorder.write_summary(status)
+        except OSError as error:
+            log.warning("privet: could not write the final summary: %s", error)
+        log.info("privet: %s after %d round(s); results in %s", status, len(recorder.rows),
+                 run_dir)
