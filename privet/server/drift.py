@@ -195,7 +195,9 @@ def run_drift(grid: Grid, cfg: ExperimentConfig, run_dir: Path, run: str,
                                      f"failed: {failed[0]}")
             recorder.spent(window, replies)
             vectors = [r.content["monitor"]["vector"].numpy() for r in replies]
-            window_signals = signals.combine(vectors, d, bins)
+            noise_std = (cfg.drift.monitor_noise * signals.sensitivity(d)
+                         * math.sqrt(len(vectors)) if cfg.private else 0.0)
+            window_signals = signals.combine(vectors, d, bins, noise_std)
             if reference is None:
                 reference = window_signals
             per_feature = window_signals.psi(reference)

@@ -75,16 +75,20 @@ class WindowSignals:
         return np.sum((p - r) * np.log(p / r), axis=1)
 
 
-def _shares(counts: np.ndarray) -> np.ndarray:
+def _shares(counts: np.ndarray, floor: float) -> np.ndarray:
     counts = np.maximum(counts, 0.0)
     total = counts.sum(axis=1, keepdims=True)
     shares = np.where(total > 0, counts / np.where(total > 0, total, 1), 1 / counts.shape[1])
-    shares = np.maximum(shares, PROPORTION_FLOOR)
+    shares = np.maximum(shares, floor)
     return shares / shares.sum(axis=1, keepdims=True)
 
 
-def combine(vectors: list[np.ndarray], num_features: int, bins: int) -> WindowSignals:
+def combine(vectors: list[np.ndarray], num_features: int, bins: int, noise_std: float = 0.0
+            ) -> WindowSignals:
     """Sum the clients' noised vectors (each (3 + d·bins,)) and read the window's signals.
+    `noise_std`: the std of the noise on each coordinate of the sum (σ_m·Δ·√clients); a
+    bin's share is floored at two of those over the rows, below which it cannot be told from
+    noise (else a rare category's noised share, near 0, puts noise into PSI's logarithm).
     Raises ValueError when no vector came or their lengths differ."""
     if not vectors:
         raise ValueError("no client sent monitoring statistics")
@@ -96,4 +100,5 @@ def combine(vectors: list[np.ndarray], num_features: int, bins: int) -> WindowSi
     return WindowSignals(rows=float(total[0]),
                          error_rate=float(np.clip(total[1] / rows, 0.0, 1.0)),
                          loss=float(np.clip(total[2] * LOSS_CLIP / rows, 0.0, LOSS_CLIP)),
-                         proportions=_shares(total[3:].reshape(num_features, bins)))
+                         proportions=_shares(total[3:].reshape(num_features, bins),
+                                             max(PROPORTION_FLOOR, 2 * noise_std / rows)))

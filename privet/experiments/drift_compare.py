@@ -1,0 +1,164 @@
+"""`privet drift-compare`: one scenario, several retraining policies, side by side.
+
+Each (policy, seed) is its own `privet simulate` subprocess in OUT/runs/<policy>-seed<s>
+(a finished run with the same config is reused, so re-running the command resumes). Then,
+from each run's drift.csv and summary.json:
+
+- detection delay and false alarms against the scheduled drift (summary.json → drift);
+- the pre-drift gap: mean accuracy minus the majority-class share over the 5 rounds before
+  the drift (the model's worth above always answering the majority);
+- after the first detection at or after the drift (the drift round itself where nothing was
+  detected), the share of that gap the policy holds 5 rounds later (`gap_kept_at_5`), and
+  the rounds it takes to regain 90% of it (`rounds_to_90`, empty if it never does);
+- the largest ε of any window, the wall time.
+
+Writes drift_compare.csv (one row per run), drift_curves.csv (round, policy, seed,
+accuracy, majority), drift_compare.md (mean over seeds per policy) and drift_compare.png
+(one panel per policy: every seed's accuracy, the majority baseline, the drift).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from privet.common import results
+from privet.common import run_dir as run_dirs
+from privet.common.config import ExperimentConfig, load_config
+from privet.experiments.compare import reusable
+from privet.experiments.lifetime import die_with_parent
+
+BEFORE = 5  # rounds before the drift that define the pre-drift gap
+AFTER = 5   # rounds after the detection at which the gap kept is read
+COLUMNS = ["policy", "seed", "status", "detection_delay", "false_alarms", "accuracy_before",
+           "majority_before", "gap_before", "accuracy_after_5", "majority_after_5",
+           "gap_kept_at_5", "rounds_to_90", "max_window_epsilon", "wall_seconds"]
+
+
+def run_name(policy: str, seed: int) -> str:
+    return f"{policy}-seed{seed}"
+
+
+def overrides(policy: str, seed: int) -> list[str]:
+    return [f"drift.policy={policy}", f"seed={seed}"]
+
+
+def simulate(config: Path, sets: list[str], out: Path, policy: str, seed: int) -> Path:
+    """Run (or reuse) one policy and seed; returns its run directory."""
+    run_dir = out / "runs" / run_name(policy, seed)
+    all_sets = [*sets, *overrides(policy, seed)]
+    expected = load_config(config, all_sets)
+    if not reusable(run_dir, dataclasses_replace_out(expected, run_dir)):
+        run_dir = run_dirs.mark(run_dir)  # privet's own: its simulate may claim it
+        args = [sys.executable, "-m", "privet.experiments.cli", "simulate", "--config",
+                str(config), *[a for s in all_sets for a in ("--set", s)], "--out",
+                str(run_dir), "--overwrite"]
+        with open(run_dir / "simulate.log", "w", encoding="utf-8") as log:
+            subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, check=False,
+                           preexec_fn=die_with_parent)
+    return run_dir
+
+
+def dataclasses_replace_out(cfg: ExperimentConfig, run_dir: Path) -> ExperimentConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, out_dir=str(run_dir))
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def measure(run_dir: Path, policy: str, seed: int) -> tuple[dict, list[dict]]:
+    """(the row of drift_compare.csv, the run's curve rows) from a finished run."""
+    summary = results.read_summary(run_dir)
+    drift = summary.get("drift") or {}
+    table = results.read_csv(run_dir / "drift.csv") if (run_dir / "drift.csv").exists() else []
+    accuracy = {int(r["round"]): _number(r["accuracy"]) for r in table}
+    majority = {int(r["round"]): _number(r["majority"]) for r in table}
+    row = {"policy": policy, "seed": seed, "status": summary.get("status"),
+           "detection_delay": drift.get("detection_delay"),
+           "false_alarms": drift.get("false_alarms"),
+           "max_window_epsilon": summary.get("privacy", {}).get("max_window_epsilon"),
+           "wall_seconds": round(float(summary.get("wall_seconds", math.nan)), 1)}
+    true_rounds = drift.get("true_drift_rounds") or []
+    if true_rounds and accuracy:
+        start = true_rounds[0]
+        before = [r for r in range(start - BEFORE, start) if r in accuracy]
+        acc_b = statistics.fmean(accuracy[r] for r in before)
+        maj_b = statistics.fmean(majority[r] for r in before)
+        gap = acc_b - maj_b
+        delay = drift.get("detection_delay")
+        detected = start + (delay if delay is not None else 0)
+        at = detected + AFTER
+        # a model no better than the majority before the drift has no gap to keep
+        kept = ({r: (accuracy[r] - majority[r]) / gap for r in accuracy if r >= detected}
+                if gap > 0 else {})
+        to_90 = next((r - detected for r in sorted(kept) if kept[r] >= 0.9), None)
+        row.update({"accuracy_before": round(acc_b, 4), "majority_before": round(maj_b, 4),
+                    "gap_before": round(gap, 4),
+                    "accuracy_after_5": accuracy.get(at), "majority_after_5": majority.get(at),
+                    "gap_kept_at_5": round(kept[at], 3) if at in kept else None,
+                    "rounds_to_90": to_90})
+    curves = [{"round": r, "policy": policy, "seed": seed, "accuracy": accuracy[r],
+               "majority": majority[r]} for r in sorted(accuracy)]
+    return row, curves
+
+
+def _mean(values) -> str:
+    found = [float(v) for v in values if v not in (None, "") and not math.isnan(float(v))]
+    if not found:
+        return "–"
+    if len(found) == 1:
+        return f"{found[0]:.3g}"
+    return f"{statistics.fmean(found):.3g} ± {statistics.stdev(found):.2g}"
+
+
+def write(out: Path, rows: list[dict], curves: list[dict], true_rounds: list[int]) -> None:
+    results.write_csv(out / "drift_compare.csv", COLUMNS, rows)
+    results.write_csv(out / "drift_curves.csv", ["round", "policy", "seed", "accuracy",
+                                                 "majority"], curves)
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    lines = ["| policy | runs | detection delay | false alarms | accuracy before | gap before "
+             "| gap kept 5 rounds after detection | rounds to 90% | max ε per window |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for p in policies:
+        mine = [r for r in rows if r["policy"] == p]
+        lines.append(f"| {p} | {len(mine)} | " + " | ".join(_mean(r.get(k) for r in mine) for k in (
+            "detection_delay", "false_alarms", "accuracy_before", "gap_before",
+            "gap_kept_at_5", "rounds_to_90", "max_window_epsilon")) + " |")
+    results.atomic_write_text(out / "drift_compare.md", "\n".join(lines) + "\n")
+    _plot(out / "drift_compare.png", policies, curves, true_rounds)
+
+
+def _plot(path: Path, policies: list[str], curves: list[dict], true_rounds: list[int]) -> None:
+    from privet.common.plots import _pyplot
+
+    plt, _ = _pyplot()
+    fig, axes = plt.subplots(1, len(policies), figsize=(4.5 * len(policies), 3.6),
+                             sharey=True, squeeze=False)
+    for ax, policy in zip(axes[0], policies):
+        mine = [c for c in curves if c["policy"] == policy]
+        for i, seed in enumerate(sorted({c["seed"] for c in mine})):
+            points = [c for c in mine if c["seed"] == seed]
+            ax.plot([c["round"] for c in points], [c["accuracy"] for c in points], lw=1,
+                    alpha=0.8, label="accuracy (each seed)" if i == 0 else None)
+            if i == 0:
+                ax.plot([c["round"] for c in points], [c["majority"] for c in points], ":",
+                        color="grey", label="majority class")
+        for j, r in enumerate(true_rounds):
+            ax.axvline(r, color="red", lw=1.5, label="true drift" if j == 0 else None)
+        ax.set_title(policy)
+        ax.set_xlabel("round")
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("accuracy on the newest window")
+    axes[0][0].legend(loc="lower left", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
