@@ -171,3 +171,28 @@ def test_retraining_policies(name, expected):
     trained = [r for r in range(1, 13)
                if policy.decide(r, r - 1, True, detected=(r == 8)).train]
     assert trained == expected
+
+
+@pytest.mark.parametrize("setting, key", [
+    ("privacy.level=user", "privacy.level"),
+    ("strategy.name=krum", "strategy.name"),
+    ("preprocess.fit=federated", "preprocess.fit"),
+    ("drift.warmup-rounds=60", "drift.warmup-rounds"),
+    ("drift.time-column=t", "drift.time-column"),
+])
+def test_what_drift_mode_does_not_cover_is_refused_in_one_line(setting, key):
+    with pytest.raises(ConfigError) as error:
+        load_config(AGRAWAL, [setting])
+    assert key in str(error.value) and "\n" not in str(error.value)
+
+
+def test_drift_compare_measures_a_run(drift_run):
+    from privet.experiments.drift_compare import measure
+
+    out, code, output = drift_run
+    assert code == 0, output
+    row, curve = measure(out, "on-drift", 7)
+    assert [c["round"] for c in curve] == list(range(1, 11))
+    table = rows(out / "drift.csv")
+    before = [float(r["accuracy"]) - float(r["majority"]) for r in table[1:6]]  # rounds 2-6
+    assert math.isclose(row["gap_before"], sum(before) / 5, abs_tol=1e-4)

@@ -500,6 +500,44 @@ class ExperimentConfig:
                 f"clients-per-round = {self.clients_per_round}: must be ≤ num-clients "
                 f"({self.num_clients})")
         self._check_task()
+        self._check_drift()
+
+    def _check_drift(self) -> None:
+        """`[drift]` against the rest; raises ConfigError, one line naming the key."""
+        d = self.drift
+        if not d.source:
+            return
+        if self.privacy.level not in ("sample", "none"):
+            raise ConfigError(
+                f"privacy.level = \"{self.privacy.level}\" with drift.source: refused: drift "
+                "mode accounts each window's rows at sample level (event level over time); "
+                "user level over windows is not accounted; use \"sample\" or \"none\"")
+        if self.regression:
+            raise ConfigError("train.task = \"regression\" with drift.source: drift mode "
+                              "monitors a classifier's error rate; use classification")
+        if self.strategy.name != "fedavg":
+            raise ConfigError(f"strategy.name = \"{self.strategy.name}\" with drift.source: "
+                              "drift mode aggregates with FedAvg; use \"fedavg\"")
+        if self.preprocess.fit == "federated":
+            raise ConfigError("preprocess.fit = \"federated\" with drift.source: drift "
+                              "sources scale by declared ranges; use \"local\"")
+        if self.privacy.client_epsilon:
+            raise ConfigError("privacy.client-epsilon with drift.source: not supported; each "
+                              "window's target is privacy.epsilon")
+        if d.warmup_rounds > self.rounds:
+            raise ConfigError(f"drift.warmup-rounds = {d.warmup_rounds}: more than rounds "
+                              f"({self.rounds})")
+        if d.source in ("csv", "parquet"):
+            for key, value in (("time-column", d.time_column),
+                               ("window-length", d.window_length)):
+                if not value:
+                    raise ConfigError(f"drift.{key}: required for drift.source = "
+                                      f"\"{d.source}\"")
+            if not self.data.path:
+                raise ConfigError(f"data.path: required for drift.source = \"{d.source}\"")
+        elif d.time_column or d.window_length:
+            raise ConfigError(f"drift.time-column/window-length: only for a csv or parquet "
+                              f"source, not drift.source = \"{d.source}\"")
 
     def _check_task(self) -> None:
         """`train.task` against the keys that only make sense for one task; raises

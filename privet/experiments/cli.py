@@ -758,7 +758,8 @@ def drift_compare(
                               markup=False)
     if not rows:
         fail("no run finished")
-    dc.write(out, rows, curves, true_rounds)
+    dc.write(out, rows, curves, true_rounds,
+             [out / "runs" / dc.run_name(r["policy"], r["seed"]) for r in rows])
     console.print((out / "drift_compare.md").read_text(), markup=False)
     console.print(f"→ {out / 'drift_compare.png'}", markup=False)
 
@@ -884,6 +885,15 @@ def report(
     dirs = reporting.find_run_dirs(paths)
     if not dirs:
         fail(f"no run directories (with {results.CONFIG}) in {', '.join(map(str, paths))}")
+    from privet.experiments import drift_compare
+
+    if all(drift_compare.is_drift_run(d) for d in dirs):  # drift mode: policies, not ε
+        page = drift_compare.report_runs(dirs, out)
+        console.print((out / "drift_compare.md").read_text(), markup=False)
+        console.print(f"{len(dirs)} drift run(s); report: {page}")
+        return
+    if any(drift_compare.is_drift_run(d) for d in dirs):
+        fail("drift runs and fixed-data runs cannot share one report: give them apart")
     try:
         built = reporting.build(dirs, out)
     except ValueError as error:

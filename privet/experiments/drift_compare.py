@@ -120,7 +120,9 @@ def _mean(values) -> str:
     return f"{statistics.fmean(found):.3g} ± {statistics.stdev(found):.2g}"
 
 
-def write(out: Path, rows: list[dict], curves: list[dict], true_rounds: list[int]) -> None:
+def write(out: Path, rows: list[dict], curves: list[dict], true_rounds: list[int],
+          run_dirs: list[Path] = ()) -> None:
+    """Every file of the comparison, report.html included, into `out`."""
     results.write_csv(out / "drift_compare.csv", COLUMNS, rows)
     results.write_csv(out / "drift_curves.csv", ["round", "policy", "seed", "accuracy",
                                                  "majority"], curves)
@@ -135,6 +137,60 @@ def write(out: Path, rows: list[dict], curves: list[dict], true_rounds: list[int
             "gap_kept_at_5", "rounds_to_90", "max_window_epsilon")) + " |")
     results.atomic_write_text(out / "drift_compare.md", "\n".join(lines) + "\n")
     _plot(out / "drift_compare.png", policies, curves, true_rounds)
+    results.atomic_write_text(out / "report.html", html_report(out, rows, lines, run_dirs))
+
+
+def html_report(out: Path, rows: list[dict], table: list[str], run_dirs) -> str:
+    """A self-contained page: the policies' table and curves, every run's row, and one
+    run's drift.png per policy (accuracy with the true drift, detections and retrains)."""
+    import html
+
+    from privet.experiments.report import STYLE, _html_table, _image
+
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>privet: drift "
+             f"policies</title><style>{STYLE}</style></head><body>",
+             "<h1>privet: retraining policies under drift</h1>",
+             "<p>Accuracy is on held-out rows of the newest window; the gap is accuracy minus "
+             "the majority-class share; ε is per window (event level: one row of one window)."
+             "</p>", "<h2>Policies (mean ± std over seeds)</h2>",
+             _html_table(cells(table[0]), [cells(line) for line in table[2:]]),
+             _image(out / "drift_compare.png", "Accuracy over time, per policy")]
+    shown = set()
+    for run_dir in run_dirs:
+        policy = run_dir.name.rsplit("-seed", 1)[0]
+        if policy not in shown and (run_dir / "drift.png").exists():
+            shown.add(policy)
+            parts.append(_image(run_dir / "drift.png", f"{run_dir.name}: true drift (red), "
+                                "detections (orange), retraining (green)"))
+    parts += ["<h2>Runs</h2>", _html_table(COLUMNS, [[html.escape(str(r.get(c, "")))
+                                                      for c in COLUMNS] for r in rows]),
+              "</body></html>"]
+    return "\n".join(parts) + "\n"
+
+
+def is_drift_run(run_dir: Path) -> bool:
+    try:
+        return results.read_summary(run_dir).get("mode") == "drift"
+    except (OSError, ValueError):
+        return False
+
+
+def report_runs(run_dirs: list[Path], out: Path) -> Path:
+    """`privet report` on drift runs: the comparison files from finished runs, into `out`."""
+    rows, curves, true_rounds = [], [], []
+    for run_dir in run_dirs:
+        cfg = load_config(run_dir / results.CONFIG)
+        row, curve = measure(run_dir, cfg.drift.policy, cfg.seed)
+        rows.append(row)
+        curves.extend(curve)
+        true_rounds = (results.read_summary(run_dir).get("drift") or {}).get(
+            "true_drift_rounds", true_rounds)
+    out.mkdir(parents=True, exist_ok=True)
+    write(out, rows, curves, true_rounds, run_dirs)
+    return out / "report.html"
 
 
 def _plot(path: Path, policies: list[str], curves: list[dict], true_rounds: list[int]) -> None:

@@ -252,24 +252,30 @@ def run_drift(grid: Grid, cfg: ExperimentConfig, run_dir: Path, run: str,
 
 def _draw(run_dir: Path, rows: list[dict], drift: dict) -> None:
     """drift.png: accuracy on the newest window per round, the majority baseline, the true
-    drift (red), detections (orange) and retraining starts (green)."""
+    drift (red band), detections (orange ▼), the rounds that trained (green ticks) and the
+    retraining starts (green ▲)."""
     from privet.common.plots import _pyplot
 
     plt, _ = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4))
-    rounds = [r["round"] for r in rows]
-    ax.plot(rounds, [r["accuracy"] for r in rows], label="accuracy (newest window)")
-    ax.plot(rounds, [r["majority"] for r in rows], ":", color="grey", label="majority class")
+    fig, ax = plt.subplots(figsize=(10, 4))
+    rounds = [int(r["round"]) for r in rows]  # (numbers, or text read back from drift.csv)
+    ax.plot(rounds, [float(r["accuracy"]) for r in rows], label="accuracy (newest window)")
+    ax.plot(rounds, [float(r["majority"]) for r in rows], ":", color="grey",
+            label="majority class")
     for i, r in enumerate(drift["true_drift_rounds"]):
-        ax.axvline(r, color="red", lw=2, label="true drift" if i == 0 else None)
-    for i, e in enumerate(drift["detections"]):
-        ax.axvline(e["round"], color="orange", ls="--", label="detection" if i == 0 else None)
-    for i, r in enumerate(drift["retrains"]):
-        ax.axvline(r, color="green", ls=":", label="retrain" if i == 0 else None)
+        ax.axvline(r, color="red", lw=4, alpha=0.35, label="true drift" if i == 0 else None)
+    found = [e["round"] for e in drift["detections"]]
+    ax.plot(found, [0.97] * len(found), "v", color="darkorange", ms=9, ls="none",
+            label="detection" if found else None)
+    trained = [int(r["round"]) for r in rows if int(r["trained"])]
+    ax.plot(trained, [0.03] * len(trained), "|", color="green", ms=8, ls="none",
+            label="trained" if trained else None)
+    ax.plot(drift["retrains"], [0.08] * len(drift["retrains"]), "^", color="green", ms=8,
+            ls="none", label="retraining starts" if drift["retrains"] else None)
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     fig.tight_layout()
     fig.savefig(run_dir / DRIFT_PLOT, dpi=100)
     plt.close(fig)
