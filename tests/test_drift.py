@@ -179,6 +179,7 @@ def test_retraining_policies(name, expected):
     ("preprocess.fit=federated", "preprocess.fit"),
     ("drift.warmup-rounds=60", "drift.warmup-rounds"),
     ("drift.time-column=t", "drift.time-column"),
+    ("privacy.ledger-dir=/tmp/x", "privacy.ledger-dir"),
 ])
 def test_what_drift_mode_does_not_cover_is_refused_in_one_line(setting, key):
     with pytest.raises(ConfigError) as error:
@@ -196,3 +197,21 @@ def test_drift_compare_measures_a_run(drift_run):
     table = rows(out / "drift.csv")
     before = [float(r["accuracy"]) - float(r["majority"]) for r in table[1:6]]  # rounds 2-6
     assert math.isclose(row["gap_before"], sum(before) / 5, abs_tol=1e-4)
+
+
+def test_one_row_in_every_window_composes_every_window(drift_run):
+    """What one person with a row in each window of a client spent: all that client's
+    window ledgers composed, recomputed with dp-accounting."""
+    out, code, output = drift_run
+    assert code == 0, output
+    cfg = load_config(out / "config.toml")
+    reported = json.loads((out / "summary.json").read_text())["privacy"][
+        "epsilon_one_row_every_window"]
+    worst = 0.0
+    for client_dir in sorted((out / "ledgers" / "drift").glob("client-*")):
+        spends = [s for path in sorted(client_dir.glob("window-*.json"))
+                  for s in json.loads(path.read_text())[0]["spends"]]
+        worst = max(worst, _window_epsilon(spends, cfg.privacy.delta))
+    assert math.isclose(reported, worst, rel_tol=5e-3)
+    assert worst > cfg.privacy.epsilon  # more than any one window: the README's point
+    assert "one person with a row in every window" in output

@@ -10,6 +10,7 @@ training are recorded in it before the reply that carries their result leaves.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -112,8 +113,8 @@ def monitor(cfg: ExperimentConfig, msg: Message, context: Context) -> Message:
                                   ledger.attempt(f"monitor-{window}", _fingerprint(msg))])
     noisy = stats + (randomness.gaussian_numpy(stats.shape, sigma) if sigma else 0.0)
     return Message(RecordDict({"monitor": ArrayRecord({"vector": Array(
-        np.asarray(noisy, dtype=np.float64))}), "metrics": MetricRecord(metrics)}),
-        reply_to=msg)
+        np.asarray(noisy, dtype=np.float64))}), "metrics": MetricRecord(metrics),
+        R.PRIVACY: _spends(ledger)}), reply_to=msg)
 
 
 def train(cfg: ExperimentConfig, msg: Message, context: Context) -> Message:
@@ -154,5 +155,11 @@ def train(cfg: ExperimentConfig, msg: Message, context: Context) -> Message:
     metrics = {**base, R.DECLINED: 0, R.NUM_EXAMPLES: result.examples, R.EPSILON: epsilon,
                R.STEPS: result.steps, R.NOISE_MULTIPLIER: sigma or 0.0,
                R.SAMPLE_RATE: q or 0.0, R.TRAIN_SECONDS: result.seconds}
-    return Message(RecordDict({"metrics": MetricRecord(metrics),
+    return Message(RecordDict({"metrics": MetricRecord(metrics), R.PRIVACY: _spends(ledger),
                                "arrays": R.to_arrays(model)}), reply_to=msg)
+
+
+def _spends(ledger: DataLedger) -> ConfigRecord:
+    """The window's spends so far ([σ, rate, steps, purpose] each), for the server's report
+    of what one person with a row in every window has spent (their composition)."""
+    return ConfigRecord({R.LEDGER: json.dumps([s.to_list() for s in ledger.current.spends])})

@@ -524,6 +524,10 @@ class ExperimentConfig:
         if self.privacy.client_epsilon:
             raise ConfigError("privacy.client-epsilon with drift.source: not supported; each "
                               "window's target is privacy.epsilon")
+        if self.privacy.ledger_dir:
+            raise ConfigError("privacy.ledger-dir with drift.source: not supported yet: drift "
+                              "mode keeps each window's ledger in the run directory (this run's "
+                              "spend only); leave it empty")
         if d.warmup_rounds > self.rounds:
             raise ConfigError(f"drift.warmup-rounds = {d.warmup_rounds}: more than rounds "
                               f"({self.rounds})")

@@ -207,6 +207,12 @@ def print_drift_summary(summary: dict, run_dir: Path) -> None:
                   f"{privacy['epsilon_per_window_target']:g} (δ = {privacy['delta']:g}; "
                   f"event level: one row of one window); {summary['wall_seconds']:.1f}s; "
                   f"{run_dir / 'drift.csv'}", markup=False, soft_wrap=True)
+    if privacy.get("epsilon_one_row_every_window") is not None:
+        console.print(f"one person with a row in every window of a client: ε = "
+                      f"{privacy['epsilon_one_row_every_window']:.4g} (every window's release "
+                      "composed)", markup=False, soft_wrap=True)
+    for line in privacy.get("not_covered") or []:
+        console.print(f"not covered by ε: {line}", markup=False, soft_wrap=True)
     for reason in (summary.get("failures") or {}).get("clients", {}).values():
         err.print(f"privet: a client failed: {reason}", markup=False, soft_wrap=True)
 
