@@ -6,7 +6,6 @@ sensitivity is probed by adding one row to a noise-free query."""
 
 import json
 import math
-from pathlib import Path
 
 import dp_accounting
 import numpy as np

@@ -145,7 +145,8 @@ def train(cfg: ExperimentConfig, msg: Message, context: Context) -> Message:
         if attempt:
             seed = int.from_bytes(hashlib.blake2b(f"{seed}|{attempt}".encode(),
                                                   digest_size=8).digest(), "little") >> 1
-    result = train_local(model, streams.model_input(rows.features), rows.labels, epochs=cfg.train.local_epochs,
+    result = train_local(model, streams.model_input(rows.features), rows.labels,
+                         epochs=cfg.train.local_epochs,
                          batch_size=cfg.train.batch_size, lr=cfg.train.lr,
                          momentum=cfg.train.momentum, seed=seed, noise_multiplier=sigma,
                          max_grad_norm=cfg.privacy.max_grad_norm,

@@ -110,6 +110,8 @@ class DriftRecorder:
         self.spends: dict[tuple[int, int], list] = {}  # (client, window) -> its spends
         self.started = time.time()
         self.across_windows: float | None = None
+        self.monitor = DriftMonitor(cfg.drift)  # its events: the detections so far
+        self.retrains: list[int] = []
 
     def epsilon_across_windows(self) -> float:
         """The largest ε over clients of composing all their windows' spends: what one
@@ -138,7 +140,9 @@ class DriftRecorder:
         results.write_csv(self.run_dir / DRIFT_CSV, COLUMNS, self.rows)
         self.write_summary("running")
 
-    def drift_block(self, monitor: DriftMonitor, retrains: list[int]) -> dict:
+    def drift_block(self) -> dict:
+        """summary.json's `drift`: the true drift, the detections and retrains so far."""
+        monitor, retrains = self.monitor, self.retrains
         true_rounds = streams.true_drift_rounds(self.cfg)
         detections = sorted({e.round for e in monitor.events})
         delay, false_alarms = score(detections, true_rounds)
@@ -161,14 +165,15 @@ class DriftRecorder:
                      "not per participant over time")
         return lines
 
-    def write_summary(self, status: str, drift: dict | None = None) -> None:
+    def write_summary(self, status: str) -> None:
         from privet.server.recorder import versions
 
         cfg = self.cfg
         last = self.rows[-1] if self.rows else {}
         eps = [self.window_epsilon[w] for w in sorted(self.window_epsilon)]
         summary = {
-            "name": cfg.name, "mode": "drift", "status": status, "run_id": self.run, "rounds": len(self.rows),
+            "name": cfg.name, "mode": "drift", "status": status, "run_id": self.run,
+            "rounds": len(self.rows),
             "planned_rounds": cfg.rounds, "num_clients": cfg.num_clients, "seed": cfg.seed,
             "wall_seconds": time.time() - self.started,
             "accuracy": last.get("accuracy", math.nan),
@@ -185,16 +190,8 @@ class DriftRecorder:
                         "epsilon_one_row_every_window": self.across_windows,
                         "not_covered": self.not_covered()},
             "failures": {"clients": self.failures},
+            "drift": self.drift_block(),
             "versions": versions()}
-        if drift is not None:
-            summary["drift"] = drift
-        else:
-            try:
-                old = results.read_summary(self.run_dir).get("drift")
-            except (OSError, ValueError):
-                old = None
-            if old:
-                summary["drift"] = old
         results.write_json(self.run_dir / results.SUMMARY, summary)
 
 
@@ -207,11 +204,10 @@ def run_drift(grid: Grid, cfg: ExperimentConfig, run_dir: Path, run: str,
     bins = cfg.drift.monitor_bins
     model = build_model(cfg.train, (d,), streams.num_classes(cfg))
     arrays = R.to_arrays(model)
-    monitor = DriftMonitor(cfg.drift)
+    monitor, retrains = recorder.monitor, recorder.retrains
     policy = RetrainPolicy(cfg.drift, cfg.drift.rounds_per_window)
     sampler = random.Random(cfg.seed)
     reference = None
-    retrains: list[int] = []
     window_signals = None
     for server_round in range(1, cfg.rounds + 1):
         window = streams.window_of(cfg, server_round)
@@ -262,7 +258,8 @@ def run_drift(grid: Grid, cfg: ExperimentConfig, run_dir: Path, run: str,
         accuracy, majority = _score(cfg, model, window)
         row = {"round": server_round, "window": window, "new_window": int(new_window),
                "error_rate": window_signals.error_rate if new_window else "",
-               "loss": window_signals.loss if new_window else "", "psi": psi,
+               "loss": window_signals.loss if new_window else "",
+               "psi": psi if new_window else "",
                "psi_feature": psi_feature, "detected": int(bool(events)),
                "signal": "+".join(e.signal for e in events),
                "retrained": int(decision.retrain), "trained": int(decision.train),
@@ -278,8 +275,6 @@ def run_drift(grid: Grid, cfg: ExperimentConfig, run_dir: Path, run: str,
                  ", retraining" if decision.retrain else "")
     if cfg.private:  # once, at the end: composing every window's events takes seconds
         recorder.across_windows = recorder.epsilon_across_windows()
-    recorder.write_summary("running", recorder.drift_block(monitor, retrains))
-    _draw(run_dir, recorder.rows, recorder.drift_block(monitor, retrains))
 
 
 def _draw(run_dir: Path, rows: list[dict], drift: dict) -> None:
@@ -330,6 +325,8 @@ def main(grid: Grid, cfg: ExperimentConfig, run_dir: Path, run: str, deployed: b
     finally:
         try:
             recorder.write_summary(status)
+            if recorder.rows:  # also for a run stopped part-way: what it did
+                _draw(run_dir, recorder.rows, recorder.drift_block())
         except OSError as error:
             log.warning("privet: could not write the final summary: %s", error)
         log.info("privet: %s after %d round(s); results in %s", status, len(recorder.rows),
