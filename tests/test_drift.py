@@ -214,3 +214,45 @@ def test_one_row_in_every_window_composes_every_window(drift_run):
     assert math.isclose(reported, worst, rel_tol=5e-3)
     assert worst > cfg.privacy.epsilon  # more than any one window: the README's point
     assert "one person with a row in every window" in output
+
+
+@pytest.mark.parametrize("source, before, after", [("sea", 0, 3), ("hyperplane", 1, 2)])
+def test_other_generators_switch_concept_at_the_drift(source, before, after):
+    cfg = small(f"drift.source={source}", f"drift.concept-before={before}",
+                f"drift.concept-after={after}")
+    calm = small(f"drift.source={source}", f"drift.concept-before={before}",
+                 "drift.drift-round=0")
+    assert len(streams.feature_names(cfg)) == streams.window(cfg, 0, 0).features.shape[1]
+    assert np.array_equal(streams.window(cfg, 0, 3).labels, streams.window(calm, 0, 3).labels)
+    assert not np.array_equal(streams.window(cfg, 0, 5).labels,
+                              streams.window(calm, 0, 5).labels)
+
+
+def test_a_gradual_drift_mixes_the_concepts_over_its_width():
+    """Per window, the share of rows (among those the two concepts disagree on) labelled as
+    the new concept labels them: ~0 before the drift, rising over `width` windows (river's
+    sigmoid), ~1 after."""
+    cfg = small("rounds=12", "drift.drift-round=3", "drift.width=4",
+                "drift.concept-before=0", "drift.concept-after=2")
+    from river.datasets import synth
+
+    def rule(function, window):  # river's labelling function applied to the window's rows
+        w = streams.window(cfg, 0, window)
+        lo, hi = zip(*streams.AGRAWAL_BOUNDS.values())
+        raw = w.features * (np.array(hi) - np.array(lo)) + np.array(lo)
+        gen = synth.Agrawal(classification_function=function)
+        names = list(streams.AGRAWAL_BOUNDS)
+        return np.array([gen._classification_functions[function](
+            *[round(v) if k in ("age", "elevel", "car", "zipcode", "hyears") else v
+              for k, v in zip(names, row)]) for row in raw])
+
+    share = []
+    for window in range(10):
+        labels = streams.window(cfg, 0, window).labels
+        share.append(float(np.mean((labels == rule(2, window)) & (labels != rule(0, window)))
+                           / max(np.mean(rule(2, window) != rule(0, window)), 1e-9)))
+    # (the rows are rebuilt from float32 features: a few land on the other side of a
+    # salary threshold, hence not exactly 0 and 1)
+    assert share[0] < 0.1 and share[1] < 0.1
+    assert share[2] < share[4] < share[6]
+    assert share[9] > 0.9
