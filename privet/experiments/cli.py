@@ -52,6 +52,8 @@ class RoundWatcher(threading.Thread):
         self.reported = after  # the last round reported
 
     def poll(self) -> None:
+        if self.cfg.drift.source:
+            return self.poll_drift()
         try:
             rows = results.read_csv(self.run_dir / results.ROUNDS)
         except (FileNotFoundError, OSError):
@@ -70,6 +72,27 @@ class RoundWatcher(threading.Thread):
                           f"{float(row['elapsed_seconds']):6.1f}s"  # rounds.csv's clock
                           + ("  no client trained: the model is unchanged"
                              if int(row["clients_trained"]) == 0 else ""), soft_wrap=True)
+            self.reported = int(row["round"])
+
+    def poll_drift(self) -> None:
+        """Drift mode: drift.csv's rows (the window, its signals, detections, retraining)."""
+        try:
+            rows = results.read_csv(self.run_dir / "drift.csv")
+        except (FileNotFoundError, OSError):
+            return
+        for row in rows:
+            if int(row["round"]) <= self.reported:
+                continue
+            signals = (f"error {float(row['error_rate']):.3f}  PSI {float(row['psi']):6.3f}  "
+                       if row.get("error_rate") else " " * 27)
+            console.print(f"round {int(row['round']):>3}/{self.cfg.rounds}  window "
+                          f"{int(row['window']):>3}  accuracy {float(row['accuracy']):.4f} "
+                          f"(majority {float(row['majority']):.4f})  {signals}"
+                          f"{'trained' if int(row['trained']) else '       '}"
+                          + (f"  DRIFT DETECTED ({row['signal']})" if int(row["detected"])
+                             else "")
+                          + ("  retraining" if int(row["retrained"]) else ""),
+                          markup=False, soft_wrap=True)
             self.reported = int(row["round"])
 
     def run(self) -> None:
