@@ -6,6 +6,7 @@ sensitivity is probed by adding one row to a noise-free query."""
 
 import json
 import math
+from pathlib import Path
 
 import dp_accounting
 import numpy as np
@@ -147,6 +148,7 @@ def test_detection_delay_and_false_alarms():
     assert score([27, 28, 40], [25]) == (2, 1)
     assert score([10], [25]) == (None, 1)
     assert score([], [25]) == (None, 0)
+    assert score([7], [], known=False) == (None, None)  # a file without drift.drift-round
 
 
 def test_page_hinkley_fires_on_a_jump_of_the_error_rate_and_not_on_noise():
@@ -179,6 +181,7 @@ def test_retraining_policies(name, expected):
     ("drift.warmup-rounds=60", "drift.warmup-rounds"),
     ("drift.time-column=t", "drift.time-column"),
     ("privacy.ledger-dir=/tmp/x", "privacy.ledger-dir"),
+    ("drift.rows-per-window=10", "drift.rows-per-window"),
 ])
 def test_what_drift_mode_does_not_cover_is_refused_in_one_line(setting, key):
     with pytest.raises(ConfigError) as error:
@@ -256,3 +259,46 @@ def test_a_gradual_drift_mixes_the_concepts_over_its_width():
     assert share[0] < 0.1 and share[1] < 0.1
     assert share[2] < share[4] < share[6]
     assert share[9] > 0.9
+
+
+
+def test_pause_and_resume_are_refused_in_one_line(drift_run, tmp_path):
+    out, code, output = drift_run
+    paused = privet("simulate", "--config", str(AGRAWAL), "--pause-after", "2", "--out",
+                    str(tmp_path / "p"))
+    text = paused.communicate(timeout=120)[0]
+    assert paused.returncode != 0 and "drift mode cannot pause" in text, text
+    resumed = privet("simulate", "--resume", str(out))
+    text = resumed.communicate(timeout=120)[0]
+    assert resumed.returncode != 0 and "cannot be resumed yet" in text, text
+
+
+def test_the_summary_counts_what_the_ledgers_hold(tmp_path):
+    """A round stopped in flight was paid before it ran: the summary's ε per window comes
+    from the window ledgers, recomputed here with dp-accounting."""
+    from privet.clients.drift import ledger_path
+    from privet.server.drift import DriftRecorder
+
+    cfg = small()
+    spends = [[8.0, 1.0, 1, accounting.MONITOR], [1.1, 0.1, 30, "dp-sgd"]]
+    path = Path(ledger_path(str(tmp_path), 1, 3))
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps([{"id": "r-client1-window3", "run": "r", "client": "1",
+                                 "source": "x", "rows": "", "noise_source": "seeded",
+                                 "spends": spends}]))
+    recorder = DriftRecorder(tmp_path, cfg, "r")
+    recorder.read_ledgers()
+    expected = _window_epsilon(spends, cfg.privacy.delta)
+    assert math.isclose(recorder.window_epsilon[3], expected, rel_tol=5e-3)
+    assert math.isclose(recorder.across_windows, expected, rel_tol=5e-3)
+
+
+def test_a_report_refuses_to_average_different_scenarios(tmp_path):
+    from privet.experiments.drift_compare import scenario_differences
+
+    for name, sets in (("a", ["drift.policy=never"]), ("b", ["drift.policy=on-drift"]),
+                       ("c", ["drift.drift-round=6"])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.toml").write_text(small(*sets).to_toml())
+    assert scenario_differences([tmp_path / "a", tmp_path / "b"]) == []
+    assert scenario_differences([tmp_path / "a", tmp_path / "c"]) == ["drift.drift-round: 5, 6"]

@@ -346,7 +346,9 @@ class DriftConfig:
     rounds_per_window: int = _spec(1, low=1, high=10_000,
                                    help="rounds spent on each window before the next arrives")
     drift_round: int = _spec(0, low=0, help="first round whose window has drifted (generators, "
-                                            "adult); 0 = no drift")
+                                            "adult: where the drift is put; csv, parquet: "
+                                            "where you know one starts, for scoring the "
+                                            "detection); 0 = none")
     width: int = _spec(0, low=0, help="windows over which the drift is gradual; 0 = abrupt")
     concept_before: int = _spec(0, low=0, help="agrawal: classification function 0-9; sea: "
                                                "variant 0-3; hyperplane: the plane's seed")
@@ -524,6 +526,10 @@ class ExperimentConfig:
         if self.privacy.client_epsilon:
             raise ConfigError("privacy.client-epsilon with drift.source: not supported; each "
                               "window's target is privacy.epsilon")
+        if d.source not in ("csv", "parquet") and d.rows_per_window < self.train.batch_size:
+            raise ConfigError(f"drift.rows-per-window = {d.rows_per_window}: fewer than "
+                              f"train.batch-size = {self.train.batch_size}; no client could "
+                              "train on a window")
         if self.privacy.ledger_dir:
             raise ConfigError("privacy.ledger-dir with drift.source: not supported yet: drift "
                               "mode keeps each window's ledger in the run directory (this run's "

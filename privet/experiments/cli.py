@@ -19,7 +19,8 @@ from rich.table import Table
 from rich.text import Text
 
 from privet.common import results
-from privet.common.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_config
+from privet.common.config import (CONFIGS_DIR, DEFAULT_CONFIG, ConfigError, ExperimentConfig,
+                                   load_config)
 from privet.common.run_dir import RunDirError
 from privet.experiments.lifetime import exit_code, stop_signals
 from privet.common.run_dir import claim as run_dir_claim
@@ -220,12 +221,19 @@ def print_drift_summary(summary: dict, run_dir: Path) -> None:
                   markup=False)
     if drift:
         found = ", ".join(f"round {e['round']} ({e['signal']})" for e in drift["detections"])
-        console.print(f"true drift at round(s) {drift['true_drift_rounds'] or 'none'}; "
-                      f"detected at {found or 'no round'}; detection delay "
-                      f"{drift['detection_delay']}, false alarms {drift['false_alarms']}; "
-                      f"retrained at {drift['retrains'] or 'no round'}", markup=False)
+        truth = ("unknown (set drift.drift-round to score the detections)"
+                 if drift.get("false_alarms") is None and not drift["true_drift_rounds"]
+                 else f"round(s) {drift['true_drift_rounds'] or 'none'}")
+        delay = drift["detection_delay"]
+        console.print(f"true drift at {truth}; detected at {found or 'no round'}; detection "
+                      f"delay {'–' if delay is None else f'{delay} round(s)'}, false alarms "
+                      f"{'–' if drift['false_alarms'] is None else drift['false_alarms']}; "
+                      f"retrained at {drift['retrains'] or 'no round'}", markup=False,
+                      soft_wrap=True)
     eps = privacy.get("max_window_epsilon")
-    console.print(f"accuracy on the newest window {summary['accuracy']:.4f} after "
+    accuracy = summary.get("accuracy")
+    accuracy = ("n/a" if accuracy is None or math.isnan(accuracy) else f"{accuracy:.4f}")
+    console.print(f"accuracy on the newest window {accuracy} after "
                   f"{summary['rounds']} round(s); ε per window ≤ {eps:.4g} of "
                   f"{privacy['epsilon_per_window_target']:g} (δ = {privacy['delta']:g}; "
                   f"event level: one row of one window); {summary['wall_seconds']:.1f}s; "
@@ -383,6 +391,13 @@ def simulate(
         if not (run_dir / results.CONFIG).is_file():
             fail(f"--resume {run_dir}: not a privet run directory (no {results.CONFIG})")
         claimed = False
+        try:
+            drift_run = bool(load_config(run_dir / results.CONFIG).drift.source)
+        except ValueError:
+            drift_run = False
+        if drift_run:
+            fail(f"--resume {run_dir}: a drift-mode run cannot be resumed yet; start it again "
+                 "with --overwrite")
         try:  # first: a run still going has no checkpoint yet, and is not "stopped"
             run_dir_claim(run_dir, option="--resume")
         except RunDirError as error:
@@ -393,6 +408,9 @@ def simulate(
             cfg = load_config(config, overrides or [])
         except ConfigError as error:
             fail(str(error))
+        if cfg.drift.source and pause_after:
+            fail(f"--pause-after {pause_after}: drift mode cannot pause (nor resume) yet; "
+                 "use rounds to end it earlier")
         if cfg.privacy.ledger_dir:  # Ray actors need an absolute path
             cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(
                 cfg.privacy,
@@ -724,7 +742,10 @@ def _user_plan(users, cohort, rounds, delta, **sample_level):
 
 @app.command("drift-compare")
 def drift_compare(
-    config: ConfigFile = Path("experiments/configs/drift-agrawal.toml"),
+    config: Annotated[Path, typer.Option(
+        "--config", "-c", help="experiment TOML file with a \\[drift] section",
+        show_default="the shipped experiments/configs/drift-agrawal.toml")
+                      ] = CONFIGS_DIR / "drift-agrawal.toml",
     policies: Annotated[str, typer.Option(
         help="retraining policies, comma-separated: never, periodic, on-drift")
                         ] = "never,periodic,on-drift",
@@ -737,7 +758,7 @@ def drift_compare(
         "--out", "-o", help="comparison directory; run the same command again to resume",
         show_default="runs/drift-<name>")] = None,
 ) -> None:
-    """Compare retraining policies on one drift scenario (a config with a [drift] section).
+    """Compare retraining policies on one drift scenario (a config with a \\[drift] section).
 
     Runs one simulation per policy × seed into OUT/runs/<policy>-seed<s>, then writes
     drift_compare.csv, drift_curves.csv, drift_compare.md and drift_compare.png (the
@@ -767,6 +788,9 @@ def drift_compare(
     except RunDirError as error:
         fail(str(error))
     rows, curves, true_rounds = [], [], []
+    console.print(f"privet drift-compare: {len(chosen)} policies × {seeds} seed(s) of "
+                  f"{base.name} ({base.drift.source}, {base.rounds} rounds, "
+                  f"{base.num_clients} clients), one run at a time → {out}", markup=False)
     with stop_signals():
         for seed in range(base.seed, base.seed + seeds):
             for policy in chosen:
@@ -917,7 +941,10 @@ def report(
     from privet.experiments import drift_compare
 
     if all(drift_compare.is_drift_run(d) for d in dirs):  # drift mode: policies, not ε
-        page = drift_compare.report_runs(dirs, out)
+        try:
+            page = drift_compare.report_runs(dirs, out)
+        except ValueError as error:
+            fail(str(error))
         console.print((out / "drift_compare.md").read_text(), markup=False)
         console.print(f"{len(dirs)} drift run(s); report: {page}")
         return

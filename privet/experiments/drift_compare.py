@@ -178,8 +178,30 @@ def is_drift_run(run_dir: Path) -> bool:
         return False
 
 
+SWEPT = ("drift.policy", "seed", "name", "out-dir")  # what runs compared may differ in
+
+
+def scenario_differences(run_dirs: list[Path]) -> list[str]:
+    """The keys (besides the policy, the seed and where results go) in which these runs'
+    configs differ, one line each: runs of different scenarios must not be averaged."""
+    configs = {d: load_config(d / results.CONFIG).to_run_config() for d in run_dirs}
+    keys = sorted({k for c in configs.values() for k in c} - set(SWEPT))
+    lines = []
+    for key in keys:
+        values = {str(c.get(key)) for c in configs.values()}
+        if len(values) > 1:
+            lines.append(f"{key}: {', '.join(sorted(values))}")
+    return lines
+
+
 def report_runs(run_dirs: list[Path], out: Path) -> Path:
-    """`privet report` on drift runs: the comparison files from finished runs, into `out`."""
+    """`privet report` on drift runs: the comparison files from finished runs, into `out`.
+    Raises ValueError when they are runs of different scenarios (scenario_differences)."""
+    differ = scenario_differences(run_dirs)
+    if differ:
+        raise ValueError("these drift runs are of different scenarios (they differ in "
+                         + "; ".join(differ[:4]) + ("; ..." if len(differ) > 4 else "")
+                         + "): report each scenario apart")
     rows, curves, true_rounds = [], [], []
     for run_dir in run_dirs:
         cfg = load_config(run_dir / results.CONFIG)

@@ -192,7 +192,7 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
         notes = tuple(check_model(cfg.train, (len(streams.feature_names(cfg)),),
                                   streams.num_classes(cfg), None, dp_sgd=cfg.private))
         streams.window(cfg, 0, 0)
-        return [], notes
+        return [], notes + tuple(_drift_notes(cfg, streams))
     if cfg.regression and not cfg.data.tabular:
         from privet.common.config import ConfigError
 
@@ -361,3 +361,21 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, verbose: bool = False,
             app_dir=str(PROJECT_DIR), run=flower_run, server_app_context=context,
             is_app=True, verbose_logging=verbose,
             exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE)
+
+
+def _drift_notes(cfg: ExperimentConfig, streams) -> list[str]:
+    """Warnings before a drift run: a file whose windows the rounds do not all reach."""
+    if cfg.drift.source not in ("csv", "parquet"):
+        return []
+    from privet.common.drift import tables
+
+    found, used = tables.windows_in_data(cfg), streams.num_windows(cfg)
+    if found > used:
+        return [f"{cfg.data.path} spans {found} windows of drift.window-length = "
+                f"{cfg.drift.window_length!r}; rounds = {cfg.rounds} with "
+                f"drift.rounds-per-window = {cfg.drift.rounds_per_window} use the first {used}"]
+    if found < used:
+        return [f"{cfg.data.path} spans {found} windows of drift.window-length = "
+                f"{cfg.drift.window_length!r}; rounds {found * cfg.drift.rounds_per_window + 1}"
+                f"-{cfg.rounds} have no rows"]
+    return []

@@ -73,9 +73,11 @@ def _ask(grid: Grid, nodes, arrays, config, message_type) -> tuple[list[Message]
     return good, failed
 
 
-def _fedavg(replies: list[Message]) -> ArrayRecord | None:
-    """The rows-weighted mean of the replies' arrays (FedAvg); None without any."""
-    kept = [(r.content["arrays"], float(r.content["metrics"][R.NUM_EXAMPLES])) for r in replies
+def _fedavg(replies: list[Message], by_rows: bool) -> ArrayRecord | None:
+    """The mean of the replies' arrays (FedAvg), weighted by each client's rows (`by_rows`,
+    strategy.weighting = "examples") or uniform; None without any."""
+    kept = [(r.content["arrays"], float(r.content["metrics"][R.NUM_EXAMPLES]) if by_rows
+             else 1.0) for r in replies
             if "arrays" in r.content.array_records and
             float(r.content["metrics"][R.NUM_EXAMPLES]) > 0]
     if not kept:
@@ -113,6 +115,24 @@ class DriftRecorder:
         self.monitor = DriftMonitor(cfg.drift)  # its events: the detections so far
         self.retrains: list[int] = []
 
+    def read_ledgers(self) -> None:
+        """ε per window and across windows from the window ledgers in the run directory,
+        where the clients keep them (a round stopped in flight was paid before it ran: its
+        reply never came, its ledger has it); composing all windows takes seconds."""
+        from privet.clients.drift import ledger_path  # where clients write them
+
+        root = Path(ledger_path(str(self.run_dir), 0, 0)).parents[1]
+        for path in sorted(root.glob("client-*/window-*.json")):
+            client = int(path.parent.name.split("-")[1])
+            window = int(path.stem.split("-")[1])
+            records = json.loads(path.read_text(encoding="utf-8"))
+            spends = [s for record in records for s in record["spends"]]
+            self.spends[(client, window)] = spends
+            eps = accountants.epsilon([tuple(s[:3]) for s in spends], self.cfg.privacy.delta,
+                                      self.cfg.privacy.accountant)
+            self.window_epsilon[window] = max(self.window_epsilon.get(window, 0.0), eps)
+        self.across_windows = self.epsilon_across_windows()
+
     def epsilon_across_windows(self) -> float:
         """The largest ε over clients of composing all their windows' spends: what one
         person with one row in every window of a client has spent (PLD by default)."""
@@ -145,11 +165,14 @@ class DriftRecorder:
         monitor, retrains = self.monitor, self.retrains
         true_rounds = streams.true_drift_rounds(self.cfg)
         detections = sorted({e.round for e in monitor.events})
-        delay, false_alarms = score(detections, true_rounds)
+        delay, false_alarms = score(detections, true_rounds,
+                                    known=streams.drift_known(self.cfg))
         return {"true_drift_rounds": true_rounds,
                 "detections": [vars(e) for e in monitor.events],
                 "retrains": retrains, "detection_delay": delay, "false_alarms": false_alarms,
-                "drifted_clients": list(streams.drifted_clients(self.cfg)),
+                "drifted_clients": list(streams.drifted_clients(self.cfg))
+                if self.cfg.drift.source in streams.GENERATORS + ("adult",) else None,
+                "width_rounds": self.cfg.drift.width * self.cfg.drift.rounds_per_window,
                 "policy": self.cfg.drift.policy, "retrain": self.cfg.drift.retrain,
                 "detector": self.cfg.drift.detector, "source": self.cfg.drift.source}
 
@@ -161,6 +184,9 @@ class DriftRecorder:
             lines.append("runs again on the same rows compose with this one: each window's "
                          "ε here covers this run only (privacy.ledger-dir is not supported "
                          "in drift mode yet)")
+        if self.cfg.drift.source in ("csv", "parquet"):
+            lines.append("each client's row count per window: a training reply carries it "
+                         "(its examples, and DP-SGD's sample rate and steps follow from it)")
         lines.append("a participant's rows across windows: ε is per window (event level), "
                      "not per participant over time")
         return lines
@@ -249,11 +275,15 @@ def run_drift(grid: Grid, cfg: ExperimentConfig, run_dir: Path, run: str,
             for reason in failed:
                 recorder.failures.setdefault(f"round {server_round}", reason)
             recorder.spent(window, replies)
-            averaged = _fedavg(replies)
+            averaged = _fedavg(replies, cfg.strategy.weighting == "examples")
             trained = sum(int(float(r.content["metrics"].get(R.NUM_EXAMPLES, 0)) > 0)
                           for r in replies)
             if averaged is not None:
                 arrays = averaged
+            if not trained:
+                log.warning("privet: round %d: no client trained (a window needs at least "
+                            "train.batch-size = %d rows); the model is unchanged",
+                            server_round, cfg.train.batch_size)
         R.load_arrays(model, arrays)
         accuracy, majority = _score(cfg, model, window)
         row = {"round": server_round, "window": window, "new_window": int(new_window),
@@ -262,7 +292,7 @@ def run_drift(grid: Grid, cfg: ExperimentConfig, run_dir: Path, run: str,
                "psi": psi if new_window else "",
                "psi_feature": psi_feature, "detected": int(bool(events)),
                "signal": "+".join(e.signal for e in events),
-               "retrained": int(decision.retrain), "trained": int(decision.train),
+               "retrained": int(decision.retrain), "trained": int(trained > 0),
                "reset": int(decision.reset), "clients_trained": trained,
                "accuracy": accuracy, "majority": majority,
                "window_epsilon": recorder.window_epsilon.get(window, 0.0)}
@@ -273,8 +303,6 @@ def run_drift(grid: Grid, cfg: ExperimentConfig, run_dir: Path, run: str,
                  if new_window else "",
                  f", drift detected ({row['signal']})" if events else "",
                  ", retraining" if decision.retrain else "")
-    if cfg.private:  # once, at the end: composing every window's events takes seconds
-        recorder.across_windows = recorder.epsilon_across_windows()
 
 
 def _draw(run_dir: Path, rows: list[dict], drift: dict) -> None:
@@ -289,8 +317,13 @@ def _draw(run_dir: Path, rows: list[dict], drift: dict) -> None:
     ax.plot(rounds, [float(r["accuracy"]) for r in rows], label="accuracy (newest window)")
     ax.plot(rounds, [float(r["majority"]) for r in rows], ":", color="grey",
             label="majority class")
+    width = drift.get("width_rounds") or 0
     for i, r in enumerate(drift["true_drift_rounds"]):
-        ax.axvline(r, color="red", lw=4, alpha=0.35, label="true drift" if i == 0 else None)
+        label = "true drift" if i == 0 else None
+        if width:  # a gradual drift: the band spans its windows
+            ax.axvspan(r, r + width, color="red", alpha=0.15, label=label)
+        else:
+            ax.axvline(r, color="red", lw=4, alpha=0.35, label=label)
     found = [e["round"] for e in drift["detections"]]
     ax.plot(found, [0.97] * len(found), "v", color="darkorange", ms=9, ls="none",
             label="detection" if found else None)
@@ -323,6 +356,11 @@ def main(grid: Grid, cfg: ExperimentConfig, run_dir: Path, run: str, deployed: b
         status = "interrupted"
         raise
     finally:
+        if cfg.private:  # what the ledgers hold: also a round in flight when it stopped
+            try:
+                recorder.read_ledgers()
+            except (OSError, ValueError) as error:
+                log.warning("privet: could not read the window ledgers: %s", error)
         try:
             recorder.write_summary(status)
             if recorder.rows:  # also for a run stopped part-way: what it did

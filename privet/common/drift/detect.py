@@ -102,12 +102,15 @@ class DriftMonitor:
         return fired
 
 
-def score(detection_rounds: list[int], true_rounds: list[int], horizon: int = 10
-          ) -> tuple[int | None, int]:
+def score(detection_rounds: list[int], true_rounds: list[int], horizon: int = 10,
+          known: bool = True) -> tuple[int | None, int | None]:
     """(detection delay, false alarms) against the known drift rounds: the delay is the
     first detection at or after the first true drift round, minus that round (None when
     missed within `horizon` rounds); every other detection is a false alarm, except that
-    repeated detections within the horizon of a true drift count as one."""
+    repeated detections within the horizon of a true drift count as one. Where the truth is
+    not `known` (a file without drift.drift-round), neither can be scored: (None, None)."""
+    if not known:
+        return None, None
     if not true_rounds:
         return None, len(detection_rounds)
     start = true_rounds[0]

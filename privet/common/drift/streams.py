@@ -92,6 +92,12 @@ def drifted_clients(cfg: ExperimentConfig) -> tuple[int, ...]:
     return tuple(sorted(int(c) for c in order[:k]))
 
 
+def drift_known(cfg: ExperimentConfig) -> bool:
+    """Whether the run knows where drift is (and is not): always for a generator or Adult,
+    whose schedule privet sets; for a file, only where `drift.drift-round` says."""
+    return cfg.drift.source in GENERATORS + ("adult",) or bool(cfg.drift.drift_round)
+
+
 def true_drift_rounds(cfg: ExperimentConfig) -> list[int]:
     """Rounds at which a drift starts (the first round of the drifted window)."""
     w = drift_window(cfg)

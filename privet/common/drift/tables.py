@@ -320,3 +320,10 @@ def window(cfg: ExperimentConfig, client: int, w: int, split: str = "train") -> 
     features, labels, windows = _csv_client(cfg, client, split)
     here = windows == w
     return streams.Window(features[here], labels[here])
+
+
+def windows_in_data(cfg: ExperimentConfig) -> int | None:
+    """How many windows a file's time range spans (None for Adult, which has no clock)."""
+    if cfg.drift.source == "adult":
+        return None
+    return int(_csv_table(cfg)[4].max(initial=-1)) + 1
