@@ -468,6 +468,17 @@ def simulate(
                   f"per round, {cfg.rounds} rounds, {privacy} → {run_dir}")
     if resumed_after:
         console.print(f"privet: resuming after round {resumed_after} of {cfg.rounds}")
+    if cfg.drift.source and cfg.private and cfg.drift.source not in ("csv", "parquet"):
+        from privet.common.drift import signals, streams
+
+        d = len(streams.feature_names(cfg))
+        std = (cfg.drift.monitor_noise * signals.sensitivity(d)
+               / (math.sqrt(cfg.num_clients) * cfg.drift.rows_per_window))
+        console.print(f"privet: monitoring noise per window: ±{std:.3f} on the error rate and "
+                      f"on each bin's share (σ {cfg.drift.monitor_noise:g} · √(3 + {d}) · "
+                      f"√{cfg.num_clients} clients over {cfg.num_clients} × "
+                      f"{cfg.drift.rows_per_window} rows); smaller drifts than a few times "
+                      "this cannot be seen", markup=False, soft_wrap=True)
 
     for line in data_warnings:
         err.print(f"privet: warning: {line}", soft_wrap=True)

@@ -135,7 +135,9 @@ def write(out: Path, rows: list[dict], curves: list[dict], true_rounds: list[int
         lines.append(f"| {p} | {len(mine)} | " + " | ".join(_mean(r.get(k) for r in mine) for k in (
             "detection_delay", "false_alarms", "accuracy_before", "gap_before",
             "gap_kept_at_5", "rounds_to_90", "max_window_epsilon")) + " |")
-    results.atomic_write_text(out / "drift_compare.md", "\n".join(lines) + "\n")
+    notes = ["", "– : not measurable: no drift detected (or none scheduled), or the model was "
+             "no better than the majority class before the drift (no gap to keep)."]
+    results.atomic_write_text(out / "drift_compare.md", "\n".join(lines + notes) + "\n")
     _plot(out / "drift_compare.png", policies, curves, true_rounds)
     results.atomic_write_text(out / "report.html", html_report(out, rows, lines, run_dirs))
 
