@@ -1,10 +1,12 @@
 """Drift mode on the client: monitor a new window with the global model, train on it.
 
 Two ClientApp handlers, registered by clients/app.py: `monitor` (message type
-"query.drift-monitor") and `train` ("train.drift"). A window's rows are read from the
-source only here; what leaves is the noised monitoring vector (common.drift.signals) and
-DP-SGD weights. Each window has its own ledger (common.drift.accounting): monitoring and
-training are recorded in it before the reply that carries their result leaves.
+"query.drift_monitor") and `train` ("train.drift"). A window's rows are read from the
+source only here; what leaves is the noised monitoring vector (common.drift.signals), the
+DP-SGD weights, and what was spent (σ, sampling rate, steps; with the window's examples,
+which a file's rows make data-dependent: listed as not covered). Each window has its own
+ledger (common.drift.accounting): monitoring and training are recorded in it before the
+reply that carries their result leaves.
 """
 
 from __future__ import annotations
