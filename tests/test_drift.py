@@ -181,6 +181,7 @@ def test_retraining_policies(name, expected):
     ("drift.warmup-rounds=60", "drift.warmup-rounds"),
     ("drift.time-column=t", "drift.time-column"),
     ("privacy.ledger-dir=/tmp/x", "privacy.ledger-dir"),
+    ("tracking.mlflow=./mlruns", "tracking.mlflow"),
     ("drift.rows-per-window=10", "drift.rows-per-window"),
 ])
 def test_what_drift_mode_does_not_cover_is_refused_in_one_line(setting, key):

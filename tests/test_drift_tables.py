@@ -106,7 +106,7 @@ def _csv(tmp_path, **data) -> object:
     keys = {"dataset": "csv", "path": str(path), "label": "y", "bounds": {"x": [0, 10]},
             "categories": {"colour": ["red", "blue"]}, **data}
     return from_mapping({"data": keys, "drift": {"source": "csv", "time-column": "when",
-                                                 "window-length": "7D"},
+                                                 "window-length": "7D", "warmup-rounds": 2},
                          "rounds": 3, "num-clients": 3, "clients-per-round": 3})
 
 
@@ -145,5 +145,6 @@ def test_csv_refusals_name_the_column_or_key(tmp_path):
 def _mapping(cfg) -> dict:
     return {"data": {"dataset": "csv", "path": cfg.data.path, "label": "y",
                      "bounds": {"x": [0, 10]}, "categories": {"colour": ["red", "blue"]}},
-            "drift": {"source": "csv", "time-column": "when", "window-length": "7D"},
+            "drift": {"source": "csv", "time-column": "when", "window-length": "7D",
+                      "warmup-rounds": 2},
             "rounds": 3, "num-clients": 3, "clients-per-round": 3}

@@ -530,6 +530,10 @@ class ExperimentConfig:
             raise ConfigError(f"drift.rows-per-window = {d.rows_per_window}: fewer than "
                               f"train.batch-size = {self.train.batch_size}; no client could "
                               "train on a window")
+        if self.tracking.mlflow or self.tracking.tensorboard:
+            raise ConfigError("tracking.mlflow/tensorboard with drift.source: not supported "
+                              "yet in drift mode; its results are drift.csv, summary.json and "
+                              "drift.png in the run directory")
         if self.privacy.ledger_dir:
             raise ConfigError("privacy.ledger-dir with drift.source: not supported yet: drift "
                               "mode keeps each window's ledger in the run directory (this run's "

@@ -408,11 +408,12 @@ def end_open(run_dir: Path, status: str) -> None:
 
 def params_of(cfg: ExperimentConfig) -> dict[str, str]:
     """The flattened config as MLflow params ("train.lr" -> "0.2"); `tracking.*` (where it
-    is logged, not what ran) left out; a value past MLflow's limit is cut and says so (the
-    whole config is in the config.toml artifact)."""
+    is logged, not what ran) and `drift.*` of a run without drift mode left out; a value
+    past MLflow's limit is cut and says so (the whole config is in the config.toml
+    artifact)."""
     params = {}
     for key, value in cfg.to_run_config().items():
-        if key.startswith("tracking."):
+        if key.startswith("tracking.") or (key.startswith("drift.") and not cfg.drift.source):
             continue
         text = ("true" if value else "false") if isinstance(value, bool) else (
             "inf" if isinstance(value, float) and math.isinf(value) else str(value))
