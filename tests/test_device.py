@@ -139,6 +139,7 @@ def _run(tmp_path, device, path="one-pass"):
     return out, summary
 
 
+@pytest.mark.slow  # a whole run or several: CI's slow job runs it
 @pytest.mark.skipif(not NO_CUDA, reason="auto is cuda on this machine")
 def test_on_the_cpu_auto_and_cpu_give_the_very_model_and_epsilon_of_before(tmp_path):
     """Seeded, one-pass DP-SGD: "cpu" and "auto" (the CPU here) give bit-identical models and

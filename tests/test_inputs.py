@@ -335,6 +335,7 @@ def test_terminate_or_kill_leaves_no_process_and_terminate_marks_the_run(tmp_pat
 
 # --- 8./9. text verbatim, config and file errors in one line ---------------------------------
 
+@pytest.mark.slow  # a whole run or several: CI's slow job runs it
 def test_text_from_data_and_config_is_shown_verbatim(tmp_path):
     data = tmp_path / "markup.csv"
     data.write_text("score,weight [kg],outcome\n" + "".join(

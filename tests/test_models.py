@@ -168,6 +168,7 @@ def test_an_embedding_model_for_adults_categoricals_trains_at_epsilon_3(tmp_path
     assert train.dp_path(model) == "one-pass"  # Embedding, LayerNorm: the one-pass path
 
 
+@pytest.mark.slow  # a whole run or several: CI's slow job runs it
 def test_a_server_that_reads_no_rows_builds_the_embedding_model_from_the_clients_schema(
         tmp_path):
     """Federated evaluation with local fits: the server learns what each column is from the

@@ -89,6 +89,7 @@ def test_server_optimizers_step_as_flowers_own_on_the_clients_that_trained(
     assert not np.allclose(ours, 0.0)
 
 
+@pytest.mark.slow  # a whole run or several: CI's slow job runs it
 def test_a_server_optimizer_spends_no_epsilon(tmp_path):
     """Post-processing: the same seed under fedavg and fedadam gives every client the same
     spend history (σ, q, steps), so the same ε."""
@@ -217,6 +218,7 @@ def test_step_on_aggregate_is_flowers_step_on_one_reply(task_identity):
     assert torch.allclose(second.float(), (first - 0.5 * momentum).float())
 
 
+@pytest.mark.slow  # a whole run or several: CI's slow job runs it
 def test_user_level_with_a_server_optimizer_spends_what_fedavg_spends(tmp_path):
     plain, _ = simulate(tmp_path / "fedavg", "privacy.level=user", "rounds=2")
     adam, _ = simulate(tmp_path / "fedadam", "privacy.level=user", 'strategy.name="fedadam"',

@@ -135,6 +135,7 @@ def quoted(text) -> str:
 
 # --- a loader by import path -------------------------------------------------------------
 
+@pytest.mark.slow  # a whole run or several: CI's slow job runs it
 def test_a_loaders_dataframe_is_the_same_data_as_the_csv_file_it_read(user_folder, tmp_path):
     """A DataFrame goes through the tabular pipeline exactly as the same rows in a CSV file
     do: the same clients, the same DP-SGD plan, the same ε (and the same model)."""
@@ -182,6 +183,7 @@ def test_a_loader_may_name_its_classes_and_give_a_test_split(user_folder):
     assert sum(map(len, datasets.partitions(cfg))) == 700
 
 
+@pytest.mark.slow  # a whole run or several: CI's slow job runs it
 def test_a_torch_dataset_is_read_into_arrays_and_trains(user_folder, tmp_path):
     cfg = config('data.dataset="userdata:dataset"')
     assert not cfg.data.tabular
@@ -316,6 +318,7 @@ def test_an_image_folder_with_a_test_folder_and_on_a_deployed_node(tmp_path):
     assert len(datasets.client_digests(cfg, 2, str(node))) == 9
 
 
+@pytest.mark.slow  # a whole run or several: CI's slow job runs it
 def test_an_image_folder_trains_end_to_end_and_names_its_classes(tmp_path):
     root = image_folder(tmp_path / "images")
     (root / "notes.txt").write_text("passed over, and said")
