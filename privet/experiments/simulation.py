@@ -191,7 +191,7 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[dict], tuple[str, ...]]:
         drift_accounting.check(cfg)  # ConfigError: monitoring alone passes the target
         notes = tuple(check_model(cfg.train, (len(streams.feature_names(cfg)),),
                                   streams.num_classes(cfg), None, dp_sgd=cfg.private))
-        streams.window(cfg, 0, 0)
+        streams.check(cfg)
         return [], notes + tuple(_drift_notes(cfg, streams))
     if cfg.regression and not cfg.data.tabular:
         from privet.common.config import ConfigError

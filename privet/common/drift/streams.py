@@ -125,17 +125,17 @@ def num_classes(cfg: ExperimentConfig) -> int:
     return tables.num_classes(cfg)
 
 
-def _generator(cfg: ExperimentConfig, concept: int, seed: int):
+def _generator(cfg: ExperimentConfig, concept: int, seed: int, key: str = "concept-before"):
     synth, d = _river(), cfg.drift
     if d.source == "agrawal":
         if concept > 9:
-            raise ConfigError(f"drift.concept-before/after = {concept}: Agrawal has "
-                              "classification functions 0-9")
+            raise ConfigError(f"drift.{key} = {concept}: Agrawal has classification "
+                              "functions 0-9")
         return synth.Agrawal(classification_function=concept, seed=seed,
                              perturbation=d.label_noise)
     if d.source == "sea":
         if concept > 3:
-            raise ConfigError(f"drift.concept-before/after = {concept}: SEA has variants 0-3")
+            raise ConfigError(f"drift.{key} = {concept}: SEA has variants 0-3")
         return synth.SEA(variant=concept, noise=d.label_noise, seed=seed)
     # a rotating hyperplane's concept is its plane, drawn from the seed; `concept` picks it
     return synth.Hyperplane(seed=_seed(seed, concept), n_features=HYPERPLANE_FEATURES,
@@ -174,7 +174,7 @@ def _client_stream(cfg: ExperimentConfig, client: int, split: str) -> tuple[np.n
     if w is None or client not in drifted_clients(cfg):
         stream = before
     else:
-        after = _generator(cfg, d.concept_after, _seed(seed, 2))
+        after = _generator(cfg, d.concept_after, _seed(seed, 2), "concept-after")
         if d.width:  # river's sigmoid is centred on `position`: the drift starts at w
             width = d.width * per
             stream = _river().ConceptDriftStream(stream=before, drift_stream=after,
@@ -187,6 +187,18 @@ def _client_stream(cfg: ExperimentConfig, client: int, split: str) -> tuple[np.n
     features = np.asarray([_scaled(cfg, x) for x, _ in rows], dtype=np.float32)
     labels = np.asarray([int(y) for _, y in rows], dtype=np.int64)
     return np.clip(features, 0.0, 1.0), labels
+
+
+def check(cfg: ExperimentConfig) -> None:
+    """Raises ConfigError (one line) when the source cannot give rows as configured: river
+    missing, a concept out of range, a file's problem. Cheap: a generator gives one row of
+    each concept (a whole stream takes seconds)."""
+    if cfg.drift.source in GENERATORS:
+        for key in ("concept-before", "concept-after"):
+            concept = getattr(cfg.drift, key.replace("-", "_"))
+            next(iter(_generator(cfg, concept, 0, key).take(1)))
+    else:
+        window(cfg, 0, 0)
 
 
 def window(cfg: ExperimentConfig, client: int, w: int, split: str = "train") -> Window:
