@@ -7,6 +7,7 @@ Nothing here reads a message: clients/app.py unpacks them and calls these.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
 
@@ -72,18 +73,29 @@ def noise_source(cfg: ExperimentConfig, context: Context) -> str:
                                 f"node partition-id={client_id(context)}")
 
 
-class _StateStore(MemoryStore):
-    """A ledger that lives in the node's context.state: with the run, and only with it."""
+class StateStore(MemoryStore):
+    """A ledger that lives in the node's context.state under `key`: with the run, and only
+    with it."""
 
-    def __init__(self, state) -> None:
-        found = MemoryStore.from_json(str(state[LEDGER_KEY]["json"])) if LEDGER_KEY in state \
+    def __init__(self, state, key: str = LEDGER_KEY) -> None:
+        found = MemoryStore.from_json(str(state[key]["json"])) if key in state \
             else MemoryStore()
         super().__init__(found.records())
-        self.state = state
+        self.state, self.key = state, key
 
     def save(self, record: SpendRecord) -> None:
         super().save(record)
-        self.state[LEDGER_KEY] = ConfigRecord({"json": self.to_json()})
+        self.state[self.key] = ConfigRecord({"json": self.to_json()})
+
+
+def redo_seed(seed: int, attempt: int) -> int:
+    """The seed of a release's `attempt`-th payment (DataLedger.attempt; 0: `seed` itself): a
+    redo on other inputs never draws the noise of a release already made (63 bits of
+    BLAKE2b)."""
+    if not attempt:
+        return seed
+    return int.from_bytes(hashlib.blake2b(f"{seed}|{attempt}".encode(), digest_size=8)
+                          .digest(), "little") >> 1
 
 
 @functools.lru_cache(maxsize=8)
@@ -112,7 +124,7 @@ def open_ledger(cfg: ExperimentConfig, context: Context, client: int, run: str
         # and the run cannot be resumed; server.checkpoint.check_ledgers says so)
         store = RunFileStore(os.path.join(cfg.out_dir, RUN_LEDGERS, f"client-{client}.json"))
     else:
-        store = _StateStore(context.state)
+        store = StateStore(context.state)
     digests = None if isinstance(store, MemoryStore) else client_digests(cfg, client, path)
     current = SpendRecord(f"{run or 'run'}-client{client}", run, str(client),
                           source_name(cfg, path), ALL_ROWS, noise_source(cfg, context),

@@ -360,10 +360,8 @@ def train(msg: Message, context: Context) -> Message:
             log.warning("client %d declines round %d: ε would pass target %.4f",
                         client_id, server_round, target)
             return declined(transform)
-        attempt = ledger.attempt(*release)
-        if attempt:  # a redo on other inputs: never the noise of a release already made
-            seed = int.from_bytes(hashlib.blake2b(f"{seed}|{attempt}".encode(),
-                                                  digest_size=8).digest(), "little") >> 1
+        # a redo on other inputs: never the noise of a release already made
+        seed = A.redo_seed(seed, ledger.attempt(*release))
 
     buffers = {name: b.detach().clone() for name, b in model.state_dict().items()
                if name not in dict(model.named_parameters())}

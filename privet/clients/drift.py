@@ -26,8 +26,7 @@ from privet.common.device import resolve_device
 from privet.common.drift import accounting as drift_accounting
 from privet.common.drift import signals, streams
 from privet.common.models import build_model
-from privet.common.privacy.ledger import ALL_ROWS, DataLedger, MemoryStore, RunFileStore, \
-    SpendRecord
+from privet.common.privacy.ledger import ALL_ROWS, DataLedger, RunFileStore, SpendRecord
 from privet.common.privacy.randomness import make_randomness
 
 WINDOW = "window"
@@ -35,24 +34,14 @@ MONITOR_STREAM = 0xD71F  # seeds the monitoring noise apart from DP-SGD's
 STATE_KEY = "privacy-ledger-window-{}"
 
 
-class _WindowStateStore(MemoryStore):
-    """A window's ledger in context.state, where the run directory is out of reach."""
-
-    def __init__(self, state, window: int) -> None:
-        self.state, self.key = state, STATE_KEY.format(window)
-        found = MemoryStore.from_json(str(state[self.key]["json"])) if self.key in state \
-            else MemoryStore()
-        super().__init__(found.records())
-
-    def save(self, record: SpendRecord) -> None:
-        super().save(record)
-        self.state[self.key] = ConfigRecord({"json": self.to_json()})
+def ledgers_root(run_dir: str) -> str:
+    """The folder of a simulation's window ledgers (client-<c>/window-<w>.json)."""
+    return os.path.join(run_dir, A.RUN_LEDGERS, "drift")
 
 
 def ledger_path(run_dir: str, client: int, window: int) -> str:
     """Where a simulation keeps client `client`'s ledger of window `window`."""
-    return os.path.join(run_dir, A.RUN_LEDGERS, "drift", f"client-{client}",
-                        f"window-{window}.json")
+    return os.path.join(ledgers_root(run_dir), f"client-{client}", f"window-{window}.json")
 
 
 def open_window_ledger(cfg: ExperimentConfig, context: Context, client: int, window: int,
@@ -62,7 +51,8 @@ def open_window_ledger(cfg: ExperimentConfig, context: Context, client: int, win
     if cfg.out_dir and os.path.isdir(cfg.out_dir):
         store = RunFileStore(ledger_path(cfg.out_dir, client, window))
     else:
-        store = _WindowStateStore(context.state, window)
+        # where the run directory is out of reach: one key of context.state per window
+        store = A.StateStore(context.state, STATE_KEY.format(window))
     current = SpendRecord(f"{run or 'run'}-client{client}-window{window}", run, str(client),
                           f"drift:{cfg.drift.source}:window{window}", ALL_ROWS,
                           A.noise_source(cfg, context))
@@ -143,10 +133,7 @@ def train(cfg: ExperimentConfig, msg: Message, context: Context) -> Message:
             return Message(RecordDict({"metrics": MetricRecord(
                 {**base, R.DECLINED: 1, R.NUM_EXAMPLES: 0})}), reply_to=msg)
         epsilon = spent
-        attempt = ledger.attempt(*release)
-        if attempt:
-            seed = int.from_bytes(hashlib.blake2b(f"{seed}|{attempt}".encode(),
-                                                  digest_size=8).digest(), "little") >> 1
+        seed = A.redo_seed(seed, ledger.attempt(*release))
     result = train_local(model, streams.model_input(rows.features), rows.labels,
                          epochs=cfg.train.local_epochs,
                          batch_size=cfg.train.batch_size, lr=cfg.train.lr,

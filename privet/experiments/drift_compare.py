@@ -27,7 +27,7 @@ from pathlib import Path
 
 from privet.common import results
 from privet.common import run_dir as run_dirs
-from privet.common.config import ExperimentConfig, load_config
+from privet.common.config import load_config
 from privet.experiments.compare import reusable
 from privet.experiments.lifetime import die_with_parent
 
@@ -51,7 +51,7 @@ def simulate(config: Path, sets: list[str], out: Path, policy: str, seed: int) -
     run_dir = out / "runs" / run_name(policy, seed)
     all_sets = [*sets, *overrides(policy, seed)]
     expected = load_config(config, all_sets)
-    if not reusable(run_dir, dataclasses_replace_out(expected, run_dir)):
+    if not reusable(run_dir, expected):  # (where results go is not compared)
         run_dir = run_dirs.mark(run_dir)  # privet's own: its simulate may claim it
         args = [sys.executable, "-m", "privet.experiments.cli", "simulate", "--config",
                 str(config), *[a for s in all_sets for a in ("--set", s)], "--out",
@@ -60,12 +60,6 @@ def simulate(config: Path, sets: list[str], out: Path, policy: str, seed: int) -
             subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, check=False,
                            preexec_fn=die_with_parent)
     return run_dir
-
-
-def dataclasses_replace_out(cfg: ExperimentConfig, run_dir: Path) -> ExperimentConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, out_dir=str(run_dir))
 
 
 def _number(text: str) -> float:

@@ -6,9 +6,10 @@ monitoring vector (clients.drift.monitor); the server sums them, reads the feder
 rate and each feature's PSI against the reference window, and feeds the detectors
 (common.drift.detect). The retraining policy (common.drift.policy) then says whether the
 round trains; a training round samples `clients-per-round` clients, runs DP-SGD on their
-window (clients.drift.train) and averages the replies weighted by rows (FedAvg, McMahan et
-al. 2017). Finally the model is scored on held-out rows of the newest window (the
-simulation's oracle) next to the majority-class baseline.
+window (clients.drift.train) and averages the replies (FedAvg, McMahan et al. 2017;
+uniform, or by rows with strategy.weighting = "examples"). Finally the model is scored on
+held-out rows of the newest window (the simulation's oracle) next to the majority-class
+baseline.
 
 Writes drift.csv (one row per round, atomically after each), summary.json (with the `drift`
 block: true drift rounds, detections, retrains, detection delay, false alarms, ε per window)
@@ -39,6 +40,7 @@ from privet.common.drift.policy import RetrainPolicy
 from privet.common.evaluation import logits
 from privet.common.models import build_model
 from privet.common.privacy import accountants
+from privet.server.queries import TIMEOUT_SECONDS
 
 log = logging.getLogger("flwr")
 DRIFT_CSV = "drift.csv"
@@ -46,28 +48,27 @@ DRIFT_PLOT = "drift.png"
 COLUMNS = ["round", "window", "new_window", "error_rate", "loss", "psi", "psi_feature",
            "detected", "signal", "retrained", "trained", "reset", "clients_trained",
            "accuracy", "majority", "window_epsilon"]
-TIMEOUT_SECONDS = 600
 
 
 class DriftRunFailed(RuntimeError):
     """A drift run could not go on (a client failed its monitoring): one line."""
 
 
-def _messages(grid: Grid, nodes, arrays: ArrayRecord, config: dict, message_type: str):
+def _messages(nodes, arrays: ArrayRecord, config: dict, message_type: str):
     record = ConfigRecord(config)
     return [Message(RecordDict({"arrays": arrays, "config": record}), dst_node_id=node,
                     message_type=message_type) for node in nodes]
 
 
 def _ask(grid: Grid, nodes, arrays, config, message_type) -> tuple[list[Message], list[str]]:
-    replies = list(grid.send_and_receive(_messages(grid, nodes, arrays, config, message_type),
+    replies = list(grid.send_and_receive(_messages(nodes, arrays, config, message_type),
                                          timeout=TIMEOUT_SECONDS))
     failed = [r.error.reason for r in replies if r.has_error()]
     good = [r for r in replies if not r.has_error()]
-    for reply in good:
-        if "failure" in reply.content.config_records:
-            failed.append(str(reply.content["failure"]["reason"]))
-    good = [r for r in good if "failure" not in r.content.config_records]
+    for reply in good:  # a client's own failure reply (clients.app._failures_named)
+        if R.FAILURE in reply.content.config_records:
+            failed.append(str(reply.content[R.FAILURE]["reason"]))
+    good = [r for r in good if R.FAILURE not in r.content.config_records]
     if len(replies) < len(nodes):
         failed.append(f"{len(nodes) - len(replies)} client(s) sent no reply in time")
     return good, failed
@@ -119,9 +120,9 @@ class DriftRecorder:
         """ε per window and across windows from the window ledgers in the run directory,
         where the clients keep them (a round stopped in flight was paid before it ran: its
         reply never came, its ledger has it); composing all windows takes seconds."""
-        from privet.clients.drift import ledger_path  # where clients write them
+        from privet.clients.drift import ledgers_root  # where clients write them
 
-        root = Path(ledger_path(str(self.run_dir), 0, 0)).parents[1]
+        root = Path(ledgers_root(str(self.run_dir)))
         for path in sorted(root.glob("client-*/window-*.json")):
             client = int(path.parent.name.split("-")[1])
             window = int(path.stem.split("-")[1])
@@ -226,7 +227,8 @@ def run_drift(grid: Grid, cfg: ExperimentConfig, run_dir: Path, run: str,
     """All rounds of a drift run; the recorder holds what was done when this raises."""
     drift_accounting.check(cfg)
     nodes = sorted(grid.get_node_ids())
-    d = len(streams.feature_names(cfg))
+    names = streams.feature_names(cfg)
+    d = len(names)
     bins = cfg.drift.monitor_bins
     model = build_model(cfg.train, (d,), streams.num_classes(cfg))
     arrays = R.to_arrays(model)
@@ -254,7 +256,7 @@ def run_drift(grid: Grid, cfg: ExperimentConfig, run_dir: Path, run: str,
                 reference = window_signals
             per_feature = window_signals.psi(reference)
             psi = float(per_feature.max())
-            psi_feature = streams.feature_names(cfg)[int(per_feature.argmax())]
+            psi_feature = names[int(per_feature.argmax())]
             if server_round > cfg.drift.warmup_rounds:  # the model is in use: watch it
                 events = monitor.observe(server_round, window,
                                          {"error_rate": window_signals.error_rate, "psi": psi})

@@ -34,7 +34,6 @@ class RetrainPolicy:
     config: DriftConfig
     rounds_per_window: int
     until: int = 0              # last round of the current training stretch
-    last_trigger_window: int = 0
 
     def __post_init__(self) -> None:
         self.until = self.config.warmup_rounds
@@ -57,14 +56,6 @@ class RetrainPolicy:
         if trigger:
             starts = server_round > self.until  # not already in a retraining stretch
             self.until = server_round + self.config.retrain_rounds - 1
-            self.last_trigger_window = window
             return Decision(train=True, reset=starts and self.config.retrain == "reset",
                             retrain=True)
         return Decision(train=server_round <= self.until, reset=False, retrain=False)
-
-    def state_dict(self) -> dict:
-        return {"until": self.until, "last_trigger_window": self.last_trigger_window}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.until = int(state["until"])
-        self.last_trigger_window = int(state["last_trigger_window"])
